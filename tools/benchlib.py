@@ -1,0 +1,52 @@
+"""Timing helpers shared by the benchmark binaries (tools/bench*.py).
+
+Figures are meant to be read as ratios measured in one run (against a matmul
+of the same machine, or against a reference impl), since machines are noisy.
+"""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall-clock seconds of `fn(*args)` (already compiled by warm-up).
+
+  Args:
+    fn: a jitted function.
+    *args: its arguments.
+    repeats: timed calls; the median is returned.
+    warmup: untimed calls first (compilation happens here).
+
+  Returns:
+    Median seconds per call, after `jax.block_until_ready` of the output.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
+def matmul_gflops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
+  """GFLOP/s of an `[n, n] @ [n, n]` matmul on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  seconds = time_fn(jax.jit(jnp.matmul), a, b, repeats=repeats)
+  return 2 * n**3 / seconds / 1e9
+
+
+def markdown_table(rows: list[dict]) -> str:
+  """Renders a list of same-keyed dicts as a GitHub markdown table."""
+  if not rows:
+    return ""
+  keys = list(rows[0])
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
+  return "\n".join(lines)
