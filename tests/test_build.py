@@ -4,7 +4,7 @@ BUILD files are Starlark; the subset used here (calls with literal arguments)
 is evaluated with Python, each rule recorded as a target. Then:
   * every `lightning_jax/**.py` is in exactly one `py_library`,
   * every `tests/**/test_*.py` is in a test target, every `tools/*.py` in a
-    `py_binary`,
+    `py_binary` (or a `py_library` of shared tool code),
   * every import of a project module is covered by the importing target itself
     or one of its direct deps, and every third-party import by `@pypi//<pkg>`,
   * every internal dep label names an existing target.
@@ -139,11 +139,11 @@ def test_every_test_file_and_tool_has_a_target(targets):
                  for p in (ROOT / "tests").rglob("test_*.py"))
   assert "tests/test_build.py" in files
   assert not [f for f in files if f not in tests], "tests without target"
-  binaries = _owners(targets, ("py_binary",))
+  tool_targets = _owners(targets, ("py_binary", "py_library"))
   tools = sorted(p.relative_to(ROOT).as_posix()
                  for p in (ROOT / "tools").glob("*.py"))
-  missing = [f for f in tools if f not in binaries]
-  assert not missing, f"tools named by no py_binary: {missing}"
+  missing = [f for f in tools if f not in tool_targets]
+  assert not missing, f"tools named by no py_binary/py_library: {missing}"
 
 
 def test_deps_cover_imports_and_exist(targets):
