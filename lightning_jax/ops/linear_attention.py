@@ -1,0 +1,263 @@
+"""Linear attention with scalar or per-key-dim decay (Lightning Attention, GLA).
+
+Recurrence, for state `S_t: [key_dim, value_dim]` per batch and head:
+
+    S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,        o_t = scale * S_t^T q_t
+
+with `g_t <= 0` a log decay that is a scalar per head (`linear_attention`:
+TransNormerLLM / Lightning Attention, RetNet, or a data-dependent scalar gate)
+or a vector over key dims (`gated_linear_attention`: GLA, HGRN2).
+
+The chunked impl is Lightning Attention-2 (Qin et al., 2024, arXiv 2401.04658)
+generalised to gates as in GLA (Yang et al., 2024, arXiv 2312.06635): within a
+chunk of C tokens the decays are cumulated *relative to the chunk start* only
+(never over the whole sequence) and the causal intra-chunk part is a masked
+C x C attention; chunks talk to each other through the states at chunk starts,
+which are the only states kept (`[T / C, Dk, Dv]` per head, also in backward).
+For vector gates the intra-chunk decay `exp(b_i - b_j)` is factored through a
+reference point between sub-blocks of 8 tokens so that every exponent is
+<= 0, and the diagonal sub-blocks are exact in log space: the kernel stays
+finite for any decay strength (e.g. log_forget = -20 on a whole chunk).
+See docs/linear_attention.md for the derivation.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightning_jax import _checks
+from lightning_jax.ops import _recurrence as rec
+
+IMPLS = ("chunked", "recurrent", "quadratic")
+_SUB_BLOCK = 8
+
+
+def tnl_log_decay(layer_idx: int, num_layers: int, num_heads: int) -> jax.Array:
+  """Per-head log decays of TransNormerLLM / Lightning Attention for a layer.
+
+  Head h decays by `exp(-s_h * (1 - l / (L - 1) + 1e-5))` per step, with `s_h`
+  the ALiBi slopes (Press et al., 2022): `2^(-8 (h+1) / H)` for a power-of-two
+  H, interleaved from 2H for other H. Early layers forget fast, the last layer
+  barely decays (TransNormerLLM, Qin et al., 2023, arXiv 2307.14995).
+
+  Args:
+    layer_idx: 0-based layer index l.
+    num_layers: number of layers L.
+    num_heads: number of heads H.
+
+  Returns:
+    `[num_heads]` float32 log decays (all < 0), to pass as `log_decay`.
+
+  Example:
+    >>> tnl_log_decay(0, 4, 8).shape
+    (8,)
+  """
+  num_layers = _checks.check_positive_int("num_layers", num_layers)
+  num_heads = _checks.check_positive_int("num_heads", num_heads)
+  if not 0 <= layer_idx < num_layers:
+    raise ValueError(
+        f"`layer_idx` must be in [0, {num_layers}), got {layer_idx}.")
+  depth = 1.0 if num_layers == 1 else 1 - layer_idx / (num_layers - 1)
+  return jnp.asarray(-_alibi_slopes(num_heads) * (depth + 1e-5), jnp.float32)
+
+
+def _alibi_slopes(n: int) -> np.ndarray:
+  def power_of_two(m):
+    return 2.0 ** (-8.0 * np.arange(1, m + 1) / m)
+  closest = 2 ** math.floor(math.log2(n))
+  extra = power_of_two(2 * closest)[0::2][: n - closest]
+  return np.concatenate([power_of_two(closest), extra])
+
+
+def linear_attention(q, k, v, log_decay=None, *, scale=None, initial_state=None,
+                     output_final_state=False, chunk_size=64, impl="chunked"):
+  """Causal linear attention with an optional scalar decay per head.
+
+  `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`.
+
+  Args:
+    q: `[batch, seq, heads, key_dim]`.
+    k: `[batch, seq, heads, key_dim]`.
+    v: `[batch, seq, heads, value_dim]`.
+    log_decay: g, all <= 0: None (no decay), `[heads]` (a constant per head,
+      e.g. `tnl_log_decay(...)`), or `[batch, seq, heads]` (a data-dependent
+      scalar gate).
+    scale: multiplies q; default `key_dim ** -0.5`.
+    initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
+    output_final_state: also return the fp32 final state.
+    chunk_size: tokens per chunk of the chunked impl (any seq length works).
+    impl: "chunked" (Lightning Attention-2), "recurrent" (a scan over time) or
+      "quadratic" (masked seq x seq reference).
+
+  Returns:
+    `o: [batch, seq, heads, value_dim]` in q's dtype, and with
+    `output_final_state` the tuple `(o, final_state)`.
+
+  Raises:
+    ValueError: naming the argument, on shape / rank mismatch, a positive
+      (concrete) log decay, a bad chunk size or an unknown impl.
+
+  Example:
+    >>> q = k = v = jnp.ones((1, 10, 2, 4))
+    >>> linear_attention(q, k, v, tnl_log_decay(0, 2, 2)).shape
+    (1, 10, 2, 4)
+  """
+  b, t, h, dk, _ = rec.check_qkv(q, k, v)
+  g = _scalar_log_decay(log_decay, b, t, h)
+  return _gated(q, k, v, g[..., None], scale, initial_state, output_final_state,
+                chunk_size, impl)
+
+
+def gated_linear_attention(q, k, v, log_forget, *, scale=None,
+                           initial_state=None, output_final_state=False,
+                           chunk_size=64, impl="chunked"):
+  """Gated linear attention (GLA / HGRN2): a decay per key dim.
+
+  `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`.
+  HGRN2 (Qin et al., 2024, arXiv 2404.07904) is this op with
+  `k = 1 - exp(log_forget)`.
+
+  Args:
+    q: `[batch, seq, heads, key_dim]`.
+    k: `[batch, seq, heads, key_dim]`.
+    v: `[batch, seq, heads, value_dim]`.
+    log_forget: g, `[batch, seq, heads, key_dim]`, all <= 0 (e.g.
+      `jax.nn.log_sigmoid(x)`); any magnitude is handled stably.
+    scale: multiplies q; default `key_dim ** -0.5`.
+    initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
+    output_final_state: also return the fp32 final state.
+    chunk_size: tokens per chunk of the chunked impl.
+    impl: "chunked", "recurrent" or "quadratic".
+
+  Returns:
+    `o: [batch, seq, heads, value_dim]` in q's dtype (and the final state).
+
+  Raises:
+    ValueError: naming the argument, as for `linear_attention`.
+  """
+  rec.check_qkv(q, k, v)
+  _checks.check_shape("log_forget", log_forget, q.shape,
+                      "[batch, seq, heads, key_dim]")
+  rec.check_nonpositive("log_forget", log_forget)
+  return _gated(q, k, v, jnp.asarray(log_forget, jnp.float32), scale,
+                initial_state, output_final_state, chunk_size, impl)
+
+
+def _scalar_log_decay(log_decay, b, t, h):
+  """None / `[H]` / `[B, T, H]` -> `[B, T, H]` fp32."""
+  if log_decay is None:
+    return jnp.zeros((b, t, h), jnp.float32)
+  if np.ndim(log_decay) == 1:
+    _checks.check_shape("log_decay", log_decay, (h,), "[heads]")
+  else:
+    _checks.check_shape("log_decay", log_decay, (b, t, h),
+                        "[batch, seq, heads] (or [heads])")
+  rec.check_nonpositive("log_decay", log_decay)
+  return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
+
+
+def _gated(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
+           impl):
+  """Shared entry: g is `[B, T, H, Dg]` with Dg = 1 (scalar) or Dk."""
+  b, t, h, dk, dv = rec.check_qkv(q, k, v)
+  chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
+  _checks.check_choice("impl", impl, IMPLS)
+  s0 = rec.check_state(initial_state, b, h, dk, dv)
+  qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  fn = {"chunked": _chunked, "recurrent": _recurrent,
+        "quadratic": _quadratic}[impl]
+  o, state = fn(qf, kf, vf, g, s0, chunk_size)
+  return rec.finish(o, state, q.dtype, output_final_state)
+
+
+def _chunked(q, k, v, g, s0, chunk):
+  t = q.shape[1]
+  qc, kc, vc, gc = (rec.to_chunks(x, chunk) for x in (q, k, v, g))
+  cum = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dg], relative to chunk start
+  last = cum[:, :, :, -1]  # [B, H, N, Dg]
+  if gc.shape[-1] == 1:
+    scores = _scalar_intra_scores(qc, kc, cum[..., 0])
+  else:
+    scores = _vector_intra_scores(qc, kc, cum, math.gcd(chunk, _SUB_BLOCK))
+  o = jnp.einsum("bhncs,bhnsv->bhncv", scores, vc)
+  k_tail = kc * jnp.exp(last[:, :, :, None] - cum)
+  increments = jnp.einsum("bhncd,bhncv->bhndv", k_tail, vc)
+  final, starts = rec.scan_chunk_states(jnp.exp(last), increments, s0)
+  o = o + jnp.einsum("bhncd,bhndv->bhncv", qc * jnp.exp(cum), starts)
+  return rec.from_chunks(o, t), final
+
+
+def _scalar_intra_scores(q, k, cum):
+  """Masked `(q_i . k_j) exp(b_i - b_j)`, j <= i: `[..., C, C]`."""
+  c = q.shape[-2]
+  diff = cum[..., :, None] - cum[..., None, :]
+  decay = jnp.exp(jnp.where(rec.causal_mask(c), diff, -jnp.inf))
+  return jnp.einsum("...cd,...sd->...cs", q, k) * decay
+
+
+def _vector_intra_scores(q, k, cum, sub):
+  """Masked `sum_d q_id k_jd exp(b_id - b_jd)`, j <= i: `[..., C, C]`.
+
+  Off-diagonal sub-blocks factor the decay through r_I, the cumulated decay
+  just before sub-block I: `exp(b_i - r_I) * exp(r_I - b_j)`, both <= 1 for
+  i in block I and j before it, so the block row is one matmul. Diagonal
+  sub-blocks use the exact `[sub, sub, Dk]` log-space decay.
+  """
+  *lead, c, dk = q.shape
+  s = c // sub
+  # Diagonal blocks, with the sub-block axis folded into the chunk axis (a
+  # size-1 axis here makes XLA:CPU 0.10 segfault in the backward pass).
+  fold = lambda x: x.reshape(*lead[:-1], lead[-1] * s, sub, dk)
+  qd, kd, bd = fold(q), fold(k), fold(cum)
+  diff = bd[..., :, None, :] - bd[..., None, :, :]  # [..., N s, sub, sub, Dk]
+  decay = jnp.exp(jnp.where(rec.causal_mask(sub)[..., None], diff, -jnp.inf))
+  diag = jnp.sum(qd[..., :, None, :] * kd[..., None, :, :] * decay, -1)
+  if s == 1:  # no off-diagonal blocks
+    return diag.reshape(*lead, c, c)
+  diag = diag.reshape(*lead, s, sub, sub)
+
+  blocks = lambda x: x.reshape(*lead, s, sub, dk)
+  qs, bs = blocks(q), blocks(cum)
+  ref = jnp.concatenate([cum[..., :1, :], cum[..., sub - 1:c - 1:sub, :]], -2)
+  q_off = qs * jnp.exp(bs - ref[..., :, None, :])  # [..., s, sub, Dk]
+  before = jnp.arange(c)[None, :] < (jnp.arange(s) * sub)[:, None]  # [s, C]
+  k_exponent = jnp.where(before[..., None],
+                         ref[..., :, None, :] - cum[..., None, :, :], -jnp.inf)
+  k_off = k[..., None, :, :] * jnp.exp(k_exponent)  # [..., s, C, Dk]
+  off = (q_off @ k_off.swapaxes(-1, -2)).reshape(*lead, s, sub, s, sub)
+  on_diag = jnp.eye(s, dtype=bool)[:, None, :, None]
+  return jnp.where(on_diag, diag[..., :, :, None, :], off).reshape(*lead, c, c)
+
+
+def _recurrent(q, k, v, g, s0, chunk):
+  del chunk
+
+  def step(s, inputs):
+    q_t, k_t, v_t, g_t = inputs  # [B, H, D]
+    s = jnp.exp(g_t)[..., None] * s + k_t[..., None] * v_t[..., None, :]
+    return s, jnp.einsum("bhd,bhdv->bhv", q_t, s)
+
+  final, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
+                                          for x in (q, k, v, g)))
+  return jnp.moveaxis(o, 0, 1), final
+
+
+def _quadratic(q, k, v, g, s0, chunk):
+  """Masked `[T, T]` reference; decays from a global cumsum (short T only)."""
+  del chunk
+  t = q.shape[1]
+  cum = jnp.cumsum(g, axis=1)  # [B, T, H, Dg]
+  diff = cum[:, :, None] - cum[:, None, :]  # [B, T_i, T_j, H, Dg]
+  mask = rec.causal_mask(t)[None, :, :, None, None]
+  decay = jnp.broadcast_to(jnp.exp(jnp.where(mask, diff, -jnp.inf)),
+                           (*diff.shape[:-1], q.shape[-1]))
+  scores = jnp.einsum("bihd,bjhd,bijhd->bhij", q, k, decay)
+  o = jnp.einsum("bhij,bjhv->bihv", scores, v)
+  o = o + jnp.einsum("bihd,bhdv->bihv", q * jnp.exp(cum), s0)
+  last = cum[:, -1]  # [B, H, Dg]
+  final = jnp.exp(last)[..., None] * s0 + jnp.einsum(
+      "bjhd,bjhv->bhdv", k * jnp.exp(last[:, None] - cum), v)
+  return o, final

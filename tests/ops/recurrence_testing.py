@@ -1,0 +1,42 @@
+"""Shared helpers for the linear-recurrence property tests."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# fp32: chunked, recurrent and quadratic impls agree to float reassociation.
+FP32_TOL = dict(rtol=2e-4, atol=2e-4)
+# bf16 inputs vs the fp32 reference on the same (bf16-rounded) values: the
+# output is rounded to bf16 (8 bits of mantissa), so ~1e-2 relative.
+BF16_TOL = dict(rtol=3e-2, atol=3e-2)
+
+
+def normal(key, shape, dtype=jnp.float32):
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def unit_norm(x):
+  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def outputs_and_grads(fn, args, cotangents):
+  """`fn(*args) -> (o, state)`; returns them and d<o.co_o + s.co_s>/d(args)."""
+  def loss(args):
+    o, state = fn(*args)
+    return (jnp.sum(o.astype(jnp.float32) * cotangents[0])
+            + jnp.sum(state * cotangents[1])), (o, state)
+  grads, (o, state) = jax.grad(loss, has_aux=True)(args)
+  return o, state, grads
+
+
+def assert_trees_close(actual, expected, tol, what):
+  leaves_a, tree_a = jax.tree.flatten(actual)
+  leaves_e, tree_e = jax.tree.flatten(expected)
+  assert tree_a == tree_e, what
+  for i, (a, e) in enumerate(zip(leaves_a, leaves_e)):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(e, np.float32),
+                               err_msg=f"{what} (leaf {i})", **tol)
