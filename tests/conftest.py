@@ -4,6 +4,10 @@ import os
 
 # Must run before JAX initialises its backends.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Test shapes are tiny: compile time dominates, and LLVM's -O0 compiles
+# about 1.5x faster with identical numerics.
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"])
 
 import jax  # noqa: E402
 import hypothesis  # noqa: E402

@@ -94,8 +94,10 @@ def _imports(path: pathlib.Path) -> set[str]:
     if isinstance(node, ast.Import):
       mods.update(a.name for a in node.names)
     elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-      mods.add(node.module)
-      mods.update(f"{node.module}.{a.name}" for a in node.names)
+      # `from pkg import mod` needs mod; `from mod import name` needs mod.
+      for a in node.names:
+        sub = f"{node.module}.{a.name}"
+        mods.add(sub if _module_file(sub) else node.module)
   return mods
 
 
@@ -167,9 +169,14 @@ def test_deps_cover_imports_and_exist(targets):
           if f"@pypi//{THIRD_PARTY[top]}" not in t["deps"]:
             problems.append(f"{t['label']}: imports {top}, "
                             f"needs @pypi//{THIRD_PARTY[top]}")
-        elif top in ("lightning_jax", "tests", "tools"):
-          file = _module_file(mod)
-          if file is None or file in t["srcs"]:
+        else:
+          # Project modules, and modules beside a script (its sys.path[0]).
+          file = _module_file(mod) or _module_file(
+              f"{pathlib.PurePosixPath(src).parent.as_posix().replace('/', '.')}"
+              f".{mod}")
+          if file is None:
+            continue
+          if file in t["srcs"]:
             continue
           if owner.get(file) not in t["deps"]:
             problems.append(f"{t['label']}: imports {mod}, needs dep on "

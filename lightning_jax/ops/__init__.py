@@ -10,3 +10,11 @@ from lightning_jax.ops.delta_rule import unit_lower_inverse
 from lightning_jax.ops.linear_attention import gated_linear_attention
 from lightning_jax.ops.linear_attention import linear_attention
 from lightning_jax.ops.linear_attention import tnl_log_decay
+
+__all__ = (
+    "delta_rule",
+    "gated_linear_attention",
+    "linear_attention",
+    "tnl_log_decay",
+    "unit_lower_inverse",
+)

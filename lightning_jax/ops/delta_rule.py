@@ -89,7 +89,7 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
   return rec.finish(o, state, q.dtype, output_final_state)
 
 
-def unit_lower_inverse(l):
+def unit_lower_inverse(lower):
   """Inverse of unit lower-triangular matrices, with matmuls only.
 
   Diagonal blocks of 16 are inverted by the nilpotent product
@@ -98,24 +98,24 @@ def unit_lower_inverse(l):
   blocks of a level in one batched matmul.
 
   Args:
-    l: `[..., n, n]`, ones on the diagonal, zeros above (not checked).
+    lower: `[..., n, n]`, ones on the diagonal, zeros above (not checked).
 
   Returns:
     `[..., n, n]`, the inverse.
   """
-  *lead, n, _ = l.shape
+  *lead, n, _ = lower.shape
   if n <= _BASE_BLOCK:
-    return _nilpotent_inverse(l)
+    return _nilpotent_inverse(lower)
   size = _BASE_BLOCK * 2**math.ceil(math.log2(n / _BASE_BLOCK))
   if size > n:  # blockdiag(L, I)^{-1} = blockdiag(L^{-1}, I)
     pad = [(0, 0)] * len(lead) + [(0, size - n)] * 2
     fill = jnp.arange(n, size)
-    l = jnp.pad(l, pad).at[..., fill, fill].set(1.0)
+    lower = jnp.pad(lower, pad).at[..., fill, fill].set(1.0)
   m = _BASE_BLOCK
-  inv = _nilpotent_inverse(_blocks(l, m, 0))  # [..., size / m, m, m]
+  inv = _nilpotent_inverse(_blocks(lower, m, 0))  # [..., size / m, m, m]
   while inv.shape[-3] > 1:
     a_inv, d_inv = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-    c = -(d_inv @ _blocks(l, m, 1) @ a_inv)
+    c = -(d_inv @ _blocks(lower, m, 1) @ a_inv)
     top = jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], -1)
     inv = jnp.concatenate([top, jnp.concatenate([c, d_inv], -1)], -2)
     m *= 2
@@ -123,11 +123,11 @@ def unit_lower_inverse(l):
 
 
 def _blocks(x, m, offset):
-  """`[..., n, n]` -> `[..., n / m - offset, m, m]`, blocks (i + offset, i).
+  """`m x m` blocks (i + offset, i) of `[..., n, n]`, stacked on axis -3.
 
-  offset 0: the diagonal blocks. offset 1: the blocks below them, taken at
-  even i only (the lower-left block of each pair being merged). Static slices
-  (not `diagonal` + transpose, which XLA:CPU 0.10 mis-simplifies into dots).
+  offset 0: all n / m diagonal blocks. offset 1: for even i only, the n / 2m
+  lower-left blocks of the pairs being merged. Static slices, not `diagonal`
+  + transpose, which XLA:CPU 0.10 mis-simplifies into batched dots.
   """
   n = x.shape[-1]
   starts = range(0, n // m, 2) if offset else range(n // m)
@@ -135,10 +135,10 @@ def _blocks(x, m, offset):
                     for i in starts], axis=-3)
 
 
-def _nilpotent_inverse(l):
-  n = l.shape[-1]
-  eye = jnp.broadcast_to(jnp.eye(n, dtype=l.dtype), l.shape)
-  power = l - eye  # N, strictly lower: N^n = 0
+def _nilpotent_inverse(lower):
+  n = lower.shape[-1]
+  eye = jnp.broadcast_to(jnp.eye(n, dtype=lower.dtype), lower.shape)
+  power = lower - eye  # N, strictly lower: N^n = 0
   inv = eye - power
   for _ in range(max(math.ceil(math.log2(n)) - 1, 0)):
     power = power @ power

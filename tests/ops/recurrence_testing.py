@@ -36,7 +36,7 @@ def assert_trees_close(actual, expected, tol, what):
   leaves_a, tree_a = jax.tree.flatten(actual)
   leaves_e, tree_e = jax.tree.flatten(expected)
   assert tree_a == tree_e, what
-  for i, (a, e) in enumerate(zip(leaves_a, leaves_e)):
+  for i, (a, e) in enumerate(zip(leaves_a, leaves_e, strict=True)):
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(e, np.float32),
                                err_msg=f"{what} (leaf {i})", **tol)
