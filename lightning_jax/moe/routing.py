@@ -71,7 +71,8 @@ def route(logits, top_k: int, *, score: str = "softmax",
   selection = scores
   if bias is not None:
     _checks.check_shape("bias", bias, (num_experts,), "[num_experts]")
-    selection = scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
+    bias = jax.lax.stop_gradient(bias.astype(jnp.float32))
+    selection = scores + bias.reshape((1,) * (scores.ndim - 1) + bias.shape)
   _, experts = jax.lax.top_k(selection, top_k)
   weights = jnp.take_along_axis(scores, experts, axis=-1)
   if normalize_topk:
