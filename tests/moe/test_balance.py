@@ -126,7 +126,7 @@ _global_uniform = jax.jit(jax.shard_map(
     mesh=UNIFORM_MESH, in_specs=P(AXES), out_specs=P(AXES)))
 
 
-@hypothesis.given(seed=st.integers(0, 2**16), top_k=st.integers(1, E))
+@hypothesis.given(seed=st.integers(0, 2**16), top_k=st.sampled_from((1, 3)))
 def test_uniform_router_gives_one_for_every_scope(seed, top_k):
   probs = jnp.full((B, T, E), 1 / E)
   experts = jax.random.randint(jax.random.key(seed), (B, T, top_k), 0, E)
