@@ -1,7 +1,6 @@
 """MoE and MH-MoE layers: aux outputs, MH-MoE reductions, sharded layer == one device."""
 
 import dataclasses
-import functools
 
 import hypothesis
 from hypothesis import strategies as st
