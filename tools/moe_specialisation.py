@@ -11,7 +11,7 @@ step (each `--seqs_per_micro` sequences) run in a `lax.scan` inside one
 differentiated function; the global loss combines their `LBLPieces`, which
 equals the mean over data-parallel devices of the shard_map global loss.
 
-  PYTHONPATH=. python tools/moe_specialisation.py --seeds=0,1
+  PYTHONPATH=. python tools/moe_specialisation.py
 """
 
 import dataclasses
@@ -29,10 +29,12 @@ from lightning_jax import moe
 
 _SCOPES = flags.DEFINE_list("scopes", ["micro", "global"],
                             "LBL scopes to compare (micro, global).")
-_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds; one run per seed and scope.")
-_STEPS = flags.DEFINE_integer("steps", 400, "Training steps.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; one run per seed and scope.")
+_STEPS = flags.DEFINE_integer("steps", 600, "Training steps.")
 _DOMAINS = flags.DEFINE_integer("num_domains", 4, "Synthetic domains.")
 _VOCAB = flags.DEFINE_integer("vocab", 64, "Vocabulary size.")
+_IN_BAND = flags.DEFINE_float("in_band", 0.9,
+                              "Probability that a domain stays in its band.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Tokens per sequence.")
 _MICRO = flags.DEFINE_integer("micro_batches", 8,
                               "Micro-batches (simulated devices) per step.")
@@ -42,8 +44,8 @@ _D_MODEL = flags.DEFINE_integer("d_model", 32, "Model width.")
 _D_FF = flags.DEFINE_integer("d_ff", 32, "Hidden width of each expert.")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts.")
 _TOP_K = flags.DEFINE_integer("top_k", 2, "Experts per token.")
-_LBL_COEF = flags.DEFINE_float("lbl_coef", 0.1, "Load-balancing loss weight.")
-_LR = flags.DEFINE_float("learning_rate", 3e-3, "Adam learning rate.")
+_LBL_COEF = flags.DEFINE_float("lbl_coef", 0.01, "Load-balancing loss weight.")
+_LR = flags.DEFINE_float("learning_rate", 1e-2, "Adam learning rate.")
 _EVAL_SEQS = flags.DEFINE_integer("eval_seqs", 64, "Held-out sequences.")
 
 
@@ -56,9 +58,21 @@ class Config:
 
 
 def _chains(key, num_domains, vocab):
-  """Per-domain Markov transition matrices with sparse Dirichlet rows."""
-  alpha = jnp.full((vocab,), 0.05)
-  return jax.random.dirichlet(key, alpha, (num_domains, vocab))
+  """Per-domain Markov transition matrices `[domains, vocab, vocab]`.
+
+  Domain d moves mostly (`--in_band`) within its own band of
+  `vocab / domains` tokens, otherwise anywhere; rows are sparse Dirichlet.
+  """
+  k_band, k_all = jax.random.split(key)
+  band = vocab // num_domains
+  in_band = jax.random.dirichlet(k_band, jnp.full((band,), 0.1),
+                                 (num_domains, vocab))
+  anywhere = jax.random.dirichlet(k_all, jnp.full((vocab,), 0.1),
+                                  (num_domains, vocab))
+  rows = jnp.zeros((num_domains, vocab, vocab))
+  for d in range(num_domains):
+    rows = rows.at[d, :, d * band:(d + 1) * band].set(in_band[d])
+  return _IN_BAND.value * rows + (1 - _IN_BAND.value) * anywhere
 
 
 def _sample(key, chains, domains, seq_len):
