@@ -1,4 +1,4 @@
-r"""How far a sequential gradient-accumulation loop is from the global-batch LBL.
+r"""How far sequential gradient accumulation is from the global-batch LBL.
 
 A step's batch is split into M microbatches, each from a single domain (the
 worst case: routing is skewed per microbatch). A sequential loop runs one

@@ -29,7 +29,8 @@ from lightning_jax import moe
 
 _SCOPES = flags.DEFINE_list("scopes", ["micro", "global"],
                             "LBL scopes to compare (micro, global).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds; one run per seed and scope.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"],
+                           "Seeds; one run per seed and scope.")
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps.")
 _DOMAINS = flags.DEFINE_integer("num_domains", 4, "Synthetic domains.")
 _VOCAB = flags.DEFINE_integer("vocab", 64, "Vocabulary size.")

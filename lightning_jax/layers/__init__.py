@@ -1,4 +1,4 @@
-"""Parameterised building blocks as pure (init, apply) pairs over dict pytrees."""
+"""Parameterised building blocks: pure (init, apply) pairs over dict pytrees."""
 
 from lightning_jax.layers.mlp import init_mlp
 from lightning_jax.layers.mlp import mlp

@@ -1,4 +1,4 @@
-"""Dispatch tokens to experts and combine: dropless (grouped) and capacity-based."""
+"""Dispatch tokens to experts and combine: dropless (grouped) or capacity."""
 
 import math
 
@@ -115,7 +115,7 @@ def dropless_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
 
 def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
                     capacity_factor: float) -> int:
-  """`ceil(num_tokens * top_k / num_experts * capacity_factor)` slots per expert.
+  """Slots per expert: `ceil(tokens * top_k / num_experts * capacity_factor)`.
 
   Args:
     num_tokens: tokens routed together (on this device).

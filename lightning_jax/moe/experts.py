@@ -1,4 +1,4 @@
-"""GLU expert MLPs: one expert, a batch of experts, and grouped (ragged) experts."""
+"""GLU expert MLPs: one expert, a batch of experts, grouped (ragged) experts."""
 
 import functools
 from typing import NamedTuple

@@ -1,4 +1,4 @@
-"""MoE and MH-MoE layers: aux outputs, MH-MoE reductions, sharded layer == one device."""
+"""MoE and MH-MoE layers: aux, MH-MoE reductions, sharded == one device."""
 
 import dataclasses
 

@@ -1,4 +1,4 @@
-"""Dropless (ragged) == per-expert loop; capacity drops exactly the expected slots."""
+"""Dropless (ragged) == per-expert loop; capacity drops exactly the right ones."""
 
 import functools
 
