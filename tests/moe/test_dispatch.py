@@ -1,4 +1,4 @@
-"""Dropless (ragged) == per-expert loop; capacity drops exactly the right ones."""
+"""Dropless (ragged) == expert loop; capacity drops exactly the expected ones."""
 
 import functools
 
