@@ -1,4 +1,4 @@
-"""Dropless (ragged) == expert loop; capacity drops exactly the expected ones."""
+"""Dropless ragged == expert loop; capacity drops exactly the expected slots."""
 
 import functools
 
