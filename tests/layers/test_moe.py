@@ -85,16 +85,21 @@ def test_mh_moe_with_one_head_and_identity_projections_is_moe():
   params = jax.jit(layers.init_mh_moe, static_argnums=1)(jax.random.key(0),
                                                          cfg)
   params = dict(params, head_proj=jnp.eye(D), merge_proj=jnp.eye(D))
-  x = _x()
-  f = lambda x: layers.mh_moe(params, x, cfg)
-  g = lambda x: layers.moe(params["moe"], x, CFG)
-  (y, aux), vjp = jax.vjp(f, x)
-  (y_ref, aux_ref), vjp_ref = jax.vjp(g, x)
+  x, cot = _x(), _x(2)
+
+  @jax.jit
+  def both(params, x, cot):
+    def value_and_input_grad(layer):
+      (y, aux), vjp = jax.vjp(layer, x)
+      return y, aux.load_balancing_loss, vjp(
+          (cot, jax.tree.map(jnp.zeros_like, aux)))[0]
+    return (value_and_input_grad(lambda x: layers.mh_moe(params, x, cfg)),
+            value_and_input_grad(lambda x: layers.moe(params["moe"], x, CFG)))
+
+  (y, lbl, dx), (y_ref, lbl_ref, dx_ref) = both(params, x, cot)
   np.testing.assert_allclose(y, y_ref, **TOL)
-  np.testing.assert_allclose(aux.load_balancing_loss,
-                             aux_ref.load_balancing_loss, rtol=1e-6)
-  cot = (_x(2), jax.tree.map(jnp.zeros_like, aux))
-  np.testing.assert_allclose(vjp(cot)[0], vjp_ref(cot)[0], **TOL)
+  np.testing.assert_allclose(lbl, lbl_ref, rtol=1e-6)
+  np.testing.assert_allclose(dx, dx_ref, **TOL)
 
 
 def test_mh_moe_routes_each_sub_token_independently():
