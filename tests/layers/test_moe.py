@@ -108,11 +108,15 @@ def test_mh_moe_routes_each_sub_token_independently():
                                                          cfg)
   x = _x()
   y, aux = _mh_moe(params, x, cfg)
-  heads = (x @ params["head_proj"]).reshape(B, T, 2, D // 2)
-  per_head = [_moe(params["moe"], heads[:, :, j], cfg.sub_token_moe)[0]
-              for j in range(2)]
-  merged = jnp.stack(per_head, axis=2).reshape(B, T, D)
-  np.testing.assert_allclose(y, merged @ params["merge_proj"], **TOL)
+
+  @jax.jit
+  def reference(params, x):
+    heads = (x @ params["head_proj"]).reshape(B, T, 2, D // 2)
+    per_head = [layers.moe(params["moe"], heads[:, :, j], cfg.sub_token_moe)[0]
+                for j in range(2)]
+    merged = jnp.stack(per_head, axis=2).reshape(B, T, D)
+    return merged @ params["merge_proj"]
+  np.testing.assert_allclose(y, reference(params, x), **TOL)
   assert float(aux.lbl_pieces.num_tokens) == B * T * 2
   assert params["moe"]["experts"]["w_gate"].shape == (4, D // 2, 12)
 

@@ -41,11 +41,11 @@ def _dropless_vjp(x, weights, experts, glu_weights, cot, impl):
   return y, grads
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@hypothesis.given(seed=st.integers(0, 2**16), top_k=st.sampled_from((1, 2)),
-                  skew=st.floats(0, 6))
-def test_dropless_ragged_equals_expert_loop(dtype, seed, top_k, skew):
-  x, r, w, cot = _problem(seed, 11, top_k, dtype, skew)
+@pytest.mark.parametrize("dtype,top_k", [(jnp.float32, 1), (jnp.float32, 2),
+                                         (jnp.bfloat16, 2)])
+@hypothesis.given(seed=st.integers(0, 2**16), skew=st.floats(0, 6))
+def test_dropless_ragged_equals_expert_loop(dtype, top_k, seed, skew):
+  x, r, w, cot = _problem(seed, 16, top_k, dtype, skew)
   out = _dropless_vjp(x, r.weights, r.experts, w, cot, "ragged")
   ref = _dropless_vjp(x, r.weights, r.experts, w, cot, "loop")
   assert out[0].dtype == dtype
@@ -87,7 +87,7 @@ def _capacity_vjp(x, weights, experts, glu_weights, cot, capacity_factor,
 
 @pytest.mark.parametrize("drop_policy", moe.DROP_POLICIES)
 @hypothesis.given(seed=st.integers(0, 2**16),
-                  capacity_factor=st.sampled_from((0.5, 1.0, 2.0)),
+                  capacity_factor=st.sampled_from((0.5, 1.5)),
                   skew=st.floats(0, 3))
 def test_capacity_drops_exactly_expected_slots(drop_policy, seed,
                                                capacity_factor, skew):

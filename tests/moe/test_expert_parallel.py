@@ -95,8 +95,9 @@ def _problem(seed, skew):
           jax.random.normal(ks[5], (N, D)))
 
 
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("mesh_name,dispatch", [
+    ("data4_expert2", "dropless"), ("data2_expert4", "dropless"),
+    ("data4_expert2", "capacity")])
 @hypothesis.given(seed=st.integers(0, 2**16), skew=st.floats(0, 8))
 def test_expert_parallel_equals_single_device(mesh_name, dispatch, seed, skew):
   args = _problem(seed, skew)
