@@ -51,7 +51,7 @@ class LoadStats(NamedTuple):
   dropped_fraction: jax.Array
 
 
-def check_routing(probs, experts, num_experts: int) -> None:
+def _check_routing(probs, experts, num_experts: int) -> None:
   """Raises ValueError unless `probs` `[batch, seq, ..., num_experts]` and
   `experts` `[batch, seq, ..., top_k]` agree."""
   num_experts = _checks.check_positive_int("num_experts", num_experts)
@@ -89,7 +89,7 @@ def load_balancing_pieces(probs, experts, *, num_experts: int) -> LBLPieces:
     >>> load_balancing_pieces(r.probs, r.experts, num_experts=4).num_tokens
     Array(6., dtype=float32)
   """
-  check_routing(probs, experts, num_experts)
+  _check_routing(probs, experts, num_experts)
   counts = jnp.bincount(experts.reshape(-1), length=num_experts)
   prob_sums = jnp.sum(probs.astype(jnp.float32).reshape(-1, num_experts),
                       axis=0)
@@ -195,7 +195,7 @@ def load_balancing_loss(probs, experts, *, num_experts: int,
   if scope != "global" and axis_name is not None:
     raise ValueError(f"`axis_name` is only used by scope='global', got "
                      f"scope={scope!r} with axis_name={axis_name!r}.")
-  check_routing(probs, experts, num_experts)
+  _check_routing(probs, experts, num_experts)
   if scope == "sequence":
     per_sequence = functools.partial(load_balancing_pieces,
                                      num_experts=num_experts)
