@@ -198,6 +198,44 @@ def test_micro_scope_differs_from_global_on_domain_skewed_batch():
   assert np.abs(np.asarray(g_micro) - np.asarray(g_glob)).max() > 1e-3
 
 
+def test_replicated_global_loss_under_ddp_is_1_over_d_too_small():
+  """The pitfall of Megatron-LM issue 3672, in JAX: if every device computes
+  the full global loss (p psum'ed too), per-device gradients mean-reduced
+  over D devices are 1/D of the true gradient; ours are exact."""
+  mesh, axes = MESHES["data8"]
+  kx, kw = jax.random.split(jax.random.key(7))
+  x = jax.random.normal(kx, (B, T, D))
+  w = jax.random.normal(kw, (D, E))
+
+  def pieces(w, x):
+    r = moe.route(jnp.einsum("btd,de->bte", x, w), 2)
+    return moe.load_balancing_pieces(r.probs, r.experts, num_experts=E)
+
+  def replicated(w, x):
+    p = jax.lax.psum(pieces(w, x), axes)
+    f = jax.lax.stop_gradient(p.expert_counts / jnp.sum(p.expert_counts))
+    return E * jnp.sum(f * p.prob_sums / p.num_tokens)
+
+  def ours(w, x):
+    return moe.load_balancing_loss_from_pieces(pieces(w, x), axis_name=axes)
+
+  def ddp_grad(loss):
+    def body(w, x):
+      w = jax.lax.pcast(w, axes, to="varying")
+      return jax.lax.pmean(jax.grad(loss)(w, x), axes)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axes)),
+                                 out_specs=P()))
+
+  true = jax.grad(lambda w: moe.load_balancing_loss_from_pieces(
+      pieces(w, x)))(w)
+  put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
+  with jax.set_mesh(mesh):
+    g_ours = ddp_grad(ours)(put(w, P()), put(x, P(axes)))
+    g_replicated = ddp_grad(replicated)(put(w, P()), put(x, P(axes)))
+  np.testing.assert_allclose(g_ours, true, rtol=RTOL, atol=1e-6)
+  np.testing.assert_allclose(g_replicated, true / 8, rtol=RTOL, atol=1e-6)
+
+
 def _microbatch_pieces(logits, m):
   r = moe.route(logits[m::4], 2)  # 4 domain-skewed microbatches of 2 seqs
   return moe.load_balancing_pieces(r.probs, r.experts, num_experts=E)
