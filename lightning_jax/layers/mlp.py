@@ -9,9 +9,15 @@ import jax.numpy as jnp
 from lightning_jax import _checks
 from lightning_jax import moe
 
-# Truncated-normal fan-in init; `in_axis`/`out_axis` also fit expert stacks.
-dense_init = jax.nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
+
+def dense_init(key, shape, dtype):
+  """Truncated-normal init, std `fan_in ** -0.5`, of `[..., fan_in, fan_out]`.
+
+  Leading axes (e.g. experts) are batch axes: they do not count in fan-in.
+  """
+  return jax.nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+      batch_axis=tuple(range(len(shape) - 2)))(key, shape, dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """MoE and MH-MoE layers: aux, MH-MoE reductions, sharded == one device."""
 
 import dataclasses
+import functools
 
 import hypothesis
 from hypothesis import strategies as st
@@ -19,23 +20,35 @@ B, T, D = 8, 4, 8
 CFG = layers.MoEConfig(d_model=D, d_ff=12, num_experts=4, top_k=2)
 TOL = dict(rtol=1e-5, atol=1e-5)
 _init_moe = jax.jit(layers.init_moe, static_argnums=1)
+
+
+def _params(init, cfg, seed=0):
+  """Fan-in scaled numpy params with the structure of `init(key, cfg)`
+  (no PRNG kernels to compile; `test_init_shapes` runs the real init)."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
+  return jax.tree.map(lambda s: jnp.asarray(
+      rng.standard_normal(s.shape) * s.shape[-2] ** -0.5, s.dtype), shapes)
 _moe = jax.jit(layers.moe, static_argnums=2)
 _mh_moe = jax.jit(layers.mh_moe, static_argnums=2)
 
 
 def _x(seed=1, shape=(B, T, D)):
-  return jax.random.normal(jax.random.key(seed), shape)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
+                     jnp.float32)
 
 
 def test_init_shapes():
   p = _init_moe(jax.random.key(0), CFG)
+  np.testing.assert_allclose(np.std(p["experts"]["w_gate"]), D ** -0.5,
+                             rtol=0.3)
   assert p["router"].shape == (D, 4) and p["router"].dtype == jnp.float32
   assert p["experts"]["w_gate"].shape == (4, D, 12)
   assert p["experts"]["w_down"].shape == (4, 12, D)
 
 
 def test_moe_matches_routing_and_expert_loop_and_reports_aux():
-  params = _init_moe(jax.random.key(0), CFG)
+  params = _params(layers.init_moe, CFG)
   x = _x()
   y, aux = _moe(params, x, CFG)
   logits = jnp.einsum("btd,de->bte", x, params["router"])
@@ -56,7 +69,7 @@ def test_moe_matches_routing_and_expert_loop_and_reports_aux():
 
 
 def test_capacity_layer_without_overflow_equals_dropless_and_reports_drops():
-  params = _init_moe(jax.random.key(0), CFG)
+  params = _params(layers.init_moe, CFG)
   x = _x()
   big = dataclasses.replace(CFG, dispatch="capacity", capacity_factor=4.0)
   y_drop, _ = _moe(params, x, CFG)
@@ -70,7 +83,7 @@ def test_capacity_layer_without_overflow_equals_dropless_and_reports_drops():
 
 
 def test_router_bias_changes_selection():
-  params = _init_moe(jax.random.key(0), CFG)
+  params = _params(layers.init_moe, CFG)
   bias = jnp.array([0., 0., 0., 100.])
   _, aux = layers.moe(params, _x(), CFG, router_bias=bias)
   assert float(aux.load.expert_load[3]) == 0.5  # every token picks expert 3
@@ -82,8 +95,7 @@ def _mh_cfg(num_heads):
 
 def test_mh_moe_with_one_head_and_identity_projections_is_moe():
   cfg = _mh_cfg(1)
-  params = jax.jit(layers.init_mh_moe, static_argnums=1)(jax.random.key(0),
-                                                         cfg)
+  params = _params(layers.init_mh_moe, cfg)
   params = dict(params, head_proj=jnp.eye(D), merge_proj=jnp.eye(D))
   x, cot = _x(), _x(2)
 
@@ -104,8 +116,7 @@ def test_mh_moe_with_one_head_and_identity_projections_is_moe():
 
 def test_mh_moe_routes_each_sub_token_independently():
   cfg = _mh_cfg(2)
-  params = jax.jit(layers.init_mh_moe, static_argnums=1)(jax.random.key(0),
-                                                         cfg)
+  params = _params(layers.init_mh_moe, cfg)
   x = _x()
   y, aux = _mh_moe(params, x, cfg)
 
@@ -173,7 +184,7 @@ SHARDED_STEP = _sharded_step()
 def test_expert_parallel_global_lbl_layer_equals_one_device(seed):
   """Tokens on data x expert, experts on `expert`, global LBL: the layer's
   output, mean aux loss and all gradients equal the one-device layer."""
-  params = _init_moe(jax.random.key(seed), CFG)
+  params = _params(layers.init_moe, CFG, seed)
   x, cot = _x(seed + 1), _x(seed + 2)
   (v, y), grads = SHARDED_STEP(params, x, cot)
   (v_ref, y_ref), grads_ref = _one_device(params, x, cot)
@@ -194,7 +205,7 @@ def test_bad_config_and_input():
     layers.MoEConfig(d_model=8, d_ff=8, num_experts=2, capacity_factor=0.)
   with pytest.raises(ValueError, match="num_heads"):
     layers.MHMoEConfig(3, CFG)
-  params = _init_moe(jax.random.key(0), CFG)
+  params = _params(layers.init_moe, CFG)
   with pytest.raises(ValueError, match="x_BxTxD"):
     layers.moe(params, jnp.ones((2, 3, 4)), CFG)
   with pytest.raises(ValueError, match="axis_name"):

@@ -19,15 +19,16 @@ TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5),
 
 
 def _problem(seed, num_tokens, top_k, dtype, skew=0.0):
-  ks = jax.random.split(jax.random.key(seed), 6)
-  x = jax.random.normal(ks[0], (num_tokens, D)).astype(dtype)
-  glu_weights = moe.GLUWeights(
-      (jax.random.normal(ks[1], (E, D, F)) / 3).astype(dtype),
-      (jax.random.normal(ks[2], (E, D, F)) / 3).astype(dtype),
-      (jax.random.normal(ks[3], (E, F, D)) / 4).astype(dtype))
-  logits = jax.random.normal(ks[4], (num_tokens, E)).at[:, 0].add(skew)
-  r = moe.route(logits, top_k)
-  cot = jax.random.normal(ks[5], (num_tokens, D))
+  rng = np.random.default_rng(seed)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)
+  x = jnp.asarray(normal(num_tokens, D), dtype)
+  glu_weights = moe.GLUWeights(jnp.asarray(normal(E, D, F) / 3, dtype),
+                               jnp.asarray(normal(E, D, F) / 3, dtype),
+                               jnp.asarray(normal(E, F, D) / 4, dtype))
+  logits = normal(num_tokens, E)
+  logits[:, 0] += skew
+  r = moe.route(jnp.asarray(logits), top_k)
+  cot = jnp.asarray(normal(num_tokens, D))
   return x, r, glu_weights, cot
 
 
