@@ -7,6 +7,7 @@
   python tools/ays.py --mode=compare --density=ring
 """
 
+import functools
 import importlib
 import json
 
@@ -85,7 +86,7 @@ def _optimize(mix):
     validation = None
   else:
     denoiser = diffusion.mixture_denoiser(mix)
-    data = lambda k, n: diffusion.mixture_sample(mix, k, n)
+    data = functools.partial(diffusion.mixture_sample, mix)
     validation = (diffusion.sample_quality_fn(mix, _EARLY_STOP.value)
                   if _EARLY_STOP.value else None)
   klub = diffusion.klub_estimator(denoiser, data, key,

@@ -43,6 +43,8 @@ from lightning_jax.diffusion import schedules
 # `interval_cost(sigma_lo, sigma_hi) -> cost`, vectorised over `[b]` arrays
 # with `0 < sigma_lo < sigma_hi`.
 IntervalCost = Callable[[jax.Array, jax.Array], jax.Array]
+# `metric(levels) -> float`, lower is better (early stopping).
+Validation = Callable[[np.ndarray], float]
 
 
 def _gaussian_klub_integrand(t, t_hi, c):
@@ -108,6 +110,7 @@ def klub_estimator(denoiser, data_sampler, key, *, num_samples: int = 2048,
   """
   num_samples = _checks.check_positive_int("num_samples", num_samples)
   grid_size = _checks.check_positive_int("grid_size", grid_size)
+  batch_size = _checks.check_positive_int("batch_size", batch_size)
   if grid_size < 2:
     raise ValueError(f"`grid_size` must be >= 2, got {grid_size}.")
   if not proposal_std > 0:
@@ -234,7 +237,7 @@ def _candidates(upper, lower, current, num):
 def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
                       num_candidates: int = 16, max_sweeps: int = 50,
                       rtol: float = 1e-4,
-                      validation_fn: Callable[[np.ndarray], float] | None = None,
+                      validation_fn: Validation | None = None,
                       patience: int = 2) -> OptimizeResult:
   """AYS iterative refinement of the interior levels of a schedule.
 
@@ -269,7 +272,8 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
   s = schedules.check_schedule(levels, "levels", allow_final_zero=False)
   m = len(s)
   if m < 3:
-    raise ValueError(f"`levels` needs >= 3 values to have an interior, got {m}.")
+    raise ValueError(
+        f"`levels` needs >= 3 values to have an interior, got {m}.")
   num_candidates = _checks.check_positive_int("num_candidates", num_candidates)
   max_sweeps = _checks.check_positive_int("max_sweeps", max_sweeps)
   patience = _checks.check_positive_int("patience", patience)
@@ -338,7 +342,7 @@ class AYSResult(NamedTuple):
 
 def align_your_steps(interval_cost: IntervalCost, init_levels, *,
                      num_refinements: int = 2,
-                     validation_fn: Callable[[np.ndarray], float] | None = None,
+                     validation_fn: Validation | None = None,
                      **optimize_kwargs) -> AYSResult:
   """AYS coarse to fine: optimise all interior levels, then subdivide+refine.
 

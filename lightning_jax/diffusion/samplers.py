@@ -71,12 +71,9 @@ def _churn(x, sigma, key, gamma_max, s_tmin, s_tmax, s_noise):
   return x, sigma_hat
 
 
-def _churn_args(sigmas, s_churn):
-  """EDM's `gamma = min(S_churn / n, sqrt(2) - 1)` and whether it is used."""
-  n = np.shape(sigmas)[0] - 1
-  if s_churn < 0:
-    raise ValueError(f"`s_churn` must be >= 0, got {s_churn}.")
-  return min(s_churn / n, 2**0.5 - 1), s_churn > 0
+def _gamma_max(sigmas, s_churn):
+  """EDM's `gamma = min(S_churn / n, sqrt(2) - 1)`."""
+  return min(s_churn / (sigmas.shape[0] - 1), 2**0.5 - 1)
 
 
 def sample_euler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
@@ -101,11 +98,14 @@ def sample_euler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
     The sample at `sigmas[-1]`, shape of `x`.
 
   Example:
-    >>> x = sample_euler(lambda x, s: 0 * x, 80.0 * jnp.ones((2, 3)),
-    ...                  karras_sigmas(10))  # -> zeros
+    >>> sigmas = diffusion.karras_sigmas(10)
+    >>> x = sample_euler(lambda x, s: 0 * x, 80.0 * jnp.ones((2, 3)), sigmas)
+    >>> # all zeros: the denoiser says x0 = 0
   """
-  gamma_max, churn = _churn_args(sigmas, s_churn)
-  sigmas, keys = _prepare(denoiser, x, sigmas, key, churn)
+  if s_churn < 0:
+    raise ValueError(f"`s_churn` must be >= 0, got {s_churn}.")
+  sigmas, keys = _prepare(denoiser, x, sigmas, key, s_churn > 0)
+  gamma_max = _gamma_max(sigmas, s_churn)
 
   def step(x, inputs):
     sigma, sigma_next, k = inputs
@@ -118,7 +118,7 @@ def sample_euler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
 
 
 def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
-  """Splits a step into a deterministic part to `sigma_down` and noise `sigma_up`.
+  """Splits a step into an Euler part to `sigma_down` and noise `sigma_up`.
 
   `sigma_up = min(sigma_to, eta sqrt(sigma_to^2 (sigma_from^2 - sigma_to^2) /
   sigma_from^2))`, `sigma_down = sqrt(sigma_to^2 - sigma_up^2)`.
@@ -184,8 +184,10 @@ def sample_heun(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
   Returns:
     The sample at `sigmas[-1]`.
   """
-  gamma_max, churn = _churn_args(sigmas, s_churn)
-  sigmas, keys = _prepare(denoiser, x, sigmas, key, churn)
+  if s_churn < 0:
+    raise ValueError(f"`s_churn` must be >= 0, got {s_churn}.")
+  sigmas, keys = _prepare(denoiser, x, sigmas, key, s_churn > 0)
+  gamma_max = _gamma_max(sigmas, s_churn)
 
   def step(x, inputs):
     sigma, sigma_next, k = inputs
@@ -205,7 +207,7 @@ def sample_heun(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
 
 
 def _log_step(sigma, sigma_next):
-  """`h = log(sigma / sigma_next)` with a finite stand-in when `sigma_next = 0`."""
+  """`h = log(sigma / sigma_next)`; 0 stands in when `sigma_next = 0`."""
   last = sigma_next == 0
   return jnp.log(sigma) - jnp.log(jnp.where(last, sigma, sigma_next)), last
 
@@ -298,7 +300,8 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key,
     else:
       correction = (phi / (-h - eta_h) + 1) * diff
     y = y + jnp.where(first, 0.0, 1.0) * correction
-    y = y + _noise(k, x) * sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+    noise_scale = sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta_h)) * s_noise
+    y = y + _noise(k, x) * noise_scale
     return (jnp.where(last, denoised, y), denoised), None
 
   first = jnp.arange(n) == 0

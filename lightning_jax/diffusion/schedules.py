@@ -173,7 +173,8 @@ def kl_optimal_sigmas(n: int, sigma_min: float = 0.002,
   if not data_std > 0:
     raise ValueError(f"`data_std` must be > 0, got {data_std}.")
   u = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
-  a_max, a_min = np.arctan(sigma_max / data_std), np.arctan(sigma_min / data_std)
+  a_max = np.arctan(sigma_max / data_std)
+  a_min = np.arctan(sigma_min / data_std)
   return _exact_ends(
       np.append(data_std * np.tan((1 - u) * a_max + u * a_min), 0.0),
       sigma_min, sigma_max)

@@ -1,4 +1,4 @@
-"""Samplers: k-diffusion update rules (loop twins), convergence order, errors."""
+"""Samplers: k-diffusion update rules (loop twins), order, bad input."""
 
 import hypothesis
 from hypothesis import strategies as st

@@ -1,4 +1,4 @@
-"""Gaussian mixtures: exact denoiser and log-density against independent twins."""
+"""Gaussian mixtures: exact denoiser and log-density vs. independent twins."""
 
 import hypothesis
 from hypothesis import strategies as st
