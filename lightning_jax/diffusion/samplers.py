@@ -134,7 +134,7 @@ def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
 
 
 def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *,
-                           key, eta: float = 1.0,
+                           key=None, eta: float = 1.0,
                            s_noise: float = 1.0) -> jax.Array:
   """Ancestral Euler: an Euler step to `sigma_down`, then noise `sigma_up`.
 
@@ -142,7 +142,7 @@ def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *,
     denoiser: `D(x, sigma) -> x0 estimate`.
     x: `[batch, ...]` start at `sigmas[0]`.
     sigmas: `[n + 1]` decreasing schedule.
-    key: PRNG key.
+    key: PRNG key (required).
     eta: ancestral noise scale (1: DDPM-like, 0: plain Euler).
     s_noise: scale of the added noise.
 
@@ -254,7 +254,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *,
   return x
 
 
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key,
+def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
                         eta: float = 1.0, s_noise: float = 1.0,
                         solver_type: str = "midpoint") -> jax.Array:
   """SDE-DPM-Solver++(2M) with independent Gaussian noise per step.
@@ -272,7 +272,7 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key,
     denoiser: `D(x, sigma) -> x0 estimate`.
     x: `[batch, ...]` start at `sigmas[0]`.
     sigmas: `[n + 1]` decreasing schedule.
-    key: PRNG key.
+    key: PRNG key (required).
     eta: SDE noise scale (0 gives a deterministic 2M variant).
     s_noise: scale of the added noise.
     solver_type: `"midpoint"` or `"heun"`.
