@@ -219,16 +219,19 @@ class OptimizeResult(NamedTuple):
   sweeps: int  # sweeps run
 
 
-def _candidates(upper, lower, current, num):
+_MIN_ZOOM = 1 / 64
+
+
+def _candidates(upper, lower, current, num, zoom):
   """`[I, 2 num + 1]` levels strictly inside `(lower, upper)` per index.
 
   A log-uniform grid over the whole gap, a finer one around the current
-  value (one coarse cell each side), and the current value itself.
+  value (`zoom` coarse cells each side), and the current value itself.
   """
   lu, ll, lc = np.log(upper), np.log(lower), np.log(current)
   coarse = np.linspace(ll, lu, num + 2)[1:-1].T
   cell = (lu - ll) / (num + 1)
-  fine = lc[:, None] + np.linspace(-1.0, 1.0, num)[None, :] * cell[:, None]
+  fine = lc[:, None] + np.linspace(-zoom, zoom, num)[None, :] * cell[:, None]
   fine = np.clip(fine, ll[:, None] + 0.01 * cell[:, None],
                  lu[:, None] - 0.01 * cell[:, None])
   return np.exp(np.concatenate([coarse, fine, lc[:, None]], axis=1))
@@ -245,8 +248,10 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
   in parallel): level `i` becomes the candidate between `levels[i+1]` and
   `levels[i-1]` minimising `cost(levels[i], levels[i-1]) + cost(levels[i+1],
   levels[i])`. The current value is a candidate, so the total never
-  increases. Stops when a sweep improves the total by less than `rtol`
-  (relative), after `max_sweeps`, or, with `validation_fn`, when the
+  increases. When a sweep improves the total by less than `rtol`
+  (relative), the fine grid around each level shrinks 4x; after three such
+  refinements the sweeps stop. They also stop after `max_sweeps`, or, with
+  `validation_fn`, when the
   validation metric has not improved for `patience` sweeps; then the levels
   with the best validation metric are returned (early stopping, as the KLUB
   is a bound and over-optimising it can hurt samples).
@@ -287,13 +292,14 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
     mask &= free
   costs = [schedule_cost(interval_cost, s)]
   validation = [] if validation_fn is None else [float(validation_fn(s))]
-  best, since_best, sweeps = s.copy(), 0, 0
+  best, since_best, sweeps, zoom = s.copy(), 0, 0, 1.0
   for sweeps in range(1, max_sweeps + 1):
     for parity in (1, 0):
       idx = np.flatnonzero(mask & (np.arange(m) % 2 == parity))
       if idx.size == 0:
         continue
-      cand = _candidates(s[idx - 1], s[idx + 1], s[idx], num_candidates)
+      cand = _candidates(s[idx - 1], s[idx + 1], s[idx], num_candidates,
+                         zoom)
       upper = np.broadcast_to(s[idx - 1][:, None], cand.shape)
       lower = np.broadcast_to(s[idx + 1][:, None], cand.shape)
       lo = np.concatenate([cand.ravel(), lower.ravel()])
@@ -314,7 +320,10 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
     else:
       best = s.copy()
     if costs[-2] - costs[-1] <= rtol * abs(costs[-2]):
-      break
+      if zoom <= _MIN_ZOOM:
+        break
+      zoom /= 4  # stalled on the grid: refine around the current levels
+
   return OptimizeResult(best, costs, validation, sweeps)
 
 
