@@ -58,13 +58,14 @@ def test_klub_is_smooth_and_differentiable(klub):
 
 def test_optimizer_lands_on_kl_optimal_for_theorem_3_1():
   # Euler on the PF-ODE for Gaussian data (Theorem 3.1): the optimiser from a
-  # Karras start lands on `kl_optimal_sigmas` within 3% in sigma.
+  # Karras start lands on `kl_optimal_sigmas` within 1% in sigma (observed
+  # 0.04%).
   for c in (0.5, 1.0):
     init = diffusion.karras_sigmas(11)[:-1]
     res = diffusion.optimize_schedule(diffusion.gaussian_euler_cost(c), init,
                                       max_sweeps=100, rtol=0.0)
     target = diffusion.kl_optimal_sigmas(11, data_std=c)[:-1]
-    np.testing.assert_allclose(np.log(res.levels), np.log(target), atol=0.03)
+    np.testing.assert_allclose(np.log(res.levels), np.log(target), atol=0.01)
 
 
 def test_optimizer_on_mc_klub_lands_near_closed_form_optimum():
@@ -80,7 +81,7 @@ def test_optimizer_on_mc_klub_lands_near_closed_form_optimum():
       assert total(moved) > total(exact.levels)
   klub = diffusion.klub_estimator(DENOISER, SAMPLER, jax.random.key(1),
                                   num_samples=2048)
-  mc = diffusion.optimize_schedule(klub, init, max_sweeps=30, rtol=1e-5)
+  mc = diffusion.optimize_schedule(klub, init, max_sweeps=20, rtol=1e-5)
   assert mc.costs[-1] <= mc.costs[0]
   assert np.all(np.diff(mc.costs) <= 1e-6 * mc.costs[0])  # never increases
   # Monte-Carlo optimum within 15% in sigma of the closed-form one.
