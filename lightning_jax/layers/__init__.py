@@ -11,4 +11,6 @@ from lightning_jax.layers.moa_profile import attention_lm_loss
 from lightning_jax.layers.moa_profile import attention_lm_loss_probed
 from lightning_jax.layers.moa_profile import AttentionLMConfig
 from lightning_jax.layers.moa_profile import init_attention_lm
+from lightning_jax.layers.moa_profile import PlanSearch
 from lightning_jax.layers.moa_profile import profile_attention_lm
+from lightning_jax.layers.moa_profile import search_attention_lm_plan

@@ -12,17 +12,24 @@ is the sum over its pairs and over the calibration batch. MoA's paper writes
 the same expansion with the factor 1 / (1 - A_ij) dropped (equal for small
 A_ij); here it is kept, so dL_ij is exactly the derivative along the removal.
 
+`search_attention_lm_plan` chains profiling at several lengths with the
+exact search of `lightning_jax.ops.moa_search`.
+
 Until the `models` room exists, a tiny attention-only LM (embedding, residual
 attention layers with RMS normalisation, untied head) stands in as the model.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax.layers import attention as attention_layers
+from lightning_jax.ops import moa as moa_lib
+from lightning_jax.ops import moa_search
 
 
 def attention_influence(a_BxHxTxT, g_BxHxTxT, block: int):
@@ -135,3 +142,58 @@ def profile_attention_lm(params, tokens_BxT, cfg: AttentionLMConfig,
   grads, weights = grad_fn(params, tokens_BxT, cfg, zeros)
   return jnp.stack([attention_influence(a, g, block)
                     for a, g in zip(weights, grads)])
+
+
+class PlanSearch(NamedTuple):
+  """Result of `search_attention_lm_plan`.
+
+  Attributes:
+    plan: the chosen per-layer, per-head rules.
+    predicted_NxLxH: predicted loss increase of each head's rule per length.
+    density_NxLxH: density of each head's rule per length.
+    lengths: the profiled lengths N.
+  """
+  plan: moa_lib.MoAPlan
+  predicted_NxLxH: np.ndarray
+  density_NxLxH: np.ndarray
+  lengths: tuple[int, ...]
+
+
+def search_attention_lm_plan(params, cfg: AttentionLMConfig, calibration,
+                             candidates, *, budget: float, block: int,
+                             sink: int = 0,
+                             max_rules_per_layer: int | None = None
+                             ) -> PlanSearch:
+  """Profile -> search: a MoA plan for the (dense) LM under `budget`.
+
+  Args:
+    params: LM parameters.
+    cfg: LM config (profiled as given; normally dense attention).
+    calibration: `{length N: tokens [batch, N]}`.
+    candidates: `[(alpha, beta), ...]` rules to choose from.
+    budget: largest mean density over all heads at every length.
+    block: profiling block size.
+    sink: sink length of the plan's masks.
+    max_rules_per_layer: optional limit on distinct rules per layer.
+
+  Returns:
+    The plan with its predicted loss increase and density per head.
+
+  Example:
+    >>> found = search_attention_lm_plan(params, cfg, {64: tokens},
+    ...                                  [(8, 0), (0, 1)], budget=0.5, block=16)
+  """
+  profile = jax.jit(profile_attention_lm, static_argnums=(2, 3))
+  alphas, betas = np.asarray(candidates, np.float64).T
+  costs, dens = [], []
+  for seq, tokens in sorted(calibration.items()):
+    influence = np.asarray(profile(params, tokens, cfg, block))
+    costs.append(moa_search.candidate_costs(influence, candidates, seq, block,
+                                            sink))
+    dens.append(moa_lib.moa_density(moa_lib.moa_windows(alphas, betas, seq),
+                                    seq, sink))
+  costs, dens = np.stack(costs), np.stack(dens)
+  choice = moa_search.search_plan(costs, dens, budget, max_rules_per_layer)
+  predicted = np.take_along_axis(costs, choice[None, ..., None], -1)[..., 0]
+  return PlanSearch(moa_search.plan_from_choice(choice, candidates), predicted,
+                    dens[:, choice], tuple(sorted(calibration)))

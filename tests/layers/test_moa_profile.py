@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import layers
+from lightning_jax import ops
 
 SEQ, HEADS = 8, 2
 CFG = layers.AttentionLMConfig(
@@ -65,3 +66,22 @@ def test_blocks_sum_elements():
   want = np.pad(np.asarray(fine), ((0, 0), (0, 2), (0, 2))).reshape(
       3, 3, 4, 3, 4).sum((2, 4))
   np.testing.assert_allclose(coarse, want, rtol=1e-5, atol=1e-6)
+
+
+def test_search_plan_meets_the_budget_and_predicts_the_loss():
+  rng = np.random.default_rng(3)
+  calibration = {n: jnp.asarray(rng.integers(0, 11, (2, n))) for n in (8, 16)}
+  candidates = [(1.0, 0.0), (2.0, 0.25), (0.0, 1.0)]
+  found = layers.search_attention_lm_plan(PARAMS, CFG, calibration,
+                                          candidates, budget=0.6, block=4)
+  assert found.lengths == (8, 16)
+  assert found.plan.num_layers == 2
+  assert np.all(found.density_NxLxH.mean((1, 2)) <= 0.6 + 1e-9)
+  # The search spends the budget: some head is sparse, some head is dense.
+  assert found.density_NxLxH.min() < 0.6 < found.density_NxLxH.max()
+  # Windows of the plan reproduce the reported densities.
+  for n_idx, n in enumerate(found.lengths):
+    for layer in range(2):
+      np.testing.assert_allclose(
+          found.density_NxLxH[n_idx, layer],
+          ops.moa_density(found.plan.windows(layer, n), n))
