@@ -109,13 +109,6 @@ def _steps(pat: Pattern) -> tuple[_Step, ...]:
   return tuple(_band_steps(pat) + _sink_steps(pat))
 
 
-def visited_fraction(pat: Pattern) -> float:
-  """Visited block pairs per head over the causal (or full) block count."""
-  pairs = sum((s.h_hi - s.h_lo) * (s.i_hi - s.i_lo) for s in _steps(pat))
-  full = (pat.n_q * (pat.n_q + 1) // 2 if pat.causal else pat.n_q * pat.n_k)
-  return pairs / (full * len(pat.windows))
-
-
 def _sink_mask(pat: Pattern, step: _Step) -> jax.Array:
   """[1, h, n_i, b, b]: sink keys outside the head's band (built by iota)."""
   b = pat.block
