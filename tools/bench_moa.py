@@ -13,6 +13,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightning_jax import ops
 from tools import benchlib
@@ -23,7 +24,7 @@ _DIM = flags.DEFINE_integer("dim", 64, "Head dimension.")
 _BLOCK = flags.DEFINE_integer("block_size", 64, "Kernel block size.")
 _DENSITIES = flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125"],
                                "Target densities of the MoA rows.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls per figure.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timing rounds.")
 
 
 def window_for_density(density: float, seq: int) -> int:
@@ -38,9 +39,8 @@ def window_for_density(density: float, seq: int) -> int:
   return lo
 
 
-def _fwd_and_fwd_bwd(fn, q, k, v):
+def _fwd_and_fwd_bwd(fn, dout):
   fwd = jax.jit(fn)
-  dout = jnp.ones_like(q)
   fwd_bwd = jax.jit(lambda q, k, v: jax.vjp(fn, q, k, v)[1](dout))
   return fwd, fwd_bwd
 
@@ -48,8 +48,13 @@ def _fwd_and_fwd_bwd(fn, q, k, v):
 def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
         block_size: int = 64, densities: Sequence[float] = (1.0, 0.5, 0.25,
                                                              0.125),
-        repeats: int = 3, batch: int = 1) -> list[dict]:
+        repeats: int = 5, batch: int = 1) -> list[dict]:
   """Benchmark rows (fp32): the dense blocked kernel, then MoA per density.
+
+  Every program is compiled first; then `repeats` rounds time each program
+  once, in turn, so that a slow-down of the (shared) machine hits all rows of
+  a round alike. Ratios to dense are taken within each round; all figures
+  are medians over rounds.
 
   Args:
     seq: sequence length.
@@ -58,49 +63,55 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
     block_size: block size of both kernels.
     densities: target fractions of the causal pairs kept (all heads share
       the window meeting the target).
-    repeats: timed calls (median).
+    repeats: timing rounds.
     batch: batch size.
 
   Returns:
     Dicts with the impl, density, window, median milliseconds of forward and
     forward+backward, their ratio to dense, and for the dense row its useful
     GFLOP/s (4 D flops per causal pair forward, 2.5x that backward) and that
-    as a fraction of the same run's matmul GFLOP/s.
+    as a fraction of the matmul GFLOP/s of the same rounds.
 
   Example:
     >>> rows = run(seq=512, heads=2, dim=32, densities=(0.5,))
   """
   keys = jax.random.split(jax.random.key(0), 3)
   q, k, v = (jax.random.normal(key, (batch, seq, heads, dim)) for key in keys)
+  dout = jnp.ones_like(q)
+  windows = [seq] + [window_for_density(d, seq) for d in densities]
+  fns = [lambda q, k, v: ops.attention(q, k, v, block_size=block_size)]
+  fns += [lambda q, k, v, w=w: ops.moa_attention(q, k, v, [w] * heads,
+                                                 block_size=block_size)
+          for w in windows[1:]]
+  programs = [p for fn in fns for p in _fwd_and_fwd_bwd(fn, dout)]
+  for program in programs:  # compile
+    jax.block_until_ready(program(q, k, v))
+  rounds = []
+  for _ in range(repeats):
+    times = [benchlib.time_fn(p, q, k, v, repeats=1, warmup=0)
+             for p in programs]
+    rounds.append((benchlib.matmul_gflops(repeats=1), np.array(times)))
+  matmul = np.array([m for m, _ in rounds])
+  times = np.stack([t for _, t in rounds]).reshape(repeats, len(fns), 2)
+  ratios = times / times[:, :1]
   pairs = batch * heads * seq * (seq + 1) / 2
-  fwd_flops, fwd_bwd_flops = 4 * dim * pairs, 3.5 * 4 * dim * pairs
-  matmul = benchlib.matmul_gflops()
-
-  def measure(fn):
-    fwd, fwd_bwd = _fwd_and_fwd_bwd(fn, q, k, v)
-    return (benchlib.time_fn(fwd, q, k, v, repeats=repeats),
-            benchlib.time_fn(fwd_bwd, q, k, v, repeats=repeats))
-
-  dense_fwd, dense_fwd_bwd = measure(
-      lambda q, k, v: ops.attention(q, k, v, block_size=block_size))
-  rows = [dict(impl="attention blocked (dense)", density=1.0, window=seq,
-               fwd_ms=1e3 * dense_fwd, fwd_bwd_ms=1e3 * dense_fwd_bwd,
-               fwd_vs_dense=1.0, fwd_bwd_vs_dense=1.0,
-               fwd_gflops=fwd_flops / dense_fwd / 1e9,
-               fwd_bwd_gflops=fwd_bwd_flops / dense_fwd_bwd / 1e9,
-               matmul_gflops=matmul)]
-  for density in densities:
-    window = window_for_density(density, seq)
-    fwd, fwd_bwd = measure(
-        lambda q, k, v, w=window: ops.moa_attention(
-            q, k, v, [w] * heads, block_size=block_size))
-    rows.append(dict(impl="moa_attention blocked",
-                     density=float(ops.moa_density([window], seq)[0]),
-                     window=window, fwd_ms=1e3 * fwd, fwd_bwd_ms=1e3 * fwd_bwd,
-                     fwd_vs_dense=fwd / dense_fwd,
-                     fwd_bwd_vs_dense=fwd_bwd / dense_fwd_bwd,
-                     fwd_gflops=float("nan"), fwd_bwd_gflops=float("nan"),
-                     matmul_gflops=matmul))
+  flops = np.array([4 * dim * pairs, 3.5 * 4 * dim * pairs])
+  gflops = flops / times[:, 0] / 1e9  # dense row, [repeats, 2]
+  rows = []
+  for i, window in enumerate(windows):
+    rows.append(dict(
+        impl="attention blocked (dense)" if i == 0 else "moa_attention",
+        density=float(ops.moa_density([window], seq)[0]), window=window,
+        fwd_ms=1e3 * float(np.median(times[:, i, 0])),
+        fwd_bwd_ms=1e3 * float(np.median(times[:, i, 1])),
+        fwd_vs_dense=float(np.median(ratios[:, i, 0])),
+        fwd_bwd_vs_dense=float(np.median(ratios[:, i, 1]))))
+  rows[0].update(
+      fwd_gflops=float(np.median(gflops[:, 0])),
+      fwd_bwd_gflops=float(np.median(gflops[:, 1])),
+      matmul_gflops=float(np.median(matmul)),
+      fwd_of_matmul=float(np.median(gflops[:, 0] / matmul)),
+      fwd_bwd_of_matmul=float(np.median(gflops[:, 1] / matmul)))
   return rows
 
 
@@ -115,11 +126,9 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}.")
   rows = run(_SEQ.value, _HEADS.value, _DIM.value, block_size=_BLOCK.value,
              densities=densities, repeats=_REPEATS.value)
-  print(benchlib.markdown_table(rows))
-  dense = rows[0]
-  print(f"\ndense blocked: {dense['fwd_gflops'] / dense['matmul_gflops']:.0%} "
-        f"(fwd), {dense['fwd_bwd_gflops'] / dense['matmul_gflops']:.0%} "
-        f"(fwd+bwd) of matmul GFLOP/s on {jax.devices()[0].device_kind}.")
+  print(benchlib.markdown_table(rows[1:]))
+  print()
+  print(benchlib.markdown_table([rows[0]]))
 
 
 if __name__ == "__main__":

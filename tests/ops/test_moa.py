@@ -92,33 +92,35 @@ def test_window_one_without_sink_returns_own_value():
   np.testing.assert_allclose(got, jnp.repeat(v, 2, axis=2), **F32_TOL)
 
 
-def _compiled(seq, window, impl):
+def _compiled(seq, window, impl, sink=0):
   x = jax.ShapeDtypeStruct((1, seq, len(window), 16), jnp.float32)
-  fn = lambda q, k, v: ops.moa_attention(q, k, v, window, sink=8,
-                                         block_size=32, impl=impl)
+  fn = lambda q, k, v: ops.moa_attention(q, k, v, window, sink=sink,
+                                         block_size=16, impl=impl)
   return jax.jit(fn).lower(x, x, x).compile()
 
 
-def _needed_blocks(seq, window):
-  """Block pairs (32 x 32) holding at least one kept (query, key) pair."""
-  mask = np.asarray(ops.moa_mask(jnp.asarray(window), seq, 8))
-  n = seq // 32
-  return mask.reshape(len(window), n, 32, n, 32).any((2, 4)).sum()
+def _needed_blocks(seq, window, sink=0):
+  """Block pairs (16 x 16) holding at least one kept (query, key) pair."""
+  mask = np.asarray(ops.moa_mask(jnp.asarray(window), seq, sink))
+  n = seq // 16
+  return mask.reshape(len(window), n, 16, n, 16).any((2, 4)).sum()
 
 
 def test_blocked_work_and_memory_fall_with_density():
-  seq = 320  # 10 blocks of 32
-  dense = _compiled(seq, [seq] * 2, "blocked")
-  sparse = _compiled(seq, [20] * 2, "blocked")
-  mixed = _compiled(seq, [seq, 20], "blocked")
+  seq = 128  # 8 blocks of 16
   flops = lambda c: c.cost_analysis()["flops"]
-  # Work is proportional to the blocks that meet the band or the sink.
-  want = _needed_blocks(seq, [20] * 2) / _needed_blocks(seq, [seq] * 2)
-  assert want < 0.55
-  np.testing.assert_allclose(flops(sparse) / flops(dense), want, rtol=0.1)
+  dense = flops(_compiled(seq, [seq] * 2, "blocked"))
+  mixed = flops(_compiled(seq, [seq, 10], "blocked"))
+  sparse = {}
+  for sink in (0, 5):
+    sparse[sink] = flops(_compiled(seq, [10] * 2, "blocked", sink))
+    # Work is proportional to the blocks that meet the band or the sink.
+    want = _needed_blocks(seq, [10] * 2, sink) / _needed_blocks(seq, [seq] * 2)
+    assert want < 0.6
+    np.testing.assert_allclose(sparse[sink] / dense, want, rtol=0.1)
   # A narrow head does not pay for a wide one.
-  np.testing.assert_allclose(flops(mixed), (flops(dense) + flops(sparse)) / 2,
-                             rtol=0.05)
+  # (Paying for the wide one would make `mixed` ~40 % dearer than this.)
+  np.testing.assert_allclose(mixed, (dense + sparse[0]) / 2, rtol=0.1)
   # No [seq, seq] score or mask buffer: at seq 1280 the temporaries of the
   # blocked impl stay far below one, those of the dense reference do not.
   long_seq = 1280
