@@ -67,10 +67,11 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
     batch: batch size.
 
   Returns:
-    Dicts with the impl, density, window, median milliseconds of forward and
-    forward+backward, their ratio to dense, and for the dense row its useful
-    GFLOP/s (4 D flops per causal pair forward, 2.5x that backward) and that
-    as a fraction of the matmul GFLOP/s of the same rounds.
+    Same-keyed dicts, dense row first: impl, density, window, median
+    milliseconds of forward and forward+backward, their ratio to dense, the
+    useful GFLOP/s (4 D flops per kept pair forward, 2.5x that backward; the
+    recomputation not counted) and that as a fraction of the matmul GFLOP/s
+    of the same rounds.
 
   Example:
     >>> rows = run(seq=512, heads=2, dim=32, densities=(0.5,))
@@ -95,23 +96,23 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
   times = np.stack([t for _, t in rounds]).reshape(repeats, len(fns), 2)
   ratios = times / times[:, :1]
   pairs = batch * heads * seq * (seq + 1) / 2
-  flops = np.array([4 * dim * pairs, 3.5 * 4 * dim * pairs])
-  gflops = flops / times[:, 0] / 1e9  # dense row, [repeats, 2]
+  unit_flops = np.array([4 * dim * pairs, 3.5 * 4 * dim * pairs])  # fwd, +bwd
   rows = []
   for i, window in enumerate(windows):
+    density = float(ops.moa_density([window], seq)[0])
+    gflops = density * unit_flops / times[:, i] / 1e9  # [repeats, 2]
     rows.append(dict(
         impl="attention blocked (dense)" if i == 0 else "moa_attention",
-        density=float(ops.moa_density([window], seq)[0]), window=window,
+        density=density, window=window,
         fwd_ms=1e3 * float(np.median(times[:, i, 0])),
         fwd_bwd_ms=1e3 * float(np.median(times[:, i, 1])),
         fwd_vs_dense=float(np.median(ratios[:, i, 0])),
-        fwd_bwd_vs_dense=float(np.median(ratios[:, i, 1]))))
-  rows[0].update(
-      fwd_gflops=float(np.median(gflops[:, 0])),
-      fwd_bwd_gflops=float(np.median(gflops[:, 1])),
-      matmul_gflops=float(np.median(matmul)),
-      fwd_of_matmul=float(np.median(gflops[:, 0] / matmul)),
-      fwd_bwd_of_matmul=float(np.median(gflops[:, 1] / matmul)))
+        fwd_bwd_vs_dense=float(np.median(ratios[:, i, 1])),
+        fwd_gflops=float(np.median(gflops[:, 0])),
+        fwd_bwd_gflops=float(np.median(gflops[:, 1])),
+        fwd_of_matmul=float(np.median(gflops[:, 0] / matmul)),
+        fwd_bwd_of_matmul=float(np.median(gflops[:, 1] / matmul)),
+        matmul_gflops=float(np.median(matmul))))
   return rows
 
 
@@ -126,9 +127,7 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}.")
   rows = run(_SEQ.value, _HEADS.value, _DIM.value, block_size=_BLOCK.value,
              densities=densities, repeats=_REPEATS.value)
-  print(benchlib.markdown_table(rows[1:]))
-  print()
-  print(benchlib.markdown_table([rows[0]]))
+  print(benchlib.markdown_table(rows))
 
 
 if __name__ == "__main__":
