@@ -102,9 +102,9 @@ def search_plan(costs_NxLxHxC, densities_NxC, budget: float,
       infeasible problem (budget below the sparsest candidates).
 
   Example:
-    >>> costs = np.array([[[[0.0, 1.0], [0.0, 3.0]]]])  # N=1, L=1, H=2, C=2
+    >>> costs = np.array([[[[1.0, 0.0], [3.0, 0.0]]]])  # N=1, L=1, H=2, C=2
     >>> search_plan(costs, np.array([[0.2, 1.0]]), budget=0.6).tolist()
-    [[1, 0]]
+    [[0, 1]]
   """
   costs = np.asarray(costs_NxLxHxC, np.float64)
   dens = np.asarray(densities_NxC, np.float64)
