@@ -5,16 +5,38 @@ value_dim]`; fp32 accumulation; outputs in the input dtype. Every op takes
 `impl=` and every impl stays public.
 """
 
+from lightning_jax.ops import attention as attention_lib
+from lightning_jax.ops import moa as moa_lib
+from lightning_jax.ops.attention import attention
+from lightning_jax.ops.attention import attention_weights
+from lightning_jax.ops.attention import causal_mask
+from lightning_jax.ops.attention import masked_attention
 from lightning_jax.ops.delta_rule import delta_rule
 from lightning_jax.ops.delta_rule import unit_lower_inverse
 from lightning_jax.ops.linear_attention import gated_linear_attention
 from lightning_jax.ops.linear_attention import linear_attention
 from lightning_jax.ops.linear_attention import tnl_log_decay
+from lightning_jax.ops.moa import MoAPlan
+from lightning_jax.ops.moa import moa_attention
+from lightning_jax.ops.moa import moa_density
+from lightning_jax.ops.moa import moa_mask
+from lightning_jax.ops.moa import moa_windows
 
 __all__ = (
+    "MoAPlan",
+    "attention",
+    "attention_lib",
+    "attention_weights",
+    "causal_mask",
     "delta_rule",
     "gated_linear_attention",
     "linear_attention",
+    "masked_attention",
+    "moa_attention",
+    "moa_density",
+    "moa_lib",
+    "moa_mask",
+    "moa_windows",
     "tnl_log_decay",
     "unit_lower_inverse",
 )
