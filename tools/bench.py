@@ -5,9 +5,10 @@ Every figure is also given as a fraction of the GFLOP/s of a plain fp32
 machine can still be compared. FLOPs are those of each impl's own algorithm
 (see `flops_per_token`); forward+backward counts 3x the forward FLOPs.
 
-Usage:
-  python tools/bench.py                      # the full table of docs/benchmarks.md
-  python tools/bench.py --sweep= --dtypes=float32 --ops=delta_rule
+Usage (from the repository root):
+  python -m tools.bench                       # kernels: docs/benchmarks.md
+  python -m tools.bench --suite=moa           # MoA vs dense attention
+  python -m tools.bench --sweep= --dtypes=float32 --ops=delta_rule
 """
 
 import math
@@ -19,9 +20,16 @@ import jax
 import jax.numpy as jnp
 
 from lightning_jax import ops
-import benchlib
+from tools import bench_moa
+from tools import benchlib
 
 OPS = ("linear_attention", "gated_linear_attention", "delta_rule")
+SUITES = ("kernels", "moa")
+
+_SUITE = flags.DEFINE_list("suite", ["kernels"], f"Suites to run, among {SUITES}"
+                           ": the recurrence kernels; MoA attention at densities "
+                           "1, 1/2, 1/4, 1/8 vs dense (seq --moa_seq).")
+_MOA_SEQ = flags.DEFINE_integer("moa_seq", 4096, "Sequence length of --suite=moa.")
 
 _OPS = flags.DEFINE_list("ops", list(OPS), f"Ops to time, among {OPS}.")
 _IMPLS = flags.DEFINE_list("impls", ["chunked", "recurrent"], "Impls to time.")
@@ -124,11 +132,7 @@ def memory_row(op, impl, t):
               per_step_states_mib=b * t * h * d * d * 4 / 2**20)
 
 
-def main(argv):
-  del argv
-  for op in _OPS.value:
-    if op not in OPS:
-      sys.exit(f"--ops: unknown op {op!r}; expected some of {OPS}.")
+def kernels_suite():
   peak = benchlib.matmul_gflops(_MATMUL_N.value)
   n = _MATMUL_N.value
   print(f"# devices: {jax.devices()}; reference fp32 matmul {n}x{n}x{n}: "
@@ -149,6 +153,23 @@ def main(argv):
     print(f"## compiled fwd+bwd temp memory at seq {_MEMORY_SEQ.value}\n")
     rows = [memory_row(op, impl, _MEMORY_SEQ.value)
             for op in _OPS.value for impl in _IMPLS.value]
+    print(benchlib.markdown_table(rows), flush=True)
+
+
+def main(argv):
+  del argv
+  for name, values, allowed in (("suite", _SUITE.value, SUITES),
+                                ("ops", _OPS.value, OPS)):
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+      sys.exit(f"--{name}: unknown {unknown}; expected some of {allowed}.")
+  if "kernels" in _SUITE.value:
+    kernels_suite()
+  if "moa" in _SUITE.value:
+    print(f"## MoA attention, seq {_MOA_SEQ.value}, heads {_HEADS.value}, "
+          f"dim {_DIM.value}, fp32\n")
+    rows = bench_moa.run(_MOA_SEQ.value, _HEADS.value, _DIM.value,
+                         repeats=_REPEATS.value)
     print(benchlib.markdown_table(rows), flush=True)
 
 

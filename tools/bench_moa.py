@@ -4,7 +4,10 @@ Times forward and forward+backward of `moa_attention(impl="blocked")` at
 several densities against `attention(impl="blocked")` (dense causal) in the
 same run, and the dense kernel's GFLOP/s against a matmul of the same run.
 
-  PYTHONPATH=. python tools/bench_moa.py --seq=4096 --heads=8 --dim=64
+  python -m tools.bench_moa --seq=4096 --heads=8 --dim=64
+
+`python -m tools.bench --suite=moa` runs the same `run` from the main
+benchmark binary (this module's flags exist only when it is the program).
 """
 
 from collections.abc import Sequence
@@ -18,13 +21,15 @@ import numpy as np
 from lightning_jax import ops
 from tools import benchlib
 
-_SEQ = flags.DEFINE_integer("seq", 4096, "Sequence length.")
-_HEADS = flags.DEFINE_integer("heads", 8, "Heads (q and kv).")
-_DIM = flags.DEFINE_integer("dim", 64, "Head dimension.")
-_BLOCK = flags.DEFINE_integer("block_size", 64, "Kernel block size.")
-_DENSITIES = flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125"],
-                               "Target densities of the MoA rows.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timing rounds.")
+
+def _define_flags():
+  flags.DEFINE_integer("seq", 4096, "Sequence length.")
+  flags.DEFINE_integer("heads", 8, "Heads (q and kv).")
+  flags.DEFINE_integer("dim", 64, "Head dimension.")
+  flags.DEFINE_integer("block_size", 64, "Kernel block size.")
+  flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125"],
+                    "Target densities of the MoA rows.")
+  flags.DEFINE_integer("repeats", 5, "Timing rounds.")
 
 
 def window_for_density(density: float, seq: int) -> int:
@@ -119,16 +124,18 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  densities = [float(d) for d in _DENSITIES.value]
+  fl = flags.FLAGS
+  densities = [float(d) for d in fl.densities]
   if not all(0.0 < d <= 1.0 for d in densities):
     raise app.UsageError(f"--densities must lie in (0, 1], got {densities}.")
-  for flag in (_SEQ, _HEADS, _DIM, _BLOCK, _REPEATS):
-    if flag.value < 1:
-      raise app.UsageError(f"--{flag.name} must be >= 1, got {flag.value}.")
-  rows = run(_SEQ.value, _HEADS.value, _DIM.value, block_size=_BLOCK.value,
-             densities=densities, repeats=_REPEATS.value)
+  for name in ("seq", "heads", "dim", "block_size", "repeats"):
+    if fl[name].value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {fl[name].value}.")
+  rows = run(fl.seq, fl.heads, fl.dim, block_size=fl.block_size,
+             densities=densities, repeats=fl.repeats)
   print(benchlib.markdown_table(rows))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -83,7 +83,8 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
   args = (qf, k.astype(jnp.float32), v.astype(jnp.float32),
           jnp.asarray(beta, jnp.float32), g, s0)
   if impl == "chunked":
-    o, state = _chunked(*args, chunk_size)
+    o, state = rec.scan_groups(lambda *xs: _chunked(*xs, chunk_size),
+                               args[:-1], s0, rec.GROUP_CHUNKS * chunk_size)
   else:
     o, state = _recurrent(*args)
   return rec.finish(o, state, q.dtype, output_final_state)

@@ -167,9 +167,13 @@ def _gated(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
-  fn = {"chunked": _chunked, "recurrent": _recurrent,
-        "quadratic": _quadratic}[impl]
-  o, state = fn(qf, kf, vf, g, s0, chunk_size)
+  if impl == "chunked":
+    o, state = rec.scan_groups(
+        lambda *xs: _chunked(*xs, chunk_size), (qf, kf, vf, g), s0,
+        rec.GROUP_CHUNKS * chunk_size)
+  else:
+    fn = {"recurrent": _recurrent, "quadratic": _quadratic}[impl]
+    o, state = fn(qf, kf, vf, g, s0, chunk_size)
   return rec.finish(o, state, q.dtype, output_final_state)
 
 
@@ -185,7 +189,7 @@ def _chunked(q, k, v, g, s0, chunk):
   o = jnp.einsum("bhncs,bhnsv->bhncv", scores, vc)
   k_tail = kc * jnp.exp(last[:, :, :, None] - cum)
   increments = jnp.einsum("bhncd,bhncv->bhndv", k_tail, vc)
-  final, starts = rec.scan_chunk_states(jnp.exp(last), increments, s0)
+  final, starts = rec.chunk_states(last, increments, s0)
   o = o + jnp.einsum("bhncd,bhndv->bhncv", qc * jnp.exp(cum), starts)
   return rec.from_chunks(o, t), final
 

@@ -26,7 +26,7 @@ def cases(draw):
       heads=draw(st.sampled_from([1, 3])),
       dk=draw(st.sampled_from([4, 8])),
       dv=draw(st.sampled_from([3, 8])),
-      chunk=draw(st.sampled_from([5, 8, 16, 32])),
+      chunk=draw(st.sampled_from([2, 4, 5, 8, 16, 32])),
       with_state=draw(st.booleans()),
       gated=draw(st.booleans()),
       seed=draw(st.integers(0, 2**16)),
@@ -69,6 +69,8 @@ def run(impl, chunk, *inputs):
                               with_state=True, gated=True, seed=0))
 @hypothesis.example(case=dict(batch=2, seq=40, heads=3, dk=8, dv=8, chunk=16,
                               with_state=False, gated=False, seed=1))
+@hypothesis.example(case=dict(batch=1, seq=39, heads=1, dk=4, dv=3, chunk=2,
+                              with_state=True, gated=True, seed=5))
 def test_chunked_equals_recurrent(case):
   inputs = make_inputs(case)
   rt.assert_trees_close(run("chunked", case["chunk"], *inputs),

@@ -1,8 +1,10 @@
 """Property tests: linear_attention and gated_linear_attention.
 
 chunked == recurrent == quadratic (outputs, final states, gradients w.r.t.
-every input and the initial state), for random shapes including seq < chunk
-and seq not a multiple of the chunk; tolerances in recurrence_testing.
+every input and the initial state), for random shapes including seq < chunk,
+seq not a multiple of the chunk, and several groups of chunks (chunk sizes 2
+and 4: groups of GROUP_CHUNKS * chunk tokens); tolerances in
+recurrence_testing.
 """
 
 import functools
@@ -28,7 +30,7 @@ def cases(draw):
       heads=draw(st.sampled_from([1, 3])),
       dk=draw(st.sampled_from([4, 8])),
       dv=draw(st.sampled_from([3, 8])),
-      chunk=draw(st.sampled_from([5, 8, 16])),
+      chunk=draw(st.sampled_from([2, 4, 5, 8, 16])),
       with_state=draw(st.booleans()),
       seed=draw(st.integers(0, 2**16)),
   )
@@ -92,6 +94,8 @@ def test_linear_attention_impls_agree(case, decay):
 @hypothesis.given(case=cases(), decay=st.sampled_from(["vector", "strong"]))
 @hypothesis.example(case=dict(batch=1, seq=37, heads=1, dk=8, dv=3, chunk=16,
                               with_state=True, seed=2), decay="strong")
+@hypothesis.example(case=dict(batch=1, seq=40, heads=1, dk=8, dv=3, chunk=2,
+                              with_state=True, seed=4), decay="vector")
 def test_gated_linear_attention_impls_agree(case, decay):
   assert_impls_agree(ops.gated_linear_attention, case, decay)
 
