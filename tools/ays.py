@@ -108,7 +108,7 @@ def main(argv):
   out = {"density": _DENOISER.value or _DENSITY.value, "seed": _SEED.value,
          "stages": [{"levels": lv.tolist(), "klub": st.costs,
                      "validation": st.validation, "sweeps": st.sweeps}
-                    for lv, st in zip(result.levels, result.stages)]}
+                    for lv, st in zip(result.levels, result.stages, strict=True)]}
   if _MODE.value == "compare":
     s_min, s_max = _SIGMA_MIN.value, _SIGMA_MAX.value
     rows = []

@@ -173,7 +173,7 @@ def _specialisation(domains, experts, cfg: Config):
   e = cfg.moe.num_experts
   joint = np.zeros((cfg.num_domains, e))
   per_seq = []
-  for d, ex in zip(domains, experts):
+  for d, ex in zip(domains, experts, strict=True):
     counts = np.bincount(ex.ravel(), minlength=e)
     joint[d] += counts
     per_seq.append(counts.max() / counts.mean())

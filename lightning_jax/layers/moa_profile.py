@@ -141,7 +141,7 @@ def profile_attention_lm(params, tokens_BxT, cfg: AttentionLMConfig,
   grad_fn = jax.grad(attention_lm_loss_probed, argnums=3, has_aux=True)
   grads, weights = grad_fn(params, tokens_BxT, cfg, zeros)
   return jnp.stack([attention_influence(a, g, block)
-                    for a, g in zip(weights, grads)])
+                    for a, g in zip(weights, grads, strict=True)])
 
 
 class PlanSearch(NamedTuple):

@@ -99,7 +99,7 @@ def test_deterministic_from_seed_and_coarse_to_fine():
                                       num_candidates=4, max_sweeps=2)
 
   a, b, other = run(3), run(3), run(4)
-  for la, lb in zip(a.levels, b.levels):
+  for la, lb in zip(a.levels, b.levels, strict=True):
     np.testing.assert_array_equal(la, lb)
   assert a.stages[0].costs != other.stages[0].costs  # other draws
   coarse, fine = a.levels

@@ -55,7 +55,7 @@ def test_blocked_matches_reference_and_probed(extra):
 
   (got, got_g), (want, want_g), ref_out, (probed, a) = run(PARAMS)
   np.testing.assert_allclose(got, want, **F32_TOL)
-  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+  for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
   np.testing.assert_allclose(probed, ref_out, **F32_TOL)
   np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)

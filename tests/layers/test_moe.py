@@ -190,7 +190,7 @@ def test_expert_parallel_global_lbl_layer_equals_one_device(seed):
   (v_ref, y_ref), grads_ref = _one_device(params, x, cot)
   np.testing.assert_allclose(v, v_ref, **TOL)
   np.testing.assert_allclose(y, y_ref, **TOL)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
     np.testing.assert_allclose(a, b, **TOL)
 
 

@@ -81,7 +81,7 @@ def _sharded(mesh_name, top_k, microbatches=1):
     pieces = jax.tree.map(
         lambda *p: jnp.stack(p),
         *[moe.load_balancing_pieces(p, e, num_experts=E)
-          for p, e in zip(probs, experts)])
+          for p, e in zip(probs, experts, strict=True)])
     return moe.load_balancing_loss_from_pieces(pieces, axis_name=axes)
 
   per_device = jax.shard_map(lambda l: local_loss(l)[None], mesh=mesh,

@@ -50,7 +50,7 @@ def test_dropless_ragged_equals_expert_loop(dtype, top_k, seed, skew):
   out = _dropless_vjp(x, r.weights, r.experts, w, cot, "ragged")
   ref = _dropless_vjp(x, r.weights, r.experts, w, cot, "loop")
   assert out[0].dtype == dtype
-  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+  for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(b, np.float32), **TOL[dtype])
 
@@ -107,7 +107,7 @@ def test_capacity_drops_exactly_expected_slots(drop_policy, seed,
   # A dropped slot's router weight gets no gradient.
   ref_grads = (ref_grads[0], jnp.where(expected, ref_grads[1], 0.),
                ref_grads[2])
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
     np.testing.assert_allclose(a, b, **TOL[jnp.float32])
 
 

@@ -103,5 +103,5 @@ def test_expert_parallel_equals_single_device(mesh_name, dispatch, seed, skew):
   y, grads = _expert_parallel(mesh_name, dispatch)(*args)
   y_ref, grads_ref = _single_device(*args, dispatch)
   np.testing.assert_allclose(y, y_ref, **TOL)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
     np.testing.assert_allclose(a, b, **TOL)

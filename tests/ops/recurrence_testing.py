@@ -40,3 +40,19 @@ def assert_trees_close(actual, expected, tol, what):
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(e, np.float32),
                                err_msg=f"{what} (leaf {i})", **tol)
+
+
+def assert_bf16_close(got, ref):
+  """bf16-input results `(o, state, grads)` vs the fp32 reference's.
+
+  Outputs and states within BF16_TOL of the reference's scale; gradients
+  within 5% of theirs (they accumulate more bf16 roundings).
+  """
+  o, state, grads = got
+  assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+  scale = max(float(jnp.abs(ref[0]).max()), 1.0)
+  tol = dict(rtol=BF16_TOL["rtol"], atol=BF16_TOL["atol"] * scale)
+  assert_trees_close((o, state), ref[:2], tol, "bf16 outputs")
+  gscale = max(float(jnp.abs(ref[2][0]).max()), 1.0)
+  assert_trees_close(grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale),
+                     "bf16 grads")

@@ -52,7 +52,7 @@ def test_blocked_matches_reference(seq_q, seq_k, kv_heads, group, causal,
   (got, got_grads), (want, want_grads) = _blocked_and_reference(
       *args, causal=causal, block_size=8)
   np.testing.assert_allclose(got, want, **F32_TOL)
-  for g, w in zip(got_grads, want_grads):
+  for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, **F32_TOL)
 
 
@@ -67,7 +67,7 @@ def test_bf16_inputs():
   assert got.dtype == jnp.bfloat16
   assert all(g.dtype == jnp.bfloat16 for g in got_grads)
   np.testing.assert_allclose(got.astype(jnp.float32), want, **BF16_TOL)
-  for g, w in zip(got_grads, want_grads):
+  for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g.astype(jnp.float32), w, **BF16_TOL)
 
 

@@ -82,16 +82,10 @@ def test_chunked_equals_recurrent(case):
 @hypothesis.given(case=cases())
 def test_bf16_inputs_close_to_fp32_reference(case):
   q, k, v, beta, gate, s0 = make_inputs(case, jnp.bfloat16)
-  o, state, grads = run("chunked", case["chunk"], q, k, v, beta, gate, s0)
-  assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+  got = run("chunked", case["chunk"], q, k, v, beta, gate, s0)
   up = lambda x: x.astype(jnp.float32)
   ref = run("recurrent", case["chunk"], up(q), up(k), up(v), beta, gate, s0)
-  scale = max(float(jnp.abs(ref[0]).max()), 1.0)
-  tol = dict(rtol=rt.BF16_TOL["rtol"], atol=rt.BF16_TOL["atol"] * scale)
-  rt.assert_trees_close((o, state), ref[:2], tol, "bf16 outputs")
-  gscale = max(float(jnp.abs(ref[2][0]).max()), 1.0)
-  rt.assert_trees_close(grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale),
-                        "bf16 grads")
+  rt.assert_bf16_close(got, ref)
 
 
 @hypothesis.settings(max_examples=4)

@@ -107,17 +107,11 @@ def test_bf16_inputs_close_to_fp32_reference(case, op_decay):
   op = {"la": ops.linear_attention, "gla": ops.gated_linear_attention}[
       op_decay[0]]
   q, k, v, gate, s0 = make_inputs(case, op_decay[1], jnp.bfloat16)
-  o, state, grads = run(op, "chunked", case["chunk"], q, k, v, gate, s0)
-  assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
+  got = run(op, "chunked", case["chunk"], q, k, v, gate, s0)
   upcast = lambda x: x.astype(jnp.float32)
   ref = run(op, "recurrent", case["chunk"], upcast(q), upcast(k), upcast(v),
             gate, s0)
-  scale = max(float(jnp.abs(ref[0]).max()), 1.0)
-  tol = dict(rtol=rt.BF16_TOL["rtol"], atol=rt.BF16_TOL["atol"] * scale)
-  rt.assert_trees_close((o, state), ref[:2], tol, "bf16 outputs")
-  gscale = max(float(jnp.abs(ref[2][0]).max()), 1.0)
-  rt.assert_trees_close(grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale),
-                        "bf16 grads")
+  rt.assert_bf16_close(got, ref)
 
 
 @hypothesis.settings(max_examples=4)
@@ -210,8 +204,12 @@ def test_tnl_log_decay_matches_alibi_slopes_and_depth_rule():
 
 
 def test_chunked_backward_keeps_no_per_step_states():
-  """fwd+bwd peak temp memory: chunked far below T*Dk*Dv, recurrent above."""
-  t, d = 1024, 32
+  """fwd+bwd peak temp memory: chunked far below T*Dk*Dv, recurrent above.
+
+  At head dim 64 (at 32 the O(T * C) intra-chunk blocks are as large as the
+  per-step states, so the comparison says nothing).
+  """
+  t, d = 1024, 64
   x = jax.ShapeDtypeStruct((1, t, 1, d), jnp.float32)
   gate = jax.ShapeDtypeStruct((1, t, 1), jnp.float32)
   per_step_states = t * d * d * 4

@@ -61,7 +61,7 @@ def test_blocked_matches_dense(config, seed):
   (got, got_grads), (want, want_grads) = _blocked_and_dense(
       *args, window=window, sink=sink)
   np.testing.assert_allclose(got, want, **F32_TOL)
-  for g, w in zip(got_grads, want_grads):
+  for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, **F32_TOL)
 
 
@@ -74,7 +74,7 @@ def test_bf16_inputs():
                                     window=window, sink=2, impl="dense")
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, **BF16_TOL)
-  for g, w in zip(got_grads, want_grads):
+  for g, w in zip(got_grads, want_grads, strict=True):
     assert g.dtype == jnp.bfloat16
     np.testing.assert_allclose(g.astype(jnp.float32), w, **BF16_TOL)
 
