@@ -2,9 +2,9 @@
 
   # Optimise for a toy density (or `--denoiser=pkg.mod:fn --data=pkg.mod:fn`)
   # and write the levels of every coarse-to-fine stage as JSON:
-  python tools/ays.py --density=ring --output=/tmp/ays_ring.json
+  python -m tools.ays --density=ring --output=/tmp/ays_ring.json
   # Reproduction table of docs/diffusion.md:
-  python tools/ays.py --mode=compare --density=ring
+  python -m tools.ays --mode=compare --density=ring
 """
 
 import functools

@@ -4,7 +4,7 @@ Writes the plan JSON (`{"alphas": [[...]], "betas": [[...]]}`, the MoA
 authors' format) and prints per-layer density and the predicted loss increase
 at every profiled length, with the measured loss of the sparse model.
 
-  PYTHONPATH=. python tools/moa_plan.py --calib=README.md --lengths=64,128 \
+  python -m tools.moa_plan --calib=README.md --lengths=64,128 \
       --budget=0.5 --out=/tmp/plan.json
 
 The model is the tiny attention-only LM of `lightning_jax.layers.moa_profile`

@@ -15,7 +15,7 @@ linear router `logits = x W`:
 
 Prints the relative error of the loss value and of the gradient w.r.t. W.
 
-  PYTHONPATH=. python tools/moe_accumulation.py
+  python -m tools.moe_accumulation
 """
 
 from absl import app

@@ -11,7 +11,7 @@ step (each `--seqs_per_micro` sequences) run in a `lax.scan` inside one
 differentiated function; the global loss combines their `LBLPieces`, which
 equals the mean over data-parallel devices of the shard_map global loss.
 
-  PYTHONPATH=. python tools/moe_specialisation.py
+  python -m tools.moe_specialisation
 """
 
 import dataclasses

@@ -2,7 +2,7 @@
 
 Needs the `plot` extra (matplotlib), imported only when drawing.
 
-  PYTHONPATH=. python tools/plot_moa_masks.py --out_dir=docs/moa
+  python -m tools.plot_moa_masks --out_dir=docs/moa
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,6 @@
 """Samples a toy density with a chosen sampler and schedule; saves PNGs.
 
-  python tools/sample.py --density=ring --sampler=dpmpp_2m --schedule=ays \
+  python -m tools.sample --density=ring --sampler=dpmpp_2m --schedule=ays \
       --ays_json=/tmp/ays_ring.json --num_steps=10 --output_dir=/tmp/sample
 
 writes `scatter.png` (samples next to exact ones) and `schedules.png` (log
