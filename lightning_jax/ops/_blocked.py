@@ -146,7 +146,7 @@ def _forward(pat: Pattern, q, k, v):
   """Returns (out [B,H,nq,b,Dv], lse [B,H,nq,b]); rows with no key: 0, +inf."""
   batch, heads = q.shape[:2]
   m = jnp.full((batch, heads, pat.n_q, pat.block), -jnp.inf, jnp.float32)
-  l = jnp.zeros_like(m)
+  row_sum = jnp.zeros_like(m)
   acc = jnp.zeros((batch, heads, pat.n_q, pat.block, v.shape[-1]), jnp.float32)
   for step in _steps(pat):
     qs, ks, vs = _slices(pat, step, q, k, v)
@@ -161,11 +161,11 @@ def _forward(pat: Pattern, q, k, v):
     pv = (jnp.einsum("bhnqk,bhnkd->bhnqd", p, vs) if step.sink_block is None
           else jnp.einsum("bhnqk,bhkd->bhnqd", p, vs))
     m = m.at[idx].set(m_new)
-    l = l.at[idx].set(corr * l[idx] + p.sum(-1))
+    row_sum = row_sum.at[idx].set(corr * row_sum[idx] + p.sum(-1))
     acc = acc.at[idx].set(corr[..., None] * acc[idx] + pv)
-  empty = l == 0.0
-  out = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  empty = row_sum == 0.0
+  out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
+  lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, row_sum)))
   return out, lse
 
 

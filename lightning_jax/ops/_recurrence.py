@@ -46,10 +46,11 @@ def check_nonpositive(name: str, x) -> None:
   except (jax.errors.TracerArrayConversionError,
           jax.errors.ConcretizationTypeError):
     return
-  if np.isnan(values).any() or (values > 0).any():
-    raise ValueError(f"`{name}` must be <= 0 (a log decay), got max "
-                     f"{np.nanmax(values) if not np.isnan(values).all() else 'nan'}"
-                     f" and {int(np.isnan(values).sum())} NaN entries.")
+  bad = np.isnan(values) | (values > 0)
+  if bad.any():
+    raise ValueError(f"`{name}` must be <= 0 (a log decay): {int(bad.sum())} "
+                     f"of {values.size} entries are positive or NaN, e.g. "
+                     f"{values[bad][0]}.")
 
 
 def default_scale(scale, dk: int) -> float:

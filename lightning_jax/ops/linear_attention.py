@@ -13,7 +13,9 @@ generalised to gates as in GLA (Yang et al., 2024, arXiv 2312.06635): within a
 chunk of C tokens the decays are cumulated *relative to the chunk start* only
 (never over the whole sequence) and the causal intra-chunk part is a masked
 C x C attention; chunks talk to each other through the states at chunk starts,
-which are the only states kept (`[T / C, Dk, Dv]` per head, also in backward).
+which are the only states kept (`[T / C, Dk, Dv]` per head, also in backward)
+and are computed by one small matmul over the chunks of a group of 8 chunks;
+a scan over groups carries the state (flat time per token at any length).
 For vector gates the intra-chunk decay `exp(b_i - b_j)` is factored through a
 reference point between sub-blocks of 8 tokens so that every exponent is
 <= 0, and the diagonal sub-blocks are exact in log space: the kernel stays
