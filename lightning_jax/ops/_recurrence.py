@@ -53,6 +53,19 @@ def check_nonpositive(name: str, x) -> None:
                      f"{values[bad][0]}.")
 
 
+def scalar_log_decay(log_decay, b, t, h):
+  """None / `[H]` / `[B, T, H]` -> `[B, T, H]` fp32."""
+  if log_decay is None:
+    return jnp.zeros((b, t, h), jnp.float32)
+  if np.ndim(log_decay) == 1:
+    _checks.check_shape("log_decay", log_decay, (h,), "[heads]")
+  else:
+    _checks.check_shape("log_decay", log_decay, (b, t, h),
+                        "[batch, seq, heads] (or [heads])")
+  check_nonpositive("log_decay", log_decay)
+  return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
+
+
 def default_scale(scale, dk: int) -> float:
   return dk**-0.5 if scale is None else scale
 

@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax.ops import _recurrence as rec
@@ -66,16 +65,7 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
   """
   b, t, h, dk, dv = rec.check_qkv(q, k, v)
   _checks.check_shape("beta", beta, (b, t, h), "[batch, seq, heads]")
-  if log_decay is None:
-    g = jnp.zeros((b, t, h), jnp.float32)
-  else:
-    if np.ndim(log_decay) == 1:
-      _checks.check_shape("log_decay", log_decay, (h,), "[heads]")
-    else:
-      _checks.check_shape("log_decay", log_decay, (b, t, h),
-                          "[batch, seq, heads] (or [heads])")
-    rec.check_nonpositive("log_decay", log_decay)
-    g = jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
+  g = rec.scalar_log_decay(log_decay, b, t, h)
   chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
   _checks.check_choice("impl", impl, IMPLS)
   s0 = rec.check_state(initial_state, b, h, dk, dv)

@@ -107,7 +107,7 @@ def linear_attention(q, k, v, log_decay=None, *, scale=None, initial_state=None,
     (1, 10, 2, 4)
   """
   b, t, h, dk, _ = rec.check_qkv(q, k, v)
-  g = _scalar_log_decay(log_decay, b, t, h)
+  g = rec.scalar_log_decay(log_decay, b, t, h)
   return _gated(q, k, v, g[..., None], scale, initial_state, output_final_state,
                 chunk_size, impl)
 
@@ -145,19 +145,6 @@ def gated_linear_attention(q, k, v, log_forget, *, scale=None,
   rec.check_nonpositive("log_forget", log_forget)
   return _gated(q, k, v, jnp.asarray(log_forget, jnp.float32), scale,
                 initial_state, output_final_state, chunk_size, impl)
-
-
-def _scalar_log_decay(log_decay, b, t, h):
-  """None / `[H]` / `[B, T, H]` -> `[B, T, H]` fp32."""
-  if log_decay is None:
-    return jnp.zeros((b, t, h), jnp.float32)
-  if np.ndim(log_decay) == 1:
-    _checks.check_shape("log_decay", log_decay, (h,), "[heads]")
-  else:
-    _checks.check_shape("log_decay", log_decay, (b, t, h),
-                        "[batch, seq, heads] (or [heads])")
-  rec.check_nonpositive("log_decay", log_decay)
-  return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
 
 
 def _gated(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
