@@ -308,7 +308,7 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
     _check_mqar(config, seq_len)
     return MQARDataset(config, seq_len, int(seed), split, sharding)
   name, tokens, vocab = _load_tokens(spec_str, vocab_size)
-  n = len(tokens)
+  n = tokens.shape[0]
   cut = n - int(round(n * validation_fraction))
   start, stop = (0, cut) if split == "train" else (cut, n)
   if stop - start < seq_len + 1:
