@@ -1,10 +1,12 @@
 """Checkpoints: bitwise roundtrip, atomic commit, keep-N, corruption, reshard."""
 
+import json
 import logging
 import os
 import pathlib
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -267,3 +269,84 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
       np.testing.assert_array_equal(tree[f"w{i}"], step * 10 + i)
   _, metadata = mgr.restore(None, target)
   assert metadata["step"] == steps[-1]
+
+
+_WORKER = """
+import json
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+process, port, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", num_processes=2,
+                           process_id=process)
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+import numpy as np
+from lightning_jax import training
+
+def value(step):
+  return np.arange(16, dtype=np.float32).reshape(8, 2) + 100 * step
+
+mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
+rows = NamedSharding(mesh, P("data"))  # process 0: rows 0-3, process 1: 4-7
+mgr = training.CheckpointManager(directory)
+for step in (1, 2):
+  x = jax.make_array_from_callback((8, 2), rows, lambda i: value(step)[i])
+  mgr.save(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
+if process == 0:  # corrupt a chunk that only process 1 reads back
+  chunk = mgr.step_path(2) / "arrays" / "x" / "c" / "3" / "0"
+  chunk.write_bytes(chunk.read_bytes()[:-1] + b"?")
+multihost_utils.sync_global_devices("corrupted")
+key = jax.random.key(0).dtype
+target = {"x": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=rows),
+          "rng": jax.ShapeDtypeStruct((), key, sharding=NamedSharding(mesh, P()))}
+_, fallback = mgr.restore(None, target)
+grid = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+target["x"] = jax.ShapeDtypeStruct((8, 2), jnp.float32,
+                                   sharding=NamedSharding(grid, P("fsdp", "data")))
+tree, _ = mgr.restore(1, target)
+shards = [[str(s.index), bool(np.array_equal(s.data, value(1)[s.index]))]
+          for s in tree["x"].addressable_shards]
+print(json.dumps({"fallback": fallback["step"], "steps": mgr.all_steps(),
+                  "shards": shards}), flush=True)
+"""
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
+  """2 processes (gloo): save, a chunk only process 1 reads is corrupt ->
+  both fall back to the same step; a resharded restore across processes."""
+  script = tmp_path / "worker.py"
+  script.write_text(_WORKER)
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  port = str(_free_port())
+  procs = [subprocess.Popen(
+      [sys.executable, str(script), str(i), port, str(tmp_path / "ckpt")],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+           for i in range(2)]
+  outputs = []
+  for proc in procs:
+    try:
+      out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      raise
+    assert proc.returncode == 0, err[-3000:]
+    outputs.append(json.loads(out.strip().splitlines()[-1]))
+  for out in outputs:
+    assert out["fallback"] == 1 and out["steps"] == [1, 2]
+    assert len(out["shards"]) == 2 and all(ok for _, ok in out["shards"])
+  # Process 0 and 1 hold different blocks of the resharded array.
+  assert outputs[0]["shards"] != outputs[1]["shards"]
+  host, metadata = training.CheckpointManager(tmp_path / "ckpt").restore(1)
+  assert metadata == {"step": 1}
+  np.testing.assert_array_equal(
+      host["x"], np.arange(16, dtype=np.float32).reshape(8, 2) + 100)
