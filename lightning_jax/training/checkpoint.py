@@ -147,7 +147,7 @@ class CheckpointManager:
                 "metadata": json.loads(user_json)}
       _write_synced(tmp / METADATA_FILE, json.dumps(record, indent=1))
       _write_synced(tmp / COMMIT_FILE, f"{step}\n")
-      _fsync_dir(tmp)
+      _fsync_tree(tmp)
       if final.exists():
         logging.warning("%s exists; replacing it with the new save.", final)
         _discard(final)
@@ -388,11 +388,12 @@ def _read_leaves(path: pathlib.Path, records: list[dict], targets: list):
   All reads are issued before any is awaited; each process reads only the
   index domains of its addressable devices (each domain once).
   """
+  opened = [ts.open(_zarr_spec(path / ARRAYS_DIR / leaf["path"]), open=True,
+                    read=True) for leaf in records]
   requests = []
-  for leaf, target in zip(records, targets, strict=True):
-    name, shape = leaf["path"], tuple(leaf["shape"])
-    store = _result(path, name, ts.open(
-        _zarr_spec(path / ARRAYS_DIR / name), open=True, read=True))
+  for leaf, target, future in zip(records, targets, opened, strict=True):
+    shape = tuple(leaf["shape"])
+    store = _result(path, leaf["path"], future)
     sharding = getattr(target, "sharding", None)
     if sharding is None:
       indices = {_bounds((), shape)}
@@ -486,6 +487,12 @@ def _fsync_dir(path: pathlib.Path) -> None:
     os.fsync(fd)
   finally:
     os.close(fd)
+
+
+def _fsync_tree(root: pathlib.Path) -> None:
+  """fsyncs every directory under `root`, deepest first (entries durable)."""
+  for dirpath, _, _ in os.walk(root, topdown=False):
+    _fsync_dir(pathlib.Path(dirpath))
 
 
 def _discard(path: pathlib.Path) -> None:
