@@ -28,9 +28,10 @@ Legacy raw uint32 keys are ordinary arrays.
 
 Example:
   >>> mgr = CheckpointManager("/tmp/run/checkpoints", keep=3)
-  >>> mgr.save(100, {"w": w, "rng": key}, metadata={"note": "hi"})
-  >>> abstract = jax.tree.map(
-  ...     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree)
+  >>> tree = {"w": w, "rng": jax.random.key(0)}    # w: a sharded jax.Array
+  >>> mgr.save(100, tree, metadata={"note": "hi"})
+  >>> abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+  ...     x.shape, x.dtype, sharding=x.sharding), tree)  # or another mesh's
   >>> tree, metadata = mgr.restore(None, abstract)   # latest complete step
 """
 
