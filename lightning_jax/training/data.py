@@ -8,7 +8,8 @@ of rows. There is no iterator state, so a run resumes exactly by asking for
 gives the one-process global batch.
 
 Sources (`spec`):
-  * `"corpus"`: the embedded byte-level corpus (Python reference topics, PSF
+  * `"corpus"`: the embedded byte-level corpus (a local path of that name
+    must be written `./corpus`) (Python reference topics, PSF
     licence; see `corpus/README.md`), vocab 256.
   * a text file, or a directory of text files (read as bytes, vocab 256).
   * a `.npy` file holding a 1-D integer token array (memory-mapped).
@@ -149,7 +150,8 @@ class TokenStreamDataset:
     starts = self.window_starts(step)[self.sharding.rows]
     windows = _read_windows(self.tokens, starts, self.seq_len + 1)
     windows = windows.astype(np.int32)
-    return {"inputs": windows[:, :-1], "targets": windows[:, 1:],
+    return {"inputs": np.ascontiguousarray(windows[:, :-1]),
+            "targets": np.ascontiguousarray(windows[:, 1:]),
             "mask": np.ones((len(starts), self.seq_len), np.float32)}
 
 
