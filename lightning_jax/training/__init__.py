@@ -1,7 +1,19 @@
-"""Training: train state and step, optax optimiser, loss, data, checkpoints,
-metric writers and the loop that `tools/train.py` runs (docs/training.md)."""
+"""Training: train state and step, optimisers, data, checkpoints, metrics,
+and the loop that `tools/train.py` runs (docs/training.md)."""
 
-# traincore: state, optimiser, loss, step, metrics, loop.
+# --- data and checkpoints (ckptdata) ---
+from lightning_jax.training import checkpoint
+from lightning_jax.training import data
+from lightning_jax.training.checkpoint import CheckpointError
+from lightning_jax.training.checkpoint import CheckpointManager
+from lightning_jax.training.data import decode_bytes
+from lightning_jax.training.data import encode_bytes
+from lightning_jax.training.data import make_dataset
+from lightning_jax.training.data import mqar_accuracy
+from lightning_jax.training.data import MQARConfig
+# --- end data and checkpoints (ckptdata) ---
+
+# --- state, optimiser, loss, step, metrics, loop (traincore) ---
 from lightning_jax.training.loop import NonFiniteLossError
 from lightning_jax.training.loop import train
 from lightning_jax.training.loop import TrainConfig
@@ -22,3 +34,4 @@ from lightning_jax.training.step import default_grad_fn
 from lightning_jax.training.step import make_train_step
 from lightning_jax.training.step import microbatched_loss
 from lightning_jax.training.step import split_microbatches
+# --- end traincore ---
