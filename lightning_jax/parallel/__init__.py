@@ -5,11 +5,16 @@ process; `param_shardings` / `init_sharded` place parameters by the partition
 rules in `sharding.py`; `shard_step` jits a training step over the mesh.
 """
 
+from lightning_jax.parallel.distributed import initialize_distributed
 from lightning_jax.parallel.mesh import AXES
 from lightning_jax.parallel.mesh import axis_size
 from lightning_jax.parallel.mesh import make_mesh
 from lightning_jax.parallel.mesh import mesh_axis_sizes
 from lightning_jax.parallel.mesh import parse_mesh_spec
+from lightning_jax.parallel.sequence import sequence_parallel
+from lightning_jax.parallel.sequence import sp_delta_rule
+from lightning_jax.parallel.sequence import sp_gated_linear_attention
+from lightning_jax.parallel.sequence import sp_linear_attention
 from lightning_jax.parallel.sharding import batch_sharding
 from lightning_jax.parallel.sharding import batch_spec
 from lightning_jax.parallel.sharding import init_sharded
