@@ -74,9 +74,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in a multi-process run.")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() with the "
-    "cluster's auto-detected settings (TPU pods, SLURM), without the three "
-    "flags above.")
+    "distributed", False, "Join a multi-process run with the cluster's "
+    "auto-detected settings (TPU pods, Slurm, Open MPI): no need for the "
+    "three flags above.")
 
 _FLAG_NAMES = (
     "model", "override", "workdir", "steps", "batch_size", "seq_len", "lr",
@@ -179,12 +179,8 @@ def _initialize_distributed() -> None:
   """Joins a multi-process run when asked to (before any device use)."""
   explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
               _PROCESS_ID.value)
-  if any(v is not None for v in explicit):
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR_ADDRESS.value,
-        num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  if _DISTRIBUTED.value or any(v is not None for v in explicit):
+    parallel.initialize_distributed(*explicit)
 
 
 def _fail(message: str, status: int):
