@@ -82,10 +82,10 @@ class MetricWriter:
     self._file = self._tb = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
-      self._file = open(os.path.join(workdir, METRICS_FILE), "a",
-                        encoding="utf-8")
       if tensorboard:
         self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
+      self._file = open(os.path.join(workdir, METRICS_FILE), "a",
+                        encoding="utf-8")
 
   def write(self, step: int, metrics: dict) -> dict:
     """Records `metrics` (host values, see `fetch`) of `step`; returns the row."""
