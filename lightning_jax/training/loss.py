@@ -4,7 +4,7 @@
 
 over the MoE layers `l`. CE is the mean over the masked target positions of
 the global batch, in float32. `LBL_l` (Fedus et al., 2021; docs/moe.md) has
-the scope of layer `l`'s MoE config: "sequence" / "micro" from the layer's aux
+the scope `model_cfg.lbl_scope`: "sequence" / "micro" from the layer's aux
 output, "global" from its `lbl_pieces`, combined over every microbatch of the
 step (`moe.load_balancing_loss_from_pieces`), so it is the loss of the whole
 global batch whatever the microbatching. `Z_l` is the router z-loss (Zoph et
@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import moe
 
@@ -95,20 +94,13 @@ def loss_stats(params, batch, rng, model_cfg) -> LossStats:
                    moe=tuple(aux.moe))
 
 
-def _lbl_scope(ffn_cfg) -> str:
-  """The load-balancing scope of an MoE / MH-MoE config."""
-  if isinstance(ffn_cfg, layers.MHMoEConfig):
-    return ffn_cfg.moe.lbl_scope
-  return ffn_cfg.lbl_scope
-
-
 def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
   """The loss of the union of microbatches from their stacked statistics.
 
   Args:
     stats: `LossStats` with a leading `[num_microbatches]` axis on every leaf
       (equal-sized microbatches).
-    model_cfg: the `models.ModelConfig` (gives each MoE layer's LBL scope).
+    model_cfg: the `models.ModelConfig` (its `lbl_scope`).
     train_cfg: `LossConfig`.
 
   Returns:
@@ -121,11 +113,10 @@ def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
   ce = jnp.sum(stats.ce_sum) / jnp.maximum(num_targets, 1.0)
   lbl_total, z_total = jnp.float32(0), jnp.float32(0)
   metrics = {}
-  blocks = models.block_configs(model_cfg)
-  for i, (block, aux) in enumerate(zip(blocks, stats.moe, strict=True)):
+  for i, aux in enumerate(stats.moe):
     if aux is None:
       continue
-    if _lbl_scope(block.ffn) == "global":
+    if model_cfg.lbl_scope == "global":
       lbl = moe.load_balancing_loss_from_pieces(aux.lbl_pieces)
     else:
       lbl = jnp.mean(aux.load_balancing_loss)
