@@ -22,7 +22,7 @@ from lightning_jax import training
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS, EVERY, KILL_AT = 8, 2, 6
 FLAGS = ["--model=tiny-hybrid",
-         "--override=d_model=16,num_layers=2,num_heads=2,head_dim=8,d_ff=32",
+         "--override=d_model=16,num_layers=1,num_heads=2,head_dim=8,d_ff=32",
          f"--steps={STEPS}", "--batch_size=4", "--seq_len=16",
          f"--checkpoint_every={EVERY}", "--log_every=1", "--lr=1e-2"]
 

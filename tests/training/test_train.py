@@ -25,14 +25,15 @@ TINY = dict(d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
             moe_d_ff=16, num_experts=4, chunk_size=8)
 
 
-def _config(tmp_path, model="tiny-hybrid", **kwargs):
+def _config(tmp_path, model="tiny-hybrid", num_layers=2, **kwargs):
   steps = kwargs.pop("steps", 4)
   optim = training.OptimConfig(lr=kwargs.pop("lr", 1e-2), total_steps=steps,
                                warmup_steps=kwargs.pop("warmup_steps", 1))
   defaults = dict(steps=steps, batch_size=8, seq_len=16, checkpoint_every=0,
                   log_every=1, optim=optim)
   return training.TrainConfig(
-      model=models.get_preset(model, **TINY), workdir=str(tmp_path),
+      model=models.get_preset(model, **dict(TINY, num_layers=num_layers)),
+      workdir=str(tmp_path),
       **{**defaults, **kwargs})
 
 
@@ -63,9 +64,13 @@ def _batch(key, cfg, batch_size=8, seq_len=16):
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
 
 
-@pytest.mark.parametrize("preset", sorted(models.PRESETS))
+# tiny-hybrid and moe-hybrid train in the loop tests (end to end, meshes).
+@pytest.mark.parametrize("preset", sorted(set(models.PRESETS)
+                                          - {"tiny-hybrid", "moe-hybrid"}))
 def test_each_preset_initialises_and_takes_a_step(preset):
   cfg = models.get_preset(preset, **TINY)
+  if len(cfg.pattern) == 1 and len(cfg.ffn_pattern) == 1:
+    cfg = dataclasses.replace(cfg, num_layers=1)  # every layer is alike
   params = models.init(jax.random.key(0), cfg)
   optim = training.OptimConfig(total_steps=10, warmup_steps=0)
   optimizer = training.make_optimizer(optim)
@@ -115,23 +120,22 @@ def test_split_microbatches_strides_rows():
     training.split_microbatches({"inputs": x}, 3)
 
 
-@pytest.mark.parametrize("meshes", [("data=8", "data=2,fsdp=2,tensor=2",
-                                     "fsdp=2,expert=4")])
-def test_same_loss_curve_on_every_mesh_layout(tmp_path, meshes):
-  """Same global batch and seed: the loss curves agree up to fp32
+def test_same_loss_curve_on_another_mesh_layout(tmp_path):
+  """Same global batch and seed, data=8 vs fsdp=2,tensor=2,expert=2 (MoE
+  experts, heads, FFN and vocab split): the loss curves agree up to fp32
   reassociation (rtol 1e-4 over 4 steps)."""
   curves = []
-  for i, mesh in enumerate(meshes):
+  for i, mesh in enumerate(("data=8", "fsdp=2,tensor=2,expert=2")):
     config = _config(tmp_path / str(i), model="moe-hybrid", mesh=mesh)
     curves.append([r["loss"] for r in training.train(config).history])
-  for mesh, curve in zip(meshes[1:], curves[1:], strict=True):
-    np.testing.assert_allclose(curve, curves[0], rtol=1e-4, err_msg=mesh)
+  assert len(curves[0]) == 4
+  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # lr 1e30: Adam moves every weight by ~1e30 in step 1, so step 2 overflows.
-  config = _config(tmp_path, steps=4, lr=1e30, warmup_steps=0,
-                   checkpoint_every=1)
+  config = _config(tmp_path, num_layers=1, steps=4, lr=1e30,
+                   warmup_steps=0, checkpoint_every=1)
   with pytest.raises(training.NonFiniteLossError,
                      match=r"at step 2: training stopped; the last good "
                            r"checkpoint \(step 1\) is intact"):
