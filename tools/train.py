@@ -32,7 +32,7 @@ _OVERRIDE = flags.DEFINE_multi_string(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (checkpoints, metrics.jsonl); default "
     "/tmp/lightning_jax/<model>. An existing run there is resumed.")
-_STEPS = flags.DEFINE_integer("steps", 300, "Optimiser steps of the run.")
+_STEPS = flags.DEFINE_integer("steps", 200, "Optimiser steps of the run.")
 _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 16, "Global batch size (sequences per step).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -197,10 +197,12 @@ def main(argv):
   except ValueError as e:
     _fail(str(e).splitlines()[0], 2)
   if jax.process_index() == 0:
-    print(f"training {_MODEL.value} {_OVERRIDE.value or ''} on {config.data}: "
+    mesh = parallel.make_mesh(config.mesh or None)
+    print(f"training {_MODEL.value}{''.join(f' {o}' for o in _OVERRIDE.value)}"
+          f" ({models.num_params(config.model):,} params) on {config.data}: "
           f"{config.steps} steps x {config.batch_size} x {config.seq_len} "
-          f"tokens, mesh {parallel.make_mesh(config.mesh or None).shape}, "
-          f"workdir {config.workdir}", flush=True)
+          f"tokens, mesh {dict(mesh.shape)}, workdir {config.workdir}",
+          flush=True)
   try:
     training.train(config)
   except training.NonFiniteLossError as e:

@@ -53,7 +53,7 @@ class MetricWriter:
   `workdir/metrics.jsonl` gets `{"step", "loss", "lr", "grad_norm",
   "tokens_per_sec", ...}` per `write`; vectors (expert loads) as lists.
   `tokens_per_sec` is measured between consecutive writes (the first
-  interval includes compilation). On a terminal a single progress line
+  interval includes compilation, so its rate is low and no ETA is shown). On a terminal a single progress line
   (step/total, loss, tokens/s, ETA) is redrawn; otherwise each write is also
   an absl log line.
 
@@ -76,6 +76,7 @@ class MetricWriter:
     self._active = process_index == 0
     self._total = total_steps
     self._tokens_per_step = tokens_per_step
+    self._start = start_step
     self._last = (start_step, time.perf_counter())
     self._stream = sys.stdout if stream is None else stream
     self._tty = self._stream.isatty()
@@ -103,7 +104,9 @@ class MetricWriter:
       for k, v in row.items():
         if k != "step" and np.ndim(v) == 0:
           self._tb.add_scalar(k, v, step)
-    eta = _duration((self._total - step) * seconds_per_step)
+    # The first interval includes compilation: no ETA from it.
+    eta = "?" if last_step == self._start else _duration(
+        (self._total - step) * seconds_per_step)
     line = (f"step {step}/{self._total} | loss {row['loss']:.4f} | "
             f"{row['tokens_per_sec']:,.0f} tok/s | ETA {eta}")
     if self._tty:
