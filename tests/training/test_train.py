@@ -38,11 +38,11 @@ def _config(tmp_path, model="tiny-hybrid", num_layers=2, **kwargs):
 
 
 def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
-  config = _config(tmp_path, steps=30, checkpoint_every=10, log_every=5,
+  config = _config(tmp_path, steps=20, checkpoint_every=10, log_every=5,
                    batch_size=16, seq_len=32)
   result = training.train(config)
   losses = [row["loss"] for row in result.history]
-  assert [row["step"] for row in result.history] == [1, 5, 10, 15, 20, 25, 30]
+  assert [row["step"] for row in result.history] == [1, 5, 10, 15, 20]
   assert losses[-1] < losses[0] - 1.0, losses
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
@@ -52,8 +52,8 @@ def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
   assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-2, 0.2)
   manager = training.checkpoint.CheckpointManager(
       str(tmp_path / "checkpoints"))
-  assert manager.all_steps()[-1] == 30
-  assert int(result.state.step) == 30 == int(result.state.data_position)
+  assert manager.all_steps() == [10, 20]
+  assert int(result.state.step) == 20 == int(result.state.data_position)
 
 
 def _batch(key, cfg, batch_size=8, seq_len=16):
@@ -88,8 +88,8 @@ def test_each_preset_initialises_and_takes_a_step(preset):
 
 def test_grad_accumulation_equals_one_batch_with_exact_global_lbl():
   """k=2 microbatches == one batch: CE, exact global LBL, z-loss, grads."""
-  cfg = models.get_preset("moe-hybrid", **TINY)
-  assert cfg.lbl_scope == "global" and "moe" in cfg.ffns
+  cfg = models.get_preset("moe-hybrid", **dict(TINY, num_layers=1))
+  assert cfg.lbl_scope == "global" and cfg.ffns == ("moe",)
   params = models.init(jax.random.key(0), cfg)
   batch = _batch(jax.random.key(1), cfg)
   loss_cfg = training.LossConfig(lbl_coef=1.0, z_coef=0.1)
