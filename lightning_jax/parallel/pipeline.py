@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import moe as moe_lib
 from lightning_jax.parallel import schedules
@@ -148,10 +149,19 @@ class MoEStats(NamedTuple):
 
   Attributes:
     pieces: `moe.LBLPieces` of the microbatch's tokens.
-    router_z: shape=(), router z-loss (mean over the microbatch's tokens).
+    lbl: shape=(), the layer's own-scope LBL ("micro" / "sequence").
+    z: shape=(), router z-loss (mean over the microbatch's tokens).
+    dropped: shape=(), share of routing slots dropped by capacity.
   """
   pieces: moe_lib.LBLPieces
-  router_z: jax.Array
+  lbl: jax.Array
+  z: jax.Array
+  dropped: jax.Array
+
+  @classmethod
+  def from_aux(cls, aux) -> "MoEStats":
+    return cls(aux.lbl_pieces, aux.load_balancing_loss, aux.router_z_loss,
+               aux.load.dropped_fraction)
 
 
 def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
@@ -163,30 +173,58 @@ def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
   return jnp.sum(mask_BxT.astype(jnp.float32) * (lse - target_logit))
 
 
-def total_loss(ce_sum, num_targets, moe_stats, loss_cfg):
-  """`ce + lbl_coef * LBL + router_z_coef * z` and its metrics.
+def moe_layers(model_cfg) -> tuple[int, ...]:
+  """Indices of the layers with an MoE / MH-MoE channel mixer."""
+  return tuple(i for i, block in enumerate(models.block_configs(model_cfg))
+               if not isinstance(block.ffn, layers.MLPConfig))
+
+
+def total_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):
+  """`CE + lbl_coef * sum_l LBL_l + z_coef * sum_l Z_l` and its metrics.
+
+  The formula of `training.loss_from_stats` (MoE layers l; LBL_l from the
+  pieces of all microbatches for `lbl_scope="global"`, else the mean of the
+  per-microbatch losses).
 
   Args:
     ce_sum: scalar sum of masked token cross-entropies of the batch.
     num_targets: scalar sum of the mask.
     moe_stats: `MoEStats` with leading axes `[moe_layers, microbatches]`
       (None without MoE layers).
-    loss_cfg: has `lbl_coef` and `router_z_coef` (floats).
+    model_cfg: the `ModelConfig`.
+    loss_cfg: has `lbl_coef` and `z_coef` (`training.LossConfig`).
 
   Returns:
-    `(loss, metrics)`: metrics "loss", "ce", "lbl" (mean over MoE layers of
-    the global-batch LBL of each layer), "router_z" (mean over layers and
-    microbatches).
+    `(loss, metrics)`: metrics `loss`, `ce_loss`, `lbl_loss`, `z_loss`,
+    `num_targets` and per MoE layer i `moe/{i}/lbl`, `moe/{i}/z`,
+    `moe/{i}/max_over_mean`, `moe/{i}/dropped_fraction`,
+    `moe/{i}/expert_load`.
   """
-  ce = ce_sum / num_targets
-  if moe_stats is None:
-    lbl = router_z = jnp.float32(0)
-  else:
-    lbl = jnp.mean(jax.vmap(moe_lib.load_balancing_loss_from_pieces)(
-        moe_stats.pieces))
-    router_z = jnp.mean(moe_stats.router_z)
-  loss = ce + loss_cfg.lbl_coef * lbl + loss_cfg.router_z_coef * router_z
-  return loss, {"loss": loss, "ce": ce, "lbl": lbl, "router_z": router_z}
+  ce = ce_sum / jnp.maximum(num_targets, 1.0)
+  lbl_total = z_total = jnp.float32(0)
+  metrics = {}
+  for row, i in enumerate(moe_layers(model_cfg)):
+    st = jax.tree.map(lambda x, row=row: x[row], moe_stats)
+    if model_cfg.lbl_scope == "global":
+      lbl = moe_lib.load_balancing_loss_from_pieces(st.pieces)
+    else:
+      lbl = jnp.mean(st.lbl)
+    z = jnp.mean(st.z)
+    load = moe_lib.load_stats(st.pieces.expert_counts)
+    lbl_total, z_total = lbl_total + lbl, z_total + z
+    metrics.update({f"moe/{i}/lbl": lbl, f"moe/{i}/z": z,
+                    f"moe/{i}/max_over_mean": load.max_over_mean,
+                    f"moe/{i}/dropped_fraction": jnp.mean(st.dropped),
+                    f"moe/{i}/expert_load": load.expert_load})
+  loss = ce + loss_cfg.lbl_coef * lbl_total + loss_cfg.z_coef * z_total
+  metrics.update({"loss": loss, "ce_loss": ce, "lbl_loss": lbl_total,
+                  "z_loss": z_total, "num_targets": num_targets})
+  return loss, metrics
+
+
+def _stack_stats(stats):
+  """List of `MoEStats` -> stacked on a new leading axis (None if empty)."""
+  return jax.tree.map(lambda *x: jnp.stack(x), *stats) if stats else None
 
 
 def sequential_loss_fn(params, batch, model_cfg, loss_cfg):
@@ -202,28 +240,48 @@ def sequential_loss_fn(params, batch, model_cfg, loss_cfg):
     `(loss, metrics)` as `total_loss`.
   """
   logits, aux = models.forward(params, batch["inputs"], model_cfg)
-  stats = [jax.tree.map(lambda x: x[None],  # one "microbatch"
-                        MoEStats(a.lbl_pieces, a.router_z_loss))
-           for a in aux.moe if a is not None]
-  stats = (jax.tree.map(lambda *x: jnp.stack(x), *stats) if stats else None)
+  stats = _stack_stats([  # one "microbatch"
+      jax.tree.map(lambda x: x[None], MoEStats.from_aux(a))
+      for a in aux.moe if a is not None])
   ce_sum = masked_ce_sum(logits, batch["targets"], batch["mask"])
-  return total_loss(ce_sum, jnp.sum(batch["mask"]), stats, loss_cfg)
+  return total_loss(ce_sum, jnp.sum(batch["mask"]), stats, model_cfg,
+                    loss_cfg)
 
 
 # ----------------------------------------------------------------- stages ---
 
 def _apply_stage(stage_params, h, block_cfgs):
-  """Runs one virtual stage: `(h, tuple of MoEStats per MoE layer)`."""
+  """One virtual stage on float32 params (cast to `h`'s compute dtype):
+  `(h, tuple of MoEStats, one per MoE layer)`."""
+  stage_params = models.cast_params(stage_params, h.dtype)
   stats = []
   for layer_params, block_cfg in zip(stage_params, block_cfgs, strict=True):
     h, aux = models.apply_block(layer_params, h, block_cfg)
     if aux is not None:
-      stats.append(MoEStats(aux.lbl_pieces, aux.router_z_loss))
+      stats.append(MoEStats.from_aux(aux))
   return h, tuple(stats)
+
+
+def _embed(rest, tokens, cfg):
+  return models.embed(models.cast_params(rest, models.compute_dtype(cfg)),
+                      tokens, cfg)
+
+
+def _head(rest, h, cfg):
+  return models.head(models.cast_params(rest, models.compute_dtype(cfg)), h,
+                     cfg)
 
 
 def _where(pred, tree, other):
   return jax.tree.map(lambda a, b: jnp.where(pred, a, b), tree, other)
+
+
+def _varying(tree):
+  """`tree` with every leaf marked as varying over `pipe`."""
+  return jax.tree.map(
+      lambda a: a if PIPE_AXIS in jax.typeof(a).manual_axis_type.varying
+      else jax.lax.pcast(
+          a, (PIPE_AXIS,), to="varying"), tree)
 
 
 def _zeros_varying(tree):
@@ -299,7 +357,7 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
       tokens, mb_row, rep_row = xs
       valid = mb_row[s] >= 0
       rep = jnp.maximum(rep_row[s], 0)
-      x_emb = models.embed(rest, tokens, plan.model_cfg)
+      x_emb = _embed(rest, tokens, plan.model_cfg)
       h_in = jnp.where((s == 0) & (rep == 0), x_emb.astype(h_recv.dtype),
                        h_recv)
       stage_params = jax.tree.map(lambda a: a[rep], local)
@@ -308,8 +366,7 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
       out = h_out if want_outputs else None
       return _rotate(h_out, num_stages, 1), (out, stats)
 
-    dummy = jax.eval_shape(lambda: models.embed(rest, tokens_T[0],
-                                                plan.model_cfg))
+    dummy = jax.eval_shape(lambda: _embed(rest, tokens_T[0], plan.model_cfg))
     h0 = _zeros_varying(dummy)
     _, (outs, stats) = jax.lax.scan(jax.checkpoint(tick), h0,
                                     (tokens_T, fwd_mb, fwd_rep))
@@ -360,50 +417,81 @@ def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
   @jax.checkpoint
   def head_ce(_, xs):
     h, targets, mask = xs
-    logits = models.head(_rest(params), h, plan.model_cfg)
+    logits = _head(_rest(params), h, plan.model_cfg)
     return None, masked_ce_sum(logits, targets, mask)
 
   _, ce_sums = jax.lax.scan(head_ce, None,
                             (outputs, mbs["targets"], mbs["mask"]))
   return total_loss(jnp.sum(ce_sums), jnp.sum(batch["mask"]),
-                    _flatten_stats(stats), loss_cfg)
+                    _flatten_stats(stats), plan.model_cfg, loss_cfg)
 
 
 # ------------------------------------------------------------ SPMD 1F1B ---
 
+def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
+  """d loss / d `MoEStats` of one (MoE layer, microbatch) on each stage.
+
+  A tuple over the MoE positions of a stage of `MoEStats` with a leading
+  stage axis `[S, ...]`. The loss is linear in every statistic but the
+  global LBL's `f` (a constant: no gradient), so these are constants:
+  `d/d prob_sums = lbl_coef * E * f / N` with `f`, `N` over all microbatches
+  (from a forward-only counting pass), `d/d lbl = lbl_coef / M` for the
+  other scopes, `d/d z = z_coef / M`.
+  """
+  num_mb, cfg = plan.table.num_microbatches, plan.model_cfg
+  need_counts = cfg.lbl_scope == "global" and loss_cfg.lbl_coef != 0
+  if need_counts:
+    _, count_stats = _forward_pipeline(plan, jax.lax.stop_gradient(params),
+                                       tokens_MxBxT, want_outputs=False)
+    count_stats = jax.lax.stop_gradient(count_stats)
+  else:
+    count_stats = _forward_shapes(plan, params, tokens_MxBxT)
+  cts = []
+  for st in count_stats:  # [S, M, ...] per MoE position (R = 1)
+    prob_ct = jnp.zeros(st.pieces.prob_sums.shape[:1]
+                        + st.pieces.prob_sums.shape[2:], jnp.float32)
+    if need_counts:
+      counts = jnp.sum(st.pieces.expert_counts, axis=1)
+      f = counts / jnp.sum(counts, axis=-1, keepdims=True)
+      num_tokens = jnp.sum(st.pieces.num_tokens, axis=1)[:, None]
+      prob_ct = loss_cfg.lbl_coef * counts.shape[-1] * f / num_tokens
+    lbl_ct = 0.0 if cfg.lbl_scope == "global" else loss_cfg.lbl_coef / num_mb
+    num = prob_ct.shape[0]
+    cts.append(MoEStats(
+        moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct,
+                          jnp.zeros((num,), jnp.float32)),
+        jnp.full((num,), lbl_ct, jnp.float32),
+        jnp.full((num,), loss_cfg.z_coef / num_mb, jnp.float32),
+        jnp.zeros((num,), jnp.float32)))
+  return tuple(cts)
+
+
+def _forward_shapes(plan: _Plan, params, tokens_MxBxT):
+  """Zero `MoEStats` `[S, M, ...]` per MoE position (shapes only)."""
+  h = jax.eval_shape(_embed, _rest(params), tokens_MxBxT[0], plan.model_cfg)
+  stage = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
+  stats = jax.eval_shape(lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1],
+                         stage, h)
+  lead = (plan.table.num_stages, plan.table.num_microbatches)
+  return jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), stats)
+
+
 def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
   """Loss, metrics and gradients by the SPMD 1F1B schedule.
 
-  Each tick runs one forward and one backward on every stage (masked where
-  the table has -1): the forward saves its stage input in a ring of
+  Each steady tick runs one forward and one backward on every stage (masked
+  where the table has -1): the forward saves its stage input in a ring of
   `2 S - 1` slots; the backward recomputes the stage from the saved input
-  under `jax.vjp`. The last stage runs head + loss + its vjp for the
-  microbatch whose forward it just finished, so cotangents start at once.
-  The global-batch LBL needs the expert counts of ALL microbatches before
-  the first backward (docs/moe.md): a forward-only counting pass (no stored
-  activations) supplies them when the model has MoE layers.
+  under `jax.vjp`. The last stage runs head + loss + their vjp for the
+  microbatch whose forward it just finished, so its cotangent starts at
+  once. Warm-up / cool-down ticks are separate scans without the idle half.
   """
   table, mesh, cfg = plan.table, plan.mesh, plan.model_cfg
   num_stages, num_mb = table.num_stages, table.num_microbatches
   slots = 2 * num_stages - 1
   mbs = _microbatch(batch, num_mb)
   num_targets = jnp.sum(batch["mask"])
-
-  _, count_stats = _forward_pipeline(plan, jax.lax.stop_gradient(params),
-                                     mbs["inputs"], want_outputs=False)
-  count_stats = jax.lax.stop_gradient(count_stats)
-  num_moe = num_stages * len(count_stats)
-  # d loss / d prob_sums of each MoE layer: lbl_coef * E * f / N / num_moe,
-  # d loss / d router_z of a (layer, microbatch): router_z_coef / (n * M).
-  stat_cts = []
-  for st in count_stats:  # [S, M, ...] per MoE position (R = 1)
-    counts = jnp.sum(st.pieces.expert_counts, axis=1)
-    f = counts / jnp.sum(counts, axis=-1, keepdims=True)
-    num_experts = counts.shape[-1]
-    prob_ct = (loss_cfg.lbl_coef * num_experts / num_moe) * f / jnp.sum(
-        st.pieces.num_tokens, axis=1)[:, None]
-    stat_cts.append(prob_ct)
-  z_ct = loss_cfg.router_z_coef / (max(num_moe, 1) * num_mb)
+  stat_cts = _stat_cotangents(plan, loss_cfg, params, mbs["inputs"])
 
   tick_xs = (
       _by_tick(mbs["inputs"], table.fwd_microbatch[:, 0]),
@@ -411,13 +499,11 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       _by_tick(mbs["targets"], table.bwd_microbatch[:, -1]),
       _by_tick(mbs["mask"], table.bwd_microbatch[:, -1]),
       jnp.asarray(table.fwd_microbatch), jnp.asarray(table.bwd_microbatch))
-
-  h_shape = jax.eval_shape(lambda p, x: models.embed(p, x, cfg),
-                           _rest(params), tick_xs[0][0])
-  h_dtype = h_shape.dtype
+  h_shape = jax.eval_shape(_embed, _rest(params), tick_xs[0][0], cfg)
+  stage_shapes = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
   stats_shape = jax.eval_shape(
-      lambda p, h: _apply_stage(p, h, plan.block_cfgs)[1],
-      jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY]), h_shape)
+      lambda p, h: _apply_stage(p, h, plan.block_cfgs)[1], stage_shapes,
+      h_shape)
 
   def per_device(stages, rest, stat_cts, tick_xs):
     s = jax.lax.axis_index(PIPE_AXIS)
@@ -425,56 +511,60 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
     # Varying copies: their vjps then give per-device (unsummed) cotangents.
     rest = jax.lax.pcast(rest, (PIPE_AXIS,), to="varying")
     stage_params = jax.tree.map(lambda a: a[0, 0], stages)
-    stat_cts = tuple(c[0] for c in stat_cts)
-    embed = lambda p, tokens: models.embed(p, tokens, cfg)
-    stage_fn = lambda p, h: _apply_stage(p, h, plan.block_cfgs)
+    stat_cts = jax.tree.map(lambda c: c[0], stat_cts)
+    # Constant outputs (token counts) marked varying like their cotangents.
+    stage_fn = lambda p, h: _varying(_apply_stage(p, h, plan.block_cfgs))
 
     def head_ce(p, h, targets, mask):
-      return masked_ce_sum(models.head(p, h, cfg), targets, mask) / num_targets
+      return masked_ce_sum(_head(p, h, cfg), targets, mask) / num_targets
+
+    def forward(carry, tokens, fwd_row):
+      h_recv, ring, stats_acc = carry
+      m = fwd_row[s]
+      valid = m >= 0
+      h_in = jnp.where(is_first, _embed(rest, tokens, cfg), h_recv)
+      slot = jnp.maximum(m, 0) % slots
+      ring = jax.lax.dynamic_update_index_in_dim(
+          ring, jnp.where(valid, h_in, ring[slot]), slot, 0)
+      h_out, stats = stage_fn(stage_params, h_in)
+      stats_acc = jax.tree.map(lambda acc, x: acc + jnp.where(valid, x, 0),
+                               stats_acc, stats)
+      return h_out, ring, stats_acc
+
+    def backward(carry, h_last, tokens, targets, mask, bwd_row):
+      g_recv, ring, d_stage, d_rest, ce = carry
+      m = bwd_row[s]
+      valid = m >= 0
+      if h_last is not None:  # the last stage: head + loss of its output
+        ce_m, head_vjp = jax.vjp(
+            lambda p, h: head_ce(p, h, targets, mask), rest, h_last)
+        head_ct = jnp.where(is_last & valid, 1.0, 0.0).astype(ce_m.dtype)
+        d_rest_head, g_head = head_vjp(head_ct)
+        ce = ce + head_ct * ce_m
+        d_rest = jax.tree.map(jnp.add, d_rest, d_rest_head)
+        g_recv = jnp.where(is_last, g_head.astype(g_recv.dtype), g_recv)
+      h_saved = ring[jnp.maximum(m, 0) % slots]
+      _, stage_vjp = jax.vjp(stage_fn, stage_params, h_saved)
+      masked = lambda x: jnp.where(valid, x, jnp.zeros_like(x))
+      d_params, d_h = stage_vjp(
+          (masked(g_recv), jax.tree.map(masked, stat_cts)))
+      d_stage = jax.tree.map(jnp.add, d_stage, d_params)
+      _, embed_vjp = jax.vjp(lambda p: _embed(p, tokens, cfg), rest)
+      (d_embed,) = embed_vjp(jnp.where(is_first & valid, d_h, 0))
+      d_rest = jax.tree.map(jnp.add, d_rest, d_embed)
+      return d_h, ring, d_stage, d_rest, ce
 
     def tick(carry, xs, *, do_fwd, do_bwd):
       h_recv, g_recv, ring, d_stage, d_rest, ce, stats_acc = carry
       tokens_f, tokens_b, targets, mask, fwd_row, bwd_row = xs
       h_out = None
       if do_fwd:
-        m_f = fwd_row[s]
-        valid_f = m_f >= 0
-        x_emb = embed(rest, tokens_f).astype(h_recv.dtype)
-        h_in = jnp.where(is_first, x_emb, h_recv)
-        slot = jnp.maximum(m_f, 0) % slots
-        ring = jax.lax.dynamic_update_index_in_dim(
-            ring, jnp.where(valid_f, h_in, ring[slot]), slot, 0)
-        h_out, stats = stage_fn(stage_params, h_in)
-        stats_acc = jax.tree.map(
-            lambda acc, x: acc + jnp.where(valid_f, x, 0), stats_acc, stats)
+        h_out, ring, stats_acc = forward((h_recv, ring, stats_acc), tokens_f,
+                                         fwd_row)
       if do_bwd:
-        m_b = bwd_row[s]
-        valid_b = m_b >= 0
-        g = g_recv
-        if do_fwd:  # the last stage's backward starts at its forward's tick
-          ce_m, head_vjp = jax.vjp(
-              lambda p, h: head_ce(p, h, targets, mask), rest, h_out)
-          head_ct = jnp.where(is_last & valid_b, 1.0, 0.0).astype(ce_m.dtype)
-          d_rest_head, g_head = head_vjp(head_ct)
-          ce = ce + head_ct * ce_m
-          d_rest = jax.tree.map(jnp.add, d_rest, d_rest_head)
-          g = jnp.where(is_last, g_head.astype(g.dtype), g)
-        h_saved = ring[jnp.maximum(m_b, 0) % slots]
-        (_, stats), stage_vjp = jax.vjp(stage_fn, stage_params, h_saved)
-        cts = tuple(
-            MoEStats(moe_lib.LBLPieces(
-                jnp.zeros_like(st.pieces.expert_counts),
-                jnp.where(valid_b, ct, 0).astype(st.pieces.prob_sums.dtype),
-                jnp.zeros_like(st.pieces.num_tokens)),
-                     jnp.where(valid_b, z_ct, 0).astype(st.router_z.dtype))
-            for st, ct in zip(stats, stat_cts, strict=True))
-        g = jnp.where(valid_b, g, 0)
-        d_params, d_h = stage_vjp((g, cts))
-        d_stage = jax.tree.map(jnp.add, d_stage, d_params)
-        embed_ct = jnp.where(is_first & valid_b, d_h, 0)
-        _, embed_vjp = jax.vjp(lambda p: embed(p, tokens_b), rest)
-        d_rest = jax.tree.map(jnp.add, d_rest,
-                              embed_vjp(embed_ct.astype(h_dtype))[0])
+        d_h, ring, d_stage, d_rest, ce = backward(
+            (g_recv, ring, d_stage, d_rest, ce), h_out, tokens_b, targets,
+            mask, bwd_row)
         g_recv = _rotate(d_h, num_stages, -1)
       if do_fwd:
         h_recv = _rotate(h_out, num_stages, 1)
@@ -491,8 +581,9 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
     for start, stop, do_fwd, do_bwd in phases:
       if stop > start:
         body = functools.partial(tick, do_fwd=do_fwd, do_bwd=do_bwd)
+        phase = slice(start, stop)
         carry, _ = jax.lax.scan(
-            body, carry, jax.tree.map(lambda a: a[start:stop], tick_xs))
+            body, carry, jax.tree.map(lambda a, p=phase: a[p], tick_xs))
     _, _, _, d_stage, d_rest, ce, stats_acc = carry
     d_rest, ce = jax.lax.psum((d_rest, ce), PIPE_AXIS)
     d_stage = jax.tree.map(lambda a: a[None, None], d_stage)
@@ -503,13 +594,15 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       in_specs=(P(None, PIPE_AXIS), P(), P(PIPE_AXIS), P()),
       out_specs=(P(None, PIPE_AXIS), P(), P(), P(PIPE_AXIS)))
   d_stages, d_rest, ce, stats = fn(params[STAGES_KEY], _rest(params),
-                                   tuple(stat_cts), tick_xs)
-  # stats: per MoE position, [S, ...] sums over microbatches -> [S, 1, ...].
+                                   stat_cts, tick_xs)
+  # Sums over microbatches [S, ...] -> one "microbatch" of sums / means.
   stats = _flatten_stats(tuple(jax.tree.map(lambda a: a[:, None], st)
                                for st in stats))
-  if stats is not None:  # z: sum over microbatches -> mean-equivalent pieces
-    stats = stats._replace(router_z=stats.router_z / num_mb)
-  loss, metrics = total_loss(ce * num_targets, num_targets, stats, loss_cfg)
+  if stats is not None:
+    stats = stats._replace(lbl=stats.lbl / num_mb, z=stats.z / num_mb,
+                           dropped=stats.dropped / num_mb)
+  loss, metrics = total_loss(ce * num_targets, num_targets, stats, cfg,
+                             loss_cfg)
   grads = dict(d_rest)
   grads[STAGES_KEY] = d_stages
   return (loss, metrics), grads
@@ -529,7 +622,7 @@ def pipeline_grad_fn(model_cfg, loss_cfg, mesh, *, schedule: str = "gpipe",
   Args:
     model_cfg: the `models.ModelConfig`; its blocks must repeat every
       virtual stage (`stage_block_configs`).
-    loss_cfg: has `lbl_coef` and `router_z_coef` (see `total_loss`).
+    loss_cfg: has `lbl_coef` and `z_coef` (`training.LossConfig`).
     mesh: a `jax.sharding.Mesh` with a `pipe` axis (S = its size); other
       axes (data, fsdp, tensor, expert) are left to automatic sharding.
     schedule: "gpipe", "circular" or "1f1b".
