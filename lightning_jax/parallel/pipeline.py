@@ -326,6 +326,19 @@ def _rest(params):
   return {k: v for k, v in params.items() if k != STAGES_KEY}
 
 
+def _rest_for_stages(params, mesh):
+  """The non-stage params as the pipeline's `shard_map` reads them.
+
+  The embedding table enters whole (replicated over the automatic axes):
+  XLA's SPMD partitioner aborts on a gather from a table sharded over
+  automatic axes inside a `pipe`-manual region (seen with fsdp x tensor).
+  """
+  rest = _rest(params)
+  rest["embed"] = jax.lax.with_sharding_constraint(
+      rest["embed"], jax.sharding.NamedSharding(mesh, P()))
+  return rest
+
+
 def _by_tick(x_M, microbatch_T):
   """Static gather `x_M[microbatch_T]` (bubble ticks take microbatch 0)."""
   return x_M[np.maximum(microbatch_T, 0)]
@@ -376,7 +389,8 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
       per_device, mesh=mesh, axis_names={PIPE_AXIS},
       in_specs=(P(None, PIPE_AXIS), P(), P(), P(), P()),
       out_specs=P(PIPE_AXIS))
-  outs, stats = fn(params[STAGES_KEY], _rest(params), tokens_T,
+  outs, stats = fn(params[STAGES_KEY], _rest_for_stages(params, mesh),
+                   tokens_T,
                    jnp.asarray(table.fwd_microbatch),
                    jnp.asarray(table.fwd_repeat))
   # Un-skew with the table: entry [v, m] = tick where stage v % S ran (v, m).
@@ -593,7 +607,8 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       per_device, mesh=mesh, axis_names={PIPE_AXIS},
       in_specs=(P(None, PIPE_AXIS), P(), P(PIPE_AXIS), P()),
       out_specs=(P(None, PIPE_AXIS), P(), P(), P(PIPE_AXIS)))
-  d_stages, d_rest, ce, stats = fn(params[STAGES_KEY], _rest(params),
+  d_stages, d_rest, ce, stats = fn(params[STAGES_KEY],
+                                   _rest_for_stages(params, mesh),
                                    stat_cts, tick_xs)
   # Sums over microbatches [S, ...] -> one "microbatch" of sums / means.
   stats = _flatten_stats(tuple(jax.tree.map(lambda a: a[:, None], st)
