@@ -196,8 +196,9 @@ def sequence_parallel(sp_fn: Callable, mesh: jax.sharding.Mesh, *,
     `scale`, `chunk_size`).
 
   Raises:
-    ValueError: naming `axis_name` / `batch_axes` if not in the mesh, or
-      `q` if its sequence length is not divisible by the axis size.
+    ValueError: naming `axis_name` / `batch_axes` if not in the mesh, `q` if
+      its sequence length is not divisible by the axis size, or an array
+      passed by keyword.
 
   Example:
     >>> mesh = make_mesh("seq=8")
@@ -216,21 +217,23 @@ def sequence_parallel(sp_fn: Callable, mesh: jax.sharding.Mesh, *,
     return P()
 
   def run(*arrays, initial_state=None, output_final_state=False, **static):
+    unknown = set(static) - {"scale", "chunk_size"}
+    if unknown:
+      raise ValueError(f"Pass arrays positionally; keywords must be among "
+                       f"['scale', 'chunk_size'], got {sorted(unknown)}.")
     t, n = np.shape(arrays[0])[1], mesh.shape[axis_name]
     if t % n:
       raise ValueError(f"`q` sequence length {t} must be divisible by the "
                        f"{axis_name!r} axis size {n}.")
-    state_spec = P(batch)
     local = functools.partial(sp_fn, axis_name=axis_name,
                               output_final_state=True, **static)
-    body = lambda arrays, s0: local(*arrays, initial_state=s0)
-    o_spec = P(batch, axis_name)
     # The final state is the same on every device of the axis (each composes
-    # all P summaries), but vma typing marks an all_gather's output as varying.
+    # all P summaries), but vma typing marks an all_gather's output varying.
     o, final = jax.shard_map(
-        body, mesh=mesh, in_specs=(tuple(spec(x) for x in arrays), state_spec),
-        out_specs=(o_spec, state_spec), check_vma=False)(tuple(arrays), _zero_state(
-            arrays, initial_state))
+        lambda arrays, s0: local(*arrays, initial_state=s0), mesh=mesh,
+        in_specs=(tuple(spec(x) for x in arrays), P(batch)),
+        out_specs=(P(batch, axis_name), P(batch)), check_vma=False,
+    )(arrays, _zero_state(arrays, initial_state))
     return (o, final) if output_final_state else o
 
   return run

@@ -6,7 +6,8 @@ logical name per dim, `LOGICAL_AXES` maps logical names to mesh axes, and
 `fsdp` then shards the largest remaining dim:
 
   * `tensor` splits heads (attention `wq/wk/wv: [D, H, Dh]`, `wo: [H, Dh, D]`,
-    recurrent mixer projections), the FFN width (`w_gate/w_up: [D, F]`,
+    recurrent mixer projections, gates, convs and per-head constants), the
+    FFN width (`w_gate/w_up: [D, F]`,
     `w_down: [F, D]`) and the vocabulary (`embed: [V, D]`, `unembed: [D, V]`);
   * `expert` splits the leading expert axis of MoE expert weights `[E, ...]`;
   * `pipe` splits the stage axis of stage-stacked parameters (any leaf under
@@ -54,6 +55,16 @@ PARAM_RULES = (
     (("wk",), _QKV),
     (("wv",), _QKV),
     (("wo",), _OUT),
+    # Recurrent mixers (layers.recurrent): streams q/k/v (HGRN2: q/f/v) and
+    # the output gate g are [D, H, width]; per-head gates, convs, constants.
+    (("wf",), _QKV),
+    (("wg",), _QKV),
+    (("wb",), ("embed", "heads")),  # [D, H]
+    (("wa",), ("embed", "heads")),  # [D, H]
+    *(((f"conv_{s}",), (None, "heads", None)) for s in "qkvf"),  # [K, H, C]
+    (("a_log",), ("heads",)),  # [H]
+    (("dt_bias",), ("heads",)),  # [H]
+    (("log_decay",), ("heads",)),  # [H]
     (("router",), ("embed", None)),  # [D, E]: routing stays whole
     (("embed",), ("vocab", "embed")),  # [V, D]
     (("unembed",), ("embed", "vocab")),  # [D, V]

@@ -102,3 +102,16 @@ def test_communication_independent_of_seq_len(kind, gathered, scattered):
   assert short == [("all-gather", "f32", gathered),
                    ("reduce-scatter", "f32", scattered)]
   assert _collectives(kind, 2 * T, mesh) == short
+
+
+def test_errors_name_the_argument():
+  mesh = parallel.make_mesh("seq=8")
+  fn = parallel.sequence_parallel(parallel.sp_linear_attention, mesh)
+  (q, k, v, g), _ = _inputs(jax.random.key(0), "linear_attention", t=12)
+  with pytest.raises(ValueError, match="`q` sequence length 12"):
+    fn(q, k, v, g)
+  with pytest.raises(ValueError, match="log_decay"):
+    fn(q, k, v, log_decay=g)
+  with pytest.raises(ValueError, match="batch_axes"):
+    parallel.sequence_parallel(parallel.sp_delta_rule, mesh,
+                               batch_axes=("data",))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lightning_jax import models
 from lightning_jax import parallel
 
 P = jax.sharding.PartitionSpec
@@ -143,3 +144,19 @@ def test_shard_step_keeps_shardings():
   np.testing.assert_allclose(metrics["loss"], expected[1]["loss"], rtol=1e-6)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
                                  atol=1e-6), new, expected[0])
+
+
+def test_every_model_param_has_a_rule():
+  """Each preset's leaves match a rule, except norm scales and scalars."""
+  mesh = parallel.make_mesh("fsdp=2,tensor=2,expert=2")
+  for name in models.PRESETS:
+    cfg = models.get_preset(name, d_model=32, num_heads=4, head_dim=8)
+    abstract = jax.eval_shape(functools.partial(models.init, cfg=cfg),
+                              jax.random.key(0))
+    flat, _ = jax.tree_util.tree_flatten_with_path(abstract)
+    sizes = parallel.mesh_axis_sizes(mesh)
+    for path, leaf in flat:
+      names = parallel.sharding.path_names(path)
+      plan = parallel.plan_leaf(names, leaf.shape, sizes)
+      assert plan.rule != "-" or names[-1] in ("scale", "lower_bound"), names
+      assert not plan.notes, (names, plan.notes)
