@@ -58,6 +58,11 @@ _MESH = flags.DEFINE_string(
 _MICROBATCHES = flags.DEFINE_integer(
     "microbatches", 1, "Gradient-accumulation steps when the mesh has pipe == "
     "1; pipeline microbatches when pipe > 1.")
+_PIPELINE_SCHEDULE = flags.DEFINE_enum(
+    "pipeline_schedule", "gpipe", ["gpipe", "circular", "1f1b"],
+    "Pipeline schedule when the mesh has pipe > 1 (docs/pipeline.md).")
+_PIPELINE_REPEATS = flags.DEFINE_integer(
+    "pipeline_repeats", 1, "Virtual stages per pipe device (circular: >= 2).")
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every", 100, "Save every N steps and at the end; 0 disables.")
 _KEEP_CHECKPOINTS = flags.DEFINE_integer(
@@ -81,7 +86,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _FLAG_NAMES = (
     "model", "override", "workdir", "steps", "batch_size", "seq_len", "lr",
     "warmup_steps", "weight_decay", "clip_norm", "lbl_coef", "z_coef", "seed",
-    "data", "mesh", "microbatches", "checkpoint_every", "keep_checkpoints",
+    "data", "mesh", "microbatches", "pipeline_schedule", "pipeline_repeats",
+    "checkpoint_every", "keep_checkpoints",
     "log_every", "tensorboard", "coordinator_address", "num_processes",
     "process_id", "distributed")
 
@@ -163,6 +169,8 @@ def build_config() -> training.TrainConfig:
       steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
       seq_len=_SEQ_LEN.value, seed=_SEED.value, data=_DATA.value,
       mesh=_MESH.value, microbatches=_MICROBATCHES.value,
+      pipeline_schedule=_PIPELINE_SCHEDULE.value,
+      pipeline_repeats=_PIPELINE_REPEATS.value,
       checkpoint_every=_CHECKPOINT_EVERY.value,
       keep_checkpoints=_KEEP_CHECKPOINTS.value, log_every=_LOG_EVERY.value,
       optim=training.OptimConfig(

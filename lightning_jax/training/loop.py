@@ -19,6 +19,8 @@ import numpy as np
 
 from lightning_jax import models
 from lightning_jax import parallel
+from lightning_jax.parallel import pipeline
+from lightning_jax.parallel import schedules
 from lightning_jax.training import checkpoint
 from lightning_jax.training import data as data_lib
 from lightning_jax.training import loss as loss_lib
@@ -28,6 +30,8 @@ from lightning_jax.training import state as state_lib
 from lightning_jax.training import step as step_lib
 
 CHECKPOINT_DIR = "checkpoints"
+# `pipeline.to_pipeline_params` stacks stage params as [repeats, stages, ...].
+_STAGE_AXIS = 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +55,8 @@ class TrainConfig:
       "" puts every device on "data".
     microbatches: gradient-accumulation steps when the mesh has pipe == 1,
       the number of pipeline microbatches otherwise.
+    pipeline_schedule: "gpipe", "circular" or "1f1b" (mesh pipe > 1).
+    pipeline_repeats: virtual stages per pipe device ("circular" needs >= 2).
     checkpoint_every: save every this many steps and at the end; 0 disables.
     keep_checkpoints: complete checkpoints to keep.
     log_every: write metrics every this many steps (and at steps 1 and last).
@@ -69,6 +75,8 @@ class TrainConfig:
   data: str = "corpus"
   mesh: str = ""
   microbatches: int = 1
+  pipeline_schedule: str = "gpipe"
+  pipeline_repeats: int = 1
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   log_every: int = 10
@@ -134,10 +142,20 @@ def validate(config: TrainConfig, num_devices: int,
     raise ValueError(f"--seq_len={config.seq_len} must be divisible by the "
                      f"mesh's seq axis ({axes['seq']}).")
   stages = axes.get("pipe", 1)
-  if stages > 1 and config.model.num_layers % stages:
-    raise ValueError(
-        f"num_layers={config.model.num_layers} must be divisible by the "
-        f"pipeline stages (mesh pipe={stages}).")
+  if stages > 1:
+    virtual = stages * config.pipeline_repeats
+    if config.model.num_layers % virtual:
+      raise ValueError(
+          f"num_layers={config.model.num_layers} must be divisible by the "
+          f"pipeline stages (mesh pipe={stages} x --pipeline_repeats="
+          f"{config.pipeline_repeats}).")
+    try:
+      schedules.tick_table(config.pipeline_schedule, stages,
+                           config.microbatches, config.pipeline_repeats)
+      pipeline.stage_block_configs(models.block_configs(config.model),
+                                   stages, config.pipeline_repeats)
+    except ValueError as e:
+      raise ValueError(f"--mesh={config.mesh!r} (pipeline): {e}") from None
   return axes
 
 
@@ -155,12 +173,14 @@ def _jsonable(value):
   return np.dtype(value).name
 
 
-def _grad_fn(config: TrainConfig, axes: dict):
-  """The `grad_fn` of the step: accumulation for pipe == 1, else the pipeline."""
-  if axes.get("pipe", 1) > 1:
-    raise ValueError(
-        "--mesh with pipe > 1 needs the pipeline schedule "
-        "(parallel.pipeline_grad_fn), which this build does not provide yet.")
+def _grad_fn(config: TrainConfig, mesh):
+  """The `grad_fn` of the step: accumulation for pipe == 1, else the pipeline
+  schedule (params in the stage-stacked layout)."""
+  if parallel.axis_size(mesh, "pipe") > 1:
+    return pipeline.pipeline_grad_fn(
+        config.model, config.loss, mesh, schedule=config.pipeline_schedule,
+        num_microbatches=config.microbatches,
+        repeats=config.pipeline_repeats)
   return step_lib.default_grad_fn(config.model, config.loss,
                                   config.microbatches)
 
@@ -170,19 +190,27 @@ def _init_or_restore(config, optimizer, mesh, manager):
 
   Returns:
     `(state, state_shardings)`; the shardings follow the partition rules
-    (`parallel.param_shardings`), optimiser moments like their params.
+    (`parallel.param_shardings`), optimiser moments like their params. With
+    mesh pipe > 1 the params are in the stage-stacked layout
+    (`pipeline.to_pipeline_params`).
   """
+  stages = parallel.axis_size(mesh, "pipe")
 
   def init_state(key):
     k_params, k_train = jax.random.split(key)
-    return state_lib.init_train_state(models.init(k_params, config.model),
-                                      optimizer, k_train)
+    params = models.init(k_params, config.model)
+    if stages > 1:
+      params = pipeline.to_pipeline_params(params, stages,
+                                           config.pipeline_repeats)
+    return state_lib.init_train_state(params, optimizer, k_train)
 
   key = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_state, key)
-  shardings = parallel.param_shardings(abstract_state, mesh)
+  shardings = parallel.param_shardings(abstract_state, mesh,
+                                       stage_axis=_STAGE_AXIS)
   if manager is None or manager.latest_step() is None:
-    return parallel.init_sharded(init_state, key, mesh), shardings
+    return parallel.init_sharded(init_state, key, mesh,
+                                 stage_axis=_STAGE_AXIS), shardings
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
@@ -221,7 +249,7 @@ def train(config: TrainConfig) -> TrainResult:
     NonFiniteLossError: a step's loss or gradient norm is NaN / Inf; the
       offending state is not saved.
   """
-  axes = validate(config, jax.device_count(), jax.process_count())
+  validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh or None)
   dataset = data_lib.make_dataset(
       config.data, seq_len=config.seq_len,
@@ -241,7 +269,7 @@ def train(config: TrainConfig) -> TrainResult:
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = parallel.shard_step(
       step_lib.make_train_step(optimizer, optim_lib.learning_rate(config.optim),
-                               _grad_fn(config, axes)),
+                               _grad_fn(config, mesh)),
       mesh, shardings, batch_sharding)
 
   start = int(jax.device_get(state.step))
@@ -266,6 +294,10 @@ def train(config: TrainConfig) -> TrainResult:
     if logged:
       history.append(writer.write(step, values))
 
+  metadata = {"model_config": _jsonable(config.model), "flags": config.flags}
+  if parallel.axis_size(mesh, "pipe") > 1:  # params as to_pipeline_params
+    metadata["pipeline"] = {"stages": parallel.axis_size(mesh, "pipe"),
+                            "repeats": config.pipeline_repeats}
   pending = None
   try:
     for step in range(start + 1, config.steps + 1):
@@ -281,9 +313,7 @@ def train(config: TrainConfig) -> TrainResult:
                                   or step == config.steps):
         finish(*pending)
         pending = None
-        manager.save(step, state, {
-            "model_config": _jsonable(config.model),
-            "data_position": position, "flags": config.flags})
+        manager.save(step, state, dict(metadata, data_position=position))
         last_checkpoint = step
     if pending is not None:
       finish(*pending)

@@ -132,6 +132,17 @@ def test_same_loss_curve_on_another_mesh_layout(tmp_path):
   np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
 
 
+def test_pipeline_mesh_gives_the_same_loss_curve(tmp_path):
+  """mesh pipe=2 (1F1B, 2 microbatches, stage-stacked params through the
+  grad_fn hook) == data=8 without microbatches, rtol 1e-4 over 3 steps."""
+  curves = []
+  for i, (mesh, micro) in enumerate((("data=8", 1), ("data=4,pipe=2", 2))):
+    config = _config(tmp_path / str(i), model="transformer", steps=3,
+                     mesh=mesh, microbatches=micro, pipeline_schedule="1f1b")
+    curves.append([r["loss"] for r in training.train(config).history])
+  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # lr 1e30: Adam moves every weight by ~1e30 in step 1, so step 2 overflows.
   config = _config(tmp_path, num_layers=1, steps=4, lr=1e30,
@@ -156,7 +167,9 @@ def _bad(tmp_path, **kwargs):
      r"--batch_size=6 must be divisible by the data-parallel size .* = 4"),
     (dict(microbatches=3), r"--microbatches=3 = 24"),
     (dict(mesh="data=2,pipe=4"), r"num_layers=2 must be divisible by the "
-                                 r"pipeline stages \(mesh pipe=4\)"),
+                                 r"pipeline stages \(mesh pipe=4 x "),
+    (dict(mesh="data=4,pipe=2", microbatches=2, pipeline_schedule="circular"),
+     r"pipeline.*repeats"),
     (dict(steps=0), r"--steps must be a positive integer"),
     (dict(mesh="data=8,model=1"), r"axis in"),
 ])
