@@ -11,7 +11,6 @@ curve. Flags are checked before anything compiles: a bad one prints one
 `error:` line and exits with status 2. docs/training.md lists every flag.
 """
 
-import dataclasses
 import sys
 
 from absl import app
@@ -92,57 +91,11 @@ _FLAG_NAMES = (
     "process_id", "distributed")
 
 
-def parse_overrides(items) -> dict[str, str]:
-  """`["a=1,b=x,y", "c=2"] -> {"a": "1", "b": "x,y", "c": "2"}`."""
-  out, last = {}, None
-  for item in items:
-    for part in item.split(","):
-      key, sep, value = part.partition("=")
-      if sep:
-        last = key.strip()
-        if not last:
-          raise ValueError(f"--override: empty field name in {item!r}.")
-        out[last] = value.strip()
-      elif last is None:
-        raise ValueError(f"--override must be `field=value,...`, got {item!r}.")
-      else:
-        out[last] += "," + part.strip()
-  return out
-
-
-def _convert(name: str, text: str, current):
-  """`text` as the type of the preset's `current` value of field `name`."""
-  if isinstance(current, bool):
-    if text.lower() not in ("true", "false", "1", "0"):
-      raise ValueError(f"--override {name}: expected true/false, got {text!r}.")
-    return text.lower() in ("true", "1")
-  for kind in (int, float):
-    if isinstance(current, kind):
-      try:
-        return kind(text)
-      except ValueError:
-        raise ValueError(f"--override {name}: expected {kind.__name__}, got "
-                         f"{text!r}.") from None
-  if isinstance(current, tuple):
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    return tuple(_convert(name, s, current[0]) if current else s
-                 for s in items)
-  if current is None and text.lower() == "none":
-    return None
-  return text
-
-
 def model_config(preset: str, overrides: dict[str, str], vocab_size: int):
-  """The preset's `ModelConfig` with `overrides` (strings) applied."""
-  base = models.get_preset(preset)
-  fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-  unknown = sorted(set(overrides) - set(fields))
-  if unknown:
-    raise ValueError(f"--override: unknown field(s) {unknown} of preset "
-                     f"{preset!r}; fields: {sorted(fields)}.")
-  values = {k: _convert(k, v, fields[k]) for k, v in overrides.items()}
-  values.setdefault("vocab_size", vocab_size)
-  return models.get_preset(preset, **values)
+  """The preset's `ModelConfig` with `overrides` (strings) applied; the
+  vocabulary follows the data unless overridden."""
+  overrides = {"vocab_size": str(vocab_size), **overrides}
+  return training.apply_overrides(models.get_preset(preset), overrides)
 
 
 def _data_vocab_size() -> int:
@@ -158,7 +111,8 @@ def build_config() -> training.TrainConfig:
                      ("seq_len", _SEQ_LEN)):
     if flag.value < 1:
       raise ValueError(f"--{name} must be >= 1, got {flag.value}.")
-  model = model_config(_MODEL.value, parse_overrides(_OVERRIDE.value),
+  model = model_config(_MODEL.value,
+                       training.parse_overrides(_OVERRIDE.value),
                        _data_vocab_size())
   warmup = _WARMUP_STEPS.value
   if warmup is None:

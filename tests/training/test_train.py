@@ -187,3 +187,20 @@ def test_train_binary_unknown_preset_is_one_error_line():
   errors = [line for line in result.stderr.splitlines()
             if line.startswith("error:")]
   assert len(errors) == 1 and "nope" in errors[0], result.stderr
+
+
+def test_overrides_parse_by_field_type():
+  items = ["d_model=64,pattern=deltanet,attention", "window=none",
+           "layerwise_ffn=0.5,4", "tie_embeddings=false,rope_theta=500"]
+  cfg = training.apply_overrides(models.get_preset("tiny-hybrid"),
+                                 training.parse_overrides(items))
+  assert (cfg.d_model, cfg.pattern, cfg.window, cfg.layerwise_ffn,
+          cfg.tie_embeddings, cfg.rope_theta) == (
+              64, ("deltanet", "attention"), None, (0.5, 4.0), False, 500.0)
+  for bad, match in ((["width=3"], r"unknown field\(s\) \['width'\]"),
+                     (["d_model=x"], "d_model='x': expected int"),
+                     (["layerwise_ffn=1,2,3"], "layerwise_ffn"),
+                     (["=3"], "empty field name")):
+    with pytest.raises(ValueError, match=match):
+      training.apply_overrides(models.get_preset("tiny-hybrid"),
+                               training.parse_overrides(bad))
