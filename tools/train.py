@@ -166,9 +166,15 @@ def main(argv):
           f"tokens, mesh {dict(mesh.shape)}, workdir {config.workdir}",
           flush=True)
   try:
-    training.train(config)
+    result = training.train(config)
   except training.NonFiniteLossError as e:
     _fail(str(e), 1)
+  if jax.process_index() == 0 and result.history:
+    last = result.history[-1]
+    print(f"step {last['step']}: loss {last['loss']:.4f} (first logged "
+          f"{result.history[0]['loss']:.4f}). Metrics: {config.workdir}/"
+          f"metrics.jsonl; loss curve: python -m tools.plot "
+          f"--workdir={config.workdir}", flush=True)
 
 
 
