@@ -314,6 +314,9 @@ def _zarr_spec(path: pathlib.Path, shape=None, dtype=None, chunks=None) -> dict:
       "shape": list(shape), "data_type": np.dtype(dtype).name,
       "chunk_grid": {"name": "regular",
                      "configuration": {"chunk_shape": chunks}},
+      # Chunk files side by side (c.0.1), not one directory per index.
+      "chunk_key_encoding": {"name": "default",
+                             "configuration": {"separator": "."}},
       "codecs": _CODECS}
   return spec
 

@@ -110,9 +110,9 @@ def test_replicated_leaf_is_written_once_and_shards_are_chunks(tmp_path):
                                                                   P("data")))}
   path = training.CheckpointManager(tmp_path).save(0, tree)
   chunks = lambda name: sorted(
-      p.name for p in (path / checkpoint.ARRAYS_DIR / name / "c").iterdir())
-  assert chunks("rep") == ["0"]
-  assert chunks("half") == ["0", "1"]
+      p.name for p in (path / checkpoint.ARRAYS_DIR / name).glob("c.*"))
+  assert chunks("rep") == ["c.0"]
+  assert chunks("half") == ["c.0", "c.1"]
 
 
 def test_keeps_the_last_n_steps(tmp_path):
@@ -153,7 +153,7 @@ def test_corrupt_array_names_it_and_restore_falls_back(tmp_path, caplog):
   mgr = training.CheckpointManager(tmp_path)
   for step in (1, 2):
     mgr.save(step, _tree(step))
-  chunk = mgr.step_path(2) / checkpoint.ARRAYS_DIR / "params" / "w" / "c" / "3" / "0"
+  chunk = mgr.step_path(2) / checkpoint.ARRAYS_DIR / "params" / "w" / "c.3.0"
   data = bytearray(chunk.read_bytes())
   data[5] ^= 0x40  # one flipped bit: caught by the crc32c codec
   chunk.write_bytes(bytes(data))
@@ -296,7 +296,7 @@ for step in (1, 2):
   x = jax.make_array_from_callback((8, 2), rows, lambda i: value(step)[i])
   mgr.save(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
 if process == 0:  # corrupt a chunk that only process 1 reads back
-  chunk = mgr.step_path(2) / "arrays" / "x" / "c" / "3" / "0"
+  chunk = mgr.step_path(2) / "arrays" / "x" / "c.3.0"
   chunk.write_bytes(chunk.read_bytes()[:-1] + b"?")
 multihost_utils.sync_global_devices("corrupted")
 key = jax.random.key(0).dtype
