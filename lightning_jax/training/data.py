@@ -47,6 +47,7 @@ CORPUS_FILE = "python_docs.txt.gz"
 SPLITS = ("train", "validation")
 # RNG streams: one Philox key per (seed, purpose) so the splits never share draws.
 _STREAM_IDS = {"train": 0, "validation": 1}
+_TS_CACHE_BYTES = 128 << 20  # decoded-chunk cache of a tensorstore token array
 _ACCEPTED = (
     "`data` must be 'corpus' (the embedded corpus), 'mqar' or "
     "'mqar:key=value,...' (keys: vocab_size, num_kv_pairs, num_queries), or a "
@@ -374,10 +375,12 @@ def _load_tokens(spec: str, vocab_size: int | None):
   if not path.exists():
     raise ValueError(f"{_ACCEPTED}; got {spec!r}, which does not exist.")
   if path.is_dir() and _is_zarr(path):
-    store = ts.open({"driver": "zarr3" if (path / "zarr.json").exists()
-                     else "zarr", "kvstore": {"driver": "file",
-                                              "path": str(path.resolve())}},
-                    open=True, read=True).result()
+    store = ts.open({
+        "driver": "zarr3" if (path / "zarr.json").exists() else "zarr",
+        "kvstore": {"driver": "file", "path": str(path.resolve())},
+        # Token arrays are read-only: cache decoded chunks, never recheck.
+        "context": {"cache_pool": {"total_bytes_limit": _TS_CACHE_BYTES}},
+        "recheck_cached_data": "open"}, open=True, read=True).result()
     return _token_array(str(path), store, vocab_size, _zarr_vocab(path))
   if path.is_dir():
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
@@ -441,9 +444,8 @@ def _max_token(tokens, block: int = 1 << 24) -> int:
 
 def _read_windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
   """`[len(starts), length]` windows `tokens[s : s + length]`."""
+  index = starts[:, None] + np.arange(length)
   if isinstance(tokens, ts.TensorStore):
-    futures = [tokens[int(s):int(s) + length].read() for s in starts]
-    return np.stack([f.result() for f in futures]) if futures else np.zeros(
-        (0, length), tokens.dtype.numpy_dtype)
-  return np.asarray(tokens[starts[:, None] + np.arange(length)])
+    return tokens.vindex[index].read().result()
+  return np.asarray(tokens[index])
 
