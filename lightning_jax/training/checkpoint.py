@@ -197,24 +197,37 @@ class CheckpointManager:
         checkpoint's (naming the leaf).
     """
     if step is not None:
-      return self._restore_step(int(step), target)
+      result, error = self._agreed_restore(int(step), target)
+      if error is not None:
+        raise error
+      return result
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no complete checkpoint in {self.directory}.")
     errors = []
     for candidate in reversed(steps):
-      try:
-        result, error = self._restore_step(candidate, target), None
-      except CheckpointError as err:
-        result, error = None, err
-      if _all_processes_ok(error is None):
+      result, error = self._agreed_restore(candidate, target)
+      if error is None:
         return result
-      error = error or CheckpointError(
-          f"{self.step_path(candidate)}: another process failed to read it.")
       logging.error("%s; falling back to the previous complete step.", error)
       errors.append(str(error))
     raise CheckpointError("no complete checkpoint could be restored:\n"
                           + "\n".join(errors))
+
+  def _agreed_restore(self, step: int, target):
+    """(result, None) if every process read `step`, else (None, error).
+
+    The processes agree (an all-gather of success flags), so that all of them
+    fall back or raise together, even when only one read a corrupt chunk.
+    """
+    try:
+      result, error = self._restore_step(step, target), None
+    except CheckpointError as err:
+      result, error = None, err
+    if _all_processes_ok(error is None):
+      return result, None
+    return None, error or CheckpointError(
+        f"{self.step_path(step)}: another process failed to read it.")
 
   def _restore_step(self, step: int, target):
     path = self.step_path(step)

@@ -303,13 +303,19 @@ key = jax.random.key(0).dtype
 target = {"x": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=rows),
           "rng": jax.ShapeDtypeStruct((), key, sharding=NamedSharding(mesh, P()))}
 _, fallback = mgr.restore(None, target)
+try:
+  mgr.restore(2, target)
+  explicit = "restored"
+except training.CheckpointError:
+  explicit = "raised"
 grid = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
 target["x"] = jax.ShapeDtypeStruct((8, 2), jnp.float32,
                                    sharding=NamedSharding(grid, P("fsdp", "data")))
 tree, _ = mgr.restore(1, target)
 shards = [[str(s.index), bool(np.array_equal(s.data, value(1)[s.index]))]
           for s in tree["x"].addressable_shards]
-print(json.dumps({"fallback": fallback["step"], "steps": mgr.all_steps(),
+print(json.dumps({"fallback": fallback["step"], "explicit": explicit,
+                  "steps": mgr.all_steps(),
                   "shards": shards}), flush=True)
 """
 
@@ -322,7 +328,8 @@ def _free_port() -> int:
 
 def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
   """2 processes (gloo): save, a chunk only process 1 reads is corrupt ->
-  both fall back to the same step; a resharded restore across processes."""
+  both fall back to the same step (or both raise for an explicit step); a
+  resharded restore across processes."""
   script = tmp_path / "worker.py"
   script.write_text(_WORKER)
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
@@ -343,6 +350,7 @@ def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
     outputs.append(json.loads(out.strip().splitlines()[-1]))
   for out in outputs:
     assert out["fallback"] == 1 and out["steps"] == [1, 2]
+    assert out["explicit"] == "raised"  # on both processes
     assert len(out["shards"]) == 2 and all(ok for _, ok in out["shards"])
   # Process 0 and 1 hold different blocks of the resharded array.
   assert outputs[0]["shards"] != outputs[1]["shards"]
