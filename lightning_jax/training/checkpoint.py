@@ -255,8 +255,7 @@ class _Leaf:
     self.keypath = [_key_entry(k) for k in keypath]
     self.name = _leaf_name(keypath)
     self.kind, self.impl = "array", None
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(
-        value.dtype, jax.dtypes.prng_key):
+    if isinstance(value, jax.Array) and _is_key_dtype(value.dtype):
       self.kind, self.impl = "prng_key", str(jax.random.key_impl(value))
       value = jax.random.key_data(value)
     elif not isinstance(value, jax.Array):
@@ -380,7 +379,12 @@ def _is_key_dtype(dtype) -> bool:
 
 
 def _stored_shape_dtype(target_leaf):
-  """(shape, dtype) as stored for a target leaf (keys -> their raw data)."""
+  """(shape, dtype) as stored for a target leaf (keys -> their raw data).
+
+  A target leaf without `.dtype` (a Python scalar) counts as np.asarray(it).
+  """
+  if not hasattr(target_leaf, "dtype"):
+    target_leaf = np.asarray(target_leaf)
   if _is_key_dtype(target_leaf.dtype):
     data = jax.eval_shape(jax.random.key_data,
                           jax.ShapeDtypeStruct(target_leaf.shape,

@@ -87,7 +87,7 @@ def _generator(seed: int, stream: int, step: int) -> np.random.Generator:
   256-bit Philox counter, so a step's draws (which advance the low words)
   never reach the next step's counter range.
   """
-  key = (seed % 2**64) | (stream << 64)
+  key = int(seed) | (stream << 64)
   return np.random.Generator(np.random.Philox(key=key, counter=step << 128))
 
 
@@ -119,6 +119,7 @@ class TokenStreamDataset:
     start, stop: the half-open token range of the split.
     vocab_size: number of token ids.
     seq_len, seed, split: as given to `make_dataset`.
+    sharding: this process's rows of the global batch.
   """
   name: str
   tokens: object
@@ -297,9 +298,9 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"`process_index` must be in [0, {process_count}), got "
                      f"{process_index}.")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or (
-      seed < 0):
-    raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+      0 <= seed < 2**64):
+    raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}.")
   _checks.check_choice("split", split, SPLITS)
   if not 0.0 < validation_fraction < 1.0:
     raise ValueError("`validation_fraction` must be in (0, 1), got "
