@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType
@@ -198,6 +200,47 @@ def test_reshard_on_read(tmp_path, shape, names, spec):
   _assert_bitwise(restored, tree)
   for shard in w.addressable_shards:
     assert shard.data.shape == w.sharding.shard_shape(w.shape)
+
+
+_GRID_AXES = (("a", 2), ("b", 4))
+
+
+def _spec(draw, shape):
+  """A PartitionSpec for `shape` over the (a=2, b=4) grid: each axis used at
+  most once, only on dims it divides."""
+  free, spec = dict(_GRID_AXES), []
+  for dim in shape:
+    options = [None] + [name for name, size in free.items() if dim % size == 0]
+    if len(free) == 2 and dim % 8 == 0:
+      options.append(("a", "b"))
+    choice = draw(st.sampled_from(options))
+    for name in (choice if isinstance(choice, tuple) else (choice,)):
+      free.pop(name, None)
+    spec.append(choice)
+  return P(*spec)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(data=st.data())
+def test_any_layout_roundtrips_onto_any_layout(tmp_path_factory, data):
+  """Property: random shape / dtype / save sharding / restore sharding."""
+  shape = tuple(data.draw(st.lists(st.sampled_from([1, 2, 4, 8, 16]),
+                                   max_size=3), label="shape"))
+  dtype = data.draw(st.sampled_from(["float32", "bfloat16", "int8", "uint32",
+                                     "bool"]), label="dtype")
+  grid = _mesh((2, 4), ("a", "b"))
+  save_spec = _spec(data.draw, shape)
+  load_spec = _spec(data.draw, shape)
+  host = np.random.default_rng(len(shape)).standard_normal(shape) * 100
+  x = jax.device_put(jnp.asarray(host.astype(dtype)),
+                     NamedSharding(grid, save_spec))
+  mgr = training.CheckpointManager(tmp_path_factory.mktemp("prop"))
+  mgr.save(0, {"x": x})
+  target = {"x": jax.ShapeDtypeStruct(shape, x.dtype,
+                                      sharding=NamedSharding(grid, load_spec))}
+  restored, _ = mgr.restore(0, target)
+  assert restored["x"].sharding == NamedSharding(grid, load_spec)
+  assert _bits(restored["x"]) == _bits(x)
 
 
 def test_target_mismatch_names_the_leaf(tmp_path):
