@@ -225,6 +225,7 @@ class CheckpointManager:
     except CheckpointError as err:
       result, error = None, err
     if _all_processes_ok(error is None):
+      logging.info("Restored checkpoint %s.", self.step_path(step))
       return result, None
     return None, error or CheckpointError(
         f"{self.step_path(step)}: another process failed to read it.")

@@ -5,6 +5,7 @@ import logging
 import os
 import pathlib
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -292,8 +293,11 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
   for _ in range(3):
     proc = subprocess.Popen([sys.executable, str(script), str(directory)],
                             stdout=subprocess.PIPE, env=env)
-    first = proc.stdout.readline()  # one save done: saving is under way
-    assert first, "the saver died before its first save"
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    first = proc.stdout.readline() if ready else b""  # one save done
+    if not first:
+      proc.kill()
+      pytest.fail("the saver died or hung before its first save")
     time.sleep(rng.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
