@@ -244,6 +244,20 @@ def test_any_layout_roundtrips_onto_any_layout(tmp_path_factory, data):
   assert _bits(restored["x"]) == _bits(x)
 
 
+def test_partial_restore_reads_a_subtree(tmp_path):
+  """E.g. the params out of a saved train state (NamedTuple), for inference."""
+  tree = _tree(2)
+  mgr = training.CheckpointManager(tmp_path)
+  mgr.save(2, tree)
+  (mgr.step_path(2) / checkpoint.ARRAYS_DIR / "layers" / "0" / "scale" /
+   "c.0").unlink()  # not read by a partial restore of "params"
+  params = _abstract({"params": tree["params"]})
+  restored, _ = mgr.restore(2, params, partial=True)
+  _assert_bitwise(restored, {"params": tree["params"]})
+  with pytest.raises(training.CheckpointError, match="layers/0/scale"):
+    mgr.restore(2, _abstract(tree))
+
+
 def test_target_mismatch_names_the_leaf(tmp_path):
   mgr = training.CheckpointManager(tmp_path)
   mgr.save(0, {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)})
@@ -253,7 +267,7 @@ def test_target_mismatch_names_the_leaf(tmp_path):
     mgr.restore(0, bad_shape)
   with pytest.raises(ValueError, match="`target` leaf 'c'"):
     mgr.restore(0, {"c": jax.ShapeDtypeStruct((4,), jnp.float32)})
-  with pytest.raises(ValueError, match="lacks leaves.*'b'"):
+  with pytest.raises(ValueError, match="lacks leaves.*'b'.*partial=True"):
     mgr.restore(0, {"a": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
   with pytest.raises(training.CheckpointError, match="no complete"):
     training.CheckpointManager(tmp_path / "none").restore(None)
