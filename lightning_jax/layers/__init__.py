@@ -10,13 +10,6 @@ from lightning_jax.layers.mlp import init_mlp
 from lightning_jax.layers.mlp import mlp
 from lightning_jax.layers.mlp import MLPConfig
 from lightning_jax.layers.moa_profile import attention_influence
-from lightning_jax.layers.moa_profile import attention_lm_loss
-from lightning_jax.layers.moa_profile import attention_lm_loss_probed
-from lightning_jax.layers.moa_profile import AttentionLMConfig
-from lightning_jax.layers.moa_profile import init_attention_lm
-from lightning_jax.layers.moa_profile import PlanSearch
-from lightning_jax.layers.moa_profile import profile_attention_lm
-from lightning_jax.layers.moa_profile import search_attention_lm_plan
 from lightning_jax.layers.moe import init_mh_moe
 from lightning_jax.layers.moe import init_moe
 from lightning_jax.layers.moe import MHMoEConfig

@@ -46,7 +46,9 @@ class ModelConfig:
     window: sliding window of "attention" mixers (None: full causal).
     sink: attention-sink tokens with `window` or a MoA plan.
     moa_plan: path of a MoA plan JSON (`ops.MoAPlan`); required by "moa"
-      mixers, layer l uses the plan's row l.
+      mixers. Its rows are the softmax-attention layers in order: the i-th
+      "attention" / "moa" layer uses row i (every row of a pure
+      transformer, as the MoA authors' plans).
     num_experts, top_k, moe_d_ff, router_score: MoE channel mixers (dropless
       top-k GLU experts).
     lbl_scope: load-balancing loss scope, "sequence", "micro" or "global".
@@ -130,6 +132,12 @@ class ModelConfig:
                  for i in range(self.num_layers))
 
   @property
+  def attention_layers(self) -> tuple[int, ...]:
+    """Indices of the softmax-attention ("attention" / "moa") layers."""
+    return tuple(i for i, m in enumerate(self.mixers)
+                 if m in ("attention", "moa"))
+
+  @property
   def ffns(self) -> tuple[str, ...]:
     """The channel mixer of each layer."""
     return tuple(self.ffn_pattern[i % len(self.ffn_pattern)]
@@ -180,12 +188,13 @@ def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
 
 def _moa_rules(cfg: ModelConfig, layer: int, heads: int):
   plan = ops.MoAPlan.from_json(pathlib.Path(cfg.moa_plan).read_text())
-  if layer >= plan.num_layers or len(plan.alphas[layer]) != heads:
+  row = cfg.attention_layers.index(layer)
+  if row >= plan.num_layers or len(plan.alphas[row]) != heads:
     raise ValueError(
-        f"`moa_plan` {cfg.moa_plan} has {plan.num_layers} layers x "
-        f"{[len(a) for a in plan.alphas]} heads; layer {layer} needs "
-        f"{heads} heads.")
-  return plan.alphas[layer], plan.betas[layer]
+        f"`moa_plan` {cfg.moa_plan} has {plan.num_layers} rows x "
+        f"{[len(a) for a in plan.alphas]} heads; attention layer {row} "
+        f"(layer {layer}) needs {heads} heads.")
+  return plan.alphas[row], plan.betas[row]
 
 
 def _mixer_config(cfg: ModelConfig, kind: str, layer: int, heads: int,
