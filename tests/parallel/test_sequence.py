@@ -1,4 +1,8 @@
-"""Sequence-parallel recurrences == the single-device ops (outputs, states, grads)."""
+"""Sequence-parallel recurrences == the single-device ops (outputs, states, grads).
+
+The sequence-parallel path runs the chunked kernels on each device; the
+reference is the single-device recurrent impl (a scan over time).
+"""
 
 import functools
 import re
@@ -40,9 +44,9 @@ OPS = {
 }
 
 
-def _with_state(fn):
+def _with_state(fn, **kwargs):
   return lambda *a: fn(*a[:-1], initial_state=a[-1], output_final_state=True,
-                       chunk_size=CHUNK)
+                       chunk_size=CHUNK, **kwargs)
 
 
 @functools.cache
@@ -53,7 +57,8 @@ def _sequence_parallel(kind, devices):
 
 @functools.cache
 def _single_device(kind):
-  return _with_state(OPS[kind][1])
+  """The reference: the op's scan over time on one device."""
+  return _with_state(OPS[kind][1], impl="recurrent")
 
 
 # Devices per op: every op once (two compiles each), every P in {2, 4, 8}.
