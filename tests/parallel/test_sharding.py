@@ -84,18 +84,20 @@ def test_rules_not_divisible_replicate_and_say_so():
 def test_rules_apply_inside_optimizer_state_and_stages():
   mesh = parallel.make_mesh("pipe=2,tensor=2,fsdp=2")
   layer = _layer()["mixer"]
-  stacked = jax.tree.map(lambda x: jnp.zeros((2, 3, *x.shape)), layer)
+  # The pipeline layout [repeats, stages, layers_per_stage, ...].
+  stacked = jax.tree.map(lambda x: jnp.zeros((3, 2, 1, *x.shape)), layer)
   state = ({"mu": {"stages": stacked}, "count": jnp.zeros((), jnp.int32)},)
   specs = parallel.param_partition_specs(state, mesh)
-  assert specs[0]["mu"]["stages"]["wq"] == P("pipe", None, "fsdp", "tensor",
-                                             None)
+  assert specs[0]["mu"]["stages"]["wq"] == P(None, "pipe", None, "fsdp",
+                                             "tensor", None)
   assert specs[0]["count"] == P()
-  # Stage axis second (e.g. [repeats, stages, ...]).
+  # A plain [stages, ...] stack.
+  stacked = jax.tree.map(lambda x: jnp.zeros((2, *x.shape)), layer)
   specs = parallel.param_partition_specs({"stages": stacked}, mesh,
-                                         stage_axis=1)
-  assert specs["stages"]["wo"] == P(None, None, "tensor", None, "fsdp")
+                                         stage_axis=0)
+  assert specs["stages"]["wo"] == P("pipe", "tensor", None, "fsdp")
   with pytest.raises(ValueError, match="stage_axis"):
-    parallel.param_partition_specs({"stages": stacked}, mesh, stage_axis=2)
+    parallel.param_partition_specs({"stages": stacked}, mesh)
 
 
 def _init(key):
