@@ -69,6 +69,8 @@ PARAM_RULES = (
     (("router",), ("embed", None)),  # [D, E]: routing stays whole
     (("embed",), ("vocab", "embed")),  # [V, D]
     (("unembed",), ("embed", "vocab")),  # [D, V]
+    (("scale",), (None,)),  # norm scales [D] / [Dv]: replicated
+    (("lower_bound",), ()),  # HGRN2's per-layer scalar
 )
 STAGES_KEY = "stages"
 # Leaves under "stages" are `[repeats, stages, layers_per_stage, *param]`
@@ -129,9 +131,15 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
   if logical is not None and len(logical) > len(shape):
     notes.append(f"rule {rule} expects rank >= {len(logical)}")
     rule, logical = None, None
-  base_rank = len(shape) if logical is None else len(logical)
+  staged = STAGES_KEY in names
+  if logical is not None:
+    base_rank = len(logical)
+  elif staged:  # unknown leaf: at least the dims up to the stage dim are stacked
+    base_rank = max(len(shape) - stage_axis - 1, 0)
+  else:
+    base_rank = len(shape)
   stacked = [None] * (len(shape) - base_rank)
-  if STAGES_KEY in names and stacked:
+  if staged and stacked:
     if not 0 <= stage_axis < len(stacked):
       raise ValueError(f"`stage_axis` must index one of the {len(stacked)} "
                        f"stacked dims of {'/'.join(names)} {shape}, got "
