@@ -6,6 +6,7 @@ Each test launches two local processes (gloo collectives, coordinator on
 conftest's 8 devices.
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 from lightning_jax import models
@@ -77,7 +79,9 @@ def test_dead_peer_fails_the_others():
 _MODEL = dict(d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
               pattern=("deltanet", "attention"), recurrent_impl="recurrent",
               attention_impl="reference")
-_RUN = dict(steps=3, batch_size=8, seq_len=16, mesh="data=2,fsdp=2,tensor=2",
+# The first mesh axis spans the two processes: fsdp splits every weight
+# between them, so each must write its own shards for a complete checkpoint.
+_RUN = dict(steps=3, batch_size=8, seq_len=16, mesh="fsdp=2,data=2,tensor=2",
             log_every=1, checkpoint_every=3)
 _OPTIM = dict(lr=1e-2, warmup_steps=1, weight_decay=0.1, clip_norm=1.0)
 
@@ -89,8 +93,9 @@ def _flag(value):
 def test_train_binary_two_processes_match_one_process(tmp_path):
   """`tools.train` as 2 processes x 4 devices: the loss curve of 1 x 8.
 
-  Process 0 alone writes metrics; both write their checkpoint shards and
-  the step-3 checkpoint is complete.
+  Process 0 alone writes metrics; each process writes its checkpoint shards:
+  the step-3 checkpoint is complete and restores (here, on 1 x 8) to the
+  parameters of the one-process run.
   """
   override = ",".join(f"{k}={_flag(v)}" for k, v in _MODEL.items())
   flags = [f"--{k}={v}" for k, v in {**_RUN, **_OPTIM}.items()]
@@ -113,3 +118,11 @@ def test_train_binary_two_processes_match_one_process(tmp_path):
   manager = training.checkpoint.CheckpointManager(
       str(tmp_path / "two" / "checkpoints"))
   assert manager.all_steps() == [3]
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      expected.state)
+  restored, _ = manager.restore(3, target)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-7),
+               jax.device_get(restored.params),
+               jax.device_get(expected.state.params))
