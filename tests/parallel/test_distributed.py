@@ -52,17 +52,13 @@ def _wait(procs):
                                                             strict=True)]
 
 
-def _launch(*extra):
-  return _wait(_start("tests.parallel.distributed_worker", "coordinator",
-                      *extra))
-
-
 def test_dead_peer_fails_the_others():
   """Both processes finish step 0 (== 1 process x 8 devices), then process 1
   dies: process 0 exits with the heartbeat error instead of hanging."""
-  (code0, out0, err0), (code1, out1, _) = _launch(
-      "--steps=3", "--die_after_step=0", "--heartbeat_timeout=3")
-  expected = distributed_worker.train(steps=1)
+  procs = _start("tests.parallel.distributed_worker", "coordinator",
+                 "--steps=3", "--die_after_step=0", "--heartbeat_timeout=3")
+  expected = distributed_worker.train(steps=1)  # while they run
+  (code0, out0, err0), (code1, out1, _) = _wait(procs)
   for i, out in enumerate((out0, out1)):
     # Gloo logs to stdout too, possibly without a newline before ours.
     rows = [json.loads(m) for m in re.findall(r'\{"process".*?\}', out)]
