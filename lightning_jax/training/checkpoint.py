@@ -174,7 +174,7 @@ class CheckpointManager:
       _discard(self.step_path(step))
 
   # ----------------------------------------------------------------- restore
-  def restore(self, step: int | None, target=None):
+  def restore(self, step: int | None, target=None, *, partial: bool = False):
     """Reads a checkpoint, resharding every leaf onto the target's sharding.
 
     Args:
@@ -186,6 +186,9 @@ class CheckpointManager:
         Leaves with a sharding come back as jax.Arrays with that sharding,
         others as numpy arrays. None: a numpy tree rebuilt from the saved
         paths (dicts for dict keys and attributes, lists for sequences).
+      partial: allow `target` to name a subset of the saved leaves (matched
+        by key path), e.g. `{"params": abstract_params}` out of a saved train
+        state; only those arrays are read.
 
     Returns:
       (tree, metadata): the restored tree and the dict given to `save`.
@@ -197,26 +200,40 @@ class CheckpointManager:
         checkpoint's (naming the leaf).
     """
     if step is not None:
-      return self._restore_step(int(step), target)
+      result, error = self._agreed_restore(int(step), target, partial)
+      if error is not None:
+        raise error
+      return result
     steps = self.all_steps()
     if not steps:
       raise CheckpointError(f"no complete checkpoint in {self.directory}.")
     errors = []
     for candidate in reversed(steps):
-      try:
-        result, error = self._restore_step(candidate, target), None
-      except CheckpointError as err:
-        result, error = None, err
-      if _all_processes_ok(error is None):
+      result, error = self._agreed_restore(candidate, target, partial)
+      if error is None:
         return result
-      error = error or CheckpointError(
-          f"{self.step_path(candidate)}: another process failed to read it.")
       logging.error("%s; falling back to the previous complete step.", error)
       errors.append(str(error))
     raise CheckpointError("no complete checkpoint could be restored:\n"
                           + "\n".join(errors))
 
-  def _restore_step(self, step: int, target):
+  def _agreed_restore(self, step: int, target, partial: bool):
+    """(result, None) if every process read `step`, else (None, error).
+
+    The processes agree (an all-gather of success flags), so that all of them
+    fall back or raise together, even when only one read a corrupt chunk.
+    """
+    try:
+      result, error = self._restore_step(step, target, partial), None
+    except CheckpointError as err:
+      result, error = None, err
+    if _all_processes_ok(error is None):
+      logging.info("Restored checkpoint %s.", self.step_path(step))
+      return result, None
+    return None, error or CheckpointError(
+        f"{self.step_path(step)}: another process failed to read it.")
+
+  def _restore_step(self, step: int, target, partial: bool):
     path = self.step_path(step)
     if not (path / COMMIT_FILE).is_file():
       raise CheckpointError(f"{path}: no complete checkpoint for step {step}.")
@@ -229,7 +246,7 @@ class CheckpointManager:
       arrays = _read_leaves(path, saved, [None] * len(saved))
       return _unflatten_paths(saved, arrays), record["metadata"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-    records = _check_target(path, saved, flat)
+    records = _check_target(path, saved, flat, partial)
     arrays = _read_leaves(path, records, [leaf for _, leaf in flat])
     return jax.tree_util.tree_unflatten(treedef, arrays), record["metadata"]
 
@@ -242,8 +259,7 @@ class _Leaf:
     self.keypath = [_key_entry(k) for k in keypath]
     self.name = _leaf_name(keypath)
     self.kind, self.impl = "array", None
-    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(
-        value.dtype, jax.dtypes.prng_key):
+    if isinstance(value, jax.Array) and _is_key_dtype(value.dtype):
       self.kind, self.impl = "prng_key", str(jax.random.key_impl(value))
       value = jax.random.key_data(value)
     elif not isinstance(value, jax.Array):
@@ -314,6 +330,9 @@ def _zarr_spec(path: pathlib.Path, shape=None, dtype=None, chunks=None) -> dict:
       "shape": list(shape), "data_type": np.dtype(dtype).name,
       "chunk_grid": {"name": "regular",
                      "configuration": {"chunk_shape": chunks}},
+      # Chunk files side by side (c.0.1), not one directory per index.
+      "chunk_key_encoding": {"name": "default",
+                             "configuration": {"separator": "."}},
       "codecs": _CODECS}
   return spec
 
@@ -336,7 +355,8 @@ def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
     write.result()
 
 
-def _check_target(path: pathlib.Path, saved: list[dict], flat) -> list[dict]:
+def _check_target(path: pathlib.Path, saved: list[dict], flat,
+                  partial: bool) -> list[dict]:
   """Saved records aligned with the target's leaves; ValueError on mismatch."""
   by_name = {leaf["path"]: leaf for leaf in saved}
   aligned = []
@@ -353,9 +373,9 @@ def _check_target(path: pathlib.Path, saved: list[dict], flat) -> list[dict]:
           f"checkpoint {path} holds {leaf['dtype']}{leaf['shape']}.")
     aligned.append(leaf)
   missing = sorted(set(by_name) - {leaf["path"] for leaf in aligned})
-  if missing:
+  if missing and not partial:
     raise ValueError(f"`target` lacks leaves saved in checkpoint {path}: "
-                     f"{missing}.")
+                     f"{missing} (pass partial=True to read a subset).")
   return aligned
 
 
@@ -364,7 +384,12 @@ def _is_key_dtype(dtype) -> bool:
 
 
 def _stored_shape_dtype(target_leaf):
-  """(shape, dtype) as stored for a target leaf (keys -> their raw data)."""
+  """(shape, dtype) as stored for a target leaf (keys -> their raw data).
+
+  A target leaf without `.dtype` (a Python scalar) counts as np.asarray(it).
+  """
+  if not hasattr(target_leaf, "dtype"):
+    target_leaf = np.asarray(target_leaf)
   if _is_key_dtype(target_leaf.dtype):
     data = jax.eval_shape(jax.random.key_data,
                           jax.ShapeDtypeStruct(target_leaf.shape,

@@ -47,6 +47,7 @@ CORPUS_FILE = "python_docs.txt.gz"
 SPLITS = ("train", "validation")
 # RNG streams: one Philox key per (seed, purpose) so the splits never share draws.
 _STREAM_IDS = {"train": 0, "validation": 1}
+_TS_CACHE_BYTES = 128 << 20  # decoded-chunk cache of a tensorstore token array
 _ACCEPTED = (
     "`data` must be 'corpus' (the embedded corpus), 'mqar' or "
     "'mqar:key=value,...' (keys: vocab_size, num_kv_pairs, num_queries), or a "
@@ -86,7 +87,7 @@ def _generator(seed: int, stream: int, step: int) -> np.random.Generator:
   256-bit Philox counter, so a step's draws (which advance the low words)
   never reach the next step's counter range.
   """
-  key = (seed % 2**64) | (stream << 64)
+  key = int(seed) | (stream << 64)
   return np.random.Generator(np.random.Philox(key=key, counter=step << 128))
 
 
@@ -118,6 +119,7 @@ class TokenStreamDataset:
     start, stop: the half-open token range of the split.
     vocab_size: number of token ids.
     seq_len, seed, split: as given to `make_dataset`.
+    sharding: this process's rows of the global batch.
   """
   name: str
   tokens: object
@@ -296,14 +298,16 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
   if not 0 <= process_index < process_count:
     raise ValueError(f"`process_index` must be in [0, {process_count}), got "
                      f"{process_index}.")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or (
-      seed < 0):
-    raise ValueError(f"`seed` must be a non-negative int, got {seed!r}.")
+  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
+      0 <= seed < 2**64):
+    raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}.")
   _checks.check_choice("split", split, SPLITS)
   if not 0.0 < validation_fraction < 1.0:
     raise ValueError("`validation_fraction` must be in (0, 1), got "
                      f"{validation_fraction}.")
   sharding = _Sharding(global_batch_size, process_index, process_count)
+  if not isinstance(spec, (str, os.PathLike)):
+    raise ValueError(f"{_ACCEPTED}; got {spec!r}.")
   spec_str = os.fspath(spec)
   if spec_str == "mqar" or spec_str.startswith("mqar:"):
     config = parse_mqar_spec(spec_str)
@@ -374,10 +378,12 @@ def _load_tokens(spec: str, vocab_size: int | None):
   if not path.exists():
     raise ValueError(f"{_ACCEPTED}; got {spec!r}, which does not exist.")
   if path.is_dir() and _is_zarr(path):
-    store = ts.open({"driver": "zarr3" if (path / "zarr.json").exists()
-                     else "zarr", "kvstore": {"driver": "file",
-                                              "path": str(path.resolve())}},
-                    open=True, read=True).result()
+    store = ts.open({
+        "driver": "zarr3" if (path / "zarr.json").exists() else "zarr",
+        "kvstore": {"driver": "file", "path": str(path.resolve())},
+        # Token arrays are read-only: cache decoded chunks, never recheck.
+        "context": {"cache_pool": {"total_bytes_limit": _TS_CACHE_BYTES}},
+        "recheck_cached_data": "open"}, open=True, read=True).result()
     return _token_array(str(path), store, vocab_size, _zarr_vocab(path))
   if path.is_dir():
     files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
@@ -441,9 +447,8 @@ def _max_token(tokens, block: int = 1 << 24) -> int:
 
 def _read_windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
   """`[len(starts), length]` windows `tokens[s : s + length]`."""
+  index = starts[:, None] + np.arange(length)
   if isinstance(tokens, ts.TensorStore):
-    futures = [tokens[int(s):int(s) + length].read() for s in starts]
-    return np.stack([f.result() for f in futures]) if futures else np.zeros(
-        (0, length), tokens.dtype.numpy_dtype)
-  return np.asarray(tokens[starts[:, None] + np.arange(length)])
+    return tokens.vindex[index].read().result()
+  return np.asarray(tokens[index])
 
