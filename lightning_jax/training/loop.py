@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 from absl import logging
 import jax
-import numpy as np
 
 from lightning_jax import models
 from lightning_jax import parallel
@@ -30,8 +29,6 @@ from lightning_jax.training import state as state_lib
 from lightning_jax.training import step as step_lib
 
 CHECKPOINT_DIR = "checkpoints"
-# `pipeline.to_pipeline_params` stacks stage params as [repeats, stages, ...].
-_STAGE_AXIS = 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,20 +156,6 @@ def validate(config: TrainConfig, num_devices: int,
   return axes
 
 
-def _jsonable(value):
-  """Dataclass / tuple / dtype values -> JSON-serialisable values."""
-  if dataclasses.is_dataclass(value):
-    return {f.name: _jsonable(getattr(value, f.name))
-            for f in dataclasses.fields(value)}
-  if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
-  if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
-  if isinstance(value, (bool, int, float, str)) or value is None:
-    return value
-  return np.dtype(value).name
-
-
 def _grad_fn(config: TrainConfig, mesh):
   """The `grad_fn` of the step: accumulation for pipe == 1, else the pipeline
   schedule (params in the stage-stacked layout)."""
@@ -206,17 +189,15 @@ def _init_or_restore(config, optimizer, mesh, manager):
 
   key = jax.random.key(config.seed)
   abstract_state = jax.eval_shape(init_state, key)
-  shardings = parallel.param_shardings(abstract_state, mesh,
-                                       stage_axis=_STAGE_AXIS)
+  shardings = parallel.param_shardings(abstract_state, mesh)
   if manager is None or manager.latest_step() is None:
-    return parallel.init_sharded(init_state, key, mesh,
-                                 stage_axis=_STAGE_AXIS), shardings
+    return parallel.init_sharded(init_state, key, mesh), shardings
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
       abstract_state, shardings)
   state, metadata = manager.restore(None, target)
   saved = metadata.get("model_config")
-  if saved is not None and saved != _jsonable(config.model):
+  if saved is not None and saved != config.model.to_dict():
     raise ValueError(
         f"--workdir={config.workdir!r} holds checkpoints of a different model "
         f"config; use a fresh --workdir. Saved: {saved}")
@@ -294,7 +275,7 @@ def train(config: TrainConfig) -> TrainResult:
     if logged:
       history.append(writer.write(step, values))
 
-  metadata = {"model_config": _jsonable(config.model), "flags": config.flags}
+  metadata = {"model_config": config.model.to_dict(), "flags": config.flags}
   if parallel.axis_size(mesh, "pipe") > 1:  # params as to_pipeline_params
     metadata["pipeline"] = {"stages": parallel.axis_size(mesh, "pipe"),
                             "repeats": config.pipeline_repeats}
