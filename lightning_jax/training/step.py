@@ -2,7 +2,7 @@
 
 Gradients come from a `grad_fn(params, batch, rng) -> ((loss, metrics),
 grads)` hook: by default `jax.value_and_grad` of the microbatched
-`training.loss_fn`; a pipeline schedule (`parallel.pipeline_grad_fn`) plugs
+`training.loss_fn`; a pipeline schedule (`parallel.pipeline.pipeline_grad_fn`) plugs
 in its own with the same signature.
 
 Gradient accumulation over `k` microbatches (`microbatched_loss`) differentiates
