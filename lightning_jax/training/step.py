@@ -2,11 +2,12 @@
 
 Gradients come from a `grad_fn(params, batch, rng) -> ((loss, metrics),
 grads)` hook: by default `jax.value_and_grad` of the microbatched
-`training.loss_fn`; a pipeline schedule (`parallel.pipeline.pipeline_grad_fn`) plugs
-in its own with the same signature.
+`training.loss_fn`; a pipeline schedule
+(`parallel.pipeline.pipeline_grad_fn`) plugs in its own with the same
+signature.
 
-Gradient accumulation over `k` microbatches (`microbatched_loss`) differentiates
-one `lax.scan` over the microbatches whose body is rematerialised
+Gradient accumulation over `k` microbatches (`microbatched_loss`)
+differentiates one `lax.scan` over the microbatches whose body is rematerialised
 (`jax.checkpoint`): the forward keeps only each microbatch's inputs, the
 backward recomputes one microbatch at a time, so activation memory is that of
 one microbatch. Because the whole step is one differentiated function, the
