@@ -11,7 +11,8 @@ logical name per dim, `LOGICAL_AXES` maps logical names to mesh axes, and
     `w_down: [F, D]`) and the vocabulary (`embed: [V, D]`, `unembed: [D, V]`);
   * `expert` splits the leading expert axis of MoE expert weights `[E, ...]`;
   * `pipe` splits the stage axis of stage-stacked parameters (any leaf under
-    a `"stages"` key, stage axis `stage_axis` among its leading stacked dims);
+    a `"stages"` key, stage axis `stage_axis` among its leading stacked dims,
+    default 1: the pipeline's `[repeats, stages, layers_per_stage, ...]`);
   * `fsdp` shards the largest dim not split otherwise, when divisible, for
     leaves of (unstacked) rank >= 2; vectors and scalars stay replicated.
 
@@ -68,8 +69,13 @@ PARAM_RULES = (
     (("router",), ("embed", None)),  # [D, E]: routing stays whole
     (("embed",), ("vocab", "embed")),  # [V, D]
     (("unembed",), ("embed", "vocab")),  # [D, V]
+    (("scale",), (None,)),  # norm scales [D] / [Dv]: replicated
+    (("lower_bound",), ()),  # HGRN2's per-layer scalar
 )
 STAGES_KEY = "stages"
+# Leaves under "stages" are `[repeats, stages, layers_per_stage, *param]`
+# (`parallel.pipeline.stack_stages`): the stage dim is stacked dim 1.
+STAGE_AXIS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +112,7 @@ def _match_rule(names):
 
 
 def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
-              axis_sizes: dict[str, int], stage_axis: int = 0) -> LeafPlan:
+              axis_sizes: dict[str, int], stage_axis: int = STAGE_AXIS) -> LeafPlan:
   """The PartitionSpec of one leaf from its path names and shape.
 
   Args:
@@ -114,7 +120,8 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
     shape: its shape.
     axis_sizes: `{mesh axis: size}`.
     stage_axis: index, among the leading stacked dims of a leaf under
-      `"stages"`, of the pipeline stage dim.
+      `"stages"`, of the pipeline stage dim (default `STAGE_AXIS` = 1, the
+      layout of `parallel.pipeline.stack_stages`).
 
   Returns:
     A `LeafPlan`.
@@ -124,9 +131,15 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
   if logical is not None and len(logical) > len(shape):
     notes.append(f"rule {rule} expects rank >= {len(logical)}")
     rule, logical = None, None
-  base_rank = len(shape) if logical is None else len(logical)
+  staged = STAGES_KEY in names
+  if logical is not None:
+    base_rank = len(logical)
+  elif staged:  # unknown leaf: at least the dims up to the stage dim are stacked
+    base_rank = max(len(shape) - stage_axis - 1, 0)
+  else:
+    base_rank = len(shape)
   stacked = [None] * (len(shape) - base_rank)
-  if STAGES_KEY in names and stacked:
+  if staged and stacked:
     if not 0 <= stage_axis < len(stacked):
       raise ValueError(f"`stage_axis` must index one of the {len(stacked)} "
                        f"stacked dims of {'/'.join(names)} {shape}, got "
@@ -166,7 +179,7 @@ def _plans(tree, mesh, stage_axis):
 
 
 def param_partition_specs(tree, mesh: jax.sharding.Mesh, *,
-                          stage_axis: int = 0):
+                          stage_axis: int = STAGE_AXIS):
   """PartitionSpec of every leaf of `tree` (params, abstract params, opt state).
 
   Args:
@@ -187,7 +200,7 @@ def param_partition_specs(tree, mesh: jax.sharding.Mesh, *,
                       is_leaf=lambda x: isinstance(x, LeafPlan))
 
 
-def param_shardings(tree, mesh: jax.sharding.Mesh, *, stage_axis: int = 0):
+def param_shardings(tree, mesh: jax.sharding.Mesh, *, stage_axis: int = STAGE_AXIS):
   """`NamedSharding` of every leaf of `tree`; see `param_partition_specs`."""
   return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
                       param_partition_specs(tree, mesh, stage_axis=stage_axis),
@@ -195,7 +208,7 @@ def param_shardings(tree, mesh: jax.sharding.Mesh, *, stage_axis: int = 0):
 
 
 def init_sharded(init_fn: Callable, key: jax.Array, mesh: jax.sharding.Mesh,
-                 *, stage_axis: int = 0):
+                 *, stage_axis: int = STAGE_AXIS):
   """Runs `init_fn(key)` with every output created directly in its shards.
 
   The output shapes come from `jax.eval_shape`, their shardings from the
@@ -236,7 +249,7 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def sharding_summary(tree, mesh: jax.sharding.Mesh, *,
-                     stage_axis: int = 0) -> str:
+                     stage_axis: int = STAGE_AXIS) -> str:
   """A text table: path, shape, dtype, spec, bytes per device, notes.
 
   Leaves that already carry a `NamedSharding` (e.g. from `init_sharded`)

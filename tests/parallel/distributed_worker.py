@@ -2,7 +2,7 @@
 
 `python -m tests.parallel.distributed_worker --coordinator 127.0.0.1:PORT
 --num_processes 2 --process_id I` joins a CPU job of 4 devices per process,
-runs `train` on the global mesh and prints one JSON line of losses; with
+runs `train` on the global mesh and prints one JSON line per step; with
 `--die_after_step N` process 1 exits abruptly after step N, and the others
 must fail (not hang) on their next collective.
 """
@@ -45,7 +45,8 @@ def _batch(step, sharding):
           for k, a in arrays.items()}
 
 
-def train(steps: int, die_after_step: int | None = None) -> list[float]:
+def train(steps: int, die_after_step: int | None = None,
+          report=lambda step, loss: None) -> list[float]:
   """Losses of `steps` sharded steps over all devices of all processes."""
   mesh = parallel.make_mesh(MESH)
   params = parallel.init_sharded(_init, jax.random.key(0), mesh)
@@ -57,6 +58,7 @@ def train(steps: int, die_after_step: int | None = None) -> list[float]:
   for i in range(steps):
     params, metrics = step(params, _batch(i, rows))
     losses.append(float(metrics["loss"].addressable_data(0)))
+    report(i, losses[-1])
     if i == die_after_step and jax.process_index() == 1:
       os._exit(17)  # no shutdown handshake: a crashed host
   return losses
@@ -75,10 +77,10 @@ def main(argv):
       args.coordinator, args.num_processes, args.process_id,
       local_cpu_devices=4, heartbeat_timeout_seconds=args.heartbeat_timeout,
       initialization_timeout=60, shutdown_timeout_seconds=10)
-  losses = train(args.steps, args.die_after_step)
-  print(json.dumps({"process": jax.process_index(),
-                    "devices": jax.device_count(), "losses": losses}),
-        flush=True)
+  report = lambda step, loss: print(json.dumps(
+      {"process": jax.process_index(), "devices": jax.device_count(),
+       "step": step, "loss": loss}), flush=True)
+  train(args.steps, args.die_after_step, report)
 
 
 if __name__ == "__main__":

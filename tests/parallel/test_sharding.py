@@ -83,19 +83,25 @@ def test_rules_not_divisible_replicate_and_say_so():
 
 def test_rules_apply_inside_optimizer_state_and_stages():
   mesh = parallel.make_mesh("pipe=2,tensor=2,fsdp=2")
-  layer = _layer()["mixer"]
-  stacked = jax.tree.map(lambda x: jnp.zeros((2, 3, *x.shape)), layer)
+  # The pipeline layout [repeats, stages, layers_per_stage, ...].
+  stacked = jax.tree.map(lambda x: jnp.zeros((3, 2, 1, *x.shape)), _layer())
+  stacked["mystery"] = jnp.zeros((3, 2, 1, 6))  # no rule
   state = ({"mu": {"stages": stacked}, "count": jnp.zeros((), jnp.int32)},)
-  specs = parallel.param_partition_specs(state, mesh)
-  assert specs[0]["mu"]["stages"]["wq"] == P("pipe", None, "fsdp", "tensor",
-                                             None)
-  assert specs[0]["count"] == P()
-  # Stage axis second (e.g. [repeats, stages, ...]).
+  specs = parallel.param_partition_specs(state, mesh)[0]
+  assert specs["mu"]["stages"]["mixer"]["wq"] == P(None, "pipe", None, "fsdp",
+                                                   "tensor", None)
+  assert specs["mu"]["stages"]["mixer_norm"]["scale"] == P(None, "pipe", None,
+                                                           None)
+  assert specs["mu"]["stages"]["mystery"] == P(None, "pipe", None, "fsdp")
+  assert specs["count"] == P()
+  # A plain [stages, ...] stack.
+  layer = _layer()["mixer"]
+  stacked = jax.tree.map(lambda x: jnp.zeros((2, *x.shape)), layer)
   specs = parallel.param_partition_specs({"stages": stacked}, mesh,
-                                         stage_axis=1)
-  assert specs["stages"]["wo"] == P(None, None, "tensor", None, "fsdp")
+                                         stage_axis=0)
+  assert specs["stages"]["wo"] == P("pipe", "tensor", None, "fsdp")
   with pytest.raises(ValueError, match="stage_axis"):
-    parallel.param_partition_specs({"stages": stacked}, mesh, stage_axis=2)
+    parallel.param_partition_specs({"stages": stacked}, mesh)
 
 
 def _init(key):
@@ -147,7 +153,7 @@ def test_shard_step_keeps_shardings():
 
 
 def test_every_model_param_has_a_rule():
-  """Each preset's leaves match a rule, except norm scales and scalars."""
+  """Each preset's leaves match a rule (so stage stacking finds their dims)."""
   mesh = parallel.make_mesh("fsdp=2,tensor=2,expert=2")
   for name in models.PRESETS:
     cfg = models.get_preset(name, d_model=32, num_heads=4, head_dim=8)
@@ -158,5 +164,5 @@ def test_every_model_param_has_a_rule():
     for path, leaf in flat:
       names = parallel.sharding.path_names(path)
       plan = parallel.plan_leaf(names, leaf.shape, sizes)
-      assert plan.rule != "-" or names[-1] in ("scale", "lower_bound"), names
+      assert plan.rule != "-", names
       assert not plan.notes, (names, plan.notes)
