@@ -227,27 +227,6 @@ def _stack_stats(stats):
   return jax.tree.map(lambda *x: jnp.stack(x), *stats) if stats else None
 
 
-def sequential_loss_fn(params, batch, model_cfg, loss_cfg):
-  """The unpipelined loss (reference): `models.forward` on the whole batch.
-
-  Args:
-    params: `models.init` layout (`"layers"`).
-    batch: {"inputs", "targets": int32 `[B, T]`, "mask": float32 `[B, T]`}.
-    model_cfg: the `ModelConfig`.
-    loss_cfg: see `total_loss`.
-
-  Returns:
-    `(loss, metrics)` as `total_loss`.
-  """
-  logits, aux = models.forward(params, batch["inputs"], model_cfg)
-  stats = _stack_stats([  # one "microbatch"
-      jax.tree.map(lambda x: x[None], MoEStats.from_aux(a))
-      for a in aux.moe if a is not None])
-  ce_sum = masked_ce_sum(logits, batch["targets"], batch["mask"])
-  return total_loss(ce_sum, jnp.sum(batch["mask"]), stats, model_cfg,
-                    loss_cfg)
-
-
 # ----------------------------------------------------------------- stages ---
 
 def _apply_stage(stage_params, h, block_cfgs):
@@ -617,8 +596,8 @@ def pipeline_grad_fn(model_cfg, loss_cfg, mesh, *, schedule: str = "gpipe",
                      num_microbatches: int, repeats: int = 1):
   """A pipelined `grad_fn(params, batch, rng) -> ((loss, metrics), grads)`.
 
-  Same contract as `jax.value_and_grad(loss_fn, has_aux=True)` of the
-  unpipelined loss (`sequential_loss_fn`), with params in the pipeline layout
+  Same contract as `jax.value_and_grad(training.loss_fn, has_aux=True)` of
+  the unpipelined loss, with params in the pipeline layout
   (`to_pipeline_params`: `params["stages"]`, stage axis 1 sharded over
   `pipe`) and grads in the same layout.
 
