@@ -227,27 +227,6 @@ def _stack_stats(stats):
   return jax.tree.map(lambda *x: jnp.stack(x), *stats) if stats else None
 
 
-def sequential_loss_fn(params, batch, model_cfg, loss_cfg):
-  """The unpipelined loss (reference): `models.forward` on the whole batch.
-
-  Args:
-    params: `models.init` layout (`"layers"`).
-    batch: {"inputs", "targets": int32 `[B, T]`, "mask": float32 `[B, T]`}.
-    model_cfg: the `ModelConfig`.
-    loss_cfg: see `total_loss`.
-
-  Returns:
-    `(loss, metrics)` as `total_loss`.
-  """
-  logits, aux = models.forward(params, batch["inputs"], model_cfg)
-  stats = _stack_stats([  # one "microbatch"
-      jax.tree.map(lambda x: x[None], MoEStats.from_aux(a))
-      for a in aux.moe if a is not None])
-  ce_sum = masked_ce_sum(logits, batch["targets"], batch["mask"])
-  return total_loss(ce_sum, jnp.sum(batch["mask"]), stats, model_cfg,
-                    loss_cfg)
-
-
 # ----------------------------------------------------------------- stages ---
 
 def _apply_stage(stage_params, h, block_cfgs):
@@ -270,10 +249,6 @@ def _embed(rest, tokens, cfg):
 def _head(rest, h, cfg):
   return models.head(models.cast_params(rest, models.compute_dtype(cfg)), h,
                      cfg)
-
-
-def _where(pred, tree, other):
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), tree, other)
 
 
 def _varying(tree):
@@ -359,8 +334,8 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
   """
   table, mesh = plan.table, plan.mesh
   num_stages, repeats = table.num_stages, table.repeats
-  stage0_mb = table.fwd_microbatch[:, 0]
-  tokens_T = _by_tick(tokens_MxBxT, stage0_mb)
+  tokens_T = _by_tick(tokens_MxBxT, table.fwd_microbatch[:, 0])
+  h_shape, _ = _stage_shapes(plan, params, tokens_T[0])
 
   def per_device(stages, rest, tokens_T, fwd_mb, fwd_rep):
     s = jax.lax.axis_index(PIPE_AXIS)
@@ -375,12 +350,11 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
                        h_recv)
       stage_params = jax.tree.map(lambda a: a[rep], local)
       h_out, stats = _apply_stage(stage_params, h_in, plan.block_cfgs)
-      stats = _where(valid, stats, jax.tree.map(jnp.zeros_like, stats))
+      stats = jax.tree.map(lambda x: jnp.where(valid, x, 0), stats)
       out = h_out if want_outputs else None
       return _rotate(h_out, num_stages, 1), (out, stats)
 
-    dummy = jax.eval_shape(lambda: _embed(rest, tokens_T[0], plan.model_cfg))
-    h0 = _zeros_varying(dummy)
+    h0 = _zeros_varying(h_shape)
     _, (outs, stats) = jax.lax.scan(jax.checkpoint(tick), h0,
                                     (tokens_T, fwd_mb, fwd_rep))
     return jax.tree.map(lambda a: a[None], (outs, stats))
@@ -442,6 +416,15 @@ def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
 
 # ------------------------------------------------------------ SPMD 1F1B ---
 
+def _stage_shapes(plan: _Plan, params, tokens_BxT):
+  """Shapes of a stage's input activation and of its `MoEStats` tuple."""
+  h = jax.eval_shape(_embed, _rest(params), tokens_BxT, plan.model_cfg)
+  stage = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
+  stats = jax.eval_shape(lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1],
+                         stage, h)
+  return h, stats
+
+
 def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
   """d loss / d `MoEStats` of one (MoE layer, microbatch) on each stage.
 
@@ -452,42 +435,30 @@ def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
   (from a forward-only counting pass), `d/d lbl = lbl_coef / M` for the
   other scopes, `d/d z = z_coef / M`.
   """
-  num_mb, cfg = plan.table.num_microbatches, plan.model_cfg
-  need_counts = cfg.lbl_scope == "global" and loss_cfg.lbl_coef != 0
-  if need_counts:
-    _, count_stats = _forward_pipeline(plan, jax.lax.stop_gradient(params),
-                                       tokens_MxBxT, want_outputs=False)
-    count_stats = jax.lax.stop_gradient(count_stats)
+  num_stages, num_mb = plan.table.num_stages, plan.table.num_microbatches
+  cfg = plan.model_cfg
+  global_lbl = cfg.lbl_scope == "global"
+  _, shapes = _stage_shapes(plan, params, tokens_MxBxT[0])
+  if global_lbl and loss_cfg.lbl_coef != 0:
+    _, counted = _forward_pipeline(plan, jax.lax.stop_gradient(params),
+                                   tokens_MxBxT, want_outputs=False)
   else:
-    count_stats = _forward_shapes(plan, params, tokens_MxBxT)
+    counted = (None,) * len(shapes)
+  full = lambda value: jnp.full((num_stages,), value, jnp.float32)
   cts = []
-  for st in count_stats:  # [S, M, ...] per MoE position (R = 1)
-    prob_ct = jnp.zeros(st.pieces.prob_sums.shape[:1]
-                        + st.pieces.prob_sums.shape[2:], jnp.float32)
-    if need_counts:
-      counts = jnp.sum(st.pieces.expert_counts, axis=1)
+  for shape, st in zip(shapes, counted, strict=True):
+    prob_ct = jnp.zeros((num_stages,) + shape.pieces.prob_sums.shape,
+                        jnp.float32)
+    if st is not None:  # [S, M, ...]: R = 1
+      counts = jax.lax.stop_gradient(jnp.sum(st.pieces.expert_counts, 1))
       f = counts / jnp.sum(counts, axis=-1, keepdims=True)
       num_tokens = jnp.sum(st.pieces.num_tokens, axis=1)[:, None]
       prob_ct = loss_cfg.lbl_coef * counts.shape[-1] * f / num_tokens
-    lbl_ct = 0.0 if cfg.lbl_scope == "global" else loss_cfg.lbl_coef / num_mb
-    num = prob_ct.shape[0]
     cts.append(MoEStats(
-        moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct,
-                          jnp.zeros((num,), jnp.float32)),
-        jnp.full((num,), lbl_ct, jnp.float32),
-        jnp.full((num,), loss_cfg.z_coef / num_mb, jnp.float32),
-        jnp.zeros((num,), jnp.float32)))
+        moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct, full(0.0)),
+        full(0.0 if global_lbl else loss_cfg.lbl_coef / num_mb),
+        full(loss_cfg.z_coef / num_mb), full(0.0)))
   return tuple(cts)
-
-
-def _forward_shapes(plan: _Plan, params, tokens_MxBxT):
-  """Zero `MoEStats` `[S, M, ...]` per MoE position (shapes only)."""
-  h = jax.eval_shape(_embed, _rest(params), tokens_MxBxT[0], plan.model_cfg)
-  stage = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
-  stats = jax.eval_shape(lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1],
-                         stage, h)
-  lead = (plan.table.num_stages, plan.table.num_microbatches)
-  return jax.tree.map(lambda a: jnp.zeros(lead + a.shape, a.dtype), stats)
 
 
 def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
@@ -513,11 +484,7 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       _by_tick(mbs["targets"], table.bwd_microbatch[:, -1]),
       _by_tick(mbs["mask"], table.bwd_microbatch[:, -1]),
       jnp.asarray(table.fwd_microbatch), jnp.asarray(table.bwd_microbatch))
-  h_shape = jax.eval_shape(_embed, _rest(params), tick_xs[0][0], cfg)
-  stage_shapes = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
-  stats_shape = jax.eval_shape(
-      lambda p, h: _apply_stage(p, h, plan.block_cfgs)[1], stage_shapes,
-      h_shape)
+  h_shape, stats_shape = _stage_shapes(plan, params, tick_xs[0][0])
 
   def per_device(stages, rest, stat_cts, tick_xs):
     s = jax.lax.axis_index(PIPE_AXIS)
@@ -629,8 +596,8 @@ def pipeline_grad_fn(model_cfg, loss_cfg, mesh, *, schedule: str = "gpipe",
                      num_microbatches: int, repeats: int = 1):
   """A pipelined `grad_fn(params, batch, rng) -> ((loss, metrics), grads)`.
 
-  Same contract as `jax.value_and_grad(loss_fn, has_aux=True)` of the
-  unpipelined loss (`sequential_loss_fn`), with params in the pipeline layout
+  Same contract as `jax.value_and_grad(training.loss_fn, has_aux=True)` of
+  the unpipelined loss, with params in the pipeline layout
   (`to_pipeline_params`: `params["stages"]`, stage axis 1 sharded over
   `pipe`) and grads in the same layout.
 

@@ -1,4 +1,4 @@
-"""Pipelined model == sequential model: loss, metrics and gradients.
+"""Pipelined model == `training.loss_fn`: loss, metrics and gradients.
 
 Every schedule (gpipe, circular R=2, SPMD 1f1b) over S in {2, 4} and M in
 {S, 2S, 3S}, on a tiny MoE model with the exact global-batch LBL (so bubble
@@ -8,7 +8,6 @@ largest entry.
 """
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,17 +16,11 @@ import pytest
 
 from lightning_jax import models
 from lightning_jax import parallel
+from lightning_jax import training
 from lightning_jax.parallel import pipeline
 
 _BATCH, _SEQ, _VOCAB = 24, 8, 32
-
-
-class _LossConfig(NamedTuple):  # the fields of training.LossConfig
-  lbl_coef: float = 0.1
-  z_coef: float = 0.01
-
-
-_LOSS_CFG = _LossConfig()
+_LOSS_CFG = training.LossConfig(lbl_coef=0.1, z_coef=0.01)
 
 
 def _model(num_layers, **overrides):
@@ -50,14 +43,15 @@ def _batch():
 
 @functools.cache
 def _reference(num_layers):
-  """Params, batch and the unpipelined ((loss, metrics), grads)."""
+  """Params, batch and ((loss, metrics), grads) of `training.loss_fn`."""
   cfg = _model(num_layers)
   params = models.init(jax.random.key(num_layers), cfg)
   batch = _batch()
   grad_fn = jax.value_and_grad(
-      functools.partial(pipeline.sequential_loss_fn, model_cfg=cfg,
-                        loss_cfg=_LOSS_CFG), has_aux=True)
-  return cfg, params, batch, jax.jit(grad_fn)(params, batch)
+      functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=_LOSS_CFG),
+      has_aux=True)
+  return cfg, params, batch, jax.jit(grad_fn)(params, batch,
+                                              jax.random.key(0))
 
 
 def _assert_same(got, want):
@@ -77,7 +71,9 @@ def _assert_same(got, want):
 
 
 def _pipe_mesh(num_stages):
-  return parallel.make_mesh({"data": 8 // num_stages, "pipe": num_stages})
+  """`pipe` alone (compiles faster; mixed meshes are tested below)."""
+  return parallel.make_mesh({"pipe": num_stages},
+                            devices=jax.devices()[:num_stages])
 
 
 @pytest.mark.parametrize("schedule,repeats", [
