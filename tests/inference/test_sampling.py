@@ -84,7 +84,7 @@ def test_low_temperature_tends_to_greedy():
   top = [jax.nn.softmax(inference.sampling.processed_logits(
       logits, inference.SamplingConfig(t)), axis=-1).max(axis=-1)
          for t in (1.0, 0.1, 0.01, 1e-4)]
-  for hot, cold in zip(top, top[1:]):
+  for hot, cold in zip(top[:-1], top[1:], strict=True):
     assert np.all(cold >= hot - 1e-6)  # the argmax mass grows as t falls
   np.testing.assert_allclose(top[-1], 1.0, atol=1e-5)
 
