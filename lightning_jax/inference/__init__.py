@@ -20,3 +20,8 @@ from lightning_jax.inference.snapkv import compress as snapkv_compress
 from lightning_jax.inference.snapkv import observation_scores
 from lightning_jax.inference.snapkv import pool1d
 from lightning_jax.inference.snapkv import select as snapkv_select
+from lightning_jax.inference.decode import decode_step
+from lightning_jax.inference.decode import DecodeState
+from lightning_jax.inference.decode import generate
+from lightning_jax.inference.decode import prefill
+from lightning_jax.inference.decode import prefill_jit
