@@ -237,7 +237,7 @@ _sample = jax.jit(sampling.sample, static_argnums=2)
 
 def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
              max_new_tokens: int, key,
-             sampling_cfg: sampling.SamplingConfig = sampling.SamplingConfig(),
+             sampling_cfg: sampling.SamplingConfig | None = None,
              snapkv: snapkv_lib.SnapKVConfig | None = None,
              on_tokens=None):
   """Samples `max_new_tokens` tokens after each row's prompt.
@@ -249,7 +249,7 @@ def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
     cfg: the model config.
     max_new_tokens: tokens to generate per row.
     key: PRNG key; new token i is drawn with `fold_in(key, i)`.
-    sampling_cfg: the sampling rule.
+    sampling_cfg: the sampling rule (default: temperature 1, no truncation).
     snapkv: optional SnapKV compression of the prompt caches.
     on_tokens: optional callback `(i, tokens [batch] numpy)`, called as soon
       as new token i is sampled (streaming).
@@ -259,6 +259,7 @@ def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
   """
   max_new_tokens = _checks.check_positive_int("max_new_tokens",
                                               max_new_tokens)
+  sampling_cfg = sampling_cfg or sampling.SamplingConfig()
   logits, state = prefill_jit(params, tokens_BxT, lengths_B, cfg,
                               tokens_BxT.shape[1] + max_new_tokens,
                               snapkv=snapkv)
