@@ -23,5 +23,6 @@ from lightning_jax.inference.snapkv import select as snapkv_select
 from lightning_jax.inference.decode import decode_step
 from lightning_jax.inference.decode import DecodeState
 from lightning_jax.inference.decode import generate
+from lightning_jax.inference.decode import generate_stream
 from lightning_jax.inference.decode import prefill
 from lightning_jax.inference.decode import prefill_jit

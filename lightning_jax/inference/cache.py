@@ -244,5 +244,6 @@ def ring_cache_attention(cache: RingKVCache, q_BxHxD, *,
 
 
 def cache_bytes(tree) -> int:
-  """Bytes held by the arrays of a cache pytree."""
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  """Bytes held by the arrays (or `jax.ShapeDtypeStruct`s) of a cache."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))

@@ -235,12 +235,11 @@ prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_len", "snapkv"))
 _sample = jax.jit(sampling.sample, static_argnums=2)
 
 
-def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
-             max_new_tokens: int, key,
-             sampling_cfg: sampling.SamplingConfig | None = None,
-             snapkv: snapkv_lib.SnapKVConfig | None = None,
-             on_tokens=None):
-  """Samples `max_new_tokens` tokens after each row's prompt.
+def generate_stream(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
+                    max_new_tokens: int, key,
+                    sampling_cfg: sampling.SamplingConfig | None = None,
+                    snapkv: snapkv_lib.SnapKVConfig | None = None):
+  """Yields each row's next token, `[batch]` numpy int32, as it is sampled.
 
   Args:
     params: model params.
@@ -251,11 +250,11 @@ def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
     key: PRNG key; new token i is drawn with `fold_in(key, i)`.
     sampling_cfg: the sampling rule (default: temperature 1, no truncation).
     snapkv: optional SnapKV compression of the prompt caches.
-    on_tokens: optional callback `(i, tokens [batch] numpy)`, called as soon
-      as new token i is sampled (streaming).
 
-  Returns:
-    int32 `[batch, max_new_tokens]`.
+  Example:
+    >>> for tokens in generate_stream(params, prompt, lengths, cfg,
+    ...                               max_new_tokens=16, key=key):
+    ...   print(tokens)
   """
   max_new_tokens = _checks.check_positive_int("max_new_tokens",
                                               max_new_tokens)
@@ -263,12 +262,15 @@ def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
   logits, state = prefill_jit(params, tokens_BxT, lengths_B, cfg,
                               tokens_BxT.shape[1] + max_new_tokens,
                               snapkv=snapkv)
-  out = []
   for i in range(max_new_tokens):
     tokens = _sample(jax.random.fold_in(key, i), logits, sampling_cfg)
     if i + 1 < max_new_tokens:
       logits, state = decode_step(params, state, tokens, cfg)
-    out.append(tokens)
-    if on_tokens is not None:
-      on_tokens(i, jax.device_get(tokens))
-  return jnp.stack(out, axis=1)
+    yield jax.device_get(tokens)
+
+
+def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
+             **kwargs):
+  """`generate_stream` collected: int32 `[batch, max_new_tokens]`."""
+  return jnp.stack(list(generate_stream(params, tokens_BxT, lengths_B, cfg,
+                                        **kwargs)), axis=1)
