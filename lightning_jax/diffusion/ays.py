@@ -293,7 +293,7 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
   costs = [schedule_cost(interval_cost, s)]
   validation = [] if validation_fn is None else [float(validation_fn(s))]
   best, since_best, sweeps, zoom = s.copy(), 0, 0, 1.0
-  for sweeps in range(1, max_sweeps + 1):
+  for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (read after the loop)
     for parity in (1, 0):
       idx = np.flatnonzero(mask & (np.arange(m) % 2 == parity))
       if idx.size == 0:

@@ -10,13 +10,6 @@ from lightning_jax.layers.mlp import init_mlp
 from lightning_jax.layers.mlp import mlp
 from lightning_jax.layers.mlp import MLPConfig
 from lightning_jax.layers.moa_profile import attention_influence
-from lightning_jax.layers.moa_profile import attention_lm_loss
-from lightning_jax.layers.moa_profile import attention_lm_loss_probed
-from lightning_jax.layers.moa_profile import AttentionLMConfig
-from lightning_jax.layers.moa_profile import init_attention_lm
-from lightning_jax.layers.moa_profile import PlanSearch
-from lightning_jax.layers.moa_profile import profile_attention_lm
-from lightning_jax.layers.moa_profile import search_attention_lm_plan
 from lightning_jax.layers.moe import init_mh_moe
 from lightning_jax.layers.moe import init_moe
 from lightning_jax.layers.moe import MHMoEConfig
@@ -24,3 +17,16 @@ from lightning_jax.layers.moe import mh_moe
 from lightning_jax.layers.moe import moe
 from lightning_jax.layers.moe import MoEAux
 from lightning_jax.layers.moe import MoEConfig
+from lightning_jax.layers.norms import init_rms_norm
+from lightning_jax.layers.norms import rms_norm
+from lightning_jax.layers.norms import simple_rms_norm
+from lightning_jax.layers.recurrent import init_recurrent
+from lightning_jax.layers.recurrent import init_recurrent_state
+from lightning_jax.layers.recurrent import recurrent_layer
+from lightning_jax.layers.recurrent import RecurrentConfig
+from lightning_jax.layers.recurrent import RecurrentState
+from lightning_jax.layers.recurrent import short_conv
+from lightning_jax.layers.recurrent import IMPLS as RECURRENT_IMPLS
+from lightning_jax.layers.recurrent import KINDS as RECURRENT_KINDS
+from lightning_jax.layers.attention import IMPLS as ATTENTION_IMPLS
+from lightning_jax.layers.mlp import dense_init

@@ -1,25 +1,31 @@
-"""MoA profile: influence == finite differences of the loss on a tiny LM."""
+"""MoA profile: influence == finite differences of the loss on a tiny
+hybrid model; the search meets the budget and the plan runs as MoA layers."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lightning_jax import layers
+from lightning_jax import models
 from lightning_jax import ops
+from lightning_jax.models import moa_profile
 
 SEQ, HEADS = 8, 2
-CFG = layers.AttentionLMConfig(
-    vocab_size=11, num_layers=2,
-    attention=layers.AttentionConfig(d_model=16, num_heads=HEADS,
-                                     num_kv_heads=1, head_dim=8,
-                                     impl="reference"))
-PARAMS = layers.init_attention_lm(jax.random.key(0), CFG)
+# Attention, DeltaNet, attention: plan rows are the two attention layers.
+CFG = models.get_preset(
+    "transformer", vocab_size=11, num_layers=3,
+    pattern=("attention", "deltanet"), d_model=16, num_heads=HEADS,
+    num_kv_heads=1, head_dim=8, d_ff=16, chunk_size=4,
+    attention_impl="reference")
+PARAMS = models.init(jax.random.key(0), CFG)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, SEQ)))
 
 _loss_probed = jax.jit(
-    lambda probes: layers.attention_lm_loss_probed(PARAMS, TOKENS, CFG,
-                                                   probes))
-_profile = jax.jit(lambda: layers.profile_attention_lm(PARAMS, TOKENS, CFG, 1))
+    lambda probes: moa_profile.loss_probed(PARAMS, TOKENS, CFG, probes))
+_profile = jax.jit(lambda: moa_profile.profile_model(PARAMS, TOKENS, CFG, 1))
 
 
 def _removal(a_BxHxTxT, head, i, j):
@@ -39,8 +45,9 @@ def test_influence_matches_finite_differences():
   for layer, head, i, j in [(0, 0, 5, 2), (0, 1, 6, 0), (1, 0, 3, 3),
                             (1, 1, 6, 4), (1, 1, 2, 0)]:
     delta = _removal(weights[layer], head, i, j)
-    probes = lambda s: [jnp.asarray(s * delta, jnp.float32) if l == layer
-                        else zeros[l] for l in range(2)]
+    probes = lambda s, delta=delta, layer=layer: [
+        jnp.asarray(s * delta, jnp.float32) if n == layer else zeros[n]
+        for n in range(2)]
     # Derivative of the loss along the removal: central differences.
     fd = (_loss_probed(probes(eps))[0] - _loss_probed(probes(-eps))[0]) / (
         2 * eps)
@@ -68,12 +75,12 @@ def test_blocks_sum_elements():
   np.testing.assert_allclose(coarse, want, rtol=1e-5, atol=1e-6)
 
 
-def test_search_plan_meets_the_budget_and_predicts_the_loss():
+def test_search_plan_meets_the_budget_and_runs_as_moa_layers():
   rng = np.random.default_rng(3)
   calibration = {n: jnp.asarray(rng.integers(0, 11, (2, n))) for n in (8, 16)}
   candidates = [(1.0, 0.0), (2.0, 0.25), (0.0, 1.0)]
-  found = layers.search_attention_lm_plan(PARAMS, CFG, calibration,
-                                          candidates, budget=0.6, block=4)
+  found = moa_profile.search_plan(PARAMS, CFG, calibration, candidates,
+                                  budget=0.6, block=4)
   assert found.lengths == (8, 16)
   assert found.plan.num_layers == 2
   assert np.all(found.density_NxLxH.mean((1, 2)) <= 0.6 + 1e-9)
@@ -85,3 +92,18 @@ def test_search_plan_meets_the_budget_and_predicts_the_loss():
       np.testing.assert_allclose(
           found.density_NxLxH[n_idx, layer],
           ops.moa_density(found.plan.windows(layer, n), n))
+  # The plan drives the model's attention layers as MoA layers; its loss
+  # change is finite and an all-dense plan changes nothing.
+  increase = moa_profile.plan_loss_increase(PARAMS, CFG, found.plan,
+                                            calibration[16])
+  assert np.isfinite(increase)
+  dense = ops.MoAPlan(((16.0, 16.0),) * 2, ((0.0, 0.0),) * 2)
+  assert abs(moa_profile.plan_loss_increase(PARAMS, CFG, dense,
+                                            calibration[16])) < 1e-5
+
+
+def test_profile_needs_dense_attention():
+  with pytest.raises(ValueError, match="no softmax-attention"):
+    moa_profile.profile_model(PARAMS, TOKENS,
+                              dataclasses.replace(CFG, pattern=("deltanet",)),
+                              4)

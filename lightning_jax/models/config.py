@@ -1,0 +1,243 @@
+"""Model configuration: the block pattern, layer-wise scaling and per-layer
+block configs."""
+
+import dataclasses
+import pathlib
+
+from lightning_jax import _checks
+from lightning_jax import layers
+from lightning_jax import ops
+
+MIXERS = ("attention", "moa") + layers.RECURRENT_KINDS
+FFNS = ("mlp", "moe", "mhmoe")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder LM: embedding, `num_layers` pre-norm blocks, head.
+
+  Layer l uses mixer `pattern[l % len(pattern)]` and channel mixer
+  `ffn_pattern[l % len(ffn_pattern)]`: `pattern=("deltanet",) * 3 +
+  ("attention",)` gives three DeltaNet layers then one attention layer,
+  repeated.
+
+  Attributes:
+    vocab_size: vocabulary size V.
+    d_model: residual width D.
+    num_layers: number of blocks L.
+    pattern: token mixers, among `MIXERS`, cycled over layers.
+    ffn_pattern: channel mixers, among `FFNS`, cycled over layers.
+    num_heads: heads of every mixer (the last layer's with layer-wise
+      scaling).
+    num_kv_heads: key/value heads of attention (GQA); None = `num_heads`.
+    head_dim: per-head width (key width of recurrent mixers).
+    d_ff: hidden width of the MLP (the last layer's with layer-wise scaling).
+    layerwise_heads: OpenELM (Mehta et al., 2024, arXiv 2404.14619) scaling
+      `(alpha_min, alpha_max)`: layer l has `alpha_l * d_model / head_dim`
+      heads, `alpha_l` linear in l from min to max. None: `num_heads`.
+    layerwise_ffn: OpenELM `(beta_min, beta_max)`: layer l's MLP width is
+      `beta_l * d_model`. None: `d_ff`.
+    conv_size: short-conv kernel of DeltaNet / Gated DeltaNet (0 disables).
+    chunk_size: chunk of the linear-recurrence kernels.
+    recurrent_impl: "chunked" or "recurrent".
+    attention_impl: "blocked" or "reference".
+    rope_theta: RoPE base of attention mixers.
+    window: sliding window of "attention" mixers (None: full causal).
+    sink: attention-sink tokens with `window` or a MoA plan.
+    moa_plan: path of a MoA plan JSON (`ops.MoAPlan`); required by "moa"
+      mixers. Its rows are the softmax-attention layers in order: the i-th
+      "attention" / "moa" layer uses row i (every row of a pure
+      transformer, as the MoA authors' plans).
+    num_experts, top_k, moe_d_ff, router_score: MoE channel mixers (dropless
+      top-k GLU experts).
+    lbl_scope: load-balancing loss scope, "sequence", "micro" or "global".
+      With "global" the layers report micro-batch pieces
+      (`MoEAux.lbl_pieces`) and the loss assembles the exact global-batch
+      LBL from them (docs/moe.md).
+    mhmoe_heads: sub-tokens per token of "mhmoe" channel mixers.
+    parallel_block: attention and FFN read the same normed input and add to
+      the residual together (GPT-J / BAM form) instead of in sequence.
+    tie_embeddings: the head is the embedding transposed.
+    dtype: compute dtype ("float32" or "bfloat16"); params stay float32,
+      logits are float32.
+    norm_eps: RMSNorm epsilon.
+    remat: rematerialise each block in the backward pass.
+  """
+  vocab_size: int = 256
+  d_model: int = 128
+  num_layers: int = 4
+  pattern: tuple[str, ...] = ("deltanet", "deltanet", "deltanet", "attention")
+  ffn_pattern: tuple[str, ...] = ("mlp",)
+  num_heads: int = 4
+  num_kv_heads: int | None = None
+  head_dim: int = 32
+  d_ff: int = 384
+  layerwise_heads: tuple[float, float] | None = None
+  layerwise_ffn: tuple[float, float] | None = None
+  conv_size: int = 4
+  chunk_size: int = 64
+  recurrent_impl: str = "chunked"
+  attention_impl: str = "blocked"
+  rope_theta: float = 10_000.0
+  window: int | None = None
+  sink: int = 0
+  moa_plan: str | None = None
+  num_experts: int = 8
+  top_k: int = 2
+  moe_d_ff: int = 128
+  router_score: str = "softmax"
+  lbl_scope: str = "global"
+  mhmoe_heads: int = 2
+  parallel_block: bool = False
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  norm_eps: float = 1e-6
+  remat: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads",
+                 "head_dim", "d_ff", "chunk_size", "num_experts", "top_k",
+                 "moe_d_ff", "mhmoe_heads"):
+      _checks.check_positive_int(name, getattr(self, name))
+    for name, allowed in (("pattern", MIXERS), ("ffn_pattern", FFNS)):
+      value = getattr(self, name)
+      if not isinstance(value, tuple) or not value:
+        raise ValueError(f"`{name}` must be a non-empty tuple, got {value!r}.")
+      for item in value:
+        _checks.check_choice(name, item, allowed)
+    _checks.check_choice("dtype", self.dtype, DTYPES)
+    _checks.check_choice("recurrent_impl", self.recurrent_impl,
+                         layers.RECURRENT_IMPLS)
+    _checks.check_choice("attention_impl", self.attention_impl,
+                         layers.ATTENTION_IMPLS)
+    kv = self.num_kv_heads or self.num_heads
+    if self.num_heads % kv:
+      raise ValueError(f"`num_kv_heads` ({kv}) must divide `num_heads` "
+                       f"({self.num_heads}).")
+    for name in ("layerwise_heads", "layerwise_ffn"):
+      bounds = getattr(self, name)
+      if bounds is not None and not (len(bounds) == 2
+                                     and 0 < bounds[0] <= bounds[1]):
+        raise ValueError(f"`{name}` must be (min, max) with 0 < min <= max, "
+                         f"got {bounds!r}.")
+    if "moa" in self.pattern and self.moa_plan is None:
+      raise ValueError('`moa_plan` (a plan JSON path) is required by "moa" '
+                       "mixers in `pattern`.")
+
+  @property
+  def mixers(self) -> tuple[str, ...]:
+    """The token mixer of each layer."""
+    return tuple(self.pattern[i % len(self.pattern)]
+                 for i in range(self.num_layers))
+
+  @property
+  def attention_layers(self) -> tuple[int, ...]:
+    """Indices of the softmax-attention ("attention" / "moa") layers."""
+    return tuple(i for i, m in enumerate(self.mixers)
+                 if m in ("attention", "moa"))
+
+  @property
+  def ffns(self) -> tuple[str, ...]:
+    """The channel mixer of each layer."""
+    return tuple(self.ffn_pattern[i % len(self.ffn_pattern)]
+                 for i in range(self.num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+  """Static config of one block.
+
+  Attributes:
+    mixer: `AttentionConfig` or `RecurrentConfig`.
+    ffn: `MLPConfig`, `MoEConfig` or `MHMoEConfig`.
+    parallel: the parallel-block form.
+    norm_eps: RMSNorm epsilon.
+  """
+  mixer: layers.AttentionConfig | layers.RecurrentConfig
+  ffn: layers.MLPConfig | layers.MoEConfig | layers.MHMoEConfig
+  parallel: bool = False
+  norm_eps: float = 1e-6
+
+
+def _linear(bounds, layer: int, num_layers: int) -> float:
+  lo, hi = bounds
+  return lo if num_layers == 1 else lo + (hi - lo) * layer / (num_layers - 1)
+
+
+def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+  """`(num_heads, num_kv_heads, d_ff)` of each layer (OpenELM scaling).
+
+  Heads round to a multiple of the GQA group size `num_heads /
+  num_kv_heads`; the group size stays fixed across layers.
+  """
+  group = cfg.num_heads // (cfg.num_kv_heads or cfg.num_heads)
+  widths = []
+  for layer in range(cfg.num_layers):
+    heads, d_ff = cfg.num_heads, cfg.d_ff
+    if cfg.layerwise_heads is not None:
+      alpha = _linear(cfg.layerwise_heads, layer, cfg.num_layers)
+      heads = max(group, group * round(alpha * cfg.d_model / cfg.head_dim
+                                       / group))
+    if cfg.layerwise_ffn is not None:
+      d_ff = max(1, round(_linear(cfg.layerwise_ffn, layer, cfg.num_layers)
+                          * cfg.d_model))
+    widths.append((heads, heads // group, d_ff))
+  return widths
+
+
+def _moa_rules(cfg: ModelConfig, layer: int, heads: int):
+  plan = ops.MoAPlan.from_json(pathlib.Path(cfg.moa_plan).read_text())
+  row = cfg.attention_layers.index(layer)
+  if row >= plan.num_layers or len(plan.alphas[row]) != heads:
+    raise ValueError(
+        f"`moa_plan` {cfg.moa_plan} has {plan.num_layers} rows x "
+        f"{[len(a) for a in plan.alphas]} heads; attention layer {row} "
+        f"(layer {layer}) needs {heads} heads.")
+  return plan.alphas[row], plan.betas[row]
+
+
+def _mixer_config(cfg: ModelConfig, kind: str, layer: int, heads: int,
+                  kv_heads: int):
+  if kind in ("attention", "moa"):
+    rules = {}
+    if kind == "moa":
+      alphas, betas = _moa_rules(cfg, layer, heads)
+      rules = dict(moa_alphas=alphas, moa_betas=betas)
+    return layers.AttentionConfig(
+        cfg.d_model, heads, kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
+        window=cfg.window if kind == "attention" else None, sink=cfg.sink,
+        impl=cfg.attention_impl, **rules)
+  conv = cfg.conv_size if kind in ("deltanet", "gated_deltanet") else 0
+  return layers.RecurrentConfig(
+      kind, cfg.d_model, heads, cfg.head_dim, conv_size=conv,
+      chunk_size=cfg.chunk_size, impl=cfg.recurrent_impl,
+      norm_eps=cfg.norm_eps)
+
+
+def _ffn_config(cfg: ModelConfig, kind: str, d_ff: int):
+  if kind == "mlp":
+    return layers.MLPConfig(cfg.d_model, d_ff)
+  moe = layers.MoEConfig(
+      cfg.d_model, cfg.moe_d_ff, cfg.num_experts, top_k=cfg.top_k,
+      score=cfg.router_score,
+      lbl_scope="sequence" if cfg.lbl_scope == "sequence" else "micro")
+  if kind == "moe":
+    return moe
+  return layers.MHMoEConfig(cfg.mhmoe_heads, moe)
+
+
+def block_configs(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
+  """The static `BlockConfig` of each layer.
+
+  Example:
+    >>> [type(b.mixer).__name__ for b in block_configs(ModelConfig())]
+    ['RecurrentConfig', 'RecurrentConfig', 'RecurrentConfig', 'AttentionConfig']
+  """
+  return tuple(
+      BlockConfig(_mixer_config(cfg, kind, layer, heads, kv),
+                  _ffn_config(cfg, ffn, d_ff), cfg.parallel_block,
+                  cfg.norm_eps)
+      for layer, (kind, ffn, (heads, kv, d_ff)) in enumerate(
+          zip(cfg.mixers, cfg.ffns, layer_widths(cfg), strict=True)))
+

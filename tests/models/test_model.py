@@ -1,0 +1,129 @@
+"""Models: causality of every mixer, block pattern, layer-wise scaling,
+presets, parallel blocks, dtypes and errors."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightning_jax import layers
+from lightning_jax import models
+
+SMALL = dict(vocab_size=32, d_model=16, num_heads=2, head_dim=8, d_ff=24,
+             moe_d_ff=8, num_experts=4, chunk_size=4)
+
+
+def _small(name="tiny-hybrid", **overrides):
+  return models.get_preset(name, **{**SMALL, **overrides})
+
+
+def _moa_plan(tmp_path, num_layers, heads):
+  path = tmp_path / "plan.json"
+  path.write_text(json.dumps({"alphas": [[2.0] * heads] * num_layers,
+                              "betas": [[0.25] * heads] * num_layers}))
+  return str(path)
+
+
+MIXER_FFNS = [("attention", "mlp"), ("moa", "mlp"), ("lightning", "moe"),
+              ("deltanet", "mlp"), ("gated_deltanet", "mhmoe"),
+              ("hgrn2", "mlp")]
+
+
+@pytest.mark.parametrize("mixer,ffn", MIXER_FFNS)
+def test_every_mixer_is_causal(mixer, ffn, tmp_path):
+  """d logits[:, t] / d inputs[:, s] is exactly 0 for every s > t."""
+  plan = _moa_plan(tmp_path, 1, 2) if mixer == "moa" else None
+  cfg = _small(pattern=(mixer,), ffn_pattern=(ffn,), num_layers=1,
+               moa_plan=plan)
+  params = models.init(jax.random.key(0), cfg)
+  block = models.block_configs(cfg)[0]
+  t = 6
+
+  @jax.jit
+  def grad_wrt_inputs(h):
+    def logit_sum(h):
+      out, _ = models.apply_block(params["layers"][0], h, block)
+      return jnp.sum(models.head(params, out, cfg)[:, t])
+    return jax.grad(logit_sum)(h)
+
+  h = jax.random.normal(jax.random.key(1), (2, 13, cfg.d_model))
+  g = grad_wrt_inputs(h)
+  assert np.all(g[:, t + 1:] == 0.0), f"{mixer}: future leaks into t={t}"
+  assert np.any(g[:, :t + 1] != 0.0)
+
+
+def test_pattern_repeats_and_layerwise_scaling_grows_widths():
+  cfg = _small(pattern=("deltanet", "deltanet", "attention"), num_layers=6,
+               d_model=32, num_heads=4, layerwise_heads=(0.5, 1.0),
+               layerwise_ffn=(0.5, 4.0))
+  assert cfg.mixers == ("deltanet", "deltanet", "attention") * 2
+  widths = models.layer_widths(cfg)
+  heads = [w[0] for w in widths]
+  d_ffs = [w[2] for w in widths]
+  # OpenELM: alpha from 0.5 to 1 of d_model / head_dim = 4 heads; beta from
+  # 0.5 to 4 of d_model = 32.
+  assert heads == [2, 2, 3, 3, 4, 4] and d_ffs == [16, 38, 61, 83, 106, 128]
+  params = models.init(jax.random.key(0), cfg)
+  assert params["layers"][5]["mixer"]["wq"].shape == (32, 4, 8)
+  assert params["layers"][2]["mixer"]["wk"].shape == (32, 3, 8)
+  assert params["layers"][0]["ffn"]["w_up"].shape == (32, 16)
+  logits, _ = jax.eval_shape(lambda p, x: models.forward(p, x, cfg), params,
+                             jnp.zeros((1, 5), jnp.int32))
+  assert logits.shape == (1, 5, 32)
+
+
+def test_moe_aux_per_layer_and_parallel_block():
+  cfg = _small("moe-hybrid", num_layers=2, parallel_block=True)
+  params = models.init(jax.random.key(0), cfg)
+  assert "ffn_norm" not in params["layers"][0]
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+  logits, aux = jax.jit(models.forward, static_argnums=2)(params, tokens, cfg)
+  assert len(aux.moe) == 2
+  assert aux.moe[0].lbl_pieces.expert_counts.shape == (4,)
+  np.testing.assert_allclose(jnp.sum(aux.moe[0].lbl_pieces.expert_counts),
+                             2 * 8 * cfg.top_k)
+  assert logits.dtype == jnp.float32
+
+
+def test_bf16_compute_close_to_fp32_and_untied_head():
+  cfg = _small("transformer", num_layers=2, tie_embeddings=False)
+  params = models.init(jax.random.key(0), cfg)
+  assert params["unembed"].shape == (16, 32)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 32)
+  fwd = jax.jit(models.forward, static_argnums=2)
+  ref, _ = fwd(params, tokens, cfg)
+  got, _ = fwd(params, tokens, dataclasses.replace(cfg, dtype="bfloat16"))
+  assert got.dtype == jnp.float32
+  # bf16 activations: 3% of the logit scale.
+  np.testing.assert_allclose(got, ref, atol=0.03 * float(jnp.std(ref)) + 0.02)
+
+
+def test_presets_exist_and_errors_name_the_field():
+  for name in ("tiny-hybrid", "tnl", "deltanet", "transformer", "moe-hybrid"):
+    assert name in models.PRESETS
+  assert models.get_preset("moe-hybrid").lbl_scope == "global"
+  with pytest.raises(ValueError, match="preset"):
+    models.get_preset("gpt5")
+  with pytest.raises(ValueError, match="d_modle"):
+    models.get_preset("tnl", d_modle=3)
+  with pytest.raises(ValueError, match="pattern"):
+    models.ModelConfig(pattern=("rwkv",))
+  with pytest.raises(ValueError, match="moa_plan"):
+    models.ModelConfig(pattern=("moa",))
+  with pytest.raises(ValueError, match="layerwise_heads"):
+    models.ModelConfig(layerwise_heads=(1.0, 0.5))
+  with pytest.raises(ValueError, match="tokens_BxT"):
+    models.embed({"embed": jnp.ones((4, 2))}, jnp.ones((2, 3)), _small())
+
+
+def test_recurrent_layers_of_a_kind_stack():
+  """Same kind => same param structure and shapes (pipeline stages)."""
+  cfg = _small("tnl", num_layers=3)
+  params = models.init(jax.random.key(0), cfg)
+  structs = {jax.tree.structure(p) for p in params["layers"]}
+  assert len(structs) == 1
+  assert len({b for b in models.block_configs(cfg)}) == 1
+  assert isinstance(models.block_configs(cfg)[0].mixer, layers.RecurrentConfig)
