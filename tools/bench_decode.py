@@ -12,10 +12,12 @@ noisy machine:
    `jax.eval_shape`, checked against a real prefill at the first L) and
    lengths / positions set to L; its values are zeros, which does not
    change the work of a decode step, so no 16k-token prefill is needed.
-2. One linear-recurrence layer's decode step (projections, short conv,
-   state update, output norm and gate) against a bare state update of the
-   same `[batch, heads, Dk, Dv]` state, `S <- a S + k v^T, o = S^T q`: the
-   memory-bandwidth floor of a recurrent decode step.
+2. The decode step of a linear recurrence against a bare state update of
+   the same `[batch, heads, Dk, Dv]` state, `S <- a S + k v^T, o = S^T q`
+   (the memory-bandwidth floor of a recurrent decode step): the recurrence
+   op alone (`ops.delta_rule` / `ops.linear_attention`, `impl="recurrent"`,
+   one token, carried state) and the whole mixer layer (projections, short
+   conv, recurrence, output norm and gate, output projection).
 
 Timings: each configuration keeps its own (donated) state; rounds go over
 all configurations in turn and the median step time over rounds is kept.
@@ -36,6 +38,7 @@ import numpy as np
 from lightning_jax import inference
 from lightning_jax import layers
 from lightning_jax import models
+from lightning_jax import ops
 from lightning_jax.inference import decode
 from tools import benchlib
 
@@ -48,11 +51,12 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Decode budget beyond "
 _SNAPKV_CAPACITY = flags.DEFINE_integer("snapkv_capacity", 1024, "SnapKV "
                                         "capacity of the compressed rows "
                                         "(0: skip them).")
-_STEPS = flags.DEFINE_integer("steps", 16, "Decode steps per timing.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds (median).")
+_STEPS = flags.DEFINE_integer("steps", 32, "Decode steps per timing.")
+_ROUNDS = flags.DEFINE_integer("rounds", 7, "Timing rounds (median).")
 _LAYER_SIZES = flags.DEFINE_list(
-    "layer_sizes", ["1x4x32x128", "64x4x128x512"],
+    "layer_sizes", ["1x4x32x128", "8x8x128x256", "64x4x128x512"],
     "Recurrent-layer comparison sizes batch x heads x head_dim x d_model.")
+_PARTS = flags.DEFINE_list("parts", ["models", "layers"], "Parts to run.")
 
 
 def filled_state(abstract, length: int, kept: int):
@@ -164,37 +168,60 @@ def _bare_update(state, q, k, v, log_a):
   return jnp.einsum("bhkv,bhk->bhv", state, q), state
 
 
+def _op_step(kind):
+  """The recurrence op on one token: `(state, q, k, v, beta, log_a) ->
+  (o, state)`, all `[B, H, ...]`."""
+  def step(state, q, k, v, beta, log_a):
+    one = lambda x: x[:, None]  # [B, 1, H, ...]
+    kw = dict(initial_state=state, output_final_state=True, impl="recurrent")
+    if kind == "deltanet":
+      o, state = ops.delta_rule(one(q), one(k), one(v), one(beta),
+                                one(log_a), **kw)
+    else:
+      o, state = ops.linear_attention(one(q), one(k), one(v), one(log_a),
+                                      **kw)
+    return o[:, 0], state
+  return step
+
+
 def layer_rows():
   """Rows of part 2."""
-  runners, meta = [], []
+  runners, meta, floors = [], [], []
   for size in _LAYER_SIZES.value:
     batch, heads, dim, d_model = (int(x) for x in size.split("x"))
+    state_mib = batch * heads * dim * dim * 4 / 2**20
+    keys = jax.random.split(jax.random.key(2), 5)
+    q, k, v = (jax.random.normal(kk, (batch, heads, dim)) for kk in keys[:3])
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.random.uniform(keys[3], (batch, heads))
+    log_a = -jax.random.uniform(keys[4], (batch, heads))
+    shape = (batch, heads, dim, dim)
+    floors.append(len(runners))
+    runners.append(_Runner(jax.jit(_bare_update, donate_argnums=0), jnp.zeros(shape),
+                           (q, k, v, log_a)))
+    meta.append(dict(what="bare state update", size=size,
+                     state_mib=state_mib))
     for kind in ("deltanet", "lightning"):
+      runners.append(_Runner(jax.jit(_op_step(kind), donate_argnums=0),
+                             jnp.zeros(shape), (q, k, v, beta, log_a)))
+      meta.append(dict(what=f"{kind} op step", size=size, state_mib=state_mib))
       cfg = layers.RecurrentConfig(kind, d_model, heads, dim,
                                    conv_size=4 if kind == "deltanet" else 0,
                                    impl="recurrent")
       params = layers.init_recurrent(jax.random.key(0), cfg, layer_idx=0,
                                      num_layers=2)
-      state = layers.init_recurrent_state(cfg, batch)
       x = jax.random.normal(jax.random.key(1), (batch, 1, d_model))
       layer = jax.jit(
           lambda s, p, x, cfg=cfg: layers.recurrent_layer(p, x, cfg, s),
           donate_argnums=0)
-      runners.append(_Runner(layer, state, (params, x)))
+      runners.append(_Runner(layer, layers.init_recurrent_state(cfg, batch),
+                             (params, x)))
       meta.append(dict(what=f"{kind} layer step", size=size,
-                       state_mib=batch * heads * dim * dim * 4 / 2**20))
-    keys = jax.random.split(jax.random.key(2), 4)
-    q, k, v = (jax.random.normal(kk, (batch, heads, dim)) for kk in keys[:3])
-    log_a = -jax.random.uniform(keys[3], (batch, heads))
-    runners.append(_Runner(jax.jit(_bare_update, donate_argnums=0),
-                           jnp.zeros((batch, heads, dim, dim)),
-                           (q, k, v, log_a)))
-    meta.append(dict(what="bare state update", size=size,
-                     state_mib=batch * heads * dim * dim * 4 / 2**20))
+                       state_mib=state_mib))
   _rounds(runners)
   rows = []
   for i, (m, r) in enumerate(zip(meta, runners, strict=True)):
-    floor = runners[3 * (i // 3) + 2].seconds  # this size's bare update
+    floor = runners[max(f for f in floors if f <= i)].seconds  # same size
     rows.append(dict(**m, step_us=r.seconds * 1e6, vs_bare=r.seconds / floor))
   return rows
 
@@ -202,10 +229,12 @@ def layer_rows():
 def main(argv):
   del argv
   print(f"devices: {jax.devices()}")
-  print("\n## decode_step vs context (batch 1)\n")
-  print(benchlib.markdown_table(model_rows()))
-  print("\n## recurrent layer decode step vs bare state update\n")
-  print(benchlib.markdown_table(layer_rows()))
+  if "models" in _PARTS.value:
+    print("\n## decode_step vs context (batch 1)\n")
+    print(benchlib.markdown_table(model_rows()))
+  if "layers" in _PARTS.value:
+    print("\n## recurrence decode step vs bare state update\n")
+    print(benchlib.markdown_table(layer_rows()))
 
 
 if __name__ == "__main__":
