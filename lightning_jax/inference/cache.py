@@ -5,8 +5,11 @@ same shapes at every token. Keys are stored with RoPE applied. Sequences are
 right padded: sequence b owns slots `[0, length[b])` and writes its next
 token at slot `length[b]` (a per-row scatter, in place under donation).
 
-* `KVCache`: `[batch, slots, kv_heads, dim]` keys and values, with slots =
-  the longest context (or the SnapKV capacity plus the new tokens). The slot
+* `KVCache`: `[batch, kv_heads, slots, dim]` keys and values, with slots =
+  the longest context (or the SnapKV capacity plus the new tokens). Heads
+  before slots: a decode step's two attention contractions then run over
+  contiguous `[slots, dim]` blocks per head, with no transpose of the cache
+  (8x faster than `[batch, slots, heads, dim]` at 16k slots on CPU). The slot
   of an entry need not be its position (after SnapKV it is not); RoPE uses
   the decoder's per-sequence positions.
 * `RingKVCache`: MoA / sliding-window heads (Fu et al., 2024, arXiv
@@ -14,7 +17,7 @@ token at slot `length[b]` (a per-row scatter, in place under donation).
   positions and the last w, so it keeps `s + w` slots: the sink, then a ring
   where position p >= s lives in slot `s + (p - s) mod w`. KV heads are
   grouped by their buffer size (the widest window among the query heads that
-  share the KV head), one `[batch, s + w_g, kv_heads_in_group, dim]` buffer
+  share the KV head), one `[batch, kv_heads_in_group, s + w_g, dim]` buffer
   per group, so memory is `sum_h (s + w_h)` slots: it follows the plan's
   density instead of padding every head to the widest window.
 """
@@ -33,8 +36,8 @@ class KVCache(NamedTuple):
   """Dense attention cache.
 
   Attributes:
-    k: `[batch, slots, kv_heads, head_dim]`, RoPE applied.
-    v: `[batch, slots, kv_heads, value_dim]`.
+    k: `[batch, kv_heads, slots, head_dim]`, RoPE applied.
+    v: `[batch, kv_heads, slots, value_dim]`.
     length: int32 `[batch]`, filled slots (entries `[0, length)` valid).
   """
   k: jax.Array
@@ -46,10 +49,16 @@ def kv_cache_from_prompt(k_BxTxHxD, v_BxTxHxDv, lengths_B,
                          slots: int) -> KVCache:
   """A `slots`-long cache holding a right-padded prompt's keys and values.
 
+  Args:
+    k_BxTxHxD: prompt keys `[batch, seq, kv_heads, head_dim]`, RoPE applied.
+    v_BxTxHxDv: prompt values `[batch, seq, kv_heads, value_dim]`.
+    lengths_B: int prompt lengths (entries past them are zeroed).
+    slots: cache length, >= seq.
+
   Example:
     >>> kv = jnp.ones((2, 5, 1, 4))
     >>> kv_cache_from_prompt(kv, kv, jnp.array([5, 3]), 16).k.shape
-    (2, 16, 1, 4)
+    (2, 1, 16, 4)
   """
   _checks.check_rank("k_BxTxHxD", k_BxTxHxD, 4,
                      "[batch, seq, kv_heads, head_dim]")
@@ -59,14 +68,15 @@ def kv_cache_from_prompt(k_BxTxHxD, v_BxTxHxDv, lengths_B,
                      f"({prompt}).")
   pad = ((0, 0), (0, slots - prompt), (0, 0), (0, 0))
   valid = (jnp.arange(prompt)[None, :] < lengths_B[:, None])[..., None, None]
-  k, v = (jnp.pad(jnp.where(valid, x, 0), pad)
+  k, v = (jnp.swapaxes(jnp.pad(jnp.where(valid, x, 0), pad), 1, 2)
           for x in (k_BxTxHxD, v_BxTxHxDv))
   return KVCache(k, v, jnp.asarray(lengths_B, jnp.int32))
 
 
-def _write(buf_BxSxHxD, slot_B, new_BxHxD):
-  return buf_BxSxHxD.at[jnp.arange(buf_BxSxHxD.shape[0]), slot_B].set(
-      new_BxHxD.astype(buf_BxSxHxD.dtype), mode="promise_in_bounds")
+def _write(buf_BxHxSxD, slot_B, new_BxHxD):
+  """Row b's entry at slot `slot[b]` (in place under donation)."""
+  return buf_BxHxSxD.at[jnp.arange(buf_BxHxSxD.shape[0]), :, slot_B].set(
+      new_BxHxD.astype(buf_BxHxSxD.dtype), mode="promise_in_bounds")
 
 
 def kv_cache_append(cache: KVCache, k_BxHxD, v_BxHxDv) -> KVCache:
@@ -75,7 +85,7 @@ def kv_cache_append(cache: KVCache, k_BxHxD, v_BxHxDv) -> KVCache:
                  _write(cache.v, cache.length, v_BxHxDv), cache.length + 1)
 
 
-def grouped_attention(q_BxHxD, k_BxSxHkvxD, v_BxSxHkvxDv, visible_BxHxS, *,
+def grouped_attention(q_BxHxD, k_BxHkvxSxD, v_BxHkvxSxDv, visible_BxHxS, *,
                       scale=None) -> jax.Array:
   """One query per sequence against cached keys, GQA without repeating KV.
 
@@ -86,21 +96,21 @@ def grouped_attention(q_BxHxD, k_BxSxHkvxD, v_BxSxHkvxDv, visible_BxHxS, *,
     fp32 `[batch, heads, value_dim]`.
   """
   b, h, d = q_BxHxD.shape
-  s, hkv = k_BxSxHkvxD.shape[1:3]
+  hkv, s = k_BxHkvxSxD.shape[1:3]
   g = h // hkv
   scale = d ** -0.5 if scale is None else scale
   q = q_BxHxD.astype(jnp.float32).reshape(b, hkv, g, d) * scale
-  scores = jnp.einsum("bngd,bsnd->bngs", q, k_BxSxHkvxD.astype(jnp.float32))
+  scores = jnp.einsum("bngd,bnsd->bngs", q, k_BxHkvxSxD.astype(jnp.float32))
   scores = jnp.where(visible_BxHxS.reshape(b, hkv, g, s), scores, -jnp.inf)
   p = jax.nn.softmax(scores, axis=-1)
-  o = jnp.einsum("bngs,bsnd->bngd", p, v_BxSxHkvxDv.astype(jnp.float32))
+  o = jnp.einsum("bngs,bnsd->bngd", p, v_BxHkvxSxDv.astype(jnp.float32))
   return o.reshape(b, h, -1)
 
 
 def kv_cache_attention(cache: KVCache, q_BxHxD, *, scale=None) -> jax.Array:
   """Attention of each sequence's newest query over its filled slots."""
   heads = q_BxHxD.shape[1]
-  visible = jnp.arange(cache.k.shape[1])[None, :] < cache.length[:, None]
+  visible = jnp.arange(cache.k.shape[2])[None, :] < cache.length[:, None]
   visible = jnp.broadcast_to(visible[:, None, :],
                              (visible.shape[0], heads, visible.shape[1]))
   return grouped_attention(q_BxHxD, cache.k, cache.v, visible, scale=scale)
@@ -166,8 +176,8 @@ class RingKVCache:
   """MoA / sliding-window cache: per KV-head group, sink + ring buffer.
 
   Attributes:
-    k: tuple over groups of `[batch, sink + ring_g, kv_heads_g, head_dim]`.
-    v: tuple over groups of `[batch, sink + ring_g, kv_heads_g, value_dim]`.
+    k: tuple over groups of `[batch, kv_heads_g, sink + ring_g, head_dim]`.
+    v: tuple over groups of `[batch, kv_heads_g, sink + ring_g, value_dim]`.
     length: int32 `[batch]`, tokens written so far (= next position).
     layout: the static `RingLayout`.
   """
@@ -204,8 +214,9 @@ def ring_cache_from_prompt(k_BxTxHxD, v_BxTxHxDv, lengths_B,
     idx = jnp.maximum(pos, 0)[..., None, None]
     for out, x in ((ks, k_BxTxHxD), (vs, v_BxTxHxDv)):
       x = jnp.take(x, np.asarray(heads), axis=2)
-      out.append(jnp.where(pos[..., None, None] >= 0,
-                           jnp.take_along_axis(x, idx, axis=1), 0))
+      out.append(jnp.swapaxes(jnp.where(pos[..., None, None] >= 0,
+                                        jnp.take_along_axis(x, idx, axis=1),
+                                        0), 1, 2))
   return RingKVCache(tuple(ks), tuple(vs), lengths, layout)
 
 

@@ -88,7 +88,7 @@ def test_decoding_matches_forward(name):
     elif block.mixer.window is not None:
       assert isinstance(layer_cache, inference.RingKVCache)
     else:
-      assert layer_cache.k.shape[1] == MAX_LEN  # dense, preallocated
+      assert layer_cache.k.shape[2] == MAX_LEN  # dense, preallocated
 
 
 def test_moa_plan_decoding_matches_forward(tmp_path):
@@ -145,7 +145,7 @@ def test_snapkv_prefill_keeps_gqa_heads_and_bounds_the_cache():
                                      snapkv=snap)
   np.testing.assert_allclose(logits, full_logits, **F32_TOL)  # prompt exact
   attention_cache = state.layers[1]
-  assert attention_cache.k.shape == (2, 12 + 4, 2, 8)  # capacity + new, Hkv
+  assert attention_cache.k.shape == (2, 2, 12 + 4, 8)  # Hkv, capacity + new
   np.testing.assert_array_equal(attention_cache.length, [12, 9])
   np.testing.assert_array_equal(state.positions, lengths)
   logits, state = inference.decode_step(params, state, tokens[:, 0], cfg)

@@ -59,8 +59,10 @@ def test_observation_scores_sum_over_window_and_gqa_group():
   np.testing.assert_allclose(got, want, **F32_TOL)
 
 
-def _attend(k, v, n, q_BxHxD):
-  return inference.kv_cache_attention(inference.KVCache(k, v, n), q_BxHxD)
+def _attend(k_BxSxHxD, v_BxSxHxD, n, q_BxHxD):
+  cache = inference.kv_cache_from_prompt(k_BxSxHxD, v_BxSxHxD, n,
+                                         k_BxSxHxD.shape[1])
+  return inference.kv_cache_attention(cache, q_BxHxD)
 
 
 @jax.jit
