@@ -85,12 +85,24 @@ def kv_cache_append(cache: KVCache, k_BxHxD, v_BxHxDv) -> KVCache:
                  _write(cache.v, cache.length, v_BxHxDv), cache.length + 1)
 
 
-def grouped_attention(q_BxHxD, k_BxHkvxSxD, v_BxHkvxSxDv, visible_BxHxS, *,
-                      scale=None) -> jax.Array:
-  """One query per sequence against cached keys, GQA without repeating KV.
+def grouped_attention(q_BxHxD, k_BxHkvxSxD, v_BxHkvxSxDv, visible_BxHxS,
+                      k_new_BxHkvxD, v_new_BxHkvxDv, *, scale=None):
+  """One query per sequence against cached keys plus its own new key.
 
-  Query head h uses KV head `h // (H / Hkv)`; fp32 scores and softmax. Every
-  row must see at least one key.
+  The new token's key and value enter the softmax next to the cache instead
+  of being written into it first: the step then reads the cache as it was,
+  so the in-place write of the new entry does not force XLA to copy the
+  cache for the attention. GQA without repeating KV: query head h uses KV
+  head `h // (H / Hkv)`; fp32 scores and softmax.
+
+  Args:
+    q_BxHxD: the new queries `[batch, heads, dim]`.
+    k_BxHkvxSxD: cached keys `[batch, kv_heads, slots, dim]`.
+    v_BxHkvxSxDv: cached values.
+    visible_BxHxS: bool, which cached slots each query head sees.
+    k_new_BxHkvxD: the new token's keys.
+    v_new_BxHkvxDv: the new token's values.
+    scale: score scale, default `dim ** -0.5`.
 
   Returns:
     fp32 `[batch, heads, value_dim]`.
@@ -99,21 +111,31 @@ def grouped_attention(q_BxHxD, k_BxHkvxSxD, v_BxHkvxSxDv, visible_BxHxS, *,
   hkv, s = k_BxHkvxSxD.shape[1:3]
   g = h // hkv
   scale = d ** -0.5 if scale is None else scale
-  q = q_BxHxD.astype(jnp.float32).reshape(b, hkv, g, d) * scale
-  scores = jnp.einsum("bngd,bnsd->bngs", q, k_BxHkvxSxD.astype(jnp.float32))
+  f32 = lambda x: x.astype(jnp.float32)
+  q = f32(q_BxHxD).reshape(b, hkv, g, d) * scale
+  scores = jnp.einsum("bngd,bnsd->bngs", q, f32(k_BxHkvxSxD))
   scores = jnp.where(visible_BxHxS.reshape(b, hkv, g, s), scores, -jnp.inf)
-  p = jax.nn.softmax(scores, axis=-1)
-  o = jnp.einsum("bngs,bnsd->bngd", p, v_BxHkvxSxDv.astype(jnp.float32))
+  own = jnp.einsum("bngd,bnd->bng", q, f32(k_new_BxHkvxD))[..., None]
+  p = jax.nn.softmax(jnp.concatenate([scores, own], axis=-1), axis=-1)
+  o = (jnp.einsum("bngs,bnsd->bngd", p[..., :s], f32(v_BxHkvxSxDv))
+       + p[..., s:] * f32(v_new_BxHkvxDv)[:, :, None, :])
   return o.reshape(b, h, -1)
 
 
-def kv_cache_attention(cache: KVCache, q_BxHxD, *, scale=None) -> jax.Array:
-  """Attention of each sequence's newest query over its filled slots."""
-  heads = q_BxHxD.shape[1]
-  visible = jnp.arange(cache.k.shape[2])[None, :] < cache.length[:, None]
-  visible = jnp.broadcast_to(visible[:, None, :],
-                             (visible.shape[0], heads, visible.shape[1]))
-  return grouped_attention(q_BxHxD, cache.k, cache.v, visible, scale=scale)
+def kv_cache_step(cache: KVCache, q_BxHxD, k_BxHkvxD, v_BxHkvxDv, *,
+                  scale=None):
+  """Attention of each row's new token over its filled slots and itself;
+  then the token is written at slot `length` (must be < slots).
+
+  Returns:
+    `(fp32 [batch, heads, value_dim], the updated KVCache)`.
+  """
+  heads, slots = q_BxHxD.shape[1], cache.k.shape[2]
+  visible = jnp.arange(slots)[None, None, :] < cache.length[:, None, None]
+  visible = jnp.broadcast_to(visible, (visible.shape[0], heads, slots))
+  o = grouped_attention(q_BxHxD, cache.k, cache.v, visible, k_BxHkvxD,
+                        v_BxHkvxDv, scale=scale)
+  return o, kv_cache_append(cache, k_BxHkvxD, v_BxHkvxDv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,25 +255,35 @@ def ring_cache_append(cache: RingKVCache, k_BxHxD, v_BxHxDv) -> RingKVCache:
   return RingKVCache(tuple(ks), tuple(vs), t + 1, layout)
 
 
-def ring_cache_attention(cache: RingKVCache, q_BxHxD, *,
-                         scale=None) -> jax.Array:
-  """Attention of the newest query (position `length - 1`) over the sink
-  and its head's window. Returns fp32 `[batch, heads, value_dim]`."""
-  layout = cache.layout
-  t = cache.length - 1
+def ring_cache_step(cache: RingKVCache, q_BxHxD, k_BxHkvxD, v_BxHkvxDv, *,
+                    scale=None):
+  """Attention of each row's new token (position `length`) over the sink,
+  its head's window and itself; then the token is written to the cache.
+
+  The slot the new token overwrites holds position `length - ring`, outside
+  every window of that buffer, so reading the cache before the write is
+  exact.
+
+  Returns:
+    `(fp32 [batch, heads, value_dim], the updated RingKVCache)`.
+  """
+  layout, t = cache.layout, cache.length
   out = []
-  for g in range(len(layout.kv_heads)):
+  for g, kv_heads in enumerate(layout.kv_heads):
     q_heads = layout.query_heads(g)
-    pos = _slot_positions(layout, g, t)[:, None, :]  # [B, 1, S]
+    pos = _slot_positions(layout, g, t - 1)[:, None, :]  # [B, 1, S]
     window = jnp.asarray(np.asarray(layout.windows)[q_heads])[None, :, None]
     visible = (pos >= 0) & ((pos > t[:, None, None] - window)
                             | (pos < layout.sink))
-    out.append(grouped_attention(jnp.take(q_BxHxD, q_heads, axis=1),
-                                 cache.k[g], cache.v[g], visible,
-                                 scale=scale))
+    kv_heads = np.asarray(kv_heads)
+    out.append(grouped_attention(
+        jnp.take(q_BxHxD, q_heads, axis=1), cache.k[g], cache.v[g], visible,
+        jnp.take(k_BxHkvxD, kv_heads, axis=1),
+        jnp.take(v_BxHkvxDv, kv_heads, axis=1), scale=scale))
   order = np.argsort(np.concatenate([layout.query_heads(g)
                                      for g in range(len(layout.kv_heads))]))
-  return jnp.take(jnp.concatenate(out, axis=1), order, axis=1)
+  o = jnp.take(jnp.concatenate(out, axis=1), order, axis=1)
+  return o, ring_cache_append(cache, k_BxHkvxD, v_BxHkvxDv)
 
 
 def cache_bytes(tree) -> int:

@@ -177,12 +177,9 @@ def prefill(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
 def _step_attention(params, x_Bx1xD, positions_B, layer_cache,
                     cfg: layers.AttentionConfig):
   q, k, v = _project(params, x_Bx1xD, positions_B[:, None], cfg)
-  if isinstance(layer_cache, cache_lib.KVCache):
-    layer_cache = cache_lib.kv_cache_append(layer_cache, k[:, 0], v[:, 0])
-    o = cache_lib.kv_cache_attention(layer_cache, q[:, 0])
-  else:
-    layer_cache = cache_lib.ring_cache_append(layer_cache, k[:, 0], v[:, 0])
-    o = cache_lib.ring_cache_attention(layer_cache, q[:, 0])
+  step = (cache_lib.kv_cache_step if isinstance(layer_cache, cache_lib.KVCache)
+          else cache_lib.ring_cache_step)
+  o, layer_cache = step(layer_cache, q[:, 0], k[:, 0], v[:, 0])
   return _out(params, o[:, None], x_Bx1xD.dtype), layer_cache
 
 

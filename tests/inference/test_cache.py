@@ -28,10 +28,10 @@ def _new_token(x, i):
                              axis=1)[:, 0]
 
 
-def _decode(cache, append, attend, q, k, v):
+def _decode(cache, step_fn, q, k, v):
   def step(cache, i):
-    cache = append(cache, _new_token(k, i), _new_token(v, i))
-    return cache, attend(cache, _new_token(q, i))
+    o, cache = step_fn(cache, *(_new_token(x, i) for x in (q, k, v)))
+    return cache, o
   cache, out = jax.lax.scan(step, cache, jnp.arange(N_NEW))
   return jnp.swapaxes(out, 0, 1), cache  # [B, N_NEW, H, D]
 
@@ -45,8 +45,7 @@ def _expected(full_BxTxHxD):
 def _dense_run(q, k, v):
   cache = inference.kv_cache_from_prompt(k[:, :PROMPT], v[:, :PROMPT],
                                          LENGTHS, T)
-  return _decode(cache, inference.kv_cache_append,
-                 inference.kv_cache_attention, q, k, v)
+  return _decode(cache, inference.kv_cache_step, q, k, v)
 
 
 def test_dense_cache_matches_causal_attention_with_ragged_prompts():
@@ -67,8 +66,7 @@ def test_ring_cache_matches_moa_attention(windows, sink):
   def run(q, k, v):
     cache = inference.ring_cache_from_prompt(k[:, :PROMPT], v[:, :PROMPT],
                                              LENGTHS, layout)
-    return _decode(cache, inference.ring_cache_append,
-                   inference.ring_cache_attention, q, k, v)
+    return _decode(cache, inference.ring_cache_step, q, k, v)
 
   got, _ = run(q, k, v)
   want = _expected(ops.moa_attention(q, k, v, np.array(windows), sink=sink,

@@ -59,10 +59,10 @@ def test_observation_scores_sum_over_window_and_gqa_group():
   np.testing.assert_allclose(got, want, **F32_TOL)
 
 
-def _attend(k_BxSxHxD, v_BxSxHxD, n, q_BxHxD):
-  cache = inference.kv_cache_from_prompt(k_BxSxHxD, v_BxSxHxD, n,
-                                         k_BxSxHxD.shape[1])
-  return inference.kv_cache_attention(cache, q_BxHxD)
+def _attend(k_BxSxHxD, v_BxSxHxD, q_BxHxD):
+  """A query over all given keys."""
+  return ops.attention(q_BxHxD[:, None], k_BxSxHxD, v_BxSxHxD, causal=False,
+                       impl="reference")[:, 0]
 
 
 @jax.jit
@@ -79,9 +79,8 @@ def _decode_after_snapkv(q, k, v, lengths):
   def step(cache, i):  # append the token at position lengths + i, attend
     pos = (lengths + i)[:, None, None, None]
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)[:, 0]
-    cache = inference.kv_cache_append(cache, take(k), take(v))
-    return cache, (inference.kv_cache_attention(cache, take(q)), take(
-        ops.attention(q, k, v, impl="reference")))
+    o, cache = inference.kv_cache_step(cache, take(q), take(k), take(v))
+    return cache, (o, take(ops.attention(q, k, v, impl="reference")))
   return kept, jax.lax.scan(step, cache, jnp.arange(4))[1]
 
 
@@ -101,9 +100,9 @@ def _needle_logits(q_obs, q_new, k, v, readout):
   s = k.shape[1]
   kc, vc, kept = inference.snapkv_compress(q_obs, k, v, jnp.array([s]), cfg)
   logits = lambda o: o.reshape(1, -1) @ readout
-  full = logits(_attend(k, v, jnp.array([s]), q_new))
-  snap = logits(_attend(kc, vc, kept, q_new))
-  recent = logits(_attend(k[:, -16:], v[:, -16:], jnp.array([16]), q_new))
+  full = logits(_attend(k, v, q_new))
+  snap = logits(_attend(kc, vc, q_new))  # kept == capacity: all valid
+  recent = logits(_attend(k[:, -16:], v[:, -16:], q_new))
   return kc, kept, full, snap, recent
 
 
