@@ -125,6 +125,22 @@ class ModelConfig:
       raise ValueError('`moa_plan` (a plan JSON path) is required by "moa" '
                        "mixers in `pattern`.")
 
+  def to_dict(self) -> dict:
+    """JSON-ready fields (tuples as lists), e.g. for checkpoint metadata."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, fields: dict) -> "ModelConfig":
+    """Inverse of `to_dict`; ValueError naming unknown fields."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+      raise ValueError(f"Unknown model config field(s) {unknown}; fields: "
+                       f"{sorted(known)}.")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v
+                  for k, v in fields.items()})
+
   @property
   def mixers(self) -> tuple[str, ...]:
     """The token mixer of each layer."""

@@ -1,16 +1,21 @@
-"""Block-diagonal flash attention core shared by `attention` and `moa_attention`.
+"""Tiled exact-softmax attention core shared by `attention` and `moa_attention`.
 
-Queries and keys are cut into blocks of `block` positions. The mask of every
-pattern used here depends only on the relative position r = t + offset - s
-(plus, for sinks, on s), so the block pair (query block i, key block i - d)
-has the same mask for every i: the work is organised by block diagonals d.
-Each diagonal is one step with static slices (query blocks [i_lo, i_hi) of
-the heads whose band reaches d), so blocks outside every band are never
-touched, compute is proportional to the visited blocks and memory to one
-diagonal, O(T * block). Heads are sorted by window (widest first) so that the
-heads visiting a diagonal are always a prefix: a narrow head never pays for a
-wide one. Online softmax (Dao et al., 2022, FlashAttention) combines the
-steps; the backward pass recomputes the scores from the saved log-sum-exp.
+Every mask used here depends on the relative position r = t + offset - s
+(plus, for sinks, on s): query t (absolute t + offset) sees key s iff
+0 <= r < window_h or (s < sink and r >= 0), or, without `causal`, every key.
+
+Heads are sorted by window (widest first) and grouped by equal window. For a
+group with window w, the queries are cut into chunks of C positions (C grows
+with w: `chunk_size`) and chunk [c0, c0 + C) meets only the keys
+[c0 + offset - w + 1, c0 + C + offset), plus the sink keys below that range.
+Each (group, chunk) is one tile: a `[C, keys]` score matrix, its exact
+softmax and `P V`. Every query row lives in exactly one tile, so no online
+rescaling is needed, work is proportional to the tiles' area (about
+T (w + C) per head: it falls with the window, and no head pays for a wider
+one) and memory to one tile, O(C T) for a dense head. Tiles are large dense
+matmuls, which is what XLA:CPU (and GPU) run fastest. The backward pass
+recomputes each tile's probabilities from the saved log-sum-exp
+(FlashAttention, Dao et al., 2022).
 """
 
 import functools
@@ -24,14 +29,9 @@ import numpy as np
 class Pattern(NamedTuple):
   """Static description of which (query, key) pairs attend.
 
-  Query t (absolute position t + offset) attends key s iff
-  causal: 0 <= r < windows[h] or (s < sink and r >= 0), r = t + offset - s;
-  not causal: s < seq_k (every real key).
   `windows` must be sorted in decreasing order (heads pre-permuted).
   """
   block: int
-  n_q: int  # query blocks (queries padded to n_q * block)
-  n_k: int  # key blocks
   seq_q: int
   seq_k: int
   offset: int
@@ -40,158 +40,158 @@ class Pattern(NamedTuple):
   sink: int
 
 
-class _Step(NamedTuple):
-  """One visit: query blocks [i_lo, i_hi) of heads [h_lo, h_hi) against key
-  blocks [i_lo - d, i_hi - d) (band step) or key block `sink_block` (sink step).
-  """
+class _Tile(NamedTuple):
+  """Queries [q_lo, q_hi) of heads [h_lo, h_hi) against the concatenated
+  key ranges `keys` ((lo, hi), ...), all heads with window `window`."""
   h_lo: int
   h_hi: int
-  i_lo: int
-  i_hi: int
-  d: int
-  sink_block: int | None
-  mask: np.ndarray | None  # broadcastable to [1, h, n_i, block, block]
+  q_lo: int
+  q_hi: int
+  keys: tuple[tuple[int, int], ...]
+  window: int
+  masked: bool
 
 
-def _band_steps(pat: Pattern) -> list[_Step]:
-  b, off = pat.block, pat.offset
-  qi = np.arange(b)[:, None]
-  ki = np.arange(b)[None, :]
+def chunk_size(window: int, seq_q: int, block: int) -> int:
+  """Query chunk of a head group: the power of two nearest `window / 4`,
+  clipped to [block, 4 block] (and to the queries)."""
+  target = 2 ** round(np.log2(max(window, 1) / 4))
+  return int(min(max(target, block), 4 * block, max(seq_q, 1)))
+
+
+def _key_ranges(pat: Pattern, q_lo: int, q_hi: int, window: int):
   if not pat.causal:
-    d_lo, d_hi = -(pat.n_k - 1), pat.n_q - 1
-    d_max = [d_hi] * len(pat.windows)
-  else:
-    # Smallest d with some r = d*b + off + qi - ki >= 0; largest with r < w.
-    d_lo = -((off + b - 1) // b)
-    d_max = [min((w - 2 + b - off) // b, pat.n_q - 1) for w in pat.windows]
-    d_hi = max(d_max)
-  steps = []
-  for d in range(max(d_lo, -(pat.n_k - 1)), d_hi + 1):
-    i_lo, i_hi = max(0, d), min(pat.n_q, pat.n_k + d)
-    h_hi = sum(dm >= d for dm in d_max)
-    if i_lo >= i_hi or h_hi == 0:
-      continue
-    mask = None
-    if pat.causal:
-      r = d * b + off + qi - ki
-      w = np.array(pat.windows[:h_hi])[:, None, None]
-      allowed = (r >= 0) & (r < w)
-      if not allowed.all():
-        mask = allowed[None, :, None]
-    elif pat.seq_k % b and i_hi - d == pat.n_k:  # padded keys in this slice
-      s = (np.arange(i_lo, i_hi) - d)[:, None, None] * b + ki
-      mask = (s < pat.seq_k)[None, None]
-    steps.append(_Step(0, h_hi, i_lo, i_hi, d, None, mask))
-  return steps
+    return ((0, pat.seq_k),)
+  lo = max(0, q_lo + pat.offset - window + 1)
+  hi = min(pat.seq_k, q_hi + pat.offset)
+  ranges = []
+  sink_hi = min(pat.sink, lo, hi)
+  if sink_hi > 0:
+    ranges.append((0, sink_hi))
+  if hi > lo:
+    ranges.append((lo, hi))
+  return tuple(ranges)
 
 
-def _sink_steps(pat: Pattern) -> list[_Step]:
-  """Sink key blocks for the heads whose band does not already cover them."""
-  if not pat.causal or pat.sink == 0:
-    return []
-  b, off = pat.block, pat.offset
-  steps = []
-  for c in range(-(-pat.sink // b)):
-    r_max = pat.seq_q - 1 + off - c * b  # largest r of a real query here
-    h_lo = sum(w > r_max for w in pat.windows)
-    if h_lo == len(pat.windows):
-      continue
-    w_min = pat.windows[-1]
-    i_lo = max(0, -(-(w_min + c * b - off - b + 1) // b))
-    if i_lo >= pat.n_q:
-      continue
-    steps.append(_Step(h_lo, len(pat.windows), i_lo, pat.n_q, 0, c, None))
-  return steps
+def _allowed(pat: Pattern, t_abs, s, window):
+  """Bool mask of (absolute query position, key position) pairs."""
+  if not pat.causal:
+    return np.ones(np.broadcast_shapes(t_abs.shape, s.shape), bool)
+  r = t_abs - s
+  return (r >= 0) & ((r < window) | (s < pat.sink))
 
 
 @functools.lru_cache(maxsize=64)
-def _steps(pat: Pattern) -> tuple[_Step, ...]:
-  return tuple(_band_steps(pat) + _sink_steps(pat))
+def _tiles(pat: Pattern) -> tuple[_Tile, ...]:
+  tiles, heads = [], len(pat.windows)
+  h_lo = 0
+  while h_lo < heads:
+    window = pat.windows[h_lo]
+    h_hi = h_lo + sum(1 for w in pat.windows[h_lo:] if w == window)
+    size = chunk_size(window, pat.seq_q, pat.block)
+    for q_lo in range(0, pat.seq_q, size):
+      q_hi = min(pat.seq_q, q_lo + size)
+      keys = _key_ranges(pat, q_lo, q_hi, window)
+      if not keys:
+        continue
+      s = np.concatenate([np.arange(lo, hi) for lo, hi in keys])
+      t_abs = np.arange(q_lo, q_hi)[:, None] + pat.offset
+      masked = not _allowed(pat, t_abs, s[None], window).all()
+      tiles.append(_Tile(h_lo, h_hi, q_lo, q_hi, keys, window, masked))
+    h_lo = h_hi
+  return tuple(tiles)
 
 
-def _sink_mask(pat: Pattern, step: _Step) -> jax.Array:
-  """[1, h, n_i, b, b]: sink keys outside the head's band (built by iota)."""
-  b = pat.block
-  t = (jnp.arange(step.i_lo, step.i_hi)[:, None, None] * b
-       + jnp.arange(b)[None, :, None] + pat.offset)
-  s = step.sink_block * b + jnp.arange(b)[None, None, :]
-  w = jnp.asarray(pat.windows[step.h_lo:step.h_hi])[:, None, None, None]
-  return ((s < pat.sink)[None] & ((t - s)[None] >= w))[None]
+def visited_pairs(pat: Pattern) -> int:
+  """(query, key) score entries the tiles compute, summed over heads."""
+  return sum((t.h_hi - t.h_lo) * (t.q_hi - t.q_lo)
+             * sum(hi - lo for lo, hi in t.keys) for t in _tiles(pat))
 
 
-def _slices(pat: Pattern, step: _Step, q, k, v):
-  """Query and key/value tiles of one step: [B, h, n_i, b, D] (keys of a
-  sink step: [B, h, b, D], shared by all query blocks)."""
-  hs = slice(step.h_lo, step.h_hi)
-  qs = q[:, hs, step.i_lo:step.i_hi]
-  if step.sink_block is None:
-    ks_ = slice(step.i_lo - step.d, step.i_hi - step.d)
-    return qs, k[:, hs, ks_], v[:, hs, ks_]
-  return qs, k[:, hs, step.sink_block], v[:, hs, step.sink_block]
+def _tile_kv(tile: _Tile, x):
+  """Keys or values of a tile: [B, h, keys, D]."""
+  parts = [x[:, tile.h_lo:tile.h_hi, lo:hi] for lo, hi in tile.keys]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
 
 
-def _scores(pat: Pattern, step: _Step, qs, ks):
-  if step.sink_block is None:
-    s = jnp.einsum("bhnqd,bhnkd->bhnqk", qs, ks)
-    mask = step.mask
-  else:
-    s = jnp.einsum("bhnqd,bhkd->bhnqk", qs, ks)
-    mask = _sink_mask(pat, step)
-  if mask is not None:
-    s = jnp.where(mask, s, -jnp.inf)
-  return s
+def _tile_scores(pat: Pattern, tile: _Tile, q, k):
+  s = jnp.einsum("bhqd,bhkd->bhqk", q[:, tile.h_lo:tile.h_hi,
+                                      tile.q_lo:tile.q_hi], _tile_kv(tile, k))
+  if not tile.masked:
+    return s
+  t_abs = (jnp.arange(tile.q_lo, tile.q_hi) + pat.offset)[:, None]
+  keys = jnp.concatenate([jnp.arange(lo, hi) for lo, hi in tile.keys])[None]
+  return jnp.where(_allowed(pat, t_abs, keys, tile.window)[None, None], s,
+                   -jnp.inf)
+
+
+def _assemble(pat: Pattern, parts, fill, batch: int, trailing: tuple):
+  """Per-tile [B, h, q, ...] results -> [B, H, seq_q, ...]; rows of no tile
+  get `fill`."""
+  by_group = {}
+  for tile, part in parts:
+    by_group.setdefault((tile.h_lo, tile.h_hi), []).append((tile, part))
+  groups, h_lo = [], 0
+  for (lo, hi), items in sorted(by_group.items()):
+    if lo > h_lo:
+      groups.append(jnp.full((batch, lo - h_lo, pat.seq_q) + trailing, fill))
+    rows, t = [], 0
+    for tile, part in items:
+      if tile.q_lo > t:
+        rows.append(jnp.full((batch, hi - lo, tile.q_lo - t) + trailing, fill))
+      rows.append(part)
+      t = tile.q_hi
+    if t < pat.seq_q:
+      rows.append(jnp.full((batch, hi - lo, pat.seq_q - t) + trailing, fill))
+    groups.append(jnp.concatenate(rows, axis=2))
+    h_lo = hi
+  if h_lo < len(pat.windows):
+    groups.append(jnp.full((batch, len(pat.windows) - h_lo, pat.seq_q)
+                           + trailing, fill))
+  return jnp.concatenate(groups, axis=1)
 
 
 def _forward(pat: Pattern, q, k, v):
-  """Returns (out [B,H,nq,b,Dv], lse [B,H,nq,b]); rows with no key: 0, +inf."""
-  batch, heads = q.shape[:2]
-  m = jnp.full((batch, heads, pat.n_q, pat.block), -jnp.inf, jnp.float32)
-  row_sum = jnp.zeros_like(m)
-  acc = jnp.zeros((batch, heads, pat.n_q, pat.block, v.shape[-1]), jnp.float32)
-  for step in _steps(pat):
-    qs, ks, vs = _slices(pat, step, q, k, v)
-    s = _scores(pat, step, qs, ks)
-    idx = (slice(None), slice(step.h_lo, step.h_hi),
-           slice(step.i_lo, step.i_hi))
-    m_old = m[idx]
-    m_new = jnp.maximum(m_old, s.max(-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  """Returns (out [B, H, T, Dv], lse [B, H, T]); rows with no key: 0, +inf."""
+  outs, lses = [], []
+  for tile in _tiles(pat):
+    s = _tile_scores(pat, tile, q, k)
+    m = s.max(-1)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(s - m_safe[..., None])
-    corr = jnp.exp(m_old - m_safe)
-    pv = (jnp.einsum("bhnqk,bhnkd->bhnqd", p, vs) if step.sink_block is None
-          else jnp.einsum("bhnqk,bhkd->bhnqd", p, vs))
-    m = m.at[idx].set(m_new)
-    row_sum = row_sum.at[idx].set(corr * row_sum[idx] + p.sum(-1))
-    acc = acc.at[idx].set(corr[..., None] * acc[idx] + pv)
-  empty = row_sum == 0.0
-  out = acc / jnp.where(empty, 1.0, row_sum)[..., None]
-  lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, row_sum)))
-  return out, lse
+    row_sum = p.sum(-1)
+    empty = row_sum == 0.0
+    o = jnp.einsum("bhqk,bhkd->bhqd", p, _tile_kv(tile, v))
+    outs.append((tile, o / jnp.where(empty, 1.0, row_sum)[..., None]))
+    lses.append((tile, jnp.where(empty, jnp.inf,
+                                 m_safe + jnp.log(jnp.where(empty, 1.0,
+                                                            row_sum)))))
+  batch = q.shape[0]
+  return (_assemble(pat, outs, 0.0, batch, (v.shape[-1],)),
+          _assemble(pat, lses, jnp.inf, batch, ()))
 
 
 def _backward(pat: Pattern, q, k, v, out, lse, dout):
   delta = jnp.sum(dout * out, axis=-1)
-  dq, dk, dv = jnp.zeros_like(q), jnp.zeros_like(k), jnp.zeros_like(v)
-  for step in _steps(pat):
-    qs, ks, vs = _slices(pat, step, q, k, v)
-    idx = (slice(None), slice(step.h_lo, step.h_hi),
-           slice(step.i_lo, step.i_hi))
-    p = jnp.exp(_scores(pat, step, qs, ks) - lse[idx][..., None])
-    do = dout[idx]
-    if step.sink_block is None:
-      kidx = (idx[0], idx[1], slice(step.i_lo - step.d, step.i_hi - step.d))
-      dp = jnp.einsum("bhnqd,bhnkd->bhnqk", do, vs)
-      ds = p * (dp - delta[idx][..., None])
-      dv = dv.at[kidx].add(jnp.einsum("bhnqk,bhnqd->bhnkd", p, do))
-      dk = dk.at[kidx].add(jnp.einsum("bhnqk,bhnqd->bhnkd", ds, qs))
-      dq = dq.at[idx].add(jnp.einsum("bhnqk,bhnkd->bhnqd", ds, ks))
-    else:
-      kidx = (idx[0], idx[1], step.sink_block)
-      dp = jnp.einsum("bhnqd,bhkd->bhnqk", do, vs)
-      ds = p * (dp - delta[idx][..., None])
-      dv = dv.at[kidx].add(jnp.einsum("bhnqk,bhnqd->bhkd", p, do))
-      dk = dk.at[kidx].add(jnp.einsum("bhnqk,bhnqd->bhkd", ds, qs))
-      dq = dq.at[idx].add(jnp.einsum("bhnqk,bhkd->bhnqd", ds, ks))
+  dqs = []
+  dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
+  for tile in _tiles(pat):
+    rows = (slice(None), slice(tile.h_lo, tile.h_hi),
+            slice(tile.q_lo, tile.q_hi))
+    p = jnp.exp(_tile_scores(pat, tile, q, k) - lse[rows][..., None])
+    do = dout[rows]
+    dp = jnp.einsum("bhqd,bhkd->bhqk", do, _tile_kv(tile, v))
+    ds = p * (dp - delta[rows][..., None])
+    dqs.append((tile, jnp.einsum("bhqk,bhkd->bhqd", ds, _tile_kv(tile, k))))
+    dk_tile = jnp.einsum("bhqk,bhqd->bhkd", ds, q[rows])
+    dv_tile = jnp.einsum("bhqk,bhqd->bhkd", p, do)
+    start = 0
+    for lo, hi in tile.keys:
+      keys = (slice(None), slice(tile.h_lo, tile.h_hi), slice(lo, hi))
+      dk = dk.at[keys].add(dk_tile[:, :, start:start + hi - lo])
+      dv = dv.at[keys].add(dv_tile[:, :, start:start + hi - lo])
+      start += hi - lo
+  dq = _assemble(pat, dqs, 0.0, q.shape[0], (q.shape[-1],))
   return dq, dk, dv
 
 
@@ -212,16 +212,15 @@ def _core_bwd(pat, res, dout):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def _to_blocks(x_BxTxHxD, n_blocks: int, block: int):
-  """[B, T, H, D] -> [B, H, n_blocks, block, D] (zero padded)."""
-  batch, seq, heads, dim = x_BxTxHxD.shape
-  x = jnp.pad(x_BxTxHxD, ((0, 0), (0, n_blocks * block - seq), (0, 0), (0, 0)))
-  return x.reshape(batch, n_blocks, block, heads, dim).transpose(0, 3, 1, 2, 4)
+def make_pattern(seq_q: int, seq_k: int, *, windows, sink: int, causal: bool,
+                 offset: int, block: int) -> Pattern:
+  return Pattern(block, seq_q, seq_k, offset, causal,
+                 tuple(int(w) for w in windows), min(sink, seq_k))
 
 
 def blocked_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxDv, *, windows, sink: int,
                       causal: bool, offset: int, block: int):
-  """Blocked attention over heads already sorted by decreasing window.
+  """Tiled attention over heads already sorted by decreasing window.
 
   Args:
     q_BxTxHxD: queries, already multiplied by the softmax scale, fp32.
@@ -231,18 +230,14 @@ def blocked_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxDv, *, windows, sink: int,
     sink: number of leading keys every query sees (causal only).
     causal: whether query t (absolute t + offset) sees only keys s <= t.
     offset: absolute position of query 0 (S - T for bottom-right alignment).
-    block: block size.
+    block: smallest query chunk (see `chunk_size`).
 
   Returns:
     [B, T, H, Dv] fp32.
   """
-  batch, seq_q, heads, _ = q_BxTxHxD.shape
-  seq_k = k_BxSxHxD.shape[1]
-  n_q, n_k = -(-seq_q // block), -(-seq_k // block)
-  pat = Pattern(block, n_q, n_k, seq_q, seq_k, offset, causal,
-                tuple(int(w) for w in windows), min(sink, seq_k))
-  out = _core(pat, _to_blocks(q_BxTxHxD, n_q, block),
-              _to_blocks(k_BxSxHxD, n_k, block),
-              _to_blocks(v_BxSxHxDv, n_k, block))
-  out = out.transpose(0, 2, 3, 1, 4).reshape(batch, n_q * block, heads, -1)
-  return out[:, :seq_q]
+  pat = make_pattern(q_BxTxHxD.shape[1], k_BxSxHxD.shape[1], windows=windows,
+                     sink=sink, causal=causal, offset=offset, block=block)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  out = _core(pat, heads_first(q_BxTxHxD), heads_first(k_BxSxHxD),
+              heads_first(v_BxSxHxDv))
+  return heads_first(out)

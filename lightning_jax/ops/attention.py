@@ -1,8 +1,8 @@
 """Softmax attention with grouped-query heads: blocked (flash) and reference.
 
-softmax(q k^T * scale + mask) v (Vaswani et al., 2017), computed blocked with
-an online softmax and a recomputing backward pass (Dao et al., 2022,
-FlashAttention) in `lightning_jax/ops/_blocked.py`.
+softmax(q k^T * scale + mask) v (Vaswani et al., 2017), computed in query
+tiles with a recomputing backward pass (Dao et al., 2022, FlashAttention) in
+`lightning_jax/ops/_blocked.py`.
 """
 
 import jax
@@ -103,8 +103,9 @@ def attention(q, k, v, *, causal: bool = True, scale=None,
     v: `[batch, seq_k, kv_heads, value_dim]`.
     causal: mask future keys.
     scale: score scale, default `dim ** -0.5`.
-    block_size: block length of the "blocked" impl (memory O(seq * block)).
-    impl: "blocked" (flash-style online softmax, recomputing backward) or
+    block_size: smallest query chunk of the "blocked" impl; chunks grow to
+      4 `block_size` (memory O(seq * 4 block_size) per head).
+    impl: "blocked" (query tiles, recomputing backward) or
       "reference" (materialises the `[seq_q, seq_k]` scores).
 
   Returns:

@@ -85,10 +85,10 @@ def moa_attention(q, k, v, window, *, sink: int = 0, scale=None,
 
   Query t of head h attends key s iff s <= t and (t - s < window[h] or
   s < sink). A head with window >= seq is dense. The "blocked" impl visits
-  only the `block_size` x `block_size` blocks that meet a head's band or the
-  sink, so time and memory fall with density; heads are grouped by window so
-  none pays for a wider one. `window` must then be concrete (numpy or a list,
-  static under `jit`), because the visited blocks are fixed at trace time.
+  only the (query chunk, key range) tiles around a head's band and sink, so
+  time and memory fall with density; heads are grouped by window so none
+  pays for a wider one. `window` must then be concrete (numpy or a list,
+  static under `jit`), because the tiles are fixed at trace time.
 
   Args:
     q: `[batch, seq, heads, dim]`.
@@ -97,8 +97,9 @@ def moa_attention(q, k, v, window, *, sink: int = 0, scale=None,
     window: int `[heads]`, each >= 1 (e.g. from `moa_windows`).
     sink: leading keys that every query sees (attention sink), >= 0.
     scale: score scale, default `dim ** -0.5`.
-    block_size: block length of the "blocked" impl.
-    impl: "blocked" (block-sparse, online softmax, recomputing backward) or
+    block_size: smallest query chunk of the "blocked" impl (chunks grow
+      with the window up to 4 `block_size`).
+    impl: "blocked" (tiles around the band, recomputing backward) or
       "dense" (reference: the `[heads, seq, seq]` mask applied to full scores).
 
   Returns:

@@ -174,7 +174,7 @@ class CheckpointManager:
       _discard(self.step_path(step))
 
   # ----------------------------------------------------------------- restore
-  def restore(self, step: int | None, target=None):
+  def restore(self, step: int | None, target=None, *, partial: bool = False):
     """Reads a checkpoint, resharding every leaf onto the target's sharding.
 
     Args:
@@ -186,6 +186,9 @@ class CheckpointManager:
         Leaves with a sharding come back as jax.Arrays with that sharding,
         others as numpy arrays. None: a numpy tree rebuilt from the saved
         paths (dicts for dict keys and attributes, lists for sequences).
+      partial: allow `target` to name a subset of the saved leaves (matched
+        by key path), e.g. `{"params": abstract_params}` out of a saved train
+        state; only those arrays are read.
 
     Returns:
       (tree, metadata): the restored tree and the dict given to `save`.
@@ -197,7 +200,7 @@ class CheckpointManager:
         checkpoint's (naming the leaf).
     """
     if step is not None:
-      result, error = self._agreed_restore(int(step), target)
+      result, error = self._agreed_restore(int(step), target, partial)
       if error is not None:
         raise error
       return result
@@ -206,7 +209,7 @@ class CheckpointManager:
       raise CheckpointError(f"no complete checkpoint in {self.directory}.")
     errors = []
     for candidate in reversed(steps):
-      result, error = self._agreed_restore(candidate, target)
+      result, error = self._agreed_restore(candidate, target, partial)
       if error is None:
         return result
       logging.error("%s; falling back to the previous complete step.", error)
@@ -214,22 +217,23 @@ class CheckpointManager:
     raise CheckpointError("no complete checkpoint could be restored:\n"
                           + "\n".join(errors))
 
-  def _agreed_restore(self, step: int, target):
+  def _agreed_restore(self, step: int, target, partial: bool):
     """(result, None) if every process read `step`, else (None, error).
 
     The processes agree (an all-gather of success flags), so that all of them
     fall back or raise together, even when only one read a corrupt chunk.
     """
     try:
-      result, error = self._restore_step(step, target), None
+      result, error = self._restore_step(step, target, partial), None
     except CheckpointError as err:
       result, error = None, err
     if _all_processes_ok(error is None):
+      logging.info("Restored checkpoint %s.", self.step_path(step))
       return result, None
     return None, error or CheckpointError(
         f"{self.step_path(step)}: another process failed to read it.")
 
-  def _restore_step(self, step: int, target):
+  def _restore_step(self, step: int, target, partial: bool):
     path = self.step_path(step)
     if not (path / COMMIT_FILE).is_file():
       raise CheckpointError(f"{path}: no complete checkpoint for step {step}.")
@@ -242,7 +246,7 @@ class CheckpointManager:
       arrays = _read_leaves(path, saved, [None] * len(saved))
       return _unflatten_paths(saved, arrays), record["metadata"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
-    records = _check_target(path, saved, flat)
+    records = _check_target(path, saved, flat, partial)
     arrays = _read_leaves(path, records, [leaf for _, leaf in flat])
     return jax.tree_util.tree_unflatten(treedef, arrays), record["metadata"]
 
@@ -351,7 +355,8 @@ def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
     write.result()
 
 
-def _check_target(path: pathlib.Path, saved: list[dict], flat) -> list[dict]:
+def _check_target(path: pathlib.Path, saved: list[dict], flat,
+                  partial: bool) -> list[dict]:
   """Saved records aligned with the target's leaves; ValueError on mismatch."""
   by_name = {leaf["path"]: leaf for leaf in saved}
   aligned = []
@@ -368,9 +373,9 @@ def _check_target(path: pathlib.Path, saved: list[dict], flat) -> list[dict]:
           f"checkpoint {path} holds {leaf['dtype']}{leaf['shape']}.")
     aligned.append(leaf)
   missing = sorted(set(by_name) - {leaf["path"] for leaf in aligned})
-  if missing:
+  if missing and not partial:
     raise ValueError(f"`target` lacks leaves saved in checkpoint {path}: "
-                     f"{missing}.")
+                     f"{missing} (pass partial=True to read a subset).")
   return aligned
 
 

@@ -306,6 +306,8 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
     raise ValueError("`validation_fraction` must be in (0, 1), got "
                      f"{validation_fraction}.")
   sharding = _Sharding(global_batch_size, process_index, process_count)
+  if not isinstance(spec, (str, os.PathLike)):
+    raise ValueError(f"{_ACCEPTED}; got {spec!r}.")
   spec_str = os.fspath(spec)
   if spec_str == "mqar" or spec_str.startswith("mqar:"):
     config = parse_mqar_spec(spec_str)

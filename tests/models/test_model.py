@@ -119,6 +119,14 @@ def test_presets_exist_and_errors_name_the_field():
     models.embed({"embed": jnp.ones((4, 2))}, jnp.ones((2, 3)), _small())
 
 
+def test_config_round_trips_through_json():
+  cfg = _small("moe-hybrid", layerwise_heads=(0.5, 1.0))
+  text = json.dumps(cfg.to_dict())
+  assert models.ModelConfig.from_dict(json.loads(text)) == cfg
+  with pytest.raises(ValueError, match="colour"):
+    models.ModelConfig.from_dict({"colour": 1})
+
+
 def test_recurrent_layers_of_a_kind_stack():
   """Same kind => same param structure and shapes (pipeline stages)."""
   cfg = _small("tnl", num_layers=3)

@@ -214,6 +214,7 @@ def test_bytes_roundtrip():
 
 @pytest.mark.parametrize("spec", [
     "/no/such/file", "mqar:num_kv_pairs", "mqar:colour=3", "mqar:vocab_size=x",
+    None,
 ])
 def test_bad_spec_names_data_and_the_accepted_forms(spec):
   with pytest.raises(ValueError, match="`data` must be 'corpus'.*mqar.*npy"):

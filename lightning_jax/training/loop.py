@@ -1,0 +1,293 @@
+"""The training loop: mesh, sharded init or restore, steps, metrics, checkpoints.
+
+`train(config)` is what `tools/train.py` runs. Flow per step `t`: read batch
+`t` on the host (a pure function of the seed and the data position), dispatch
+the jitted step, then fetch step t-1's metrics (the device already has step t
+queued, so logging never stalls it). Every `checkpoint_every` steps the state
+is saved, after checking that the step's loss and gradient are finite, so a
+NaN step never overwrites a good checkpoint.
+"""
+
+import dataclasses
+import math
+import os
+from typing import Any, NamedTuple
+
+from absl import logging
+import jax
+import numpy as np
+
+from lightning_jax import models
+from lightning_jax import parallel
+from lightning_jax.training import checkpoint
+from lightning_jax.training import data as data_lib
+from lightning_jax.training import loss as loss_lib
+from lightning_jax.training import metrics as metrics_lib
+from lightning_jax.training import optim as optim_lib
+from lightning_jax.training import state as state_lib
+from lightning_jax.training import step as step_lib
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradient norm of a step is NaN or Inf."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run.
+
+  Attributes:
+    model: the `models.ModelConfig`; its `vocab_size` must cover the data's.
+    workdir: run directory: `checkpoints/`, `metrics.jsonl`.
+    steps: optimiser steps of the whole run (a resumed run continues to it).
+    batch_size: global batch size (sequences per step, all processes).
+    seq_len: tokens per sequence.
+    seed: seed of the parameters, the per-step randomness and the data order.
+    data: dataset spec (`training.data.make_dataset`): "corpus", "mqar" or
+      a path.
+    mesh: mesh spec, e.g. "data=2,fsdp=2,tensor=2" (`parallel.make_mesh`);
+      "" puts every device on "data".
+    microbatches: gradient-accumulation steps when the mesh has pipe == 1,
+      the number of pipeline microbatches otherwise.
+    checkpoint_every: save every this many steps and at the end; 0 disables.
+    keep_checkpoints: complete checkpoints to keep.
+    log_every: write metrics every this many steps (and at steps 1 and last).
+    optim: `OptimConfig`.
+    loss: `LossConfig`.
+    tensorboard: also write TensorBoard scalars (needs tensorboardX).
+    flags: JSON-serialisable record of how the run was launched, saved in
+      the checkpoint metadata.
+  """
+  model: Any
+  workdir: str
+  steps: int = 600
+  batch_size: int = 16
+  seq_len: int = 128
+  seed: int = 0
+  data: str = "corpus"
+  mesh: str = ""
+  microbatches: int = 1
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  log_every: int = 10
+  optim: optim_lib.OptimConfig = optim_lib.OptimConfig()
+  loss: loss_lib.LossConfig = loss_lib.LossConfig()
+  tensorboard: bool = False
+  flags: dict = dataclasses.field(default_factory=dict)
+
+
+class TrainResult(NamedTuple):
+  """What `train` returns.
+
+  Attributes:
+    state: the final `TrainState` (sharded over the mesh).
+    history: the metric rows logged this run (written by process 0 only).
+  """
+  state: state_lib.TrainState
+  history: list
+
+
+def validate(config: TrainConfig, num_devices: int,
+             process_count: int = 1) -> dict:
+  """Checks a run's shape arithmetic before anything is compiled.
+
+  Args:
+    config: the run.
+    num_devices: devices over all processes (`jax.device_count()`).
+    process_count: processes (`jax.process_count()`).
+
+  Returns:
+    The mesh axis sizes (`parallel.parse_mesh_spec`, filled in with every
+    device on "data" when the spec is empty).
+
+  Raises:
+    ValueError: one line naming the flag and the expected value.
+  """
+  for name in ("steps", "batch_size", "seq_len", "microbatches", "log_every"):
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
+  if config.checkpoint_every < 0:
+    raise ValueError(f"--checkpoint_every must be >= 0 (0 disables), got "
+                     f"{config.checkpoint_every}.")
+  axes = parallel.parse_mesh_spec(config.mesh) if config.mesh else {}
+  axes = axes or {"data": num_devices}
+  size = math.prod(axes.values())
+  if size != num_devices:
+    raise ValueError(
+        f"--mesh={config.mesh!r} multiplies to {size} devices, but there are "
+        f"{num_devices} (set JAX_NUM_CPU_DEVICES for fake CPU devices).")
+  data_parallel = math.prod(axes.get(a, 1) for a in ("data", "fsdp",
+                                                      "expert"))
+  per_step = data_parallel * config.microbatches
+  if config.batch_size % per_step:
+    raise ValueError(
+        f"--batch_size={config.batch_size} must be divisible by the "
+        f"data-parallel size (data*fsdp*expert = {data_parallel}) x "
+        f"--microbatches={config.microbatches} = {per_step}.")
+  if config.batch_size % process_count:
+    raise ValueError(f"--batch_size={config.batch_size} must be divisible by "
+                     f"the number of processes {process_count}.")
+  if config.seq_len % axes.get("seq", 1):
+    raise ValueError(f"--seq_len={config.seq_len} must be divisible by the "
+                     f"mesh's seq axis ({axes['seq']}).")
+  stages = axes.get("pipe", 1)
+  if stages > 1 and config.model.num_layers % stages:
+    raise ValueError(
+        f"num_layers={config.model.num_layers} must be divisible by the "
+        f"pipeline stages (mesh pipe={stages}).")
+  return axes
+
+
+def _jsonable(value):
+  """Dataclass / tuple / dtype values -> JSON-serialisable values."""
+  if dataclasses.is_dataclass(value):
+    return {f.name: _jsonable(getattr(value, f.name))
+            for f in dataclasses.fields(value)}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (bool, int, float, str)) or value is None:
+    return value
+  return np.dtype(value).name
+
+
+def _grad_fn(config: TrainConfig, axes: dict):
+  """The `grad_fn` of the step: accumulation for pipe == 1, else the pipeline."""
+  if axes.get("pipe", 1) > 1:
+    raise ValueError(
+        "--mesh with pipe > 1 needs the pipeline schedule "
+        "(parallel.pipeline_grad_fn), which this build does not provide yet.")
+  return step_lib.default_grad_fn(config.model, config.loss,
+                                  config.microbatches)
+
+
+def _init_or_restore(config, optimizer, mesh, manager):
+  """The sharded state: restored from the latest complete checkpoint, if any.
+
+  Returns:
+    `(state, state_shardings)`; the shardings follow the partition rules
+    (`parallel.param_shardings`), optimiser moments like their params.
+  """
+
+  def init_state(key):
+    k_params, k_train = jax.random.split(key)
+    return state_lib.init_train_state(models.init(k_params, config.model),
+                                      optimizer, k_train)
+
+  key = jax.random.key(config.seed)
+  abstract_state = jax.eval_shape(init_state, key)
+  shardings = parallel.param_shardings(abstract_state, mesh)
+  if manager is None or manager.latest_step() is None:
+    return parallel.init_sharded(init_state, key, mesh), shardings
+  target = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_state, shardings)
+  state, metadata = manager.restore(None, target)
+  saved = metadata.get("model_config")
+  if saved is not None and saved != _jsonable(config.model):
+    raise ValueError(
+        f"--workdir={config.workdir!r} holds checkpoints of a different model "
+        f"config; use a fresh --workdir. Saved: {saved}")
+  logging.info("Resumed %s from step %d.", config.workdir, int(state.step))
+  return state, shardings
+
+
+def _check_finite(step: int, values: dict, last_checkpoint) -> None:
+  """Raises NonFiniteLossError if the step's loss or gradient norm is not finite."""
+  for name in ("loss", "grad_norm"):
+    if not math.isfinite(values[name]):
+      kept = ("no checkpoint was written" if last_checkpoint is None else
+              f"the last good checkpoint (step {last_checkpoint}) is intact")
+      raise NonFiniteLossError(
+          f"{name} is {values[name]} at step {step}: training stopped; "
+          f"{kept}.")
+
+
+def train(config: TrainConfig) -> TrainResult:
+  """Runs (or resumes) training to `config.steps`.
+
+  Args:
+    config: the run; validated with `validate` first.
+
+  Returns:
+    `TrainResult` with the final state and the metric rows written.
+
+  Raises:
+    ValueError: invalid configuration (before anything compiles).
+    NonFiniteLossError: a step's loss or gradient norm is NaN / Inf; the
+      offending state is not saved.
+  """
+  axes = validate(config, jax.device_count(), jax.process_count())
+  mesh = parallel.make_mesh(config.mesh or None)
+  dataset = data_lib.make_dataset(
+      config.data, seq_len=config.seq_len,
+      global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if dataset.vocab_size > config.model.vocab_size:
+    raise ValueError(f"--data={config.data!r} has vocab_size "
+                     f"{dataset.vocab_size} > the model's vocab_size "
+                     f"{config.model.vocab_size}.")
+  optimizer = optim_lib.make_optimizer(config.optim)
+  manager = None
+  if config.checkpoint_every:
+    manager = checkpoint.CheckpointManager(
+        os.path.join(config.workdir, CHECKPOINT_DIR),
+        keep=config.keep_checkpoints)
+  state, shardings = _init_or_restore(config, optimizer, mesh, manager)
+  batch_sharding = parallel.batch_sharding(mesh)
+  train_step = parallel.shard_step(
+      step_lib.make_train_step(optimizer, optim_lib.learning_rate(config.optim),
+                               _grad_fn(config, axes)),
+      mesh, shardings, batch_sharding)
+
+  start = int(jax.device_get(state.step))
+  position = int(jax.device_get(state.data_position))
+  last_checkpoint = start if manager is not None and start else None
+  writer = metrics_lib.MetricWriter(
+      config.workdir, total_steps=config.steps,
+      tokens_per_step=config.batch_size * config.seq_len, start_step=start,
+      tensorboard=config.tensorboard)
+  history = []
+
+  def finish(step, device_metrics):
+    """Fetches a dispatched step's metrics, checks them, logs when due."""
+    logged = (step % config.log_every == 0 or step in (start + 1,
+                                                        config.steps))
+    if logged:
+      values = metrics_lib.fetch(device_metrics)
+    else:
+      values = metrics_lib.fetch({k: device_metrics[k]
+                                  for k in ("loss", "grad_norm")})
+    _check_finite(step, values, last_checkpoint)
+    if logged:
+      history.append(writer.write(step, values))
+
+  pending = None
+  try:
+    for step in range(start + 1, config.steps + 1):
+      batch = jax.tree.map(
+          lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+          dataset.batch(position))
+      position += 1
+      state, device_metrics = train_step(state, batch)
+      if pending is not None:
+        finish(*pending)
+      pending = (step, device_metrics)
+      if manager is not None and (step % config.checkpoint_every == 0
+                                  or step == config.steps):
+        finish(*pending)
+        pending = None
+        manager.save(step, state, {
+            "model_config": _jsonable(config.model),
+            "data_position": position, "flags": config.flags})
+        last_checkpoint = step
+    if pending is not None:
+      finish(*pending)
+  finally:
+    writer.close()
+  return TrainResult(state=state, history=history)
+

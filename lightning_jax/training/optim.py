@@ -1,0 +1,91 @@
+"""AdamW with linear warmup, cosine decay and global-norm clipping (optax).
+
+Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization" (AdamW);
+the warmup + cosine schedule of Radford et al. / Hoffmann et al. (2022).
+"""
+
+import dataclasses
+
+import jax
+import optax
+
+from lightning_jax import _checks
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimiser hyper-parameters.
+
+  Attributes:
+    lr: peak learning rate, reached after `warmup_steps`.
+    total_steps: length of the schedule (warmup included); the cosine decays
+      from `lr` to `lr * min_lr_ratio` at `total_steps`.
+    warmup_steps: linear warmup from 0 to `lr`.
+    min_lr_ratio: final learning rate as a fraction of `lr`.
+    b1: Adam first-moment decay.
+    b2: Adam second-moment decay.
+    eps: Adam epsilon.
+    weight_decay: decoupled weight decay, applied to weights with >= 2 dims
+      only (not to norm scales, biases or per-head constants).
+    clip_norm: clip the gradient to this global L2 norm; 0 disables.
+  """
+  lr: float = 3e-3
+  total_steps: int = 1000
+  warmup_steps: int = 100
+  min_lr_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  clip_norm: float = 1.0
+
+  def __post_init__(self):
+    _checks.check_positive_int("total_steps", self.total_steps)
+    if not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"`warmup_steps` must be in [0, total_steps = "
+                       f"{self.total_steps}], got {self.warmup_steps}.")
+    if not self.lr > 0:
+      raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+    if not 0 <= self.min_lr_ratio <= 1:
+      raise ValueError(
+          f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}.")
+    for name in ("weight_decay", "clip_norm"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+
+
+def learning_rate(cfg: OptimConfig) -> optax.Schedule:
+  """The schedule `step -> lr`: linear warmup from 0, then cosine decay.
+
+  Example:
+    >>> sched = learning_rate(OptimConfig(lr=1.0, total_steps=10,
+    ...                                   warmup_steps=2, min_lr_ratio=0.0))
+    >>> float(sched(2)), float(sched(10))
+    (1.0, 0.0)
+  """
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def decay_mask(params):
+  """True for the leaves that get weight decay: arrays with >= 2 dims."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Global-norm clipping then AdamW on the `learning_rate(cfg)` schedule.
+
+  The optimiser state is a pytree; its step count drives the schedule, so a
+  restored state continues the schedule exactly.
+
+  Example:
+    >>> opt = make_optimizer(OptimConfig())
+    >>> params = {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}
+    >>> updates, state = opt.update(params, opt.init(params), params)
+  """
+  adamw = optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  if cfg.clip_norm == 0:
+    return adamw
+  return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

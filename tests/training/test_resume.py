@@ -1,0 +1,111 @@
+"""Kill-and-resume: a run SIGKILLed while writing a checkpoint and restarted
+continues exactly (bitwise) as an uninterrupted run with the same flags.
+
+Three `tools/train.py` processes: uninterrupted; killed inside the save of
+step `KILL_AT` (after its arrays are written, before the commit), via a
+driver that wraps the checkpoint writer; restarted with the plain binary.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+from lightning_jax import training
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+STEPS, EVERY, KILL_AT = 8, 2, 6
+FLAGS = ["--model=tiny-hybrid",
+         "--override=d_model=16,num_layers=2,num_heads=2,head_dim=8,d_ff=32",
+         f"--steps={STEPS}", "--batch_size=4", "--seq_len=16",
+         f"--checkpoint_every={EVERY}", "--log_every=1", "--lr=1e-2"]
+
+# Runs tools/train.py, but hangs inside the checkpoint save of step KILL_AT
+# once its arrays are in the temporary directory (the commit never happens).
+_DRIVER = """
+import pathlib, sys, time
+from absl import app
+from lightning_jax.training import checkpoint
+from tools import train
+
+kill_at, marker = sys.argv[1], pathlib.Path(sys.argv[2])
+write_leaves = checkpoint._write_leaves
+
+def write_then_hang(root, leaves, primary):
+  write_leaves(root, leaves, primary)
+  if root.parent.name.startswith(f"tmp-{kill_at}-"):
+    marker.write_text("arrays written")
+    time.sleep(600)
+
+checkpoint._write_leaves = write_then_hang
+app.run(train.main, argv=["train", *sys.argv[3:]])
+"""
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
+              PYTHONPATH=str(REPO))
+
+
+def _train(workdir):
+  subprocess.run([sys.executable, "-m", "tools.train", *FLAGS,
+                  f"--workdir={workdir}"], cwd=REPO, env=_env(), check=True,
+                 capture_output=True, timeout=300)
+
+
+def _rows(workdir) -> list[dict]:
+  with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir) -> dict[int, float]:
+  """Step -> loss; a re-run step keeps its last logged value."""
+  return {row["step"]: row["loss"] for row in _rows(workdir)}
+
+
+def _final_state(workdir):
+  manager = training.CheckpointManager(workdir / "checkpoints")
+  assert manager.latest_step() == STEPS
+  state, _ = manager.restore(STEPS)
+  return state
+
+
+def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(
+    tmp_path):
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
+  marker = tmp_path / "marker"
+  driver = tmp_path / "driver.py"
+  driver.write_text(_DRIVER)
+  proc = subprocess.Popen(
+      [sys.executable, str(driver), str(KILL_AT), str(marker), *FLAGS,
+       f"--workdir={killed}"], cwd=REPO, env=_env(),
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _train(reference)  # meanwhile, the uninterrupted run
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+      assert proc.poll() is None, "the driver exited before the kill"
+      assert time.monotonic() < deadline
+      time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    proc.kill()
+  manager = training.CheckpointManager(killed / "checkpoints")
+  assert manager.all_steps() == [EVERY, 2 * EVERY]
+  assert any(p.name.startswith(f"tmp-{KILL_AT}-")
+             for p in (killed / "checkpoints").iterdir())
+  _train(killed)  # resumes from step 4, ignoring the half-written step 6
+  resumed_from = 2 * EVERY
+  assert [r["step"] for r in _rows(killed)] == [
+      *range(1, KILL_AT + 1), *range(resumed_from + 1, STEPS + 1)]
+  assert _losses(killed) == _losses(reference)
+  assert sorted(_losses(reference)) == list(range(1, STEPS + 1))
+  jax.tree.map(np.testing.assert_array_equal, _final_state(killed),
+               _final_state(reference))
