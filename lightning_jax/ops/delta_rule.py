@@ -188,11 +188,17 @@ def _ut_transform(k, beta, decay):
 def _recurrent(q, k, v, beta, g, s0):
 
   def step(s, inputs):
+    # With a = exp(g_t) and u = beta_t (v_t - a S^T k_t):
+    #   S_t = a S + k_t u^T,   o_t = S_t^T q_t = a S^T q_t + (q_t . k_t) u,
+    # so one batched matvec of the old state gives both S^T k_t and S^T q_t
+    # and the state is read once and written once per token (decoding).
     q_t, k_t, v_t, beta_t, g_t = inputs
-    s = jnp.exp(g_t)[..., None, None] * s
-    err = v_t - jnp.einsum("bhd,bhdv->bhv", k_t, s)
-    s = s + k_t[..., None] * (beta_t[..., None] * err)[..., None, :]
-    return s, jnp.einsum("bhd,bhdv->bhv", q_t, s)
+    a = jnp.exp(g_t)[..., None]  # [B, H, 1]
+    skq = jnp.einsum("bhdv,bhcd->bhcv", s, jnp.stack([k_t, q_t], axis=2))
+    sk, sq = skq[:, :, 0], skq[:, :, 1]
+    u = beta_t[..., None] * (v_t - a * sk)
+    o = a * sq + jnp.sum(q_t * k_t, axis=-1, keepdims=True) * u
+    return a[..., None] * s + k_t[..., None] * u[..., None, :], o
 
   final, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
                                           for x in (q, k, v, beta, g)))
