@@ -11,6 +11,11 @@ from lightning_jax.parallel.mesh import axis_size
 from lightning_jax.parallel.mesh import make_mesh
 from lightning_jax.parallel.mesh import mesh_axis_sizes
 from lightning_jax.parallel.mesh import parse_mesh_spec
+from lightning_jax.parallel.pipeline import from_pipeline_params
+from lightning_jax.parallel.pipeline import pipeline_grad_fn
+from lightning_jax.parallel.pipeline import stack_stages
+from lightning_jax.parallel.pipeline import to_pipeline_params
+from lightning_jax.parallel.pipeline import unstack_stages
 from lightning_jax.parallel.sequence import sequence_parallel
 from lightning_jax.parallel.sequence import sp_delta_rule
 from lightning_jax.parallel.sequence import sp_gated_linear_attention
