@@ -14,9 +14,7 @@ Usage:
 """
 
 import codecs
-import dataclasses
 import functools
-import pathlib
 import sys
 import time
 
@@ -31,7 +29,9 @@ from lightning_jax import models
 from lightning_jax import training
 from lightning_jax.inference import decode
 
-CHECKPOINT_DIR = "checkpoints"  # as tools/train.py writes them
+CHECKPOINT_DIR = training.CHECKPOINT_DIR
+load_model = training.load_model
+model_config_from_metadata = training.model_config_from_metadata
 BYTE_VOCAB = 256
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of "
@@ -57,47 +57,6 @@ _SNAPKV_POOLING = flags.DEFINE_enum("snapkv_pooling", "avg", ["avg", "max"],
                                     "SnapKV pooling.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the "
                              "latest complete one).")
-
-
-def model_config_from_metadata(metadata: dict) -> models.ModelConfig:
-  """The `ModelConfig` saved as a JSON dict (tuples stored as lists)."""
-  saved = metadata.get("model_config")
-  if not isinstance(saved, dict):
-    raise ValueError('The checkpoint metadata has no "model_config" dict; '
-                     "was it written by tools/train.py?")
-  fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
-  unknown = sorted(set(saved) - fields)
-  if unknown:
-    raise ValueError(f"Saved model_config has unknown fields {unknown}.")
-  return models.ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in saved.items()})
-
-
-def load_model(workdir, step: int | None = None):
-  """Params and config of a checkpoint written by the training loop.
-
-  The saved tree is the train state; its "params" subtree is matched leaf by
-  leaf (shapes checked) against `models.init`'s structure for the saved
-  config.
-
-  Returns:
-    `(params, cfg, step)`.
-  """
-  manager = training.CheckpointManager(pathlib.Path(workdir) / CHECKPOINT_DIR)
-  tree, metadata = manager.restore(step, None)
-  cfg = model_config_from_metadata(metadata)
-  abstract = jax.eval_shape(lambda: models.init(jax.random.key(0), cfg))
-  if not isinstance(tree, dict) or "params" not in tree:
-    raise ValueError(f"The checkpoint in {workdir} holds no 'params' subtree.")
-  leaves = jax.tree.leaves(tree["params"])
-  want = jax.tree.leaves(abstract)
-  if [np.shape(x) for x in leaves] != [x.shape for x in want]:
-    raise ValueError(f"The params in {workdir} do not match the saved "
-                     "model_config.")
-  params = jax.tree.unflatten(jax.tree.structure(abstract),
-                              [jnp.asarray(x, w.dtype)
-                               for x, w in zip(leaves, want, strict=True)])
-  return params, cfg, int(tree.get("step", -1))
 
 
 def encode_prompt(prompt: str, vocab_size: int) -> np.ndarray:

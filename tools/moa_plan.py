@@ -1,33 +1,39 @@
 """MoA plan: profile a model on calibration data, search rules under a budget.
 
 Writes the plan JSON (`{"alphas": [[...]], "betas": [[...]]}`, the MoA
-authors' format) and prints per-layer density and the predicted loss increase
-at every profiled length, with the measured loss of the sparse model.
+authors' format; one row per softmax-attention layer) and prints per-layer
+density and the predicted loss increase at every profiled length, with the
+measured loss change of the model running the plan.
 
-  python -m tools.moa_plan --calib=README.md --lengths=64,128 \
-      --budget=0.5 --out=/tmp/plan.json
+  python -m tools.moa_plan --workdir=/tmp/lightning_jax/transformer \
+      --lengths=64,128 --budget=0.5 --out=/tmp/plan.json
 
-The model is the tiny attention-only LM of `lightning_jax.layers.moa_profile`
-(random init, or `--params` .npz with keys `embed`, `head`,
-`layers/<i>/<wq|wk|wv|wo>`); tokens are the bytes of `--calib` (vocab 256).
+The model comes from the latest complete checkpoint of `--workdir` (written
+by `tools/train.py`), or, without it, a random init of `--model`.
+Calibration sequences come from `--data` (as `tools/train.py --data`).
 """
 
 from collections.abc import Sequence
 import itertools
-import pathlib
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lightning_jax import layers
+from lightning_jax import models
+from lightning_jax import training
+from lightning_jax.models import moa_profile
 
-_CALIB = flags.DEFINE_string("calib", None, "Calibration text file (bytes).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to profile "
+                               "(latest complete checkpoint).")
+_MODEL = flags.DEFINE_string("model", "transformer",
+                             "Preset to initialise randomly without --workdir.")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "Preset fields, "
+                                      "`field=value[,...]` (no --workdir).")
+_DATA = flags.DEFINE_string("data", "corpus", "Calibration data spec.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the plan JSON.")
-_PARAMS = flags.DEFINE_string("params", "", "Params .npz; empty: random init.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the random init.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
 _LENGTHS = flags.DEFINE_list("lengths", ["64", "128"], "Profiled lengths N.")
 _BATCH = flags.DEFINE_integer("batch", 4, "Calibration sequences per length.")
 _BUDGET = flags.DEFINE_float("budget", 0.5, "Mean density budget in (0, 1].")
@@ -39,33 +45,17 @@ _BETAS = flags.DEFINE_list("betas", ["0", "0.125", "0.25", "0.5", "1"],
                            "Candidate betas.")
 _MAX_RULES = flags.DEFINE_integer("max_rules_per_layer", 0,
                                   "Distinct rules per layer (0: no limit).")
-_LAYERS = flags.DEFINE_integer("num_layers", 2, "Model layers.")
-_D_MODEL = flags.DEFINE_integer("d_model", 64, "Model width.")
-_HEADS = flags.DEFINE_integer("num_heads", 4, "Query heads.")
-_KV_HEADS = flags.DEFINE_integer("num_kv_heads", 2, "Key/value heads.")
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 16, "Head width.")
 
-flags.mark_flags_as_required(["calib", "out"])
+flags.mark_flags_as_required(["out"])
 
 
-def _load_params(path: str, cfg: layers.AttentionLMConfig) -> dict:
-  with np.load(path) as data:
-    return {"embed": jnp.asarray(data["embed"]),
-            "head": jnp.asarray(data["head"]),
-            "layers": [{name: jnp.asarray(data[f"layers/{i}/{name}"])
-                        for name in ("wq", "wk", "wv", "wo")}
-                       for i in range(cfg.num_layers)]}
-
-
-def _calibration(path: str, lengths: Sequence[int], batch: int) -> dict:
-  data = np.frombuffer(pathlib.Path(path).read_bytes(), np.uint8)
-  out = {}
-  for n in lengths:
-    if data.size < n * batch:
-      raise app.UsageError(f"--calib holds {data.size} bytes, fewer than "
-                           f"--batch * length = {batch * n}.")
-    out[n] = jnp.asarray(data[:n * batch].reshape(batch, n).astype(np.int32))
-  return out
+def _model():
+  if _WORKDIR.value:
+    params, cfg, _ = training.load_model(_WORKDIR.value)
+    return params, cfg
+  cfg = training.apply_overrides(models.get_preset(_MODEL.value),
+                                 training.parse_overrides(_OVERRIDE.value))
+  return models.init(jax.random.key(_SEED.value), cfg), cfg
 
 
 def main(argv: Sequence[str]) -> None:
@@ -78,29 +68,27 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--budget must be in (0, 1], got {_BUDGET.value}.")
   candidates = list(itertools.product([float(a) for a in _ALPHAS.value],
                                       [float(b) for b in _BETAS.value]))
-  cfg = layers.AttentionLMConfig(
-      vocab_size=256, num_layers=_LAYERS.value,
-      attention=layers.AttentionConfig(
-          _D_MODEL.value, _HEADS.value, _KV_HEADS.value, _HEAD_DIM.value,
-          sink=_SINK.value, block_size=_BLOCK.value))  # dense until a plan
-  params = (_load_params(_PARAMS.value, cfg) if _PARAMS.value else
-            layers.init_attention_lm(jax.random.key(_SEED.value), cfg))
-  calibration = _calibration(_CALIB.value, lengths, _BATCH.value)
-
-  found = layers.search_attention_lm_plan(
+  params, cfg = _model()
+  calibration = {
+      n: jnp.asarray(training.make_dataset(
+          _DATA.value, seq_len=n, global_batch_size=_BATCH.value,
+          seed=_SEED.value, vocab_size=None if _DATA.value == "corpus"
+          else cfg.vocab_size).batch(0)["inputs"])
+      for n in lengths}
+  found = moa_profile.search_plan(
       params, cfg, calibration, candidates, budget=_BUDGET.value,
       block=_BLOCK.value, sink=_SINK.value,
       max_rules_per_layer=_MAX_RULES.value or None)
   found.plan.save(_OUT.value)
   for i, n in enumerate(found.lengths):
-    dense = layers.attention_lm_loss(params, calibration[n], cfg)
-    sparse = layers.attention_lm_loss(params, calibration[n], cfg, found.plan)
     density, predicted = found.density_NxLxH[i], found.predicted_NxLxH[i]
-    print(f"N={n}: density per layer {density.mean(-1).round(3).tolist()} "
-          f"(mean {density.mean():.3f}); predicted loss increase per layer "
+    measured = moa_profile.plan_loss_increase(params, cfg, found.plan,
+                                              calibration[n], _SINK.value)
+    print(f"N={n}: density per attention layer "
+          f"{density.mean(-1).round(3).tolist()} (mean {density.mean():.3f});"
+          f" predicted loss increase per layer "
           f"{predicted.sum(-1).round(5).tolist()} (total "
-          f"{predicted.sum():.5f}); measured {float(sparse - dense):.5f} "
-          f"(dense loss {float(dense):.4f})")
+          f"{predicted.sum():.5f}); measured {measured:.5f}")
   print(f"plan -> {_OUT.value}")
 
 

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from lightning_jax import models
 from lightning_jax import parallel
@@ -302,3 +304,38 @@ def train(config: TrainConfig) -> TrainResult:
     writer.close()
   return TrainResult(state=state, history=history)
 
+
+def model_config_from_metadata(metadata: dict) -> models.ModelConfig:
+  """The `ModelConfig` saved as a JSON dict (tuples stored as lists)."""
+  saved = metadata.get("model_config")
+  if not isinstance(saved, dict):
+    raise ValueError('The checkpoint metadata has no "model_config" dict; '
+                     "was it written by tools/train.py?")
+  return models.ModelConfig.from_dict(saved)
+
+
+def load_model(workdir, step: int | None = None):
+  """Params and config of a checkpoint written by the training loop.
+
+  The saved tree is the train state; its "params" subtree is matched leaf by
+  leaf (shapes checked) against `models.init`'s structure for the saved
+  config.
+
+  Returns:
+    `(params, cfg, step)`.
+  """
+  manager = checkpoint.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR))
+  tree, metadata = manager.restore(step, None)
+  cfg = model_config_from_metadata(metadata)
+  abstract = jax.eval_shape(lambda: models.init(jax.random.key(0), cfg))
+  if not isinstance(tree, dict) or "params" not in tree:
+    raise ValueError(f"The checkpoint in {workdir} holds no 'params' subtree.")
+  leaves = jax.tree.leaves(tree["params"])
+  want = jax.tree.leaves(abstract)
+  if [np.shape(x) for x in leaves] != [x.shape for x in want]:
+    raise ValueError(f"The params in {workdir} do not match the saved "
+                     "model_config.")
+  params = jax.tree.unflatten(jax.tree.structure(abstract),
+                              [jnp.asarray(x, w.dtype)
+                               for x, w in zip(leaves, want, strict=True)])
+  return params, cfg, int(tree.get("step", -1))
