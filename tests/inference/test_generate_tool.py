@@ -49,5 +49,5 @@ def test_restores_and_streams_greedy_text(tmp_path):
 def test_bad_metadata():
   with pytest.raises(ValueError, match="model_config"):
     generate.model_config_from_metadata({})
-  with pytest.raises(ValueError, match="unknown"):
+  with pytest.raises(ValueError, match="(?i)unknown"):
     generate.model_config_from_metadata({"model_config": {"bogus": 1}})
