@@ -66,6 +66,34 @@ def test_blocked_matches_dense(config, seed):
     np.testing.assert_allclose(g, w, **F32_TOL)
 
 
+@functools.partial(jax.jit, static_argnames=("window", "sink",
+                                             "tile_elements"))
+def _split_tiles_and_dense(q, k, v, dout, *, window, sink, tile_elements):
+  """The kernel with tiles of at most `tile_elements` scores vs the dense
+  impl (windows sorted, one kv head per q head, as `moa_attention` passes)."""
+  blocked = lambda q, k, v: _blocked.blocked_attention(
+      q, k, v, windows=window, sink=sink, causal=True, offset=0, block=8,
+      tile_elements=tile_elements)
+  dense = lambda q, k, v: ops.moa_attention(q, k, v, list(window), sink=sink,
+                                            scale=1.0, impl="dense")
+  return [(lambda out, vjp: (out, vjp(dout)))(*jax.vjp(fn, q, k, v))
+          for fn in (blocked, dense)]
+
+
+@hypothesis.given(config=_configs(), seed=st.integers(0, 2**16),
+                  tile_elements=st.sampled_from([1, 40, 300]))
+def test_heads_split_across_tiles_match_dense(config, seed, tile_elements):
+  # Small tiles split a window group's heads over several tiles.
+  seq, heads, _, window, sink = config
+  args = _inputs(seed, seq, heads, heads)
+  (got, got_grads), (want, want_grads) = _split_tiles_and_dense(
+      *args, window=tuple(sorted(window, reverse=True)), sink=sink,
+      tile_elements=tile_elements)
+  np.testing.assert_allclose(got, want, **F32_TOL)
+  for g, w in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(g, w, **F32_TOL)
+
+
 def test_bf16_inputs():
   window = (30, 5, 1, 12)
   args = _inputs(3, 30, 4, 2, jnp.bfloat16)
