@@ -84,7 +84,7 @@ def _sharded(mesh_name, top_k, microbatches=1):
           for p, e in zip(probs, experts, strict=True)])
     return moe.load_balancing_loss_from_pieces(pieces, axis_name=axes)
 
-  per_device = jax.shard_map(lambda l: local_loss(l)[None], mesh=mesh,
+  per_device = jax.shard_map(lambda x: local_loss(x)[None], mesh=mesh,
                              in_specs=batch, out_specs=batch)
 
   def ddp_router_grad(w, x):
@@ -100,7 +100,7 @@ def _sharded(mesh_name, top_k, microbatches=1):
   @jax.jit
   def run(logits, w, x):
     losses = per_device(logits)
-    g_logits = jax.grad(lambda l: jnp.mean(per_device(l)))(logits)
+    g_logits = jax.grad(lambda x: jnp.mean(per_device(x)))(logits)
     return losses, g_logits, ddp_router_grad(w, x)
 
   def call(logits, w, x):
@@ -189,10 +189,10 @@ def test_micro_scope_differs_from_global_on_domain_skewed_batch():
 
   def per_device(scope):
     kwargs = {"axis_name": axes} if scope == "global" else {}
-    f = jax.shard_map(lambda l: _loss(l, 2, scope, **kwargs)[None],
+    f = jax.shard_map(lambda x: _loss(x, 2, scope, **kwargs)[None],
                       mesh=mesh, in_specs=P(axes), out_specs=P(axes))
     with jax.set_mesh(mesh):
-      return jax.jit(jax.value_and_grad(lambda l: jnp.mean(f(l))))(
+      return jax.jit(jax.value_and_grad(lambda x: jnp.mean(f(x))))(
           put(logits))
 
   micro, g_micro = per_device("micro")
@@ -258,8 +258,11 @@ def test_sequential_accumulation_exact_only_with_known_counts():
     value, grad, running = 0.0, jnp.zeros_like(logits), jnp.zeros(E)
     for m in range(4):
       running = running + _microbatch_pieces(logits, m).expert_counts
-      loss_m = lambda l, m=m: moe.load_balancing_loss_from_pieces(
-          _microbatch_pieces(l, m), expert_counts=counts_for(running)) / 4
+
+      def loss_m(x, m=m, running=running):
+        return moe.load_balancing_loss_from_pieces(
+            _microbatch_pieces(x, m), expert_counts=counts_for(running)) / 4
+
       v, g = jax.value_and_grad(loss_m)(logits)
       value, grad = value + v, grad + g
     return value, grad
