@@ -29,7 +29,7 @@ def _define_flags():
   flags.DEFINE_integer("block_size", 64, "Kernel block size.")
   flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125"],
                     "Target densities of the MoA rows.")
-  flags.DEFINE_integer("repeats", 5, "Timing rounds.")
+  flags.DEFINE_integer("repeats", 15, "Timing rounds.")
 
 
 def window_for_density(density: float, seq: int) -> int:
@@ -53,13 +53,14 @@ def _fwd_and_fwd_bwd(fn, dout):
 def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
         block_size: int = 64, densities: Sequence[float] = (1.0, 0.5, 0.25,
                                                              0.125),
-        repeats: int = 5, batch: int = 1) -> list[dict]:
+        repeats: int = 15, batch: int = 1) -> list[dict]:
   """Benchmark rows (fp32): the dense blocked kernel, then MoA per density.
 
   Every program is compiled first; then `repeats` rounds time each program
-  once, in turn, so that a slow-down of the (shared) machine hits all rows of
-  a round alike. Ratios to dense are taken within each round; all figures
-  are medians over rounds.
+  once, in turn. Each figure is the best (minimum) time over the rounds, as
+  `timeit` advises: on a shared or virtual machine the noise only ever adds
+  time (two consecutive calls differ by up to 2x here), so the minimum is
+  the stable estimate of a program's own cost, and ratios are of minima.
 
   Args:
     seq: sequence length.
@@ -72,11 +73,11 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
     batch: batch size.
 
   Returns:
-    Same-keyed dicts, dense row first: impl, density, window, median
+    Same-keyed dicts, dense row first: impl, density, window, best
     milliseconds of forward and forward+backward, their ratio to dense, the
     useful GFLOP/s (4 D flops per kept pair forward, 2.5x that backward; the
-    recomputation not counted) and that as a fraction of the matmul GFLOP/s
-    of the same rounds.
+    recomputation not counted) and that as a fraction of the best matmul
+    GFLOP/s of the same rounds.
 
   Example:
     >>> rows = run(seq=512, heads=2, dim=32, densities=(0.5,))
@@ -99,25 +100,26 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
     rounds.append((benchlib.matmul_gflops(repeats=1), np.array(times)))
   matmul = np.array([m for m, _ in rounds])
   times = np.stack([t for _, t in rounds]).reshape(repeats, len(fns), 2)
-  ratios = times / times[:, :1]
+  best = times.min(0)  # [programs, 2]
+  matmul_best = float(matmul.max())
   pairs = batch * heads * seq * (seq + 1) / 2
   unit_flops = np.array([4 * dim * pairs, 3.5 * 4 * dim * pairs])  # fwd, +bwd
   rows = []
   for i, window in enumerate(windows):
     density = float(ops.moa_density([window], seq)[0])
-    gflops = density * unit_flops / times[:, i] / 1e9  # [repeats, 2]
+    gflops = density * unit_flops / best[i] / 1e9  # [2]
     rows.append(dict(
         impl="attention blocked (dense)" if i == 0 else "moa_attention",
         density=density, window=window,
-        fwd_ms=1e3 * float(np.median(times[:, i, 0])),
-        fwd_bwd_ms=1e3 * float(np.median(times[:, i, 1])),
-        fwd_vs_dense=float(np.median(ratios[:, i, 0])),
-        fwd_bwd_vs_dense=float(np.median(ratios[:, i, 1])),
-        fwd_gflops=float(np.median(gflops[:, 0])),
-        fwd_bwd_gflops=float(np.median(gflops[:, 1])),
-        fwd_of_matmul=float(np.median(gflops[:, 0] / matmul)),
-        fwd_bwd_of_matmul=float(np.median(gflops[:, 1] / matmul)),
-        matmul_gflops=float(np.median(matmul))))
+        fwd_ms=1e3 * float(best[i, 0]),
+        fwd_bwd_ms=1e3 * float(best[i, 1]),
+        fwd_vs_dense=float(best[i, 0] / best[0, 0]),
+        fwd_bwd_vs_dense=float(best[i, 1] / best[0, 1]),
+        fwd_gflops=float(gflops[0]),
+        fwd_bwd_gflops=float(gflops[1]),
+        fwd_of_matmul=float(gflops[0] / matmul_best),
+        fwd_bwd_of_matmul=float(gflops[1] / matmul_best),
+        matmul_gflops=matmul_best))
   return rows
 
 
