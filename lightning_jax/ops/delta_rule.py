@@ -23,7 +23,6 @@ docs/linear_attention.md for the derivation.
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from lightning_jax import _checks
