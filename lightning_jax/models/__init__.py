@@ -6,6 +6,8 @@ from lightning_jax.models.config import FFNS
 from lightning_jax.models.config import layer_widths
 from lightning_jax.models.config import MIXERS
 from lightning_jax.models.config import ModelConfig
+from lightning_jax.models.loss import lm_loss
+from lightning_jax.models.loss import MoEStats
 from lightning_jax.models.model import apply_block
 from lightning_jax.models.model import apply_mixer
 from lightning_jax.models.model import block_with_mixer

@@ -132,6 +132,34 @@ def chunk_states(log_decay_BxHxNxDg, increments_BxHxNxDkxDv, state_BxHxDkxDv):
   return final, starts
 
 
+def scan(step, carry, xs):
+  """`jax.lax.scan` whose initial carry varies like its inputs.
+
+  Inside `jax.shard_map` (e.g. the pipeline's manual `pipe` axis), a carry
+  built from constants (a zero state) is invariant over the manual axes while
+  the step's output, computed from varying inputs, varies, and `lax.scan`
+  rejects the mismatch. Every leaf of `carry` is therefore marked varying
+  (`jax.lax.pcast`) over the union of the manual axes of `carry` and `xs`;
+  outside `shard_map` this is the identity.
+
+  Args:
+    step: `step(carry, x) -> (carry, y)`, reading only `carry` and `x`.
+    carry: the initial carry, a pytree.
+    xs: the scanned pytree, leading axis the steps.
+
+  Returns:
+    `(final carry, stacked ys)` as `jax.lax.scan`.
+  """
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  axes = frozenset().union(*map(varying, jax.tree.leaves((carry, xs))))
+
+  def to_varying(a):
+    missing = tuple(sorted(axes - varying(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+  return jax.lax.scan(step, jax.tree.map(to_varying, carry), xs)
+
+
 def scan_groups(fn, inputs, state, group_len: int):
   """Runs `fn` over consecutive groups of `group_len` tokens, carrying state.
 
@@ -163,6 +191,6 @@ def scan_groups(fn, inputs, state, group_len: int):
     o, s = fn(*xs, s)
     return s, o
 
-  final, o = jax.lax.scan(step, state, tuple(split(x) for x in inputs))
+  final, o = scan(step, state, tuple(split(x) for x in inputs))
   o = jnp.moveaxis(o, 0, 1)
   return o.reshape(b, n * group_len, *o.shape[3:])[:, :t], final

@@ -23,7 +23,6 @@ docs/linear_attention.md for the derivation.
 
 import math
 
-import jax
 import jax.numpy as jnp
 
 from lightning_jax import _checks
@@ -159,7 +158,7 @@ def _chunked(q, k, v, beta, g, s0, chunk):
     return s_next, (s, pseudo)
 
   to_scan = lambda x: jnp.moveaxis(x, 2, 0)
-  final, (starts, pseudo) = jax.lax.scan(
+  final, (starts, pseudo) = rec.scan(
       step, s0, (to_scan(w), to_scan(u), to_scan(k_tail), to_scan(jnp.exp(last))))
   starts, pseudo = jnp.moveaxis(starts, 0, 2), jnp.moveaxis(pseudo, 0, 2)
   qk = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc) * decay
@@ -200,6 +199,6 @@ def _recurrent(q, k, v, beta, g, s0):
     o = a * sq + jnp.sum(q_t * k_t, axis=-1, keepdims=True) * u
     return a[..., None] * s + k_t[..., None] * u[..., None, :], o
 
-  final, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
+  final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
                                           for x in (q, k, v, beta, g)))
   return jnp.moveaxis(o, 0, 1), final

@@ -233,7 +233,7 @@ def _recurrent(q, k, v, g, s0, chunk):
     s = jnp.exp(g_t)[..., None] * s + k_t[..., None] * v_t[..., None, :]
     return s, jnp.einsum("bhd,bhdv->bhv", q_t, s)
 
-  final, o = jax.lax.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
+  final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
                                           for x in (q, k, v, g)))
   return jnp.moveaxis(o, 0, 1), final
 

@@ -144,26 +144,6 @@ def from_pipeline_params(params: dict) -> dict:
 
 # ------------------------------------------------------------------- loss ---
 
-class MoEStats(NamedTuple):
-  """What the loss needs from one MoE layer on one microbatch.
-
-  Attributes:
-    pieces: `moe.LBLPieces` of the microbatch's tokens.
-    lbl: shape=(), the layer's own-scope LBL ("micro" / "sequence").
-    z: shape=(), router z-loss (mean over the microbatch's tokens).
-    dropped: shape=(), share of routing slots dropped by capacity.
-  """
-  pieces: moe_lib.LBLPieces
-  lbl: jax.Array
-  z: jax.Array
-  dropped: jax.Array
-
-  @classmethod
-  def from_aux(cls, aux) -> "MoEStats":
-    return cls(aux.lbl_pieces, aux.load_balancing_loss, aux.router_z_loss,
-               aux.load.dropped_fraction)
-
-
 def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
   """`sum(mask * cross_entropy)` of next-token targets, float32 scalar."""
   logits = logits_BxTxV.astype(jnp.float32)
@@ -180,64 +160,24 @@ def moe_layers(model_cfg) -> tuple[int, ...]:
 
 
 def total_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):
-  """`CE + lbl_coef * sum_l LBL_l + z_coef * sum_l Z_l` and its metrics.
-
-  The formula of `training.loss_from_stats` (MoE layers l; LBL_l from the
-  pieces of all microbatches for `lbl_scope="global"`, else the mean of the
-  per-microbatch losses).
-
-  Args:
-    ce_sum: scalar sum of masked token cross-entropies of the batch.
-    num_targets: scalar sum of the mask.
-    moe_stats: `MoEStats` with leading axes `[moe_layers, microbatches]`
-      (None without MoE layers).
-    model_cfg: the `ModelConfig`.
-    loss_cfg: has `lbl_coef` and `z_coef` (`training.LossConfig`).
-
-  Returns:
-    `(loss, metrics)`: metrics `loss`, `ce_loss`, `lbl_loss`, `z_loss`,
-    `num_targets` and per MoE layer i `moe/{i}/lbl`, `moe/{i}/z`,
-    `moe/{i}/max_over_mean`, `moe/{i}/dropped_fraction`,
-    `moe/{i}/expert_load`.
-  """
-  ce = ce_sum / jnp.maximum(num_targets, 1.0)
-  lbl_total = z_total = jnp.float32(0)
-  metrics = {}
-  for row, i in enumerate(moe_layers(model_cfg)):
-    st = jax.tree.map(lambda x, row=row: x[row], moe_stats)
-    if model_cfg.lbl_scope == "global":
-      lbl = moe_lib.load_balancing_loss_from_pieces(st.pieces)
-    else:
-      lbl = jnp.mean(st.lbl)
-    z = jnp.mean(st.z)
-    load = moe_lib.load_stats(st.pieces.expert_counts)
-    lbl_total, z_total = lbl_total + lbl, z_total + z
-    metrics.update({f"moe/{i}/lbl": lbl, f"moe/{i}/z": z,
-                    f"moe/{i}/max_over_mean": load.max_over_mean,
-                    f"moe/{i}/dropped_fraction": jnp.mean(st.dropped),
-                    f"moe/{i}/expert_load": load.expert_load})
-  loss = ce + loss_cfg.lbl_coef * lbl_total + loss_cfg.z_coef * z_total
-  metrics.update({"loss": loss, "ce_loss": ce, "lbl_loss": lbl_total,
-                  "z_loss": z_total, "num_targets": num_targets})
-  return loss, metrics
-
-
-def _stack_stats(stats):
-  """List of `MoEStats` -> stacked on a new leading axis (None if empty)."""
-  return jax.tree.map(lambda *x: jnp.stack(x), *stats) if stats else None
+  """`models.lm_loss` of `moe_stats` stacked `[moe_layers, microbatches]`
+  (None without MoE layers) in the order of `moe_layers`."""
+  by_layer = {i: jax.tree.map(lambda x, row=row: x[row], moe_stats)
+              for row, i in enumerate(moe_layers(model_cfg))}
+  return models.lm_loss(ce_sum, num_targets, by_layer, model_cfg, loss_cfg)
 
 
 # ----------------------------------------------------------------- stages ---
 
 def _apply_stage(stage_params, h, block_cfgs):
   """One virtual stage on float32 params (cast to `h`'s compute dtype):
-  `(h, tuple of MoEStats, one per MoE layer)`."""
+  `(h, tuple of models.MoEStats, one per MoE layer)`."""
   stage_params = models.cast_params(stage_params, h.dtype)
   stats = []
   for layer_params, block_cfg in zip(stage_params, block_cfgs, strict=True):
     h, aux = models.apply_block(layer_params, h, block_cfg)
     if aux is not None:
-      stats.append(MoEStats.from_aux(aux))
+      stats.append(models.MoEStats.from_aux(aux))
   return h, tuple(stats)
 
 
@@ -330,7 +270,7 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
   Returns:
     `(outputs, stats)`: `outputs` `[M, B/M, T, D]` the last virtual stage's
     outputs (None unless `want_outputs`); `stats` a tuple over the MoE layers
-    of a virtual stage of `MoEStats` with leading `[V, M]` (V = S * R).
+    of a virtual stage of `models.MoEStats` with leading `[V, M]` (V = S * R).
   """
   table, mesh = plan.table, plan.mesh
   num_stages, repeats = table.num_stages, table.repeats
@@ -417,7 +357,7 @@ def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
 # ------------------------------------------------------------ SPMD 1F1B ---
 
 def _stage_shapes(plan: _Plan, params, tokens_BxT):
-  """Shapes of a stage's input activation and of its `MoEStats` tuple."""
+  """Shapes of a stage's input activation and of its `models.MoEStats` tuple."""
   h = jax.eval_shape(_embed, _rest(params), tokens_BxT, plan.model_cfg)
   stage = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
   stats = jax.eval_shape(lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1],
@@ -426,9 +366,9 @@ def _stage_shapes(plan: _Plan, params, tokens_BxT):
 
 
 def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
-  """d loss / d `MoEStats` of one (MoE layer, microbatch) on each stage.
+  """d loss / d `models.MoEStats` of one (MoE layer, microbatch) on each stage.
 
-  A tuple over the MoE positions of a stage of `MoEStats` with a leading
+  A tuple over the MoE positions of a stage of `models.MoEStats` with a leading
   stage axis `[S, ...]`. The loss is linear in every statistic but the
   global LBL's `f` (a constant: no gradient), so these are constants:
   `d/d prob_sums = lbl_coef * E * f / N` with `f`, `N` over all microbatches
@@ -454,7 +394,7 @@ def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
       f = counts / jnp.sum(counts, axis=-1, keepdims=True)
       num_tokens = jnp.sum(st.pieces.num_tokens, axis=1)[:, None]
       prob_ct = loss_cfg.lbl_coef * counts.shape[-1] * f / num_tokens
-    cts.append(MoEStats(
+    cts.append(models.MoEStats(
         moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct, full(0.0)),
         full(0.0 if global_lbl else loss_cfg.lbl_coef / num_mb),
         full(loss_cfg.z_coef / num_mb), full(0.0)))

@@ -169,7 +169,7 @@ def _compose_affine(maps, offsets, s0):
     m, off = segment
     return m @ s + off, s
 
-  final, starts = jax.lax.scan(step, s0, (maps, offsets))
+  final, starts = rec.scan(step, s0, (maps, offsets))
   return starts, final
 
 

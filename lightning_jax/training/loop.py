@@ -319,15 +319,26 @@ def load_model(workdir, step: int | None = None):
 
   The saved tree is the train state; its "params" subtree is matched leaf by
   leaf (shapes checked) against `models.init`'s structure for the saved
-  config.
+  config. A pipeline run's stage-stacked params (metadata "pipeline") are
+  matched in that layout and returned unstacked
+  (`pipeline.from_pipeline_params`).
 
   Returns:
-    `(params, cfg, step)`.
+    `(params, cfg, step)`: params in the `models.init` layout.
   """
   manager = checkpoint.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR))
   tree, metadata = manager.restore(step, None)
   cfg = model_config_from_metadata(metadata)
-  abstract = jax.eval_shape(lambda: models.init(jax.random.key(0), cfg))
+  stacking = metadata.get("pipeline")
+
+  def init(key):
+    params = models.init(key, cfg)
+    if stacking is None:
+      return params
+    return pipeline.to_pipeline_params(params, stacking["stages"],
+                                       stacking["repeats"])
+
+  abstract = jax.eval_shape(init, jax.random.key(0))
   if not isinstance(tree, dict) or "params" not in tree:
     raise ValueError(f"The checkpoint in {workdir} holds no 'params' subtree.")
   leaves = jax.tree.leaves(tree["params"])
@@ -338,4 +349,6 @@ def load_model(workdir, step: int | None = None):
   params = jax.tree.unflatten(jax.tree.structure(abstract),
                               [jnp.asarray(x, w.dtype)
                                for x, w in zip(leaves, want, strict=True)])
+  if stacking is not None:
+    params = pipeline.from_pipeline_params(params)
   return params, cfg, int(tree.get("step", -1))

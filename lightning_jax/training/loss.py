@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import optax
 
 from lightning_jax import models
-from lightning_jax import moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,8 @@ def loss_stats(params, batch, rng, model_cfg) -> LossStats:
 
 
 def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
-  """The loss of the union of microbatches from their stacked statistics.
+  """The loss (`models.lm_loss`) of the union of microbatches from their
+  stacked statistics.
 
   Args:
     stats: `LossStats` with a leading `[num_microbatches]` axis on every leaf
@@ -109,29 +109,10 @@ def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
     `moe/{i}/lbl`, `moe/{i}/max_over_mean`, `moe/{i}/dropped_fraction` and
     the `[num_experts]` `moe/{i}/expert_load`, counted over all microbatches.
   """
-  num_targets = jnp.sum(stats.num_targets)
-  ce = jnp.sum(stats.ce_sum) / jnp.maximum(num_targets, 1.0)
-  lbl_total, z_total = jnp.float32(0), jnp.float32(0)
-  metrics = {}
-  for i, aux in enumerate(stats.moe):
-    if aux is None:
-      continue
-    if model_cfg.lbl_scope == "global":
-      lbl = moe.load_balancing_loss_from_pieces(aux.lbl_pieces)
-    else:
-      lbl = jnp.mean(aux.load_balancing_loss)
-    z = jnp.mean(aux.router_z_loss)
-    load = moe.load_stats(aux.lbl_pieces.expert_counts)
-    lbl_total, z_total = lbl_total + lbl, z_total + z
-    metrics.update({f"moe/{i}/lbl": lbl, f"moe/{i}/z": z,
-                    f"moe/{i}/max_over_mean": load.max_over_mean,
-                    f"moe/{i}/dropped_fraction":
-                        jnp.mean(aux.load.dropped_fraction),
-                    f"moe/{i}/expert_load": load.expert_load})
-  loss = ce + train_cfg.lbl_coef * lbl_total + train_cfg.z_coef * z_total
-  metrics.update({"loss": loss, "ce_loss": ce, "lbl_loss": lbl_total,
-                  "z_loss": z_total, "num_targets": num_targets})
-  return loss, metrics
+  moe_stats = {i: models.MoEStats.from_aux(aux)
+               for i, aux in enumerate(stats.moe) if aux is not None}
+  return models.lm_loss(jnp.sum(stats.ce_sum), jnp.sum(stats.num_targets),
+                        moe_stats, model_cfg, train_cfg)
 
 
 def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):

@@ -10,6 +10,7 @@ import pytest
 from lightning_jax import inference
 from lightning_jax import models
 from lightning_jax import training
+from lightning_jax.parallel import pipeline
 from tools import generate
 
 CFG = models.get_preset("tnl", num_layers=2, d_model=32, num_heads=2,
@@ -44,6 +45,22 @@ def test_restores_and_streams_greedy_text(tmp_path):
   assert out.getvalue() == bytes(new.tolist()).decode("utf-8",
                                                       "replace") + "\n"
   assert stats["prefill_tokens"] == 2 and stats["cache_bytes"] > 0
+
+
+def test_restores_a_pipeline_checkpoint(tmp_path):
+  # A mesh pipe=2 run saves stage-stacked params and a "pipeline" entry.
+  params = models.init(jax.random.key(0), CFG)
+  manager = training.CheckpointManager(tmp_path / generate.CHECKPOINT_DIR)
+  manager.save(3, {"params": pipeline.to_pipeline_params(params, 2),
+                   "step": np.int32(3)},
+               {"model_config": _jsonable(CFG),
+                "pipeline": {"stages": 2, "repeats": 1}})
+  restored, cfg, step = generate.load_model(tmp_path)
+  assert cfg == CFG and step == 3
+  assert jax.tree.structure(restored) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params),
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_bad_metadata():
