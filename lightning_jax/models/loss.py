@@ -1,4 +1,5 @@
-"""The LM loss formula, shared by `training.loss` and the pipeline.
+"""The LM loss formula and its cross-entropy, shared by `training.loss` and
+the pipeline.
 
     loss = CE + lbl_coef * sum_l LBL_l + z_coef * sum_l Z_l
 
@@ -33,6 +34,18 @@ class MoEStats(NamedTuple):
     """From a `layers.MoEAux`."""
     return cls(aux.lbl_pieces, aux.load_balancing_loss, aux.router_z_loss,
                aux.load.dropped_fraction)
+
+
+def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
+  """`sum(mask * cross_entropy)` of next-token targets, float32 scalar.
+
+  The logits are cast to float32 first (bf16 compute keeps an fp32 loss).
+  """
+  logits = logits_BxTxV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None],
+                                     axis=-1)[..., 0]
+  return jnp.sum(mask_BxT.astype(jnp.float32) * (lse - target_logit))
 
 
 def lm_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):

@@ -144,15 +144,6 @@ def from_pipeline_params(params: dict) -> dict:
 
 # ------------------------------------------------------------------- loss ---
 
-def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
-  """`sum(mask * cross_entropy)` of next-token targets, float32 scalar."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None],
-                                     axis=-1)[..., 0]
-  return jnp.sum(mask_BxT.astype(jnp.float32) * (lse - target_logit))
-
-
 def moe_layers(model_cfg) -> tuple[int, ...]:
   """Indices of the layers with an MoE / MH-MoE channel mixer."""
   return tuple(i for i, block in enumerate(models.block_configs(model_cfg))
@@ -346,7 +337,7 @@ def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
   def head_ce(_, xs):
     h, targets, mask = xs
     logits = _head(_rest(params), h, plan.model_cfg)
-    return None, masked_ce_sum(logits, targets, mask)
+    return None, models.masked_ce_sum(logits, targets, mask)
 
   _, ce_sums = jax.lax.scan(head_ce, None,
                             (outputs, mbs["targets"], mbs["mask"]))
@@ -437,7 +428,7 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
     stage_fn = lambda p, h: _varying(_apply_stage(p, h, plan.block_cfgs))
 
     def head_ce(p, h, targets, mask):
-      return masked_ce_sum(_head(p, h, cfg), targets, mask) / num_targets
+      return models.masked_ce_sum(_head(p, h, cfg), targets, mask) / num_targets
 
     def forward(carry, tokens, fwd_row):
       h_recv, ring, stats_acc = carry

@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from lightning_jax import models
 
@@ -86,10 +85,10 @@ def loss_stats(params, batch, rng, model_cfg) -> LossStats:
   del rng
   _check_batch(batch)
   logits_BxTxV, aux = models.forward(params, batch["inputs"], model_cfg)
-  ce_BxT = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BxTxV.astype(jnp.float32), batch["targets"])
-  mask = batch["mask"].astype(jnp.float32)
-  return LossStats(ce_sum=jnp.sum(ce_BxT * mask), num_targets=jnp.sum(mask),
+  ce_sum = models.masked_ce_sum(logits_BxTxV, batch["targets"],
+                                batch["mask"])
+  return LossStats(ce_sum=ce_sum,
+                   num_targets=jnp.sum(batch["mask"].astype(jnp.float32)),
                    moe=tuple(aux.moe))
 
 
