@@ -22,7 +22,7 @@ Tiles run one after another (`_after`): left independent, XLA:CPU's default
 concurrency-optimised scheduler starts them all at once and keeps every
 tile's scores alive: 0.4 GiB of temporaries for 8 dense heads at T = 4096,
 page-faulted afresh on every call. Serialised, the forward needs a few tiles
-(13 MiB) and runs 2.5-3x faster (`docs/benchmarks.md`).
+(13 MiB) and ran 3.7x faster (547 -> 149 ms, `docs/benchmarks.md`).
 """
 
 import functools
