@@ -13,8 +13,8 @@ exact softmax and `P V`; a group's heads share a tile up to
 `Pattern.tile_elements` scores. Every query row lives in exactly one tile,
 so no online rescaling is needed, work is proportional to the tiles' area
 (about T (w + C) per head: it falls with the window, and no head pays for a
-wider one) and memory to one tile, O(C T) for a dense head. Tiles are large dense
-matmuls, which is what XLA:CPU (and GPU) run fastest. The backward pass
+wider one) and memory to one tile, O(C T) for a dense head. Tiles are large
+dense matmuls, which is what XLA:CPU (and GPU) run fastest. The backward pass
 recomputes each tile's probabilities from the saved log-sum-exp
 (FlashAttention, Dao et al., 2022).
 

@@ -200,5 +200,5 @@ def _recurrent(q, k, v, beta, g, s0):
     return a[..., None] * s + k_t[..., None] * u[..., None, :], o
 
   final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
-                                          for x in (q, k, v, beta, g)))
+                                      for x in (q, k, v, beta, g)))
   return jnp.moveaxis(o, 0, 1), final

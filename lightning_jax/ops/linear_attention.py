@@ -234,7 +234,7 @@ def _recurrent(q, k, v, g, s0, chunk):
     return s, jnp.einsum("bhd,bhdv->bhv", q_t, s)
 
   final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
-                                          for x in (q, k, v, g)))
+                                      for x in (q, k, v, g)))
   return jnp.moveaxis(o, 0, 1), final
 
 
