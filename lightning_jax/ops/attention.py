@@ -7,6 +7,7 @@ tiles with a recomputing backward pass (Dao et al., 2022, FlashAttention) in
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax.ops import _blocked
@@ -33,6 +34,15 @@ def check_qkv(q, k, v) -> int:
     raise ValueError(f"`k` heads ({k.shape[2]}) must divide the q heads "
                      f"({heads}).")
   return heads // k.shape[2]
+
+
+def take_heads(x_BxTxHxD, heads) -> jax.Array:
+  """`x[:, :, heads]` for a concrete index array; no gather (and no copy)
+  when `heads` is the identity."""
+  heads = np.asarray(heads)
+  if np.array_equal(heads, np.arange(x_BxTxHxD.shape[2])):
+    return x_BxTxHxD
+  return jnp.take(x_BxTxHxD, heads, axis=2)
 
 
 def causal_mask(seq_q: int, seq_k: int) -> jax.Array:
@@ -127,11 +137,11 @@ def attention(q, k, v, *, causal: bool = True, scale=None,
     mask = causal_mask(seq_q, seq_k) if causal else None
     return masked_attention(q, k, v, mask, scale=scale)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  kv_head = jnp.arange(heads) // group
+  kv_head = np.arange(heads) // group
   f32 = lambda x: x.astype(jnp.float32)
   out = _blocked.blocked_attention(
-      f32(q) * scale, jnp.take(f32(k), kv_head, axis=2),
-      jnp.take(f32(v), kv_head, axis=2),
+      f32(q) * scale, take_heads(f32(k), kv_head),
+      take_heads(f32(v), kv_head),
       windows=(seq_q + seq_k + block,) * heads, sink=0, causal=causal,
       offset=seq_k - seq_q, block=block)
   return out.astype(q.dtype)

@@ -132,12 +132,12 @@ def moa_attention(q, k, v, window, *, sink: int = 0, scale=None,
   order = np.argsort(-window, kind="stable")
   f32 = lambda x: x.astype(jnp.float32)
   out = _blocked.blocked_attention(
-      jnp.take(f32(q) * scale, order, axis=2),
-      jnp.take(f32(k), order // group, axis=2),
-      jnp.take(f32(v), order // group, axis=2),
+      attention_lib.take_heads(f32(q) * scale, order),
+      attention_lib.take_heads(f32(k), order // group),
+      attention_lib.take_heads(f32(v), order // group),
       windows=tuple(window[order]), sink=int(sink), causal=True, offset=0,
       block=block)
-  return jnp.take(out, np.argsort(order), axis=2).astype(q.dtype)
+  return attention_lib.take_heads(out, np.argsort(order)).astype(q.dtype)
 
 
 def moa_density(window, seq_len: int, sink: int = 0) -> np.ndarray:

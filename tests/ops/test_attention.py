@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lightning_jax import ops
+from lightning_jax.ops import _blocked
 
 # fp32: both impls accumulate in fp32; differences are reassociation only.
 F32_TOL = dict(atol=2e-5, rtol=2e-5)
@@ -108,11 +109,17 @@ def test_bad_inputs_name_the_argument():
 
 
 def test_blocked_tiles_run_one_at_a_time():
-  # Eight query chunks of 256 per head; the largest tile holds 2 heads x 256
-  # x 2048 scores (4 MiB). Serialised tiles need a few of them at a time; left
-  # independent, XLA:CPU keeps every tile alive (29 MiB forward, 56 MiB with
-  # the backward at this size).
-  seq, heads, tile_bytes = 2048, 2, 2 * 256 * 2048 * 4
+  # Eight query chunks of 256 per head; the largest tile holds one head x
+  # 256 x 2048 scores (2 MiB). Serialised tiles need a few of them at a time;
+  # left independent, XLA:CPU keeps every tile alive.
+  seq, heads = 2048, 2
+  plan = _blocked._plan(_blocked.make_pattern(
+      seq, seq, windows=(seq + 64,) * heads, sink=0, causal=True, offset=0,
+      block=64))
+  assert all(isinstance(tile, _blocked._Tile) for tile in plan)
+  tile_bytes = 4 * max((t.h_hi - t.h_lo) * (t.q_hi - t.q_lo) * t.keys[-1][1]
+                       for t in plan)
+  assert tile_bytes == 256 * 2048 * 4
   x = jax.ShapeDtypeStruct((1, seq, heads, 16), jnp.float32)
   fwd = lambda q, k, v: ops.attention(q, k, v)
   grad = jax.grad(lambda q, k, v: fwd(q, k, v).sum(), (0, 1, 2))

@@ -67,31 +67,73 @@ def test_blocked_matches_dense(config, seed):
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sink",
-                                             "tile_elements"))
-def _split_tiles_and_dense(q, k, v, dout, *, window, sink, tile_elements):
-  """The kernel with tiles of at most `tile_elements` scores vs the dense
-  impl (windows sorted, one kv head per q head, as `moa_attention` passes)."""
+                                             "tile_elements", "lanes"))
+def _split_tiles_and_dense(q, k, v, dout, *, window, sink, tile_elements,
+                           lanes):
+  """The kernel with tiles of at most `tile_elements` scores and `lanes`
+  tiles per loop iteration vs the dense impl (windows sorted, one kv head
+  per q head, as `moa_attention` passes)."""
   blocked = lambda q, k, v: _blocked.blocked_attention(
       q, k, v, windows=window, sink=sink, causal=True, offset=0, block=8,
-      tile_elements=tile_elements)
+      tile_elements=tile_elements, lanes=lanes)
   dense = lambda q, k, v: ops.moa_attention(q, k, v, list(window), sink=sink,
                                             scale=1.0, impl="dense")
   return [(lambda out, vjp: (out, vjp(dout)))(*jax.vjp(fn, q, k, v))
           for fn in (blocked, dense)]
 
 
-@hypothesis.given(config=_configs(), seed=st.integers(0, 2**16),
-                  tile_elements=st.sampled_from([1, 40, 300]))
-def test_heads_split_across_tiles_match_dense(config, seed, tile_elements):
-  # Small tiles split a window group's heads over several tiles.
-  seq, heads, _, window, sink = config
+def _assert_split_tiles_match_dense(seq, heads, window, sink, tile_elements,
+                                    lanes, seed):
   args = _inputs(seed, seq, heads, heads)
   (got, got_grads), (want, want_grads) = _split_tiles_and_dense(
       *args, window=tuple(sorted(window, reverse=True)), sink=sink,
-      tile_elements=tile_elements)
+      tile_elements=tile_elements, lanes=lanes)
   np.testing.assert_allclose(got, want, **F32_TOL)
   for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, **F32_TOL)
+
+
+@hypothesis.given(config=_configs(), seed=st.integers(0, 2**16),
+                  tile_elements=st.sampled_from([1, 40, 300]),
+                  lanes=st.sampled_from([1, 3, 8]))
+def test_heads_split_across_tiles_match_dense(config, seed, tile_elements,
+                                              lanes):
+  # Small tiles split a window group's heads over several tiles; few lanes
+  # turn runs of two or more chunks into loops.
+  seq, heads, _, window, sink = config
+  _assert_split_tiles_match_dense(seq, heads, window, sink, tile_elements,
+                                  lanes, seed)
+
+
+def _plan(seq, window, sink, tile_elements, lanes):
+  return _blocked._plan(_blocked.make_pattern(
+      seq, seq, windows=sorted(window, reverse=True), sink=sink, causal=True,
+      offset=0, block=8, tile_elements=tile_elements, lanes=lanes))
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_band_chunks_run_as_loops(sink):
+  # Window 9, chunks of 8, 2 heads split in 2 tiles, 4 lanes: 2 chunks per
+  # iteration. Without a sink chunks 1-7 are each the previous one shifted
+  # by 8 (3 iterations, chunks 0 and 7 static); with sink 3, chunks 2-7
+  # (keys past the sink; chunks 0 and 1 static).
+  seq, window = 64, [9, 9]
+  plan = _plan(seq, window, sink, tile_elements=8 * 16, lanes=4)
+  loops = [item for item in plan if isinstance(item, _blocked._Loop)]
+  assert [(len(lp.tiles), lp.steps, lp.stride) for lp in loops] == [
+      (4, 3, 16)]
+  assert sum(isinstance(item, _blocked._Tile) for item in plan) == 2 * 2
+  # The loop visits exactly the tiles of the all-static plan.
+  visited = lambda lanes: _blocked.visited_pairs(_blocked.make_pattern(
+      seq, seq, windows=window, sink=sink, causal=True, offset=0, block=8,
+      tile_elements=8 * 16, lanes=lanes))
+  assert visited(4) == visited(64)
+  assert not any(isinstance(item, _blocked._Loop)
+                 for item in _plan(seq, window, sink, 8 * 16, lanes=64))
+  _assert_split_tiles_match_dense(seq, 2, window, sink, 8 * 16, 4, seed=0)
+  # Dense heads (keys from 0, growing) never form a loop.
+  assert not any(isinstance(item, _blocked._Loop)
+                 for item in _plan(seq, [seq, seq], sink, 8 * 16, 1))
 
 
 def test_bf16_inputs():

@@ -95,11 +95,14 @@ def test_pipelined_equals_sequential(schedule, repeats, num_stages,
   _assert_same(((loss, metrics), pipeline.from_pipeline_params(grads)), want)
 
 
-@pytest.mark.parametrize("schedule,repeats", [
-    ("gpipe", 1), ("circular", 2), ("1f1b", 1)])
-def test_recurrent_mixers_pipelined_equal_sequential(schedule, repeats):
+@pytest.mark.parametrize("schedule,repeats,grad_atol", [
+    ("gpipe", 1, 5e-4), ("circular", 2, 1e-3), ("1f1b", 1, 5e-4)])
+def test_recurrent_mixers_pipelined_equal_sequential(schedule, repeats,
+                                                     grad_atol):
   # Stages of Lightning + Gated DeltaNet (+ MoE): their ops scan a zero
-  # state, which must vary over `pipe` like the activations.
+  # state, which must vary over `pipe` like the activations. Gradients
+  # differ by float reassociation, more in the 8-layer circular model: on an
+  # AVX2 machine one `embed` entry of 512 was off by 5.4e-4 of the largest.
   pattern = ("lightning", "gated_deltanet")
   cfg, params, batch, want = _reference(2 * len(pattern) * repeats,
                                         pattern=pattern, chunk_size=4)
@@ -109,7 +112,7 @@ def test_recurrent_mixers_pipelined_equal_sequential(schedule, repeats):
   stacked = pipeline.to_pipeline_params(params, 2, repeats)
   (loss, metrics), grads = jax.jit(grad_fn)(stacked, batch, jax.random.key(0))
   _assert_same(((loss, metrics), pipeline.from_pipeline_params(grads)), want,
-               grad_atol=5e-4)
+               grad_atol=grad_atol)
 
 
 @pytest.mark.parametrize("spec,schedule", [
