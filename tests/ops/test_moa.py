@@ -105,10 +105,14 @@ def test_heads_split_across_tiles_match_dense(config, seed, tile_elements,
                                   lanes, seed)
 
 
-def _plan(seq, window, sink, tile_elements, lanes):
-  return _blocked._plan(_blocked.make_pattern(
+def _pattern(seq, window, sink, tile_elements, lanes):
+  return _blocked.make_pattern(
       seq, seq, windows=sorted(window, reverse=True), sink=sink, causal=True,
-      offset=0, block=8, tile_elements=tile_elements, lanes=lanes))
+      offset=0, block=8, tile_elements=tile_elements, lanes=lanes)
+
+
+def _has_loop(plan):
+  return any(isinstance(item, _blocked._Loop) for item in plan)
 
 
 @pytest.mark.parametrize("sink", [0, 3])
@@ -118,22 +122,20 @@ def test_band_chunks_run_as_loops(sink):
   # by 8 (3 iterations, chunks 0 and 7 static); with sink 3, chunks 2-7
   # (keys past the sink; chunks 0 and 1 static).
   seq, window = 64, [9, 9]
-  plan = _plan(seq, window, sink, tile_elements=8 * 16, lanes=4)
+  plan = _blocked._plan(_pattern(seq, window, sink, 8 * 16, lanes=4))
   loops = [item for item in plan if isinstance(item, _blocked._Loop)]
   assert [(len(lp.tiles), lp.steps, lp.stride) for lp in loops] == [
       (4, 3, 16)]
   assert sum(isinstance(item, _blocked._Tile) for item in plan) == 2 * 2
   # The loop visits exactly the tiles of the all-static plan.
-  visited = lambda lanes: _blocked.visited_pairs(_blocked.make_pattern(
-      seq, seq, windows=window, sink=sink, causal=True, offset=0, block=8,
-      tile_elements=8 * 16, lanes=lanes))
-  assert visited(4) == visited(64)
-  assert not any(isinstance(item, _blocked._Loop)
-                 for item in _plan(seq, window, sink, 8 * 16, lanes=64))
+  all_static = _pattern(seq, window, sink, 8 * 16, lanes=64)
+  assert not _has_loop(_blocked._plan(all_static))
+  assert _blocked.visited_pairs(_pattern(seq, window, sink, 8 * 16, 4)) == (
+      _blocked.visited_pairs(all_static))
   _assert_split_tiles_match_dense(seq, 2, window, sink, 8 * 16, 4, seed=0)
   # Dense heads (keys from 0, growing) never form a loop.
-  assert not any(isinstance(item, _blocked._Loop)
-                 for item in _plan(seq, [seq, seq], sink, 8 * 16, 1))
+  assert not _has_loop(_blocked._plan(_pattern(seq, [seq, seq], sink,
+                                               8 * 16, lanes=1)))
 
 
 def test_bf16_inputs():
