@@ -28,6 +28,7 @@ Usage:
   python -m tools.bench_decode
 """
 
+import dataclasses
 import functools
 import time
 
@@ -67,15 +68,19 @@ def filled_state(abstract, length: int, kept: int):
   dense-cache entries (ring caches at `length`)."""
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
 
-  def at(layer_cache):
-    if isinstance(layer_cache, inference.KVCache):
-      return layer_cache._replace(length=jnp.full_like(layer_cache.length,
-                                                       kept))
-    if isinstance(layer_cache, inference.RingKVCache):
-      return inference.RingKVCache(layer_cache.k, layer_cache.v,
-                                   jnp.full_like(layer_cache.length, length),
-                                   layer_cache.layout)
-    return layer_cache
+  def at(layer_state):
+    if not isinstance(layer_state, layers.AttentionState):
+      return layer_state
+    cache = layer_state.cache
+    if isinstance(cache, inference.KVCache):
+      filled = kept
+      cache = cache._replace(length=jnp.full_like(cache.length, kept))
+    else:
+      filled = length
+      cache = dataclasses.replace(cache, length=jnp.full_like(cache.length,
+                                                              length))
+    return layers.AttentionState(
+        cache, jnp.full_like(layer_state.offset, length - filled))
   return decode.DecodeState(jnp.full_like(zeros.positions, length),
                             tuple(at(c) for c in zeros.layers))
 
@@ -211,7 +216,7 @@ def layer_rows():
       cfg = layers.RecurrentConfig(kind, d_model, heads, dim,
                                    conv_size=4 if kind == "deltanet" else 0,
                                    impl="recurrent")
-      params = layers.init_recurrent(jax.random.key(0), cfg, layer_idx=0,
+      params = layers.init_recurrent(jax.random.key(0), cfg, layer=0,
                                      num_layers=2)
       x = jax.random.normal(jax.random.key(1), (batch, 1, d_model))
       layer = jax.jit(

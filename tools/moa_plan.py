@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from lightning_jax import models
 from lightning_jax import training
-from lightning_jax.models import moa_profile
+from lightning_jax import moa
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to profile "
                                "(latest complete checkpoint).")
@@ -75,14 +75,14 @@ def main(argv: Sequence[str]) -> None:
           seed=_SEED.value, vocab_size=None if _DATA.value == "corpus"
           else cfg.vocab_size).batch(0)["inputs"])
       for n in lengths}
-  found = moa_profile.search_plan(
+  found = moa.search_plan(
       params, cfg, calibration, candidates, budget=_BUDGET.value,
       block=_BLOCK.value, sink=_SINK.value,
       max_rules_per_layer=_MAX_RULES.value or None)
   found.plan.save(_OUT.value)
   for i, n in enumerate(found.lengths):
     density, predicted = found.density_NxLxH[i], found.predicted_NxLxH[i]
-    measured = moa_profile.plan_loss_increase(params, cfg, found.plan,
+    measured = moa.plan_loss_increase(params, cfg, found.plan,
                                               calibration[n], _SINK.value)
     print(f"N={n}: density per attention layer "
           f"{density.mean(-1).round(3).tolist()} (mean {density.mean():.3f});"

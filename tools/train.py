@@ -22,7 +22,7 @@ from lightning_jax import parallel
 from lightning_jax import training
 
 _MODEL = flags.DEFINE_string(
-    "model", "tiny-hybrid", "Model preset (models.PRESETS).")
+    "model", "tiny-hybrid", "Model preset (models.preset_names()).")
 _OVERRIDE = flags.DEFINE_multi_string(
     "override", [],
     "Preset fields to override, `field=value[,field=value...]`, e.g. "

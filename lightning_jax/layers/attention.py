@@ -1,11 +1,18 @@
 """Causal self-attention layer: q/k/v/o projections, GQA, RoPE, optional
-sliding window or per-head MoA rule, as `init_attention` / `attention_layer`.
+sliding window or per-head MoA rule, as `init_attention` / `attention_layer`,
+registered as the "attention" and "moa" mixers.
+
+Its decoding state is an `AttentionState`: a dense `KVCache` of `max_len`
+slots (SnapKV may compress the prompt's), or, with windows, MoA's sink +
+per-head ring `RingKVCache` (windows evaluated at `max_len`, the elastic
+rule's N), keys stored with RoPE applied.
 
 RoPE: Su et al., 2021 (RoFormer), rotate-half form. MoA windows: Fu et al.,
 2024 (arXiv 2406.14909), see `lightning_jax.ops.moa`.
 """
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +20,9 @@ import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax import ops
+from lightning_jax.layers import kv_cache
+from lightning_jax.layers import mixers
+from lightning_jax.layers import snapkv as snapkv_lib
 
 IMPLS = ("blocked", "reference")
 
@@ -103,33 +113,52 @@ def init_attention(key, cfg: AttentionConfig) -> dict:
           "wv": normal(kv, (d, hk, dh), d), "wo": normal(ko, (h, dh, d), h * dh)}
 
 
-def apply_rope(x_BxTxHxD, positions_T, theta: float = 10_000.0):
+def apply_rope(x_BxTxHxD, positions, theta: float = 10_000.0):
   """Rotary position embedding (rotate-half pairs (i, i + D/2)).
+
+  Args:
+    x_BxTxHxD: queries or keys.
+    positions: int positions `[seq]` (shared by the rows) or `[batch, seq]`.
+    theta: RoPE base.
 
   Example:
     >>> y = apply_rope(jnp.ones((1, 4, 2, 8)), jnp.arange(4))
   """
   half = x_BxTxHxD.shape[-1] // 2
   freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions_T.astype(jnp.float32)[:, None] * freq[None, :]  # [T, D/2]
-  cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+  pos = positions.astype(jnp.float32)[..., None]
+  angle = pos * freq.reshape((1,) * (pos.ndim - 1) + (half,))  # [(B,) T, D/2]
+  angle = jnp.broadcast_to(angle, x_BxTxHxD.shape[:2] + (half,))[:, :, None]
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
   x = x_BxTxHxD.astype(jnp.float32)
   x1, x2 = x[..., :half], x[..., half:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BxTxHxD.dtype)
 
 
-def _qkv(params, x_BxTxD, cfg):
+def _qkv(params, x_BxTxD, cfg, positions):
+  """q `[B, T, H, Dh]`, k, v `[B, T, Hkv, Dh]`, RoPE at `positions`."""
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
   if x_BxTxD.shape[-1] != cfg.d_model:
     raise ValueError(f"`x_BxTxD` must have last dim d_model={cfg.d_model}, "
                      f"got shape {x_BxTxD.shape}.")
-  positions = jnp.arange(x_BxTxD.shape[1])
-  q = jnp.einsum("btd,dhk->bthk", x_BxTxD, params["wq"])
-  k = jnp.einsum("btd,dhk->bthk", x_BxTxD, params["wk"])
-  v = jnp.einsum("btd,dhk->bthk", x_BxTxD, params["wv"])
+  q, k, v = (jnp.einsum("btd,dhk->bthk", x_BxTxD, params[w])
+             for w in ("wq", "wk", "wv"))
   return (apply_rope(q, positions, cfg.rope_theta),
           apply_rope(k, positions, cfg.rope_theta), v)
+
+
+def _attend(q, k, v, windows, cfg):
+  """Causal attention of a fresh sequence: dense, or per-head windows."""
+  if windows is None:
+    return ops.attention(q, k, v, block_size=cfg.block_size, impl=cfg.impl)
+  return ops.moa_attention(
+      q, k, v, windows, sink=cfg.sink, block_size=cfg.block_size,
+      impl="blocked" if cfg.impl == "blocked" else "dense")
+
+
+def _out(params, o_BxTxHxD, dtype):
+  return jnp.einsum("bthk,hkd->btd", o_BxTxHxD.astype(dtype), params["wo"])
 
 
 def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
@@ -145,15 +174,9 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
     >>> attention_layer(params, jnp.ones((1, 40, 32)), cfg).shape
     (1, 40, 32)
   """
-  q, k, v = _qkv(params, x_BxTxD, cfg)
-  windows = cfg.windows(x_BxTxD.shape[1])
-  if windows is None:
-    o = ops.attention(q, k, v, block_size=cfg.block_size, impl=cfg.impl)
-  else:
-    o = ops.moa_attention(
-        q, k, v, windows, sink=cfg.sink, block_size=cfg.block_size,
-        impl="blocked" if cfg.impl == "blocked" else "dense")
-  return jnp.einsum("bthk,hkd->btd", o, params["wo"])
+  seq = x_BxTxD.shape[1]
+  q, k, v = _qkv(params, x_BxTxD, cfg, jnp.arange(seq))
+  return _out(params, _attend(q, k, v, cfg.windows(seq), cfg), x_BxTxD.dtype)
 
 
 def attention_layer_probed(params, x_BxTxD, cfg: AttentionConfig,
@@ -166,11 +189,152 @@ def attention_layer_probed(params, x_BxTxD, cfg: AttentionConfig,
   Returns:
     `(y [batch, seq, d_model], A [batch, heads, seq, seq] fp32)`.
   """
-  q, k, v = _qkv(params, x_BxTxD, cfg)
   seq = x_BxTxD.shape[1]
+  q, k, v = _qkv(params, x_BxTxD, cfg, jnp.arange(seq))
   windows = cfg.windows(seq)
   mask = (ops.causal_mask(seq, seq) if windows is None
           else ops.moa_mask(windows, seq, cfg.sink))
   a = ops.attention_weights(q, k, mask)
   o = ops.attention_lib.weighted_values(a + probe_BxHxTxT, v).astype(q.dtype)
-  return jnp.einsum("bthk,hkd->btd", o, params["wo"]), a
+  return _out(params, o, x_BxTxD.dtype), a
+
+
+class AttentionState(NamedTuple):
+  """Decoding state of an attention mixer.
+
+  Attributes:
+    cache: `layers.KVCache` (dense) or `layers.RingKVCache` (windows).
+    offset: int32 `[batch]`, tokens seen minus `cache.length` (the prompt
+      tokens SnapKV dropped; 0 otherwise): the next RoPE position is
+      `cache.length + offset`.
+  """
+  cache: kv_cache.KVCache | kv_cache.RingKVCache
+  offset: jax.Array
+
+
+def init_attention_state(cfg: AttentionConfig, batch: int, max_len: int,
+                         dtype=jnp.float32) -> AttentionState:
+  """The empty cache of a sequence growing to `max_len` tokens."""
+  windows = cfg.windows(max_len)
+  zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
+  if windows is None:
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return AttentionState(kv_cache.KVCache(
+        zeros(*shape, dtype=dtype), zeros(*shape, dtype=dtype), zeros(batch)),
+                          zeros(batch))
+  layout = kv_cache.RingLayout.build(windows, cfg.num_kv_heads, cfg.sink,
+                                     max_len)
+  buffers = lambda: tuple(
+      zeros(batch, len(heads), cfg.sink + ring, cfg.head_dim, dtype=dtype)
+      for ring, heads in zip(layout.rings, layout.kv_heads, strict=True))
+  return AttentionState(kv_cache.RingKVCache(buffers(), buffers(),
+                                             zeros(batch), layout),
+                        zeros(batch))
+
+
+def _prefill(q, k, v, lengths_B, cache, cfg, snapkv):
+  """Causal attention over a right-padded prompt and its filled cache."""
+  if isinstance(cache, kv_cache.RingKVCache):
+    o = _attend(q, k, v, np.asarray(cache.layout.windows), cfg)
+    return o, kv_cache.ring_cache_from_prompt(k, v, lengths_B, cache.layout)
+  o = _attend(q, k, v, None, cfg)
+  slots, seq = cache.k.shape[2], q.shape[1]
+  if snapkv is None or seq <= snapkv.capacity:
+    return o, kv_cache.kv_cache_from_prompt(k, v, lengths_B, slots)
+  obs = jnp.maximum(snapkv_lib.window_slots(lengths_B, snapkv.window), 0)
+  q_obs = jnp.take_along_axis(q, obs[..., None, None], axis=1)
+  kc, vc, kept = snapkv_lib.compress(q_obs, k, v, lengths_B, snapkv)
+  return o, kv_cache.kv_cache_from_prompt(kc, vc, kept,
+                                          snapkv.capacity + slots - seq)
+
+
+def _step(q, k, v, cache):
+  """One token per row over its cache: `(o [B, 1, H, Dh], new cache)`."""
+  step = (kv_cache.kv_cache_step if isinstance(cache, kv_cache.KVCache)
+          else kv_cache.ring_cache_step)
+  o, cache = step(cache, q[:, 0], k[:, 0], v[:, 0])
+  return o[:, None], cache
+
+
+def attention_mixer(params, x_BxTxD, cfg: AttentionConfig,
+                    state: AttentionState | None = None,
+                    decoding: mixers.Decoding | None = None):
+  """`attention_layer` with the mixer contract of `layers.mixers`.
+
+  Args:
+    params: from `init_attention`.
+    x_BxTxD: `[batch, seq, d_model]`.
+    cfg: the `AttentionConfig`.
+    state: None (training: no cache), a fresh `init_attention_state` with
+      `seq > 1` (prefill of right-padded rows), or any state with `seq == 1`
+      (one decode step).
+    decoding: the rows' lengths and the SnapKV option of a prefill.
+
+  Returns:
+    `(y [batch, seq, d_model], AttentionState or None)`.
+  """
+  if state is None:
+    return attention_layer(params, x_BxTxD, cfg), None
+  batch, seq = x_BxTxD.shape[:2]
+  if seq == 1:
+    positions = (state.cache.length + state.offset)[:, None]
+    q, k, v = _qkv(params, x_BxTxD, cfg, positions)
+    o, cache = _step(q, k, v, state.cache)
+    return _out(params, o, x_BxTxD.dtype), AttentionState(cache, state.offset)
+  positions = jnp.broadcast_to(jnp.arange(seq)[None], (batch, seq))
+  q, k, v = _qkv(params, x_BxTxD, cfg, positions)
+  lengths = jnp.asarray(decoding.lengths_B, jnp.int32)
+  o, cache = _prefill(q, k, v, lengths, state.cache, cfg, decoding.snapkv)
+  return _out(params, o, x_BxTxD.dtype), AttentionState(
+      cache, lengths - cache.length)
+
+
+def _empty_state(cfg, batch, max_len, dtype):
+  return init_attention_state(cfg, batch, max_len, dtype)
+
+
+def _init(key, cfg, *, layer, num_layers):
+  del layer, num_layers
+  return init_attention(key, cfg)
+
+
+def _dense_config(spec: mixers.LayerSpec) -> AttentionConfig:
+  m = spec.model
+  return mixers.with_options(AttentionConfig(
+      m.d_model, spec.num_heads, spec.num_kv_heads, m.head_dim,
+      rope_theta=m.rope_theta, window=m.window, sink=m.sink,
+      impl=m.attention_impl), spec.options)
+
+
+def _moa_config(spec: mixers.LayerSpec) -> AttentionConfig:
+  m = spec.model
+  plan, row = m.moa_plan, m.attention_layers.index(spec.layer)
+  if plan is None or row >= plan.num_layers or (
+      len(plan.alphas[row]) != spec.num_heads):
+    shape = None if plan is None else [len(a) for a in plan.alphas]
+    raise ValueError(
+        f"`moa_plan` (heads per row: {shape}) must have a row of "
+        f"{spec.num_heads} heads for attention layer {row} (layer "
+        f"{spec.layer}).")
+  cfg = dataclasses.replace(_dense_config(spec), window=None)
+  return with_moa_plan(cfg, plan, row)
+
+
+_QKV = ("embed", "heads", "head_dim")  # [D, H, Dh]
+_RULES = (
+    (("wq",), _QKV),
+    (("wk",), _QKV),  # [D, Hkv, Dh]
+    (("wv",), _QKV),
+    (("wo",), ("heads", "head_dim", "embed")),  # [H, Dh, D]
+)
+
+ATTENTION = mixers.register(mixers.Mixer(
+    name="attention", config=_dense_config, init=_init,
+    apply=attention_mixer, empty_state=_empty_state, rules=_RULES,
+    doc="Causal softmax attention with RoPE and GQA (optional sliding "
+    "window + sink); KV cache as state.", softmax=True))
+MOA = mixers.register(mixers.Mixer(
+    name="moa", config=_moa_config, init=_init, apply=attention_mixer,
+    empty_state=_empty_state, rules=_RULES,
+    doc="MoA (arXiv 2406.14909): per-head elastic windows + sink from "
+    "`ModelConfig.moa_plan`; sink + ring caches as state.", softmax=True))

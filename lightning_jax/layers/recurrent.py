@@ -1,12 +1,14 @@
 """Linear-recurrence token mixers: Lightning (TNL), DeltaNet, Gated DeltaNet
-and HGRN2, as `init_recurrent` / `recurrent_layer`.
+and HGRN2, registered in `layers.mixers` (one `Mixer` record per kind).
 
 Every mixer projects `x [batch, seq, d_model]` to per-head q / k / v,
 runs a recurrence of `lightning_jax.ops` on an fp32 state
 `[batch, heads, key_dim, value_dim]`, normalises each head's output and
 projects back. The recurrence state and the short-convolution tail are
 returned, so the same function serves training (chunked, state discarded),
-prefill and token-by-token decoding.
+prefill and token-by-token decoding. `register_recurrence` registers a kind
+from its `Recurrence` (its streams, extra params and state update); the
+shared projections, short conv, padding and output projection live here.
 
 - `lightning`: TransNormerLLM / Lightning Attention (Qin et al., 2023,
   arXiv 2307.14995; 2024, arXiv 2401.04658): q, k = SiLU(x W), fixed
@@ -32,7 +34,7 @@ them alone.
 """
 
 import dataclasses
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,14 +42,42 @@ import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax import ops
+from lightning_jax.layers import mixers
 from lightning_jax.layers import norms
 from lightning_jax.layers.mlp import dense_init
 
-KINDS = ("lightning", "deltanet", "gated_deltanet", "hgrn2")
 IMPLS = ("chunked", "recurrent")
-# The projections that feed the recurrence, shifted by the short conv.
-_STREAMS = {"lightning": ("q", "k", "v"), "deltanet": ("q", "k", "v"),
-            "gated_deltanet": ("q", "k", "v"), "hgrn2": ("q", "f", "v")}
+
+
+class Recurrence(NamedTuple):
+  """What distinguishes one linear-recurrence kind.
+
+  Attributes:
+    streams: names of the projections `w<s>: [D, H, width]` that feed the
+      recurrence (the short conv shifts them); "v" has width `value_dim`,
+      the others `head_dim`.
+    init_extra: `(keys, cfg, proj, layer, num_layers) -> dict` the kind's
+      other params; `keys` is an iterator of PRNG keys, `proj(width)` a
+      fresh `[D, H, width]` projection.
+    mix: `(params, x_BxTxD, streams, valid_BxT, cfg, kw) -> (o
+      [B, T, H, Dv], new ssm)`: the recurrence and the per-head output
+      norm and gate. `valid_BxT` (None: all valid) marks the tokens
+      whose value increments count; `kw` holds the op arguments
+      `initial_state`, `output_final_state`, `chunk_size`, `impl`.
+    uses_conv: the kind takes `ModelConfig.conv_size`.
+  """
+  streams: tuple[str, ...]
+  init_extra: Callable[..., dict]
+  mix: Callable[..., tuple[jax.Array, jax.Array]]
+  uses_conv: bool = False
+
+
+_RECURRENCES: dict[str, Recurrence] = {}
+
+
+def kinds() -> tuple[str, ...]:
+  """The registered linear-recurrence kinds."""
+  return tuple(_RECURRENCES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +85,13 @@ class RecurrentConfig:
   """Linear-recurrence mixer hyper-parameters.
 
   Attributes:
-    kind: one of `KINDS`.
+    kind: a kind registered with `register_recurrence`.
     d_model: model width D.
     num_heads: heads H.
     head_dim: key width Dk per head.
     value_dim: value width Dv per head (default `head_dim`).
     conv_size: kernel (>= 2) of the causal depthwise short convolution on
-      the q / k / v streams (q / f / v for HGRN2); 0 disables it.
+      the streams; 0 disables it.
     chunk_size: chunk length of the chunked kernels.
     impl: "chunked" or "recurrent" (the ops' reference scan).
     norm_eps: epsilon of the per-head output norm.
@@ -77,7 +107,7 @@ class RecurrentConfig:
   norm_eps: float = 1e-6
 
   def __post_init__(self):
-    _checks.check_choice("kind", self.kind, KINDS)
+    _checks.check_choice("kind", self.kind, kinds())
     for name in ("d_model", "num_heads", "head_dim", "chunk_size"):
       _checks.check_positive_int(name, getattr(self, name))
     if self.value_dim is not None:
@@ -91,10 +121,14 @@ class RecurrentConfig:
   def dv(self) -> int:
     return self.value_dim or self.head_dim
 
+  @property
+  def recurrence(self) -> Recurrence:
+    return _RECURRENCES[self.kind]
+
   def stream_dims(self) -> dict:
     """Width per head of each conv stream."""
     return {s: self.dv if s == "v" else self.head_dim
-            for s in _STREAMS[self.kind]}
+            for s in self.recurrence.streams}
 
 
 class RecurrentState(NamedTuple):
@@ -120,22 +154,20 @@ def init_recurrent_state(cfg: RecurrentConfig, batch: int,
       tails)
 
 
-def init_recurrent(key, cfg: RecurrentConfig, *, layer_idx: int,
+def init_recurrent(key, cfg: RecurrentConfig, *, layer: int,
                    num_layers: int) -> dict:
   """Mixer params: `w<s>: [D, H, width]` per stream, `wo: [H, Dv, D]`,
-  `conv_<s>: [conv_size, H, width]`, and per kind `wg: [D, H, Dv]`,
-  `wb`, `wa: [D, H]`, `a_log`, `dt_bias`, `log_decay: [H]`,
-  `lower_bound: []`, `out_norm: {"scale": [Dv]}`.
+  `conv_<s>: [conv_size, H, width]`, and the kind's own (`init_extra`).
 
   Args:
     key: PRNG key.
     cfg: the `RecurrentConfig`.
-    layer_idx: 0-based index of the layer (TNL decays, HGRN2 lower bound).
+    layer: 0-based index of the layer (TNL decays, HGRN2 lower bound).
     num_layers: number of layers of the model.
 
   Example:
     >>> cfg = RecurrentConfig("deltanet", 32, 4, 8, conv_size=4)
-    >>> init_recurrent(jax.random.key(0), cfg, layer_idx=0, num_layers=2
+    >>> init_recurrent(jax.random.key(0), cfg, layer=0, num_layers=2
     ...                )["conv_q"].shape
     (4, 4, 8)
   """
@@ -150,24 +182,8 @@ def init_recurrent(key, cfg: RecurrentConfig, *, layer_idx: int,
     for s, c in cfg.stream_dims().items():
       params[f"conv_{s}"] = jax.random.normal(
           next(keys), (cfg.conv_size, h, c)) * cfg.conv_size ** -0.5
-  if cfg.kind != "deltanet":
-    params["wg"] = proj(dv)
-  if cfg.kind == "lightning":
-    params["log_decay"] = ops.tnl_log_decay(layer_idx, num_layers, h)
-    return params
-  params["out_norm"] = norms.init_rms_norm(dv)
-  if cfg.kind in ("deltanet", "gated_deltanet"):
-    params["wb"] = proj(1)[..., 0]
-  if cfg.kind == "gated_deltanet":
-    params["wa"] = proj(1)[..., 0]
-    # Mamba-2 style: A in [1, 16], dt log-uniform in [1e-3, 0.1].
-    params["a_log"] = jnp.log(jax.random.uniform(next(keys), (h,), minval=1,
-                                                 maxval=16))
-    dt = jnp.exp(jax.random.uniform(next(keys), (h,), minval=np.log(1e-3),
-                                    maxval=np.log(0.1)))
-    params["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1(dt)
-  if cfg.kind == "hgrn2":
-    params["lower_bound"] = jnp.float32(layer_idx / num_layers)
+  params.update(cfg.recurrence.init_extra(keys, cfg, proj, layer,
+                                          num_layers))
   return params
 
 
@@ -189,16 +205,24 @@ def short_conv(w_KxHxC, x_BxTxHxC, tail_BxKm1xHxC):
   return y.astype(x_BxTxHxC.dtype), padded[:, seq:]
 
 
-def _l2_normalize(x, eps=1e-6):
+def l2_normalize(x, eps=1e-6):
+  """`x / ||x||` over the last dim, in fp32, returned in x's dtype."""
   xf = x.astype(jnp.float32)
   return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)
           ).astype(x.dtype)
 
 
+def mask_values(v_BxTxHxD, valid_BxT):
+  """Zeros the values of invalid tokens (None: all valid)."""
+  if valid_BxT is None:
+    return v_BxTxHxD
+  return jnp.where(valid_BxT[:, :, None, None], v_BxTxHxD, 0)
+
+
 def _streams(params, x_BxTxD, cfg, state):
   """Projected (and short-convolved) streams, and the new conv tails."""
   streams, tails = {}, {}
-  for s in _STREAMS[cfg.kind]:
+  for s in cfg.recurrence.streams:
     u = jnp.einsum("btd,dhc->bthc", x_BxTxD, params[f"w{s}"])
     if cfg.conv_size:
       u, tails[s] = short_conv(params[f"conv_{s}"], u, state.conv[s])
@@ -206,12 +230,14 @@ def _streams(params, x_BxTxD, cfg, state):
   return streams, tails
 
 
-def _gate(params, x_BxTxD, name):
+def gate(params, x_BxTxD, name):
+  """fp32 per-head gate pre-activation `x W_name`: `[batch, seq, heads]`."""
   return jnp.einsum("btd,dh->bth", x_BxTxD, params[name]).astype(jnp.float32)
 
 
 def recurrent_layer(params: dict, x_BxTxD, cfg: RecurrentConfig,
-                    state: RecurrentState | None = None):
+                    state: RecurrentState | None = None,
+                    decoding: mixers.Decoding | None = None):
   """A linear-recurrence mixer `[batch, seq, d_model] -> [batch, seq, d_model]`.
 
   Args:
@@ -219,57 +245,179 @@ def recurrent_layer(params: dict, x_BxTxD, cfg: RecurrentConfig,
     x_BxTxD: `[batch, seq, d_model]` (any seq length; 1 to decode a token).
     cfg: the `RecurrentConfig`.
     state: `RecurrentState` to continue from, None for a fresh sequence.
+    decoding: prefill / step context (`layers.mixers`); with `seq > 1` the
+      rows are right padded to `decoding.lengths_B` and `state` is fresh.
 
   Returns:
     `(y [batch, seq, d_model] in x's dtype, RecurrentState after the last
-    token)`. Splitting a sequence and carrying the state gives the result of
-    one call.
+    (real) token)`. Splitting a sequence and carrying the state gives the
+    result of one call; one token runs the reference recurrence.
 
   Raises:
     ValueError: `x_BxTxD` or `state` of the wrong shape.
 
   Example:
     >>> cfg = RecurrentConfig("gated_deltanet", 32, 4, 8, conv_size=4)
-    >>> p = init_recurrent(jax.random.key(0), cfg, layer_idx=0, num_layers=1)
+    >>> p = init_recurrent(jax.random.key(0), cfg, layer=0, num_layers=1)
     >>> y, s = recurrent_layer(p, jnp.ones((2, 5, 32)), cfg)
     >>> y.shape, s.ssm.shape
     ((2, 5, 32), (2, 4, 8, 8))
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
-  batch = x_BxTxD.shape[0]
-  _checks.check_shape("x_BxTxD", x_BxTxD, x_BxTxD.shape[:2] + (cfg.d_model,),
+  batch, seq = x_BxTxD.shape[:2]
+  _checks.check_shape("x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model),
                       "[batch, seq, d_model]")
   if state is None:
     state = init_recurrent_state(cfg, batch, x_BxTxD.dtype)
+  _checks.check_shape("state.ssm", state.ssm,
+                      (batch, cfg.num_heads, cfg.head_dim, cfg.dv),
+                      "[batch, heads, key_dim, value_dim]")
+  valid, unshift = None, lambda y: y
+  if decoding is not None and seq > 1:
+    x_BxTxD, valid, unshift = mixers.left_align(x_BxTxD, decoding.lengths_B)
   s, tails = _streams(params, x_BxTxD, cfg, state)
   kw = dict(initial_state=state.ssm, output_final_state=True,
-            chunk_size=cfg.chunk_size, impl=cfg.impl)
-  if cfg.kind == "lightning":
-    o, ssm = ops.linear_attention(
-        jax.nn.silu(s["q"]), jax.nn.silu(s["k"]), s["v"],
-        jax.lax.stop_gradient(params["log_decay"]), **kw)
-    o = norms.simple_rms_norm(o, cfg.norm_eps) * jax.nn.sigmoid(
-        jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"]))
-  elif cfg.kind == "hgrn2":
-    z = s["f"].astype(jnp.float32)
-    gamma = jax.lax.stop_gradient(params["lower_bound"])
-    log_f = jnp.logaddexp(jnp.log(gamma),
-                          jnp.log1p(-gamma) + jax.nn.log_sigmoid(z))
-    k = ((1 - gamma) * jax.nn.sigmoid(-z)).astype(s["q"].dtype)  # 1 - f
-    o, ssm = ops.gated_linear_attention(jax.nn.silu(s["q"]), k, s["v"], log_f,
-                                        **kw)
-  else:
-    q, k, v = (jax.nn.silu(s[n]) for n in ("q", "k", "v"))
-    log_decay = None
-    if cfg.kind == "gated_deltanet":
-      log_decay = -jnp.exp(params["a_log"])[None, None] * jax.nn.softplus(
-          _gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None])
-    o, ssm = ops.delta_rule(_l2_normalize(q), _l2_normalize(k), v,
-                            jax.nn.sigmoid(_gate(params, x_BxTxD, "wb")),
-                            log_decay, **kw)
-  if cfg.kind != "lightning":
-    o = norms.rms_norm(params["out_norm"], o, cfg.norm_eps)
-    if "wg" in params:
-      o = o * jax.nn.silu(jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"]))
+            chunk_size=cfg.chunk_size,
+            impl="recurrent" if seq == 1 else cfg.impl)
+  o, ssm = cfg.recurrence.mix(params, x_BxTxD, s, valid, cfg, kw)
   y = jnp.einsum("bthc,hcd->btd", o.astype(x_BxTxD.dtype), params["wo"])
-  return y.astype(x_BxTxD.dtype), RecurrentState(ssm, tails)
+  return unshift(y.astype(x_BxTxD.dtype)), RecurrentState(ssm, tails)
+
+
+_QKV = ("embed", "heads", "head_dim")  # [D, H, C]
+_RULES = (
+    *(((f"w{s}",), _QKV) for s in "qkvfg"),
+    (("wo",), ("heads", "head_dim", "embed")),  # [H, Dv, D]
+    (("wb",), ("embed", "heads")),  # [D, H]
+    (("wa",), ("embed", "heads")),  # [D, H]
+    *(((f"conv_{s}",), (None, "heads", None)) for s in "qkvf"),  # [K, H, C]
+    (("a_log",), ("heads",)),  # [H]
+    (("dt_bias",), ("heads",)),  # [H]
+    (("log_decay",), ("heads",)),  # [H]
+    (("out_norm", "scale"), (None,)),  # [Dv]
+    (("lower_bound",), ()),  # HGRN2's per-layer scalar
+)
+
+
+def _empty_state(cfg, batch, max_len, dtype):
+  del max_len  # O(1) in the context length
+  return init_recurrent_state(cfg, batch, dtype)
+
+
+def register_recurrence(name: str, recurrence: Recurrence, doc: str,
+                        preset: dict | None = None) -> mixers.Mixer:
+  """Registers a linear-recurrence kind on the shared machinery here.
+
+  Its layers read `d_model`, `head_dim`, `chunk_size`, `recurrent_impl`,
+  `norm_eps` (and `conv_size` if `uses_conv`) of the model config;
+  `mixer_options` may set any other `RecurrentConfig` field (e.g.
+  `"deltanet.value_dim=64"`). `preset` as `mixers.Mixer.preset`.
+  """
+  _RECURRENCES[name] = recurrence
+
+  def config(spec: mixers.LayerSpec) -> RecurrentConfig:
+    m = spec.model
+    return mixers.with_options(RecurrentConfig(
+        name, m.d_model, spec.num_heads, m.head_dim,
+        conv_size=m.conv_size if recurrence.uses_conv else 0,
+        chunk_size=m.chunk_size, impl=m.recurrent_impl,
+        norm_eps=m.norm_eps), spec.options)
+
+  return mixers.register(mixers.Mixer(
+      name=name, config=config, init=init_recurrent, apply=recurrent_layer,
+      empty_state=_empty_state, rules=_RULES, doc=doc, preset=preset))
+
+
+# ------------------------------------------------------------------ kinds ---
+
+def _lightning_extra(keys, cfg, proj, layer, num_layers):
+  del keys
+  return {"wg": proj(cfg.dv),
+          "log_decay": ops.tnl_log_decay(layer, num_layers, cfg.num_heads)}
+
+
+def _lightning_mix(params, x_BxTxD, s, valid, cfg, kw):
+  o, ssm = ops.linear_attention(
+      jax.nn.silu(s["q"]), jax.nn.silu(s["k"]), mask_values(s["v"], valid),
+      jax.lax.stop_gradient(params["log_decay"]), **kw)
+  o = norms.simple_rms_norm(o, cfg.norm_eps) * jax.nn.sigmoid(
+      jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"]))
+  return o, ssm
+
+
+def _silu_gate(params, x_BxTxD, o, cfg):
+  """RMSNorm per head, then the SiLU output gate if the kind has `wg`."""
+  o = norms.rms_norm(params["out_norm"], o, cfg.norm_eps)
+  if "wg" in params:
+    o = o * jax.nn.silu(jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"]))
+  return o
+
+
+def _hgrn2_extra(keys, cfg, proj, layer, num_layers):
+  del keys
+  return {"wg": proj(cfg.dv), "out_norm": norms.init_rms_norm(cfg.dv),
+          "lower_bound": jnp.float32(layer / num_layers)}
+
+
+def _hgrn2_mix(params, x_BxTxD, s, valid, cfg, kw):
+  z = s["f"].astype(jnp.float32)
+  gamma = jax.lax.stop_gradient(params["lower_bound"])
+  log_f = jnp.logaddexp(jnp.log(gamma),
+                        jnp.log1p(-gamma) + jax.nn.log_sigmoid(z))
+  k = ((1 - gamma) * jax.nn.sigmoid(-z)).astype(s["q"].dtype)  # 1 - f
+  o, ssm = ops.gated_linear_attention(
+      jax.nn.silu(s["q"]), k, mask_values(s["v"], valid), log_f, **kw)
+  return _silu_gate(params, x_BxTxD, o, cfg), ssm
+
+
+def _delta_extra(gated):
+  def extra(keys, cfg, proj, layer, num_layers):
+    del layer, num_layers
+    h = cfg.num_heads
+    params = {"wg": proj(cfg.dv)} if gated else {}
+    params["out_norm"] = norms.init_rms_norm(cfg.dv)
+    params["wb"] = proj(1)[..., 0]
+    if gated:
+      params["wa"] = proj(1)[..., 0]
+      # Mamba-2 style: A in [1, 16], dt log-uniform in [1e-3, 0.1].
+      params["a_log"] = jnp.log(jax.random.uniform(next(keys), (h,),
+                                                   minval=1, maxval=16))
+      dt = jnp.exp(jax.random.uniform(next(keys), (h,), minval=np.log(1e-3),
+                                      maxval=np.log(0.1)))
+      params["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1(dt)
+    return params
+  return extra
+
+
+def _delta_mix(params, x_BxTxD, s, valid, cfg, kw):
+  q, k, v = (jax.nn.silu(s[n]) for n in ("q", "k", "v"))
+  log_decay = None
+  if "a_log" in params:
+    log_decay = -jnp.exp(params["a_log"])[None, None] * jax.nn.softplus(
+        gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None])
+  o, ssm = ops.delta_rule(l2_normalize(q), l2_normalize(k),
+                          mask_values(v, valid),
+                          jax.nn.sigmoid(gate(params, x_BxTxD, "wb")),
+                          log_decay, **kw)
+  return _silu_gate(params, x_BxTxD, o, cfg), ssm
+
+
+LIGHTNING = register_recurrence(
+    "lightning", Recurrence(("q", "k", "v"), _lightning_extra,
+                            _lightning_mix),
+    "TransNormerLLM / Lightning Attention (arXiv 2307.14995, 2401.04658): "
+    "fixed per-head decays, SRMSNorm, sigmoid gate.")
+DELTANET = register_recurrence(
+    "deltanet", Recurrence(("q", "k", "v"), _delta_extra(False), _delta_mix,
+                           uses_conv=True),
+    "DeltaNet (arXiv 2406.06484): delta rule on L2-normed q, k, short conv.",
+    preset={"num_layers": 4})
+GATED_DELTANET = register_recurrence(
+    "gated_deltanet", Recurrence(("q", "k", "v"), _delta_extra(True),
+                                 _delta_mix, uses_conv=True),
+    "Gated DeltaNet (arXiv 2412.06464): delta rule with a data-dependent "
+    "decay, SiLU output gate.", preset={"num_layers": 4})
+HGRN2 = register_recurrence(
+    "hgrn2", Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix),
+    "HGRN2 (arXiv 2404.07904): gated linear attention with a lower-bounded "
+    "forget gate, key 1 - f.", preset={"num_layers": 4})

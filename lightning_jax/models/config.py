@@ -2,13 +2,13 @@
 block configs."""
 
 import dataclasses
-import pathlib
+from typing import Any
 
 from lightning_jax import _checks
 from lightning_jax import layers
 from lightning_jax import ops
+from lightning_jax.layers import mixers
 
-MIXERS = ("attention", "moa") + layers.RECURRENT_KINDS
 FFNS = ("mlp", "moe", "mhmoe")
 DTYPES = ("float32", "bfloat16")
 
@@ -26,7 +26,8 @@ class ModelConfig:
     vocab_size: vocabulary size V.
     d_model: residual width D.
     num_layers: number of blocks L.
-    pattern: token mixers, among `MIXERS`, cycled over layers.
+    pattern: token mixers, among the registered `layers.mixers.kinds()`,
+      cycled over layers.
     ffn_pattern: channel mixers, among `FFNS`, cycled over layers.
     num_heads: heads of every mixer (the last layer's with layer-wise
       scaling).
@@ -38,17 +39,22 @@ class ModelConfig:
       heads, `alpha_l` linear in l from min to max. None: `num_heads`.
     layerwise_ffn: OpenELM `(beta_min, beta_max)`: layer l's MLP width is
       `beta_l * d_model`. None: `d_ff`.
-    conv_size: short-conv kernel of DeltaNet / Gated DeltaNet (0 disables).
+    conv_size: short-conv kernel of the mixers that take one (DeltaNet,
+      Gated DeltaNet, Mamba-2; 0 disables).
     chunk_size: chunk of the linear-recurrence kernels.
     recurrent_impl: "chunked" or "recurrent".
     attention_impl: "blocked" or "reference".
     rope_theta: RoPE base of attention mixers.
     window: sliding window of "attention" mixers (None: full causal).
     sink: attention-sink tokens with `window` or a MoA plan.
-    moa_plan: path of a MoA plan JSON (`ops.MoAPlan`); required by "moa"
-      mixers. Its rows are the softmax-attention layers in order: the i-th
-      "attention" / "moa" layer uses row i (every row of a pure
-      transformer, as the MoA authors' plans).
+    moa_plan: the MoA rules (`ops.MoAPlan`, per layer and head), required
+      by "moa" mixers; part of the config, so a checkpoint is
+      self-contained (`ops.MoAPlan.load` imports the authors' JSON). Its
+      rows are the softmax-attention layers in order: the i-th "attention"
+      / "moa" layer uses row i (every row of a pure transformer, as the
+      MoA authors' plans).
+    mixer_options: per-kind layer-config overrides, `"kind.field=value"`
+      (e.g. `"mamba2.state_dim=64"`), see `layers.mixers.parse_options`.
     num_experts, top_k, moe_d_ff, router_score: MoE channel mixers (dropless
       top-k GLU experts).
     lbl_scope: load-balancing loss scope, "sequence", "micro" or "global".
@@ -82,7 +88,8 @@ class ModelConfig:
   rope_theta: float = 10_000.0
   window: int | None = None
   sink: int = 0
-  moa_plan: str | None = None
+  moa_plan: ops.MoAPlan | None = None
+  mixer_options: tuple[str, ...] = ()
   num_experts: int = 8
   top_k: int = 2
   moe_d_ff: int = 128
@@ -100,12 +107,15 @@ class ModelConfig:
                  "head_dim", "d_ff", "chunk_size", "num_experts", "top_k",
                  "moe_d_ff", "mhmoe_heads"):
       _checks.check_positive_int(name, getattr(self, name))
-    for name, allowed in (("pattern", MIXERS), ("ffn_pattern", FFNS)):
+    for name in ("pattern", "ffn_pattern"):
       value = getattr(self, name)
       if not isinstance(value, tuple) or not value:
         raise ValueError(f"`{name}` must be a non-empty tuple, got {value!r}.")
-      for item in value:
-        _checks.check_choice(name, item, allowed)
+    for kind in self.pattern:
+      mixers.get(kind)
+    for ffn in self.ffn_pattern:
+      _checks.check_choice("ffn_pattern", ffn, FFNS)
+    mixers.parse_options(self.mixer_options)
     _checks.check_choice("dtype", self.dtype, DTYPES)
     _checks.check_choice("recurrent_impl", self.recurrent_impl,
                          layers.RECURRENT_IMPLS)
@@ -121,14 +131,13 @@ class ModelConfig:
                                      and 0 < bounds[0] <= bounds[1]):
         raise ValueError(f"`{name}` must be (min, max) with 0 < min <= max, "
                          f"got {bounds!r}.")
-    if "moa" in self.pattern and self.moa_plan is None:
-      raise ValueError('`moa_plan` (a plan JSON path) is required by "moa" '
-                       "mixers in `pattern`.")
+    if "moa" in self.pattern and not isinstance(self.moa_plan, ops.MoAPlan):
+      raise ValueError('`moa_plan` (an `ops.MoAPlan`) is required by "moa" '
+                       f"mixers in `pattern`, got {self.moa_plan!r}.")
 
   def to_dict(self) -> dict:
     """JSON-ready fields (tuples as lists), e.g. for checkpoint metadata."""
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(self).items()}
+    return _json_ready(dataclasses.asdict(self))
 
   @classmethod
   def from_dict(cls, fields: dict) -> "ModelConfig":
@@ -138,8 +147,10 @@ class ModelConfig:
     if unknown:
       raise ValueError(f"Unknown model config field(s) {unknown}; fields: "
                        f"{sorted(known)}.")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v
-                  for k, v in fields.items()})
+    fields = {k: _tuples(v) for k, v in fields.items()}
+    if isinstance(fields.get("moa_plan"), dict):
+      fields["moa_plan"] = ops.MoAPlan(**fields["moa_plan"])
+    return cls(**fields)
 
   @property
   def mixers(self) -> tuple[str, ...]:
@@ -149,9 +160,9 @@ class ModelConfig:
 
   @property
   def attention_layers(self) -> tuple[int, ...]:
-    """Indices of the softmax-attention ("attention" / "moa") layers."""
+    """Indices of the softmax-attention layers (`Mixer.softmax`)."""
     return tuple(i for i, m in enumerate(self.mixers)
-                 if m in ("attention", "moa"))
+                 if mixers.get(m).softmax)
 
   @property
   def ffns(self) -> tuple[str, ...]:
@@ -160,17 +171,35 @@ class ModelConfig:
                  for i in range(self.num_layers))
 
 
+def _json_ready(value):
+  if isinstance(value, (tuple, list)):
+    return [_json_ready(v) for v in value]
+  if isinstance(value, dict):
+    return {k: _json_ready(v) for k, v in value.items()}
+  return value
+
+
+def _tuples(value):
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  return value
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
   """Static config of one block.
 
   Attributes:
-    mixer: `AttentionConfig` or `RecurrentConfig`.
+    kind: the token mixer's registered kind (`layers.mixers.get(kind)`).
+    mixer: its layer config (built by the record's `config`).
     ffn: `MLPConfig`, `MoEConfig` or `MHMoEConfig`.
     parallel: the parallel-block form.
     norm_eps: RMSNorm epsilon.
   """
-  mixer: layers.AttentionConfig | layers.RecurrentConfig
+  kind: str
+  mixer: Any
   ffn: layers.MLPConfig | layers.MoEConfig | layers.MHMoEConfig
   parallel: bool = False
   norm_eps: float = 1e-6
@@ -202,35 +231,6 @@ def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   return widths
 
 
-def _moa_rules(cfg: ModelConfig, layer: int, heads: int):
-  plan = ops.MoAPlan.from_json(pathlib.Path(cfg.moa_plan).read_text())
-  row = cfg.attention_layers.index(layer)
-  if row >= plan.num_layers or len(plan.alphas[row]) != heads:
-    raise ValueError(
-        f"`moa_plan` {cfg.moa_plan} has {plan.num_layers} rows x "
-        f"{[len(a) for a in plan.alphas]} heads; attention layer {row} "
-        f"(layer {layer}) needs {heads} heads.")
-  return plan.alphas[row], plan.betas[row]
-
-
-def _mixer_config(cfg: ModelConfig, kind: str, layer: int, heads: int,
-                  kv_heads: int):
-  if kind in ("attention", "moa"):
-    rules = {}
-    if kind == "moa":
-      alphas, betas = _moa_rules(cfg, layer, heads)
-      rules = dict(moa_alphas=alphas, moa_betas=betas)
-    return layers.AttentionConfig(
-        cfg.d_model, heads, kv_heads, cfg.head_dim, rope_theta=cfg.rope_theta,
-        window=cfg.window if kind == "attention" else None, sink=cfg.sink,
-        impl=cfg.attention_impl, **rules)
-  conv = cfg.conv_size if kind in ("deltanet", "gated_deltanet") else 0
-  return layers.RecurrentConfig(
-      kind, cfg.d_model, heads, cfg.head_dim, conv_size=conv,
-      chunk_size=cfg.chunk_size, impl=cfg.recurrent_impl,
-      norm_eps=cfg.norm_eps)
-
-
 def _ffn_config(cfg: ModelConfig, kind: str, d_ff: int):
   if kind == "mlp":
     return layers.MLPConfig(cfg.d_model, d_ff)
@@ -250,8 +250,10 @@ def block_configs(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
     >>> [type(b.mixer).__name__ for b in block_configs(ModelConfig())]
     ['RecurrentConfig', 'RecurrentConfig', 'RecurrentConfig', 'AttentionConfig']
   """
+  options = mixers.parse_options(cfg.mixer_options)
   return tuple(
-      BlockConfig(_mixer_config(cfg, kind, layer, heads, kv),
+      BlockConfig(kind, mixers.get(kind).config(mixers.LayerSpec(
+          cfg, layer, heads, kv, options.get(kind, {}))),
                   _ffn_config(cfg, ffn, d_ff), cfg.parallel_block,
                   cfg.norm_eps)
       for layer, (kind, ffn, (heads, kv, d_ff)) in enumerate(

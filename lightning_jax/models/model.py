@@ -1,5 +1,7 @@
 """The decoder LM as pure functions: `init`, `forward`, and the pieces
-(`embed`, `apply_block`, `head`) that the pipeline and the decoder compose.
+(`embed`, `run_blocks`, `head`) that the pipeline and the decoder compose.
+`run_blocks` is the one loop over blocks, for training, prefill and a decode
+step alike; each token mixer comes from the registry (`layers.mixers`).
 
 Block (pre-norm residual):
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax import layers
+from lightning_jax.layers import mixers
 from lightning_jax.models.config import BlockConfig
 from lightning_jax.models.config import block_configs
 from lightning_jax.models.config import ModelConfig
@@ -34,13 +37,6 @@ def compute_dtype(cfg: ModelConfig):
   return jnp.dtype(cfg.dtype)
 
 
-def _init_mixer(key, mixer_cfg, layer: int, num_layers: int) -> dict:
-  if isinstance(mixer_cfg, layers.AttentionConfig):
-    return layers.init_attention(key, mixer_cfg)
-  return layers.init_recurrent(key, mixer_cfg, layer_idx=layer,
-                                  num_layers=num_layers)
-
-
 def _init_ffn(key, ffn_cfg) -> dict:
   if isinstance(ffn_cfg, layers.MLPConfig):
     return layers.init_mlp(key, ffn_cfg)
@@ -56,7 +52,8 @@ def init_block(key, block: BlockConfig, *, layer: int, num_layers: int
   k_mixer, k_ffn = jax.random.split(key)
   d_model = block.mixer.d_model
   params = {"mixer_norm": layers.init_rms_norm(d_model),
-            "mixer": _init_mixer(k_mixer, block.mixer, layer, num_layers),
+            "mixer": mixers.get(block.kind).init(
+                k_mixer, block.mixer, layer=layer, num_layers=num_layers),
             "ffn": _init_ffn(k_ffn, block.ffn)}
   if not block.parallel:
     params["ffn_norm"] = layers.init_rms_norm(d_model)
@@ -126,13 +123,6 @@ def head(params, h_BxTxD, cfg: ModelConfig):
                     preferred_element_type=jnp.float32)
 
 
-def apply_mixer(params, x_BxTxD, mixer_cfg):
-  """The block's token mixer on normed input (no state)."""
-  if isinstance(mixer_cfg, layers.AttentionConfig):
-    return layers.attention_layer(params, x_BxTxD, mixer_cfg)
-  return layers.recurrent_layer(params, x_BxTxD, mixer_cfg)[0]
-
-
 def _apply_ffn(params, x_BxTxD, ffn_cfg, lbl_axis, expert_axis):
   if isinstance(ffn_cfg, layers.MLPConfig):
     return layers.mlp(params, x_BxTxD, ffn_cfg), None
@@ -152,8 +142,8 @@ def block_with_mixer(params, h_BxTxD, block: BlockConfig,
                      lbl_axis=None, expert_axis=None):
   """A block whose token mixer is `mixer_fn(normed x) -> (y, extra)`.
 
-  The decoder passes mixers that read and write caches; `apply_block` passes
-  the plain mixer.
+  `apply_block` passes the registered mixer; MoA profiling passes a probed
+  attention.
 
   Returns:
     `(h [batch, seq, d_model], MoEAux or None, extra)`.
@@ -170,25 +160,60 @@ def block_with_mixer(params, h_BxTxD, block: BlockConfig,
   return h + y, aux, extra
 
 
-def apply_block(params, h_BxTxD, block: BlockConfig, *, lbl_axis=None,
+def apply_block(params, h_BxTxD, block: BlockConfig, state=None,
+                decoding: layers.Decoding | None = None, *, lbl_axis=None,
                 expert_axis=None):
-  """One block `[batch, seq, d_model] -> ([batch, seq, d_model], aux)`.
+  """One block `[batch, seq, d_model] -> [batch, seq, d_model]`.
 
   Args:
     params: the block's params (compute dtype, see `cast_params`).
     h_BxTxD: residual stream.
     block: its `BlockConfig`.
+    state: the mixer's decoding state (None to train), see `layers.mixers`.
+    decoding: the prefill / step context (None to train).
     lbl_axis: mesh axes of an exact global LBL inside `shard_map` (MoE).
     expert_axis: mesh axis sharding the experts inside `shard_map` (MoE).
 
   Returns:
-    `(h, MoEAux or None)`.
+    `(h, MoEAux or None, the mixer's new state)`.
   """
-  h, aux, _ = block_with_mixer(
+  apply = mixers.get(block.kind).apply
+  return block_with_mixer(
       params, h_BxTxD, block,
-      lambda x: (apply_mixer(params["mixer"], x, block.mixer), None),
+      lambda x: apply(params["mixer"], x, block.mixer, state, decoding),
       lbl_axis=lbl_axis, expert_axis=expert_axis)
-  return h, aux
+
+
+def run_blocks(layer_params, h_BxTxD, blocks, states=None,
+               decoding: layers.Decoding | None = None, *, remat=False,
+               lbl_axis=None, expert_axis=None):
+  """Runs blocks in order: training (no states), prefill or a decode step.
+
+  Args:
+    layer_params: per-layer params (compute dtype).
+    h_BxTxD: residual stream entering the first block.
+    blocks: their `BlockConfig`s.
+    states: per-layer mixer states (None to train).
+    decoding: prefill / step context (None to train).
+    remat: rematerialise each block in the backward pass.
+    lbl_axis: see `apply_block`.
+    expert_axis: see `apply_block`.
+
+  Returns:
+    `(h, per-layer MoEAux or None, per-layer new states)`.
+  """
+  block_fn = apply_block
+  if remat:
+    block_fn = jax.checkpoint(apply_block, static_argnums=(2,))
+  states = (None,) * len(blocks) if states is None else states
+  auxes, new_states = [], []
+  for params, block, state in zip(layer_params, blocks, states,
+                                  strict=True):
+    h_BxTxD, aux, state = block_fn(params, h_BxTxD, block, state, decoding,
+                                   lbl_axis=lbl_axis, expert_axis=expert_axis)
+    auxes.append(aux)
+    new_states.append(state)
+  return h_BxTxD, tuple(auxes), tuple(new_states)
 
 
 def forward(params, tokens_BxT, cfg: ModelConfig, *, lbl_axis=None,
@@ -213,14 +238,7 @@ def forward(params, tokens_BxT, cfg: ModelConfig, *, lbl_axis=None,
     (1, 8, 256)
   """
   params = cast_params(params, compute_dtype(cfg))
-  block_fn = apply_block
-  if cfg.remat:
-    block_fn = jax.checkpoint(apply_block, static_argnums=(2,))
-  h = embed(params, tokens_BxT, cfg)
-  auxes = []
-  for layer_params, block in zip(params["layers"], block_configs(cfg),
-                                 strict=True):
-    h, aux = block_fn(layer_params, h, block, lbl_axis=lbl_axis,
-                      expert_axis=expert_axis)
-    auxes.append(aux)
-  return head(params, h, cfg), ModelAux(tuple(auxes))
+  h, auxes, _ = run_blocks(
+      params["layers"], embed(params, tokens_BxT, cfg), block_configs(cfg),
+      remat=cfg.remat, lbl_axis=lbl_axis, expert_axis=expert_axis)
+  return head(params, h, cfg), ModelAux(auxes)

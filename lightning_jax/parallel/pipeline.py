@@ -164,12 +164,9 @@ def _apply_stage(stage_params, h, block_cfgs):
   """One virtual stage on float32 params (cast to `h`'s compute dtype):
   `(h, tuple of models.MoEStats, one per MoE layer)`."""
   stage_params = models.cast_params(stage_params, h.dtype)
-  stats = []
-  for layer_params, block_cfg in zip(stage_params, block_cfgs, strict=True):
-    h, aux = models.apply_block(layer_params, h, block_cfg)
-    if aux is not None:
-      stats.append(models.MoEStats.from_aux(aux))
-  return h, tuple(stats)
+  h, auxes, _ = models.run_blocks(stage_params, h, block_cfgs)
+  return h, tuple(models.MoEStats.from_aux(aux) for aux in auxes
+                  if aux is not None)
 
 
 def _embed(rest, tokens, cfg):

@@ -1,13 +1,14 @@
 """Partition rules: the one place that says how every parameter is sharded.
 
 A parameter is recognised by the names on its pytree path (dict keys and
-attribute names, list indices skipped). `PARAM_RULES` gives each kind a
-logical name per dim, `LOGICAL_AXES` maps logical names to mesh axes, and
+attribute names, list indices skipped). `param_rules()` (each registered
+token mixer's rules, then `PARAM_RULES`) gives each kind a logical name per
+dim, `LOGICAL_AXES` maps logical names to mesh axes, and
 `fsdp` then shards the largest remaining dim:
 
   * `tensor` splits heads (attention `wq/wk/wv: [D, H, Dh]`, `wo: [H, Dh, D]`,
-    recurrent mixer projections, gates, convs and per-head constants), the
-    FFN width (`w_gate/w_up: [D, F]`,
+    the per-head projections, gates, convs and constants of the other
+    mixers, as their records say), the FFN width (`w_gate/w_up: [D, F]`,
     `w_down: [F, D]`) and the vocabulary (`embed: [V, D]`, `unembed: [D, V]`);
   * `expert` splits the leading expert axis of MoE expert weights `[E, ...]`;
   * `pipe` splits the stage axis of stage-stacked parameters (any leaf under
@@ -28,6 +29,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from lightning_jax.layers import mixers
 from lightning_jax.parallel import mesh as mesh_lib
 
 P = jax.sharding.PartitionSpec
@@ -42,9 +44,9 @@ LOGICAL_AXES = {
     "stage": mesh_lib.PIPE,
 }
 
-_QKV = ("embed", "heads", "head_dim")  # [D, H, Dh]
-_OUT = ("heads", "head_dim", "embed")  # [H, Dh, D]
 # (path suffix, logical name of each trailing dim); the first match wins.
+# Token-mixer params come first: each registered mixer's own rules
+# (`layers.mixers.Mixer.rules`), matched under its "mixer" key.
 PARAM_RULES = (
     (("experts", "w_gate"), ("experts", "embed", "ffn")),  # [E, D, F]
     (("experts", "w_up"), ("experts", "embed", "ffn")),  # [E, D, F]
@@ -52,26 +54,23 @@ PARAM_RULES = (
     (("w_gate",), ("embed", "ffn")),  # [D, F]
     (("w_up",), ("embed", "ffn")),  # [D, F]
     (("w_down",), ("ffn", "embed")),  # [F, D]
-    (("wq",), _QKV),
-    (("wk",), _QKV),
-    (("wv",), _QKV),
-    (("wo",), _OUT),
-    # Recurrent mixers (layers.recurrent): streams q/k/v (HGRN2: q/f/v) and
-    # the output gate g are [D, H, width]; per-head gates, convs, constants.
-    (("wf",), _QKV),
-    (("wg",), _QKV),
-    (("wb",), ("embed", "heads")),  # [D, H]
-    (("wa",), ("embed", "heads")),  # [D, H]
-    *(((f"conv_{s}",), (None, "heads", None)) for s in "qkvf"),  # [K, H, C]
-    (("a_log",), ("heads",)),  # [H]
-    (("dt_bias",), ("heads",)),  # [H]
-    (("log_decay",), ("heads",)),  # [H]
     (("router",), ("embed", None)),  # [D, E]: routing stays whole
     (("embed",), ("vocab", "embed")),  # [V, D]
     (("unembed",), ("embed", "vocab")),  # [D, V]
-    (("scale",), (None,)),  # norm scales [D] / [Dv]: replicated
-    (("lower_bound",), ()),  # HGRN2's per-layer scalar
+    (("scale",), (None,)),  # norm scales [D]: replicated
 )
+MIXER_KEY = "mixer"
+
+
+def param_rules() -> tuple:
+  """The rules of every registered mixer (prefixed by `MIXER_KEY`), then
+  `PARAM_RULES`."""
+  mixer_rules = tuple(
+      ((MIXER_KEY,) + suffix, logical)
+      for kind in mixers.kinds() for suffix, logical in mixers.get(kind).rules)
+  return mixer_rules + PARAM_RULES
+
+
 STAGES_KEY = "stages"
 # Leaves under "stages" are `[repeats, stages, layers_per_stage, *param]`
 # (`parallel.pipeline.stack_stages`): the stage dim is stacked dim 1.
@@ -105,7 +104,7 @@ def path_names(path) -> tuple[str, ...]:
 
 def _match_rule(names):
   keys = tuple(n for n in names if not n.isdigit())
-  for suffix, logical in PARAM_RULES:
+  for suffix, logical in param_rules():
     if keys[-len(suffix):] == suffix:
       return "/".join(suffix), logical
   return None, None

@@ -2,7 +2,9 @@
 
 What `tools/train.py --override=d_model=256,pattern=deltanet,attention` does:
 the text is split into fields, and each value is parsed by the field's
-annotation (`int`, `float`, `bool`, `str`, `tuple[...]`, `X | None`).
+annotation (`int`, `float`, `bool`, `str`, `tuple[...]`, `X | None`, or a
+class with a `load(path)` constructor, read from the file at the path: e.g.
+`moa_plan=plan.json`).
 """
 
 import dataclasses
@@ -67,6 +69,12 @@ def parse_value(name: str, text: str, kind):
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"--override {name}={text!r}: expected true/false.")
     return text.lower() in ("true", "1")
+  if callable(getattr(kind, "load", None)):
+    try:
+      return kind.load(text)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--override {name}={text!r}: cannot load a "
+                       f"{kind.__name__}: {e}") from None
   if kind in (int, float, str):
     try:
       return kind(text)

@@ -3,7 +3,6 @@ kind (hybrids, GQA, sliding window, MoA, MoE / MH-MoE, parallel blocks), with
 ragged right-padded prompts; one compiled decode step; greedy generation."""
 
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +10,10 @@ import numpy as np
 import pytest
 
 from lightning_jax import inference
-from lightning_jax import layers
 from lightning_jax import models
+from lightning_jax import ops
 from lightning_jax.inference import decode
+from tests import mixer_testing as mt
 
 # fp32: prefill uses the chunked / blocked kernels and decoding the recurrent
 # step and the cached softmax; they agree with the forward pass to float
@@ -77,30 +77,36 @@ def _check_decoding(cfg, seed=0):
   return state
 
 
+def _check_state_shapes(state, cfg):
+  """Each layer's state keeps the structure and shapes of its empty state."""
+  empty = decode.empty_states(cfg, len(LENGTHS), MAX_LEN)
+  assert jax.tree.map(jnp.shape, state.layers) == jax.tree.map(jnp.shape,
+                                                               empty)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_decoding_matches_forward(name):
   state = _check_decoding(CONFIGS[name])
-  for layer_cache, block in zip(state.layers,
-                                models.block_configs(CONFIGS[name]),
-                                strict=True):
-    if isinstance(block.mixer, layers.RecurrentConfig):
-      assert isinstance(layer_cache, layers.RecurrentState)
-    elif block.mixer.window is not None:
-      assert isinstance(layer_cache, inference.RingKVCache)
-    else:
-      assert layer_cache.k.shape[2] == MAX_LEN  # dense, preallocated
+  _check_state_shapes(state, CONFIGS[name])
 
 
-def test_moa_plan_decoding_matches_forward(tmp_path):
+@pytest.mark.parametrize("kind", mt.kinds())
+def test_every_mixer_decodes_like_forward(kind):
+  """Prefill + steps == forward for each registered kind, after a
+  recurrent layer (so its input is not just embeddings)."""
+  cfg = _config("transformer", num_layers=2, pattern=("deltanet", kind),
+                **mt.overrides(kind, 1, SMALL["num_heads"]))
+  _check_state_shapes(_check_decoding(cfg), cfg)
+
+
+def test_moa_plan_decoding_matches_forward():
   # Layer 0 heads: windows 2 and 10 (dense) at N = MAX_LEN; layer 1: 5, 1.
-  plan = {"alphas": [[2.0, 0.0], [0.0, 1.0]],
-          "betas": [[0.0, 1.0], [0.5, 0.0]]}
-  path = tmp_path / "plan.json"
-  path.write_text(json.dumps(plan))
+  plan = ops.MoAPlan(alphas=((2.0, 0.0), (0.0, 1.0)),
+                     betas=((0.0, 1.0), (0.5, 0.0)))
   cfg = _config("transformer", num_layers=2, pattern=("moa",), sink=1,
-                moa_plan=str(path))
+                moa_plan=plan)
   state = _check_decoding(cfg)
-  assert [c.layout.windows for c in state.layers] == [(2, 10), (5, 1)]
+  assert [c.cache.layout.windows for c in state.layers] == [(2, 10), (5, 1)]
 
 
 def test_decode_step_compiles_once():
@@ -144,9 +150,12 @@ def test_snapkv_prefill_keeps_gqa_heads_and_bounds_the_cache():
   logits, state = decode.prefill_jit(params, tokens, lengths, cfg, 28,
                                      snapkv=snap)
   np.testing.assert_allclose(logits, full_logits, **F32_TOL)  # prompt exact
-  attention_cache = state.layers[1]
+  attention_cache = state.layers[1].cache
   assert attention_cache.k.shape == (2, 2, 12 + 4, 8)  # Hkv, capacity + new
   np.testing.assert_array_equal(attention_cache.length, [12, 9])
+  # The next RoPE position is the prompt length, not the kept count.
+  np.testing.assert_array_equal(attention_cache.length
+                                + state.layers[1].offset, lengths)
   np.testing.assert_array_equal(state.positions, lengths)
   logits, state = inference.decode_step(params, state, tokens[:, 0], cfg)
   assert np.all(np.isfinite(logits))

@@ -10,13 +10,13 @@ from lightning_jax import layers
 from lightning_jax import ops
 from tests.ops import recurrence_testing as rt
 
-KINDS = layers.RECURRENT_KINDS
+KINDS = layers.recurrent_kinds()
 
 
 def _setup(kind, conv_size, impl="chunked"):
   cfg = layers.RecurrentConfig(kind, 16, 2, 4, value_dim=6,
                                conv_size=conv_size, chunk_size=4, impl=impl)
-  params = layers.init_recurrent(jax.random.key(0), cfg, layer_idx=1,
+  params = layers.init_recurrent(jax.random.key(0), cfg, layer=1,
                                  num_layers=3)
   x = jax.random.normal(jax.random.key(1), (2, 11, 16))
   return cfg, params, x

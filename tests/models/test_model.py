@@ -11,6 +11,7 @@ import pytest
 
 from lightning_jax import layers
 from lightning_jax import models
+from tests import mixer_testing as mt
 
 SMALL = dict(vocab_size=32, d_model=16, num_heads=2, head_dim=8, d_ff=24,
              moe_d_ff=8, num_experts=4, chunk_size=4)
@@ -20,24 +21,16 @@ def _small(name="tiny-hybrid", **overrides):
   return models.get_preset(name, **{**SMALL, **overrides})
 
 
-def _moa_plan(tmp_path, num_layers, heads):
-  path = tmp_path / "plan.json"
-  path.write_text(json.dumps({"alphas": [[2.0] * heads] * num_layers,
-                              "betas": [[0.25] * heads] * num_layers}))
-  return str(path)
-
-
-MIXER_FFNS = [("attention", "mlp"), ("moa", "mlp"), ("lightning", "moe"),
-              ("deltanet", "mlp"), ("gated_deltanet", "mhmoe"),
-              ("hgrn2", "mlp")]
+# Every registered mixer, the channel mixers cycled over them.
+MIXER_FFNS = [(kind, models.FFNS[i % len(models.FFNS)])
+              for i, kind in enumerate(mt.kinds())]
 
 
 @pytest.mark.parametrize("mixer,ffn", MIXER_FFNS)
-def test_every_mixer_is_causal(mixer, ffn, tmp_path):
+def test_every_mixer_is_causal(mixer, ffn):
   """d logits[:, t] / d inputs[:, s] is exactly 0 for every s > t."""
-  plan = _moa_plan(tmp_path, 1, 2) if mixer == "moa" else None
   cfg = _small(pattern=(mixer,), ffn_pattern=(ffn,), num_layers=1,
-               moa_plan=plan)
+               **mt.overrides(mixer, 1, 2))
   params = models.init(jax.random.key(0), cfg)
   block = models.block_configs(cfg)[0]
   t = 6
@@ -45,7 +38,7 @@ def test_every_mixer_is_causal(mixer, ffn, tmp_path):
   @jax.jit
   def grad_wrt_inputs(h):
     def logit_sum(h):
-      out, _ = models.apply_block(params["layers"][0], h, block)
+      out, _, _ = models.apply_block(params["layers"][0], h, block)
       return jnp.sum(models.head(params, out, cfg)[:, t])
     return jax.grad(logit_sum)(h)
 
@@ -103,13 +96,13 @@ def test_bf16_compute_close_to_fp32_and_untied_head():
 
 def test_presets_exist_and_errors_name_the_field():
   for name in ("tiny-hybrid", "tnl", "deltanet", "transformer", "moe-hybrid"):
-    assert name in models.PRESETS
+    assert name in models.preset_names()
   assert models.get_preset("moe-hybrid").lbl_scope == "global"
   with pytest.raises(ValueError, match="preset"):
     models.get_preset("gpt5")
   with pytest.raises(ValueError, match="d_modle"):
     models.get_preset("tnl", d_modle=3)
-  with pytest.raises(ValueError, match="pattern"):
+  with pytest.raises(ValueError, match="registered mixers: .*deltanet"):
     models.ModelConfig(pattern=("rwkv",))
   with pytest.raises(ValueError, match="moa_plan"):
     models.ModelConfig(pattern=("moa",))
@@ -120,9 +113,13 @@ def test_presets_exist_and_errors_name_the_field():
 
 
 def test_config_round_trips_through_json():
-  cfg = _small("moe-hybrid", layerwise_heads=(0.5, 1.0))
+  cfg = _small("moe-hybrid", layerwise_heads=(0.5, 1.0),
+               mixer_options=("deltanet.value_dim=8",))
   text = json.dumps(cfg.to_dict())
   assert models.ModelConfig.from_dict(json.loads(text)) == cfg
+  moa = _small("transformer", pattern=("moa",), **mt.overrides("moa", 4, 2))
+  assert models.ModelConfig.from_dict(json.loads(json.dumps(
+      moa.to_dict()))) == moa
   with pytest.raises(ValueError, match="colour"):
     models.ModelConfig.from_dict({"colour": 1})
 

@@ -9,6 +9,7 @@ import pytest
 
 from lightning_jax import models
 from lightning_jax import parallel
+from tests import mixer_testing as mt
 
 P = jax.sharding.PartitionSpec
 D, H, DH, F, E, V = 16, 4, 8, 32, 4, 64
@@ -94,12 +95,12 @@ def test_rules_apply_inside_optimizer_state_and_stages():
                                                            None)
   assert specs["mu"]["stages"]["mystery"] == P(None, "pipe", None, "fsdp")
   assert specs["count"] == P()
-  # A plain [stages, ...] stack.
-  layer = _layer()["mixer"]
+  # A plain [stages, ...] stack (mixer rules match under the "mixer" key).
+  layer = {"mixer": _layer()["mixer"]}
   stacked = jax.tree.map(lambda x: jnp.zeros((2, *x.shape)), layer)
   specs = parallel.param_partition_specs({"stages": stacked}, mesh,
                                          stage_axis=0)
-  assert specs["stages"]["wo"] == P("pipe", "tensor", None, "fsdp")
+  assert specs["stages"]["mixer"]["wo"] == P("pipe", "tensor", None, "fsdp")
   with pytest.raises(ValueError, match="stage_axis"):
     parallel.param_partition_specs({"stages": stacked}, mesh)
 
@@ -152,11 +153,20 @@ def test_shard_step_keeps_shardings():
                                  atol=1e-6), new, expected[0])
 
 
+def _configs_of_every_preset_and_mixer():
+  small = dict(d_model=32, num_heads=4, head_dim=8)
+  for name in models.preset_names():
+    yield models.get_preset(name, **small)
+  for kind in mt.kinds():
+    yield models.get_preset("transformer", pattern=(kind,), num_layers=1,
+                            **small, **mt.overrides(kind, 1, 4))
+
+
 def test_every_model_param_has_a_rule():
-  """Each preset's leaves match a rule (so stage stacking finds their dims)."""
+  """Each preset's and each registered mixer's leaves match a rule (so
+  stage stacking finds their dims)."""
   mesh = parallel.make_mesh("fsdp=2,tensor=2,expert=2")
-  for name in models.PRESETS:
-    cfg = models.get_preset(name, d_model=32, num_heads=4, head_dim=8)
+  for cfg in _configs_of_every_preset_and_mixer():
     abstract = jax.eval_shape(functools.partial(models.init, cfg=cfg),
                               jax.random.key(0))
     flat, _ = jax.tree_util.tree_flatten_with_path(abstract)

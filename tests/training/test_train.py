@@ -65,7 +65,7 @@ def _batch(key, cfg, batch_size=8, seq_len=16):
 
 
 # tiny-hybrid and moe-hybrid train in the loop tests (end to end, meshes).
-@pytest.mark.parametrize("preset", sorted(set(models.PRESETS)
+@pytest.mark.parametrize("preset", sorted(set(models.preset_names())
                                           - {"tiny-hybrid", "moe-hybrid"}))
 def test_each_preset_initialises_and_takes_a_step(preset):
   cfg = models.get_preset(preset, **TINY)

@@ -70,7 +70,7 @@ def kv_cache_from_prompt(k_BxTxHxD, v_BxTxHxDv, lengths_B,
   valid = (jnp.arange(prompt)[None, :] < lengths_B[:, None])[..., None, None]
   k, v = (jnp.swapaxes(jnp.pad(jnp.where(valid, x, 0), pad), 1, 2)
           for x in (k_BxTxHxD, v_BxTxHxDv))
-  return KVCache(k, v, jnp.asarray(lengths_B, jnp.int32))
+  return KVCache(k, v, jnp.array(lengths_B, jnp.int32))  # a copy: donatable
 
 
 def _write(buf_BxHxSxD, slot_B, new_BxHxD):
@@ -229,7 +229,7 @@ def ring_cache_from_prompt(k_BxTxHxD, v_BxTxHxDv, lengths_B,
   beyond a head's window are dropped)."""
   _checks.check_rank("k_BxTxHxD", k_BxTxHxD, 4,
                      "[batch, seq, kv_heads, head_dim]")
-  lengths = jnp.asarray(lengths_B, jnp.int32)
+  lengths = jnp.array(lengths_B, jnp.int32)  # a copy: donatable
   ks, vs = [], []
   for g, heads in enumerate(layout.kv_heads):
     pos = _slot_positions(layout, g, lengths - 1)  # [B, slots]

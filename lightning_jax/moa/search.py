@@ -27,7 +27,7 @@ from scipy import optimize
 from scipy import sparse
 
 from lightning_jax import _checks
-from lightning_jax.ops import moa as moa_lib
+from lightning_jax import ops
 
 
 def dropped_block_fraction(window: int, seq_len: int, block: int,
@@ -77,7 +77,7 @@ def candidate_costs(influence_LxHxIxJ, candidates: Sequence[tuple[float,
   """
   influence = np.asarray(influence_LxHxIxJ, np.float64)
   alphas, betas = np.asarray(candidates, np.float64).T
-  windows = moa_lib.moa_windows(alphas, betas, seq_len)
+  windows = ops.moa_windows(alphas, betas, seq_len)
   dropped = np.stack([dropped_block_fraction(int(w), seq_len, block, sink)
                       for w in windows])
   return np.einsum("lhij,cij->lhc", influence, dropped)
@@ -148,8 +148,8 @@ def search_plan(costs_NxLxHxC, densities_NxC, budget: float,
   return x.argmax(-1)
 
 
-def plan_from_choice(choice_LxH, candidates) -> moa_lib.MoAPlan:
+def plan_from_choice(choice_LxH, candidates) -> ops.MoAPlan:
   """The MoAPlan that gives head (l, h) the rule `candidates[choice[l, h]]`."""
   rules = np.asarray(candidates, np.float64)[np.asarray(choice_LxH)]
   as_rows = lambda a: tuple(tuple(float(x) for x in r) for r in a)
-  return moa_lib.MoAPlan(as_rows(rules[..., 0]), as_rows(rules[..., 1]))
+  return ops.MoAPlan(as_rows(rules[..., 0]), as_rows(rules[..., 1]))

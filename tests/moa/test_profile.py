@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import ops
-from lightning_jax.models import moa_profile
+from lightning_jax import moa
 
 SEQ, HEADS = 8, 2
 # Attention, DeltaNet, attention: plan rows are the two attention layers.
@@ -24,8 +23,8 @@ PARAMS = models.init(jax.random.key(0), CFG)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 11, (3, SEQ)))
 
 _loss_probed = jax.jit(
-    lambda probes: moa_profile.loss_probed(PARAMS, TOKENS, CFG, probes))
-_profile = jax.jit(lambda: moa_profile.profile_model(PARAMS, TOKENS, CFG, 1))
+    lambda probes: moa.loss_probed(PARAMS, TOKENS, CFG, probes))
+_profile = jax.jit(lambda: moa.profile_model(PARAMS, TOKENS, CFG, 1))
 
 
 def _removal(a_BxHxTxT, head, i, j):
@@ -68,8 +67,8 @@ def test_blocks_sum_elements():
   a, g = (jnp.asarray(np.random.default_rng(s).uniform(size=(2, 3, 10, 10)),
                       jnp.float32) for s in (1, 2))
   a = a / a.sum(-1, keepdims=True)
-  fine = layers.attention_influence(a, g, 1)
-  coarse = layers.attention_influence(a, g, 4)  # blocks 4, 4, 2
+  fine = moa.attention_influence(a, g, 1)
+  coarse = moa.attention_influence(a, g, 4)  # blocks 4, 4, 2
   want = np.pad(np.asarray(fine), ((0, 0), (0, 2), (0, 2))).reshape(
       3, 3, 4, 3, 4).sum((2, 4))
   np.testing.assert_allclose(coarse, want, rtol=1e-5, atol=1e-6)
@@ -79,7 +78,7 @@ def test_search_plan_meets_the_budget_and_runs_as_moa_layers():
   rng = np.random.default_rng(3)
   calibration = {n: jnp.asarray(rng.integers(0, 11, (2, n))) for n in (8, 16)}
   candidates = [(1.0, 0.0), (2.0, 0.25), (0.0, 1.0)]
-  found = moa_profile.search_plan(PARAMS, CFG, calibration, candidates,
+  found = moa.search_plan(PARAMS, CFG, calibration, candidates,
                                   budget=0.6, block=4)
   assert found.lengths == (8, 16)
   assert found.plan.num_layers == 2
@@ -94,16 +93,16 @@ def test_search_plan_meets_the_budget_and_runs_as_moa_layers():
           ops.moa_density(found.plan.windows(layer, n), n))
   # The plan drives the model's attention layers as MoA layers; its loss
   # change is finite and an all-dense plan changes nothing.
-  increase = moa_profile.plan_loss_increase(PARAMS, CFG, found.plan,
+  increase = moa.plan_loss_increase(PARAMS, CFG, found.plan,
                                             calibration[16])
   assert np.isfinite(increase)
   dense = ops.MoAPlan(((16.0, 16.0),) * 2, ((0.0, 0.0),) * 2)
-  assert abs(moa_profile.plan_loss_increase(PARAMS, CFG, dense,
+  assert abs(moa.plan_loss_increase(PARAMS, CFG, dense,
                                             calibration[16])) < 1e-5
 
 
 def test_profile_needs_dense_attention():
   with pytest.raises(ValueError, match="no softmax-attention"):
-    moa_profile.profile_model(PARAMS, TOKENS,
+    moa.profile_model(PARAMS, TOKENS,
                               dataclasses.replace(CFG, pattern=("deltanet",)),
                               4)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lightning_jax import ops
-from lightning_jax.ops import moa_search
+from lightning_jax.moa import search
 
 
 def _brute_force(costs, dens, budget, max_rules):
@@ -37,9 +37,9 @@ def test_milp_equals_brute_force(seed, budget, max_rules):
   best, want = _brute_force(costs, dens, budget, max_rules)
   if want is None:
     with pytest.raises(ValueError, match="budget"):
-      moa_search.search_plan(costs, dens, budget, max_rules)
+      search.search_plan(costs, dens, budget, max_rules)
     return
-  got = moa_search.search_plan(costs, dens, budget, max_rules)
+  got = search.search_plan(costs, dens, budget, max_rules)
   got_total = np.take_along_axis(costs, got[None, ..., None], -1).sum()
   np.testing.assert_allclose(got_total, best, rtol=1e-9, atol=1e-9)
   np.testing.assert_array_equal(got, want)  # continuous costs: unique optimum
@@ -48,7 +48,7 @@ def test_milp_equals_brute_force(seed, budget, max_rules):
 @hypothesis.given(window=st.integers(1, 30), seq=st.integers(1, 30),
                   block=st.sampled_from([1, 4, 7]), sink=st.integers(0, 6))
 def test_dropped_fraction_matches_the_mask(window, seq, block, sink):
-  dropped = moa_search.dropped_block_fraction(window, seq, block, sink)
+  dropped = search.dropped_block_fraction(window, seq, block, sink)
   kept = np.asarray(ops.moa_mask(jnp.asarray([window]), seq, sink))[0]
   causal = np.tril(np.ones((seq, seq), bool))
   n = -(-seq // block)
@@ -63,7 +63,7 @@ def test_candidate_costs_sum_the_dropped_influence():
   seq, sink = 12, 2
   influence = rng.normal(size=(2, 3, seq, seq))  # per element (block 1)
   candidates = [(1.0, 0.0), (0.0, 0.5), (100.0, 0.0)]
-  costs = moa_search.candidate_costs(influence, candidates, seq, 1, sink)
+  costs = search.candidate_costs(influence, candidates, seq, 1, sink)
   for c, (alpha, beta) in enumerate(candidates):
     window = ops.moa_windows([alpha], [beta], seq)
     kept = np.asarray(ops.moa_mask(jnp.asarray(window), seq, sink))[0]
@@ -74,10 +74,10 @@ def test_candidate_costs_sum_the_dropped_influence():
 
 def test_plan_from_choice_and_bad_budget():
   candidates = [(8.0, 0.0), (0.0, 0.5)]
-  plan = moa_search.plan_from_choice(np.array([[0, 1], [1, 1]]), candidates)
+  plan = search.plan_from_choice(np.array([[0, 1], [1, 1]]), candidates)
   assert plan.alphas == ((8.0, 0.0), (0.0, 0.0))
   assert plan.betas == ((0.0, 0.5), (0.5, 0.5))
   with pytest.raises(ValueError, match="`budget`"):
-    moa_search.search_plan(np.zeros((1, 1, 1, 2)), np.ones((1, 2)), 1.5)
+    search.search_plan(np.zeros((1, 1, 1, 2)), np.ones((1, 2)), 1.5)
   with pytest.raises(ValueError, match="`densities_NxC`"):
-    moa_search.search_plan(np.zeros((1, 1, 1, 2)), np.ones((2, 2)), 0.5)
+    search.search_plan(np.zeros((1, 1, 1, 2)), np.ones((2, 2)), 0.5)

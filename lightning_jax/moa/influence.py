@@ -12,9 +12,8 @@ is the sum over its pairs and over the calibration batch. MoA's paper writes
 the same expansion with the factor 1 / (1 - A_ij) dropped (equal for small
 A_ij); here it is kept, so dL_ij is exactly the derivative along the removal.
 
-`lightning_jax.models.moa_profile` probes a model's attention layers and
-chains profiling at several lengths with the exact search of
-`lightning_jax.ops.moa_search`.
+`moa.profile` probes a model's attention layers with it; `moa.plan` chains
+profiling at several lengths with the exact search of `moa.search`.
 """
 
 import jax.numpy as jnp
