@@ -33,6 +33,9 @@ from lightning_jax.training.overrides import parse_overrides
 from lightning_jax.training.optim import learning_rate
 from lightning_jax.training.optim import make_optimizer
 from lightning_jax.training.optim import OptimConfig
+from lightning_jax.training.runner import make_runner
+from lightning_jax.training.runner import relayout_state
+from lightning_jax.training.runner import StepRunner
 from lightning_jax.training.state import init_train_state
 from lightning_jax.training.state import TrainState
 from lightning_jax.training.step import default_grad_fn

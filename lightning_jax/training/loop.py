@@ -1,4 +1,4 @@
-"""The training loop: mesh, sharded init or restore, steps, metrics, checkpoints.
+"""The training loop: mesh, init or restore, steps, metrics, checkpoints.
 
 `train(config)` is what `tools/train.py` runs. Flow per step `t`: read batch
 `t` on the host (a pure function of the seed and the data position), dispatch
@@ -6,6 +6,11 @@ the jitted step, then fetch step t-1's metrics (the device already has step t
 queued, so logging never stalls it). Every `checkpoint_every` steps the state
 is saved, after checking that the step's loss and gradient are finite, so a
 NaN step never overwrites a good checkpoint.
+
+How the step runs on the mesh (sequential, gradient accumulation or a
+pipeline schedule) is one `training.runner.StepRunner`, chosen once;
+checkpoints hold the state in the `models.init` param layout whichever runner
+wrote it, so a run resumes on any mesh.
 """
 
 import dataclasses
@@ -20,13 +25,14 @@ import numpy as np
 
 from lightning_jax import models
 from lightning_jax import parallel
+from lightning_jax.parallel import mesh as mesh_lib
 from lightning_jax.parallel import pipeline
-from lightning_jax.parallel import schedules
 from lightning_jax.training import checkpoint
 from lightning_jax.training import data as data_lib
 from lightning_jax.training import loss as loss_lib
 from lightning_jax.training import metrics as metrics_lib
 from lightning_jax.training import optim as optim_lib
+from lightning_jax.training import runner as runner_lib
 from lightning_jax.training import state as state_lib
 from lightning_jax.training import step as step_lib
 
@@ -51,9 +57,9 @@ class TrainConfig:
     data: dataset spec (`training.data.make_dataset`): "corpus", "mqar" or
       a path.
     mesh: mesh spec, e.g. "data=2,fsdp=2,tensor=2" (`parallel.make_mesh`);
-      "" puts every device on "data".
+      "" puts every device on `data`.
     microbatches: gradient-accumulation steps when the mesh has pipe == 1,
-      the number of pipeline microbatches otherwise.
+      the number of pipeline microbatches otherwise (`training.runner`).
     pipeline_schedule: "gpipe", "circular" or "1f1b" (mesh pipe > 1).
     pipeline_repeats: virtual stages per pipe device ("circular" needs >= 2).
     checkpoint_every: save every this many steps and at the end; 0 disables.
@@ -107,7 +113,7 @@ def validate(config: TrainConfig, num_devices: int,
 
   Returns:
     The mesh axis sizes (`parallel.parse_mesh_spec`, filled in with every
-    device on "data" when the spec is empty).
+    device on `data` when the spec is empty).
 
   Raises:
     ValueError: one line naming the flag and the expected value.
@@ -120,14 +126,14 @@ def validate(config: TrainConfig, num_devices: int,
     raise ValueError(f"--checkpoint_every must be >= 0 (0 disables), got "
                      f"{config.checkpoint_every}.")
   axes = parallel.parse_mesh_spec(config.mesh) if config.mesh else {}
-  axes = axes or {"data": num_devices}
+  axes = axes or {mesh_lib.DATA: num_devices}
   size = math.prod(axes.values())
   if size != num_devices:
     raise ValueError(
         f"--mesh={config.mesh!r} multiplies to {size} devices, but there are "
         f"{num_devices} (set JAX_NUM_CPU_DEVICES for fake CPU devices).")
-  data_parallel = math.prod(axes.get(a, 1) for a in ("data", "fsdp",
-                                                      "expert"))
+  data_parallel = math.prod(
+      axes.get(a, 1) for a in (mesh_lib.DATA, mesh_lib.FSDP, mesh_lib.EXPERT))
   per_step = data_parallel * config.microbatches
   if config.batch_size % per_step:
     raise ValueError(
@@ -137,67 +143,48 @@ def validate(config: TrainConfig, num_devices: int,
   if config.batch_size % process_count:
     raise ValueError(f"--batch_size={config.batch_size} must be divisible by "
                      f"the number of processes {process_count}.")
-  if config.seq_len % axes.get("seq", 1):
+  seq = axes.get(mesh_lib.SEQ, 1)
+  if config.seq_len % seq:
     raise ValueError(f"--seq_len={config.seq_len} must be divisible by the "
-                     f"mesh's seq axis ({axes['seq']}).")
-  stages = axes.get("pipe", 1)
-  if stages > 1:
-    virtual = stages * config.pipeline_repeats
-    if config.model.num_layers % virtual:
-      raise ValueError(
-          f"num_layers={config.model.num_layers} must be divisible by the "
-          f"pipeline stages (mesh pipe={stages} x --pipeline_repeats="
-          f"{config.pipeline_repeats}).")
-    try:
-      schedules.tick_table(config.pipeline_schedule, stages,
-                           config.microbatches, config.pipeline_repeats)
-      pipeline.stage_block_configs(models.block_configs(config.model),
-                                   stages, config.pipeline_repeats)
-    except ValueError as e:
-      raise ValueError(f"--mesh={config.mesh!r} (pipeline): {e}") from None
+                     f"mesh's {mesh_lib.SEQ} axis ({seq}).")
+  runner_lib.make_runner(config, jax.sharding.AbstractMesh(
+      tuple(axes.values()), tuple(axes)))
   return axes
 
 
-def _grad_fn(config: TrainConfig, mesh):
-  """The `grad_fn` of the step: accumulation for pipe == 1, else the pipeline
-  schedule (params in the stage-stacked layout)."""
-  if parallel.axis_size(mesh, "pipe") > 1:
-    return pipeline.pipeline_grad_fn(
-        config.model, config.loss, mesh, schedule=config.pipeline_schedule,
-        num_microbatches=config.microbatches,
-        repeats=config.pipeline_repeats)
-  return step_lib.default_grad_fn(config.model, config.loss,
-                                  config.microbatches)
-
-
-def _init_or_restore(config, optimizer, mesh, manager):
+def _init_or_restore(config, optimizer, mesh, manager,
+                     runner: runner_lib.StepRunner):
   """The sharded state: restored from the latest complete checkpoint, if any.
 
+  A checkpoint holds the state in the `models.init` param layout; it is read
+  in that layout and mapped to the runner's (`runner_lib.relayout_state`).
+
   Returns:
-    `(state, state_shardings)`; the shardings follow the partition rules
-    (`parallel.param_shardings`), optimiser moments like their params. With
-    mesh pipe > 1 the params are in the stage-stacked layout
-    (`pipeline.to_pipeline_params`).
+    `(state, state_shardings)` in the runner's param layout; the shardings
+    follow the partition rules (`parallel.param_shardings`), optimiser
+    moments like their params.
   """
-  stages = parallel.axis_size(mesh, "pipe")
 
   def init_state(key):
     k_params, k_train = jax.random.split(key)
     params = models.init(k_params, config.model)
-    if stages > 1:
-      params = pipeline.to_pipeline_params(params, stages,
-                                           config.pipeline_repeats)
     return state_lib.init_train_state(params, optimizer, k_train)
 
+  def init_runner_state(key):
+    return runner_lib.relayout_state(runner.to_layout, init_state(key))
+
   key = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init_state, key)
-  shardings = parallel.param_shardings(abstract_state, mesh)
+  shardings = parallel.param_shardings(
+      jax.eval_shape(init_runner_state, key), mesh)
   if manager is None or manager.latest_step() is None:
-    return parallel.init_sharded(init_state, key, mesh), shardings
+    return parallel.init_sharded(init_runner_state, key, mesh), shardings
+  abstract_state = jax.eval_shape(init_state, key)
   target = jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, shardings)
-  state, metadata = manager.restore(None, target)
+      abstract_state, parallel.param_shardings(abstract_state, mesh))
+  saved_state, metadata = manager.restore(None, target)
+  state = jax.device_put(
+      runner_lib.relayout_state(runner.to_layout, saved_state), shardings)
   saved = metadata.get("model_config")
   if saved is not None and saved != config.model.to_dict():
     raise ValueError(
@@ -208,7 +195,7 @@ def _init_or_restore(config, optimizer, mesh, manager):
 
 
 def _check_finite(step: int, values: dict, last_checkpoint) -> None:
-  """Raises NonFiniteLossError if the step's loss or gradient norm is not finite."""
+  """Raises NonFiniteLossError if the loss or gradient norm is not finite."""
   for name in ("loss", "grad_norm"):
     if not math.isfinite(values[name]):
       kept = ("no checkpoint was written" if last_checkpoint is None else
@@ -248,11 +235,14 @@ def train(config: TrainConfig) -> TrainResult:
     manager = checkpoint.CheckpointManager(
         os.path.join(config.workdir, CHECKPOINT_DIR),
         keep=config.keep_checkpoints)
-  state, shardings = _init_or_restore(config, optimizer, mesh, manager)
+  runner = runner_lib.make_runner(config, mesh)
+  logging.info("Step runner: %s", runner.metadata)
+  state, shardings = _init_or_restore(config, optimizer, mesh, manager,
+                                      runner)
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = parallel.shard_step(
       step_lib.make_train_step(optimizer, optim_lib.learning_rate(config.optim),
-                               _grad_fn(config, mesh)),
+                               runner.grad_fn),
       mesh, shardings, batch_sharding)
 
   start = int(jax.device_get(state.step))
@@ -277,10 +267,8 @@ def train(config: TrainConfig) -> TrainResult:
     if logged:
       history.append(writer.write(step, values))
 
-  metadata = {"model_config": config.model.to_dict(), "flags": config.flags}
-  if parallel.axis_size(mesh, "pipe") > 1:  # params as to_pipeline_params
-    metadata["pipeline"] = {"stages": parallel.axis_size(mesh, "pipe"),
-                            "repeats": config.pipeline_repeats}
+  metadata = {"model_config": config.model.to_dict(), "flags": config.flags,
+              "runner": runner.metadata}
   pending = None
   try:
     for step in range(start + 1, config.steps + 1):
@@ -296,7 +284,8 @@ def train(config: TrainConfig) -> TrainResult:
                                   or step == config.steps):
         finish(*pending)
         pending = None
-        manager.save(step, state, dict(metadata, data_position=position))
+        manager.save(step, runner_lib.relayout_state(runner.from_layout, state),
+                     dict(metadata, data_position=position))
         last_checkpoint = step
     if pending is not None:
       finish(*pending)
@@ -319,9 +308,10 @@ def load_model(workdir, step: int | None = None):
 
   The saved tree is the train state; its "params" subtree is matched leaf by
   leaf (shapes checked) against `models.init`'s structure for the saved
-  config. A pipeline run's stage-stacked params (metadata "pipeline") are
-  matched in that layout and returned unstacked
-  (`pipeline.from_pipeline_params`).
+  config; `train` saves them in that layout whatever its runner. A
+  checkpoint whose metadata has a "pipeline" entry (`{"stages", "repeats"}`)
+  holds stage-stacked params (`pipeline.to_pipeline_params`): they are
+  matched in that layout and returned unstacked.
 
   Returns:
     `(params, cfg, step)`: params in the `models.init` layout.
