@@ -81,7 +81,8 @@ def prefill(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
     ...                         jnp.array([8, 5]), cfg, 32)
   """
   check_prompt(tokens_BxT, lengths_B, max_len)
-  lengths = jnp.asarray(lengths_B, jnp.int32)
+  # A copy: the state is donated to `decode_step`, the caller's array not.
+  lengths = jnp.array(lengths_B, jnp.int32)
   params = models.cast_params(params, models.compute_dtype(cfg))
   h, _, states = models.run_blocks(
       params["layers"], models.embed(params, tokens_BxT, cfg),

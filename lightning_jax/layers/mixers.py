@@ -25,6 +25,9 @@ so that prefill of a prompt followed by steps equals `apply` of the whole
 sequence at every real position (up to rounding; the tests check it for
 every registered kind). A state is a pytree of fixed-shape arrays (static
 metadata allowed), so a decode step compiles once. Mixers must be causal.
+Inside `shard_map` (the pipeline) a `lax.scan` carry must vary over the
+same mesh axes as its inputs: build a training-time zero state from the
+input (`jnp.zeros_like`) rather than from constants.
 """
 
 import dataclasses

@@ -231,14 +231,14 @@ def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   return widths
 
 
-def _ffn_config(cfg: ModelConfig, kind: str, d_ff: int):
-  if kind == "mlp":
+def _ffn_config(cfg: ModelConfig, ffn: str, d_ff: int):
+  if ffn == "mlp":
     return layers.MLPConfig(cfg.d_model, d_ff)
   moe = layers.MoEConfig(
       cfg.d_model, cfg.moe_d_ff, cfg.num_experts, top_k=cfg.top_k,
       score=cfg.router_score,
       lbl_scope="sequence" if cfg.lbl_scope == "sequence" else "micro")
-  if kind == "moe":
+  if ffn == "moe":
     return moe
   return layers.MHMoEConfig(cfg.mhmoe_heads, moe)
 

@@ -484,8 +484,8 @@ def _lists_for_sequences(root: dict, saved: list[dict]):
   """Turns dict levels keyed by sequence indices into lists."""
   seq_prefixes = set()
   for leaf in saved:
-    for depth, (kind, _) in enumerate(leaf["keypath"]):
-      if kind == "seq":
+    for depth, (entry, _) in enumerate(leaf["keypath"]):
+      if entry == "seq":
         seq_prefixes.add(tuple(k for _, k in leaf["keypath"][:depth]))
 
   def convert(node, prefix):
