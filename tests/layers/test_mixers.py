@@ -5,6 +5,7 @@ decodes (== forward) with no library change; errors list the kinds."""
 import dataclasses
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from lightning_jax import parallel
 from lightning_jax import training
 from lightning_jax.layers import mixers
 from lightning_jax.parallel import pipeline
+from tests import mixer_testing as mt
 
 TOY = "toy_ema"
 
@@ -136,3 +138,28 @@ def test_toy_mixer_trains_on_a_pipelined_mesh(tmp_path):
                                               warmup_steps=0)))
   losses = [row["loss"] for row in result.history]
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+class EveryMixerTest(chex.TestCase):
+  """Registry-wide: the training call equals a prefill of full-length rows
+  from the empty state, with and without `jit` (chex variants)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_training_call_equals_full_length_prefill(self):
+    x = jax.random.normal(jax.random.key(1), (2, 6, 16))
+    for kind in mixers.kinds():
+      cfg = models.get_preset(
+          "transformer", pattern=(kind,), num_layers=1, d_model=16,
+          num_heads=2, head_dim=8, chunk_size=4, **mt.overrides(kind, 1, 2))
+      block = models.block_configs(cfg)[0]
+      mixer = mixers.get(kind)
+      params = mixer.init(jax.random.key(0), block.mixer, layer=0,
+                          num_layers=1)
+      empty = mixer.empty_state(block.mixer, 2, 8, jnp.float32)
+      apply = self.variant(functools.partial(mixer.apply, cfg=block.mixer))
+      want, _ = apply(params, x)
+      got, state = apply(params, x, state=empty, decoding=layers.Decoding(
+          jnp.full((2,), 6, jnp.int32)))
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5,
+                                 err_msg=kind)
+      chex.assert_trees_all_equal_shapes_and_dtypes(state, empty)
