@@ -1,0 +1,72 @@
+r"""Training-step benchmark: tokens/s of one forward + backward + AdamW step
+per model preset, and as a fraction of a same-run fp32 matmul's GFLOP/s.
+
+It uses only `models.get_preset / init / forward` and optax, so the same
+command measures any version of the library (e.g. before and after a
+refactor, with `PYTHONPATH` pointing at each checkout, interleaved).
+
+Usage (from the repository root):
+  python -m tools.bench_train --presets=tiny-hybrid,tnl --batch=8 --seq=256
+"""
+
+import functools
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import optax
+
+from lightning_jax import models
+from tools import benchlib
+
+_PRESETS = flags.DEFINE_list(
+    "presets", ["tiny-hybrid", "tnl", "deltanet", "gated-deltanet", "hgrn2",
+                "transformer", "moe-hybrid"], "Presets to time.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
+_SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps (median).")
+_LABEL = flags.DEFINE_string("label", "", "A label column (e.g. a commit).")
+
+
+def _loss(params, tokens_BxT, cfg):
+  logits, _ = models.forward(params, tokens_BxT[:, :-1], cfg)
+  logp = jax.nn.log_softmax(logits, -1)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], -1))
+
+
+def _step_fn(cfg, optimizer):
+  @jax.jit
+  def step(params, opt_state, tokens_BxT):
+    loss, grads = jax.value_and_grad(_loss)(params, tokens_BxT, cfg)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+  return step
+
+
+def main(argv):
+  del argv
+  matmul = benchlib.matmul_gflops()
+  rows = []
+  for name in _PRESETS.value:
+    cfg = models.get_preset(name)
+    params = models.init(jax.random.key(0), cfg)
+    optimizer = optax.adamw(1e-3)
+    tokens = jax.random.randint(jax.random.key(1), (_BATCH.value,
+                                                    _SEQ.value + 1), 0,
+                                cfg.vocab_size)
+    step = _step_fn(cfg, optimizer)
+    seconds = benchlib.time_fn(
+        functools.partial(step, params, optimizer.init(params)), tokens,
+        repeats=_REPEATS.value)
+    tokens_per_s = _BATCH.value * _SEQ.value / seconds
+    rows.append(dict(label=_LABEL.value, preset=name,
+                     step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
+                     per_matmul_gflop=tokens_per_s / matmul))
+  print(f"# {' '.join(sys.argv)}; matmul {matmul:.1f} GFLOP/s")
+  print(benchlib.markdown_table(rows))
+
+
+if __name__ == "__main__":
+  app.run(main)
