@@ -142,6 +142,19 @@ def from_pipeline_params(params: dict) -> dict:
   return out
 
 
+def own_ndim(path, leaf) -> int:
+  """Rank of a param leaf at `path` (a `jax.tree_util` key path) without the
+  `[repeats, stages]` axes `to_pipeline_params` adds under `"stages"`.
+
+  Example:
+    >>> stacked = to_pipeline_params({"layers": ({"s": jnp.ones(3)},) * 2}, 2)
+    >>> jax.tree_util.tree_map_with_path(own_ndim, stacked)
+    {'stages': ({'s': 1},)}
+  """
+  stacked = getattr(path[0], "key", None) == STAGES_KEY if path else False
+  return np.ndim(leaf) - 2 * stacked
+
+
 # ------------------------------------------------------------------- loss ---
 
 def moe_layers(model_cfg) -> tuple[int, ...]:

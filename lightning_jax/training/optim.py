@@ -10,6 +10,7 @@ import jax
 import optax
 
 from lightning_jax import _checks
+from lightning_jax.parallel import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +70,13 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True for the leaves that get weight decay: arrays with >= 2 dims."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """True for the leaves that get weight decay: arrays with >= 2 dims.
+
+  The stage axes of pipeline-stacked params (`pipeline.own_ndim`) do not
+  count, so a pipelined run decays the same weights as an unpipelined one.
+  """
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: pipeline.own_ndim(path, p) >= 2, params)
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:

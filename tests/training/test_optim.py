@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from lightning_jax import training
+from lightning_jax.parallel import pipeline
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
@@ -34,6 +35,22 @@ def test_weight_decay_only_on_matrices_and_clipping_by_global_norm():
   small, _ = opt.update(unit, opt.init(params), params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                big, small)
+
+
+def test_pipeline_stacked_params_decay_like_the_layers():
+  """The `[repeats, stages]` axes do not make vectors decay."""
+  opt = training.make_optimizer(training.OptimConfig(
+      lr=0.5, total_steps=4, warmup_steps=0, weight_decay=0.1))
+  layer = {"w": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
+  params = {"embed": jnp.ones((3, 2)), "layers": (layer,) * 4}
+
+  def update(params):
+    zero = jax.tree.map(jnp.zeros_like, params)
+    return opt.update(zero, opt.init(params), params)[0]
+
+  stack = lambda tree: pipeline.to_pipeline_params(tree, 2, repeats=2)
+  jax.tree.map(np.testing.assert_array_equal, update(stack(params)),
+               stack(update(params)))
 
 
 @pytest.mark.parametrize("kwargs, match", [
