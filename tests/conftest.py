@@ -1,4 +1,5 @@
-"""Test configuration: 8 fake CPU devices, strict numerics, deterministic hypothesis."""
+"""Test configuration: 8 fake CPU devices, strict numerics, deterministic
+hypothesis."""
 
 import os
 
@@ -7,7 +8,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Test shapes are tiny: compile time dominates, and LLVM's -O0 compiles
 # about 1.5x faster with identical numerics.
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"])
+  [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
+)
 
 import jax  # noqa: E402
 import hypothesis  # noqa: E402
@@ -17,15 +19,18 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
 
 hypothesis.settings.register_profile(
-    "ci",
-    derandomize=True,
-    database=None,
-    deadline=None,
-    max_examples=12,
-    print_blob=True,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+  "ci",
+  derandomize=True,
+  database=None,
+  deadline=None,
+  max_examples=12,
+  print_blob=True,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
 )
 hypothesis.settings.register_profile(
-    "dev", deadline=None, max_examples=50,
-    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+  "dev",
+  deadline=None,
+  max_examples=50,
+  suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -11,8 +11,9 @@ def kinds() -> tuple[str, ...]:
 
 def moa_plan(num_layers: int, heads: int) -> ops.MoAPlan:
   """A plan whose heads keep windows of about N / 4 + 2."""
-  return ops.MoAPlan(alphas=((2.0,) * heads,) * num_layers,
-                     betas=((0.25,) * heads,) * num_layers)
+  return ops.MoAPlan(
+    alphas=((2.0,) * heads,) * num_layers, betas=((0.25,) * heads,) * num_layers
+  )
 
 
 def overrides(kind: str, num_attention_layers: int, heads: int) -> dict:

@@ -23,10 +23,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BUILD_NAMES = ("BUILD", "BUILD.bazel")
 # Import name -> PyPI hub package name.
 THIRD_PARTY = {
-    "absl": "absl_py", "chex": "chex", "hypothesis": "hypothesis",
-    "jax": "jax", "matplotlib": "matplotlib", "numpy": "numpy",
-    "optax": "optax", "pytest": "pytest", "scipy": "scipy",
-    "tensorstore": "tensorstore", "tensorboardX": "tensorboardx",
+  "absl": "absl_py",
+  "chex": "chex",
+  "hypothesis": "hypothesis",
+  "jax": "jax",
+  "matplotlib": "matplotlib",
+  "numpy": "numpy",
+  "optax": "optax",
+  "pytest": "pytest",
+  "scipy": "scipy",
+  "tensorstore": "tensorstore",
+  "tensorboardX": "tensorboardx",
 }
 TEST_RULES = ("py_test", "pytest_test")
 # Deps that the `pytest_test` macro (tests/pytest.bzl) adds to every test.
@@ -61,8 +68,16 @@ def _parse_build(path: pathlib.Path) -> list[dict]:
       deps = [_label(package, d) for d in deps]
       if kind == "pytest_test":
         deps += PYTEST_DEPS
-      targets.append(dict(kind=kind, label=f"//{package}:{name}", srcs=files,
-                          deps=deps, main=main))
+      targets.append(
+        dict(
+          kind=kind,
+          label=f"//{package}:{name}",
+          srcs=files,
+          deps=deps,
+          main=main,
+        )
+      )
+
     return record
 
   def ignore(*args, **kwargs):
@@ -71,9 +86,15 @@ def _parse_build(path: pathlib.Path) -> list[dict]:
   def no_glob(*args, **kwargs):
     raise AssertionError(f"{path}: list files explicitly, no glob().")
 
-  env = dict(load=ignore, package=ignore, exports_files=ignore,
-             filegroup=ignore, test_suite=ignore, glob=no_glob,
-             **{k: rule(k) for k in ("py_library", "py_binary", *TEST_RULES)})
+  env = dict(
+    load=ignore,
+    package=ignore,
+    exports_files=ignore,
+    filegroup=ignore,
+    test_suite=ignore,
+    glob=no_glob,
+    **{k: rule(k) for k in ("py_library", "py_binary", *TEST_RULES)},
+  )
   exec(compile(path.read_text(), str(path), "exec"), env)  # pylint: disable=exec-used
   return targets
 
@@ -82,7 +103,9 @@ def _all_targets() -> list[dict]:
   targets = []
   for name in BUILD_NAMES:
     for path in sorted(ROOT.rglob(name)):
-      if ".git" in path.parts or any(p.startswith("bazel-") for p in path.parts):
+      if ".git" in path.parts or any(
+        p.startswith("bazel-") for p in path.parts
+      ):
         continue
       targets.extend(_parse_build(path))
   return targets
@@ -126,8 +149,10 @@ def _owners(targets, kinds):
 
 def test_every_library_module_in_exactly_one_py_library(targets):
   owners = _owners(targets, ("py_library",))
-  modules = sorted(p.relative_to(ROOT).as_posix()
-                   for p in (ROOT / "lightning_jax").rglob("*.py"))
+  modules = sorted(
+    p.relative_to(ROOT).as_posix()
+    for p in (ROOT / "lightning_jax").rglob("*.py")
+  )
   assert modules, "no modules found"
   missing = [m for m in modules if m not in owners]
   twice = {m: owners[m] for m in modules if len(owners.get(m, [])) > 1}
@@ -137,21 +162,27 @@ def test_every_library_module_in_exactly_one_py_library(targets):
 
 def test_every_test_file_and_tool_has_a_target(targets):
   tests = _owners(targets, TEST_RULES)
-  files = sorted(p.relative_to(ROOT).as_posix()
-                 for p in (ROOT / "tests").rglob("test_*.py"))
+  files = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+  )
   assert "tests/test_build.py" in files
   assert not [f for f in files if f not in tests], "tests without target"
   tool_targets = _owners(targets, ("py_binary", "py_library"))
-  tools = sorted(p.relative_to(ROOT).as_posix()
-                 for p in (ROOT / "tools").glob("*.py"))
+  tools = sorted(
+    p.relative_to(ROOT).as_posix() for p in (ROOT / "tools").glob("*.py")
+  )
   missing = [f for f in tools if f not in tool_targets]
   assert not missing, f"tools named by no py_binary/py_library: {missing}"
 
 
 def test_deps_cover_imports_and_exist(targets):
   by_label = {t["label"]: t for t in targets}
-  owner = {f: t["label"] for t in targets if t["kind"] == "py_library"
-           for f in t["srcs"]}
+  owner = {
+    f: t["label"]
+    for t in targets
+    if t["kind"] == "py_library"
+    for f in t["srcs"]
+  }
   problems = []
   for t in targets:
     for dep in t["deps"]:
@@ -167,20 +198,24 @@ def test_deps_cover_imports_and_exist(targets):
         top = mod.split(".")[0]
         if top in THIRD_PARTY:
           if f"@pypi//{THIRD_PARTY[top]}" not in t["deps"]:
-            problems.append(f"{t['label']}: imports {top}, "
-                            f"needs @pypi//{THIRD_PARTY[top]}")
+            problems.append(
+              f"{t['label']}: imports {top}, needs @pypi//{THIRD_PARTY[top]}"
+            )
         else:
           # Project modules, and modules beside a script (its sys.path[0]).
           file = _module_file(mod) or _module_file(
-              f"{pathlib.PurePosixPath(src).parent.as_posix().replace('/', '.')}"
-              f".{mod}")
+            f"{pathlib.PurePosixPath(src).parent.as_posix().replace('/', '.')}"
+            f".{mod}"
+          )
           if file is None:
             continue
           if file in t["srcs"]:
             continue
           if owner.get(file) not in t["deps"]:
-            problems.append(f"{t['label']}: imports {mod}, needs dep on "
-                            f"{owner.get(file, 'a py_library naming ' + file)}")
+            problems.append(
+              f"{t['label']}: imports {mod}, needs dep on "
+              f"{owner.get(file, 'a py_library naming ' + file)}"
+            )
   assert not problems, "\n".join(problems)
 
 
@@ -190,7 +225,8 @@ def test_parser_sees_a_missing_module(tmp_path, monkeypatch):
   (tmp_path / "lightning_jax" / "a.py").write_text("import numpy\n")
   (tmp_path / "lightning_jax" / "b.py").write_text("")
   (tmp_path / "lightning_jax" / "BUILD").write_text(
-      'py_library(name = "x", srcs = ["a.py"], deps = [])\n')
+    'py_library(name = "x", srcs = ["a.py"], deps = [])\n'
+  )
   monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
   found = _all_targets()
   with pytest.raises(AssertionError, match="b.py"):
@@ -201,6 +237,11 @@ def test_parser_sees_a_missing_module(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("bazel") is None, reason="bazel not on PATH")
 def test_bazel_query_loads():
-  result = subprocess.run(["bazel", "query", "//..."], cwd=ROOT,
-                          capture_output=True, text=True, check=False)
+  result = subprocess.run(
+    ["bazel", "query", "//..."],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-4000:]

@@ -26,10 +26,16 @@ from tools import benchlib
 OPS = ("linear_attention", "gated_linear_attention", "delta_rule")
 SUITES = ("kernels", "moa")
 
-_SUITE = flags.DEFINE_list("suite", ["kernels"], f"Suites to run, among {SUITES}"
-                           ": the recurrence kernels; MoA attention at densities "
-                           "1, 1/2, 1/4, 1/8 vs dense (seq --moa_seq).")
-_MOA_SEQ = flags.DEFINE_integer("moa_seq", 4096, "Sequence length of --suite=moa.")
+_SUITE = flags.DEFINE_list(
+  "suite",
+  ["kernels"],
+  f"Suites to run, among {SUITES}"
+  ": the recurrence kernels; MoA attention at densities "
+  "1, 1/2, 1/4, 1/8 vs dense (seq --moa_seq).",
+)
+_MOA_SEQ = flags.DEFINE_integer(
+  "moa_seq", 4096, "Sequence length of --suite=moa."
+)
 
 _OPS = flags.DEFINE_list("ops", list(OPS), f"Ops to time, among {OPS}.")
 _IMPLS = flags.DEFINE_list("impls", ["chunked", "recurrent"], "Impls to time.")
@@ -37,15 +43,20 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Batch size.")
 _HEADS = flags.DEFINE_integer("heads", 8, "Heads.")
 _DIM = flags.DEFINE_integer("dim", 64, "key_dim = value_dim.")
 _SEQ = flags.DEFINE_integer("seq", 2048, "Sequence length of the main table.")
-_SWEEP = flags.DEFINE_list("sweep", ["512", "1024", "2048", "4096", "8192"],
-                           "Sequence lengths of the per-token sweep (fwd, "
-                           "chunked and recurrent, first dtype).")
+_SWEEP = flags.DEFINE_list(
+  "sweep",
+  ["512", "1024", "2048", "4096", "8192"],
+  "Sequence lengths of the per-token sweep (fwd, "
+  "chunked and recurrent, first dtype).",
+)
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes.")
 _CHUNK = flags.DEFINE_integer("chunk_size", 64, "Chunk size of chunked impls.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
 _MEMORY_SEQ = flags.DEFINE_integer(
-    "memory_seq", 8192, "Sequence length of the compiled peak-memory table "
-    "(fwd+bwd); 0 skips it.")
+  "memory_seq",
+  8192,
+  "Sequence length of the compiled peak-memory table (fwd+bwd); 0 skips it.",
+)
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 1024, "Size of the ref matmul.")
 
 
@@ -71,7 +82,7 @@ def _inverse_flops(c: int) -> float:
   base = 16
   if c <= base:
     return max(math.ceil(math.log2(max(c, 1))) - 1, 0) * 2 * 2 * c**3
-  size = base * 2**math.ceil(math.log2(c / base))
+  size = base * 2 ** math.ceil(math.log2(c / base))
   total = (size // base) * 3 * 2 * 2 * base**3  # squarings + products
   m = base
   while m < size:
@@ -90,7 +101,12 @@ def make_inputs(op, b, t, h, d, dtype):
     gate = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, t, h)) + 4)
     return (q, k, v, gate)
   if op == "gated_linear_attention":
-    return (q, k, v, jax.nn.log_sigmoid(jax.random.normal(keys[3], q.shape) + 4))
+    return (
+      q,
+      k,
+      v,
+      jax.nn.log_sigmoid(jax.random.normal(keys[3], q.shape) + 4),
+    )
   beta = jax.nn.sigmoid(jax.random.normal(keys[4], (b, t, h)))
   gate = jax.nn.log_sigmoid(jax.random.normal(keys[3], (b, t, h)) + 4)
   return (q, k, v, beta, gate)
@@ -109,67 +125,102 @@ def time_row(op, impl, mode, dtype, t, peak):
   b, h, d, c = _BATCH.value, _HEADS.value, _DIM.value, _CHUNK.value
   args = make_inputs(op, b, t, h, d, jnp.dtype(dtype))
   fwd, fwd_bwd = op_functions(op, impl, c)
-  seconds = benchlib.time_fn(fwd if mode == "fwd" else fwd_bwd, *args,
-                             repeats=_REPEATS.value)
+  seconds = benchlib.time_fn(
+    fwd if mode == "fwd" else fwd_bwd, *args, repeats=_REPEATS.value
+  )
   tokens = b * t
-  flops = b * t * h * flops_per_token(op, impl, c, d, d) * (
-      1 if mode == "fwd" else 3)
+  flops = (
+    b * t * h * flops_per_token(op, impl, c, d, d) * (1 if mode == "fwd" else 3)
+  )
   gflops = flops / seconds / 1e9
-  return dict(op=op, impl=impl, mode=mode, dtype=dtype, seq=t,
-              ms=seconds * 1e3, us_per_token=seconds / tokens * 1e6,
-              tokens_per_s=tokens / seconds, gflops=gflops,
-              pct_of_matmul=100 * gflops / peak)
+  return dict(
+    op=op,
+    impl=impl,
+    mode=mode,
+    dtype=dtype,
+    seq=t,
+    ms=seconds * 1e3,
+    us_per_token=seconds / tokens * 1e6,
+    tokens_per_s=tokens / seconds,
+    gflops=gflops,
+    pct_of_matmul=100 * gflops / peak,
+  )
 
 
 def memory_row(op, impl, t):
   b, h, d, c = _BATCH.value, _HEADS.value, _DIM.value, _CHUNK.value
-  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in jax.eval_shape(
-      lambda: make_inputs(op, b, t, h, d, jnp.float32))]
+  shapes = [
+    jax.ShapeDtypeStruct(x.shape, x.dtype)
+    for x in jax.eval_shape(lambda: make_inputs(op, b, t, h, d, jnp.float32))
+  ]
   _, fwd_bwd = op_functions(op, impl, c)
   stats = fwd_bwd.lower(*shapes).compile().memory_analysis()
-  return dict(op=op, impl=impl, seq=t,
-              temp_mib=stats.temp_size_in_bytes / 2**20,
-              per_step_states_mib=b * t * h * d * d * 4 / 2**20)
+  return dict(
+    op=op,
+    impl=impl,
+    seq=t,
+    temp_mib=stats.temp_size_in_bytes / 2**20,
+    per_step_states_mib=b * t * h * d * d * 4 / 2**20,
+  )
 
 
 def kernels_suite():
   peak = benchlib.matmul_gflops(_MATMUL_N.value)
   n = _MATMUL_N.value
-  print(f"# devices: {jax.devices()}; reference fp32 matmul {n}x{n}x{n}: "
-        f"{peak:.1f} GFLOP/s\n")
-  print(f"## batch {_BATCH.value}, heads {_HEADS.value}, dim {_DIM.value}, "
-        f"seq {_SEQ.value}, chunk {_CHUNK.value}\n")
-  rows = [time_row(op, impl, mode, dtype, _SEQ.value, peak)
-          for op in _OPS.value for dtype in _DTYPES.value
-          for impl in _IMPLS.value for mode in ("fwd", "fwd+bwd")]
+  print(
+    f"# devices: {jax.devices()}; reference fp32 matmul {n}x{n}x{n}: "
+    f"{peak:.1f} GFLOP/s\n"
+  )
+  print(
+    f"## batch {_BATCH.value}, heads {_HEADS.value}, dim {_DIM.value}, "
+    f"seq {_SEQ.value}, chunk {_CHUNK.value}\n"
+  )
+  rows = [
+    time_row(op, impl, mode, dtype, _SEQ.value, peak)
+    for op in _OPS.value
+    for dtype in _DTYPES.value
+    for impl in _IMPLS.value
+    for mode in ("fwd", "fwd+bwd")
+  ]
   print(benchlib.markdown_table(rows), "\n", flush=True)
   if _SWEEP.value:
     print(f"## sequence sweep (fwd, {_DTYPES.value[0]}): time per token\n")
-    rows = [time_row(op, impl, "fwd", _DTYPES.value[0], int(t), peak)
-            for op in _OPS.value for impl in _IMPLS.value
-            for t in _SWEEP.value]
+    rows = [
+      time_row(op, impl, "fwd", _DTYPES.value[0], int(t), peak)
+      for op in _OPS.value
+      for impl in _IMPLS.value
+      for t in _SWEEP.value
+    ]
     print(benchlib.markdown_table(rows), "\n", flush=True)
   if _MEMORY_SEQ.value:
     print(f"## compiled fwd+bwd temp memory at seq {_MEMORY_SEQ.value}\n")
-    rows = [memory_row(op, impl, _MEMORY_SEQ.value)
-            for op in _OPS.value for impl in _IMPLS.value]
+    rows = [
+      memory_row(op, impl, _MEMORY_SEQ.value)
+      for op in _OPS.value
+      for impl in _IMPLS.value
+    ]
     print(benchlib.markdown_table(rows), flush=True)
 
 
 def main(argv):
   del argv
-  for name, values, allowed in (("suite", _SUITE.value, SUITES),
-                                ("ops", _OPS.value, OPS)):
+  for name, values, allowed in (
+    ("suite", _SUITE.value, SUITES),
+    ("ops", _OPS.value, OPS),
+  ):
     unknown = [v for v in values if v not in allowed]
     if unknown:
       sys.exit(f"--{name}: unknown {unknown}; expected some of {allowed}.")
   if "kernels" in _SUITE.value:
     kernels_suite()
   if "moa" in _SUITE.value:
-    print(f"## MoA attention, seq {_MOA_SEQ.value}, heads {_HEADS.value}, "
-          f"dim {_DIM.value}, fp32\n")
-    rows = bench_moa.run(_MOA_SEQ.value, _HEADS.value, _DIM.value,
-                         repeats=_REPEATS.value)
+    print(
+      f"## MoA attention, seq {_MOA_SEQ.value}, heads {_HEADS.value}, "
+      f"dim {_DIM.value}, fp32\n"
+    )
+    rows = bench_moa.run(
+      _MOA_SEQ.value, _HEADS.value, _DIM.value, repeats=_REPEATS.value
+    )
     print(benchlib.markdown_table(rows), flush=True)
 
 

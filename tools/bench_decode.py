@@ -45,21 +45,29 @@ from lightning_jax import ops
 from lightning_jax.inference import decode
 from tools import benchlib
 
-_PRESETS = flags.DEFINE_list("presets", ["tiny-hybrid", "transformer",
-                                         "deltanet"], "Model presets.")
-_CONTEXTS = flags.DEFINE_list("contexts", ["1024", "2048", "4096", "8192",
-                                           "16384"], "Context lengths L.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "Decode budget beyond "
-                                   "the prompt (cache slots).")
-_SNAPKV_CAPACITY = flags.DEFINE_integer("snapkv_capacity", 1024, "SnapKV "
-                                        "capacity of the compressed rows "
-                                        "(0: skip them).")
+_PRESETS = flags.DEFINE_list(
+  "presets", ["tiny-hybrid", "transformer", "deltanet"], "Model presets."
+)
+_CONTEXTS = flags.DEFINE_list(
+  "contexts", ["1024", "2048", "4096", "8192", "16384"], "Context lengths L."
+)
+_NEW_TOKENS = flags.DEFINE_integer(
+  "new_tokens", 256, "Decode budget beyond the prompt (cache slots)."
+)
+_SNAPKV_CAPACITY = flags.DEFINE_integer(
+  "snapkv_capacity",
+  1024,
+  "SnapKV capacity of the compressed rows (0: skip them).",
+)
 _STEPS = flags.DEFINE_integer("steps", 16, "Decode steps per timing.")
-_ROUNDS = flags.DEFINE_integer("rounds", 9, "Timing rounds (the fastest is "
-                               "kept).")
+_ROUNDS = flags.DEFINE_integer(
+  "rounds", 9, "Timing rounds (the fastest is kept)."
+)
 _LAYER_SIZES = flags.DEFINE_list(
-    "layer_sizes", ["1x4x32x128", "8x8x128x256", "64x4x128x512"],
-    "Recurrent-layer comparison sizes batch x heads x head_dim x d_model.")
+  "layer_sizes",
+  ["1x4x32x128", "8x8x128x256", "64x4x128x512"],
+  "Recurrent-layer comparison sizes batch x heads x head_dim x d_model.",
+)
 _PARTS = flags.DEFINE_list("parts", ["models", "layers"], "Parts to run.")
 
 
@@ -77,31 +85,45 @@ def filled_state(abstract, length: int, kept: int):
       cache = cache._replace(length=jnp.full_like(cache.length, kept))
     else:
       filled = length
-      cache = dataclasses.replace(cache, length=jnp.full_like(cache.length,
-                                                              length))
+      cache = dataclasses.replace(
+        cache, length=jnp.full_like(cache.length, length)
+      )
     return layers.AttentionState(
-        cache, jnp.full_like(layer_state.offset, length - filled))
-  return decode.DecodeState(jnp.full_like(zeros.positions, length),
-                            tuple(at(c) for c in zeros.layers))
+      cache, jnp.full_like(layer_state.offset, length - filled)
+    )
+
+  return decode.DecodeState(
+    jnp.full_like(zeros.positions, length), tuple(at(c) for c in zeros.layers)
+  )
 
 
 def abstract_state(params, cfg, length: int, snapkv):
-  fn = functools.partial(decode.prefill, cfg=cfg,
-                         max_len=length + _NEW_TOKENS.value, snapkv=snapkv)
-  return jax.eval_shape(fn, params, jax.ShapeDtypeStruct((1, length),
-                                                         jnp.int32),
-                        jax.ShapeDtypeStruct((1,), jnp.int32))[1]
+  fn = functools.partial(
+    decode.prefill, cfg=cfg, max_len=length + _NEW_TOKENS.value, snapkv=snapkv
+  )
+  return jax.eval_shape(
+    fn,
+    params,
+    jax.ShapeDtypeStruct((1, length), jnp.int32),
+    jax.ShapeDtypeStruct((1,), jnp.int32),
+  )[1]
 
 
 def check_against_prefill(params, cfg, length: int, snapkv):
   """The abstract state has the shapes of a real prefill's."""
-  tokens = jax.random.randint(jax.random.key(0), (1, length), 0,
-                              cfg.vocab_size)
-  _, real = decode.prefill_jit(params, tokens, jnp.array([length]), cfg,
-                               length + _NEW_TOKENS.value, snapkv=snapkv)
+  tokens = jax.random.randint(jax.random.key(0), (1, length), 0, cfg.vocab_size)
+  _, real = decode.prefill_jit(
+    params,
+    tokens,
+    jnp.array([length]),
+    cfg,
+    length + _NEW_TOKENS.value,
+    snapkv=snapkv,
+  )
   want = jax.tree.map(lambda x: (x.shape, x.dtype), real)
-  got = jax.tree.map(lambda x: (x.shape, x.dtype),
-                     abstract_state(params, cfg, length, snapkv))
+  got = jax.tree.map(
+    lambda x: (x.shape, x.dtype), abstract_state(params, cfg, length, snapkv)
+  )
   if got != want:
     raise AssertionError(f"eval_shape state {got} != prefill state {want}")
 
@@ -150,45 +172,61 @@ def model_rows():
       check_against_prefill(params, cfg, contexts[0], snapkv)
       for length in contexts:
         kept = length if snapkv is None else min(length, snapkv.capacity)
-        state = filled_state(abstract_state(params, cfg, length, snapkv),
-                             length, kept)
+        state = filled_state(
+          abstract_state(params, cfg, length, snapkv), length, kept
+        )
         step = lambda s, p, t, cfg=cfg: inference.decode_step(p, s, t, cfg)
-        runners.append(_Runner(step, state, (params,
-                                             jnp.zeros((1,), jnp.int32))))
-        meta.append(dict(preset=name, snapkv=snapkv.capacity if snapkv
-                         else "-", context=length,
-                         cache_mib=inference.cache_bytes(state) / 2**20))
+        runners.append(
+          _Runner(step, state, (params, jnp.zeros((1,), jnp.int32)))
+        )
+        meta.append(
+          dict(
+            preset=name,
+            snapkv=snapkv.capacity if snapkv else "-",
+            context=length,
+            cache_mib=inference.cache_bytes(state) / 2**20,
+          )
+        )
   _rounds(runners)
   rows, base = [], {}
   for m, r in zip(meta, runners, strict=True):
     tps = 1.0 / r.seconds
     key = (m["preset"], m["snapkv"])
     base.setdefault(key, tps)
-    rows.append(dict(**m, step_ms=r.seconds * 1e3, tokens_per_s=tps,
-                     vs_first_context=tps / base[key]))
+    rows.append(
+      dict(
+        **m,
+        step_ms=r.seconds * 1e3,
+        tokens_per_s=tps,
+        vs_first_context=tps / base[key],
+      )
+    )
   return rows
 
 
 def _bare_update(state, q, k, v, log_a):
   """`S <- exp(a) S + k v^T; o = S^T q` on `[B, H, Dk, Dv]` (fp32)."""
-  state = (jnp.exp(log_a)[..., None, None] * state
-           + k[..., :, None] * v[..., None, :])
+  state = (
+    jnp.exp(log_a)[..., None, None] * state + k[..., :, None] * v[..., None, :]
+  )
   return jnp.einsum("bhkv,bhk->bhv", state, q), state
 
 
 def _op_step(kind):
   """The recurrence op on one token: `(state, q, k, v, beta, log_a) ->
   (o, state)`, all `[B, H, ...]`."""
+
   def step(state, q, k, v, beta, log_a):
     one = lambda x: x[:, None]  # [B, 1, H, ...]
     kw = dict(initial_state=state, output_final_state=True, impl="recurrent")
     if kind == "deltanet":
-      o, state = ops.delta_rule(one(q), one(k), one(v), one(beta),
-                                one(log_a), **kw)
+      o, state = ops.delta_rule(
+        one(q), one(k), one(v), one(beta), one(log_a), **kw
+      )
     else:
-      o, state = ops.linear_attention(one(q), one(k), one(v), one(log_a),
-                                      **kw)
+      o, state = ops.linear_attention(one(q), one(k), one(v), one(log_a), **kw)
     return o[:, 0], state
+
   return step
 
 
@@ -205,27 +243,45 @@ def layer_rows():
     log_a = -jax.random.uniform(keys[4], (batch, heads))
     shape = (batch, heads, dim, dim)
     floors.append(len(runners))
-    runners.append(_Runner(jax.jit(_bare_update, donate_argnums=0), jnp.zeros(shape),
-                           (q, k, v, log_a)))
-    meta.append(dict(what="bare state update", size=size,
-                     state_mib=state_mib))
+    runners.append(
+      _Runner(
+        jax.jit(_bare_update, donate_argnums=0),
+        jnp.zeros(shape),
+        (q, k, v, log_a),
+      )
+    )
+    meta.append(dict(what="bare state update", size=size, state_mib=state_mib))
     for kind in ("deltanet", "lightning"):
-      runners.append(_Runner(jax.jit(_op_step(kind), donate_argnums=0),
-                             jnp.zeros(shape), (q, k, v, beta, log_a)))
+      runners.append(
+        _Runner(
+          jax.jit(_op_step(kind), donate_argnums=0),
+          jnp.zeros(shape),
+          (q, k, v, beta, log_a),
+        )
+      )
       meta.append(dict(what=f"{kind} op step", size=size, state_mib=state_mib))
-      cfg = layers.RecurrentConfig(kind, d_model, heads, dim,
-                                   conv_size=4 if kind == "deltanet" else 0,
-                                   impl="recurrent")
-      params = layers.init_recurrent(jax.random.key(0), cfg, layer=0,
-                                     num_layers=2)
+      cfg = layers.RecurrentConfig(
+        kind,
+        d_model,
+        heads,
+        dim,
+        conv_size=4 if kind == "deltanet" else 0,
+        impl="recurrent",
+      )
+      params = layers.init_recurrent(
+        jax.random.key(0), cfg, layer=0, num_layers=2
+      )
       x = jax.random.normal(jax.random.key(1), (batch, 1, d_model))
       layer = jax.jit(
-          lambda s, p, x, cfg=cfg: layers.recurrent_layer(p, x, cfg, s),
-          donate_argnums=0)
-      runners.append(_Runner(layer, layers.init_recurrent_state(cfg, batch),
-                             (params, x)))
-      meta.append(dict(what=f"{kind} layer step", size=size,
-                       state_mib=state_mib))
+        lambda s, p, x, cfg=cfg: layers.recurrent_layer(p, x, cfg, s),
+        donate_argnums=0,
+      )
+      runners.append(
+        _Runner(layer, layers.init_recurrent_state(cfg, batch), (params, x))
+      )
+      meta.append(
+        dict(what=f"{kind} layer step", size=size, state_mib=state_mib)
+      )
   _rounds(runners)
   rows = []
   for i, (m, r) in enumerate(zip(meta, runners, strict=True)):

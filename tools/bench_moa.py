@@ -27,8 +27,11 @@ def _define_flags():
   flags.DEFINE_integer("heads", 8, "Heads (q and kv).")
   flags.DEFINE_integer("dim", 64, "Head dimension.")
   flags.DEFINE_integer("block_size", 64, "Kernel block size.")
-  flags.DEFINE_list("densities", ["1", "0.5", "0.25", "0.125"],
-                    "Target densities of the MoA rows.")
+  flags.DEFINE_list(
+    "densities",
+    ["1", "0.5", "0.25", "0.125"],
+    "Target densities of the MoA rows.",
+  )
   flags.DEFINE_integer("repeats", 15, "Timing rounds.")
 
 
@@ -50,10 +53,16 @@ def _fwd_and_fwd_bwd(fn, dout):
   return fwd, fwd_bwd
 
 
-def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
-        block_size: int = 64, densities: Sequence[float] = (1.0, 0.5, 0.25,
-                                                             0.125),
-        repeats: int = 15, batch: int = 1) -> list[dict]:
+def run(
+  seq: int = 4096,
+  heads: int = 8,
+  dim: int = 64,
+  *,
+  block_size: int = 64,
+  densities: Sequence[float] = (1.0, 0.5, 0.25, 0.125),
+  repeats: int = 15,
+  batch: int = 1,
+) -> list[dict]:
   """Benchmark rows (fp32): the dense blocked kernel, then MoA per density.
 
   Every program is compiled first; then `repeats` rounds time each program
@@ -87,16 +96,20 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
   dout = jnp.ones_like(q)
   windows = [seq] + [window_for_density(d, seq) for d in densities]
   fns = [lambda q, k, v: ops.attention(q, k, v, block_size=block_size)]
-  fns += [lambda q, k, v, w=w: ops.moa_attention(q, k, v, [w] * heads,
-                                                 block_size=block_size)
-          for w in windows[1:]]
+  fns += [
+    lambda q, k, v, w=w: ops.moa_attention(
+      q, k, v, [w] * heads, block_size=block_size
+    )
+    for w in windows[1:]
+  ]
   programs = [p for fn in fns for p in _fwd_and_fwd_bwd(fn, dout)]
   for program in programs:  # compile
     jax.block_until_ready(program(q, k, v))
   rounds = []
   for _ in range(repeats):
-    times = [benchlib.time_fn(p, q, k, v, repeats=1, warmup=0)
-             for p in programs]
+    times = [
+      benchlib.time_fn(p, q, k, v, repeats=1, warmup=0) for p in programs
+    ]
     rounds.append((benchlib.matmul_gflops(repeats=1), np.array(times)))
   matmul = np.array([m for m, _ in rounds])
   times = np.stack([t for _, t in rounds]).reshape(repeats, len(fns), 2)
@@ -108,9 +121,11 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
   for i, window in enumerate(windows):
     density = float(ops.moa_density([window], seq)[0])
     gflops = density * unit_flops / best[i] / 1e9  # [2]
-    rows.append(dict(
+    rows.append(
+      dict(
         impl="attention blocked (dense)" if i == 0 else "moa_attention",
-        density=density, window=window,
+        density=density,
+        window=window,
         fwd_ms=1e3 * float(best[i, 0]),
         fwd_bwd_ms=1e3 * float(best[i, 1]),
         fwd_vs_dense=float(best[i, 0] / best[0, 0]),
@@ -119,7 +134,9 @@ def run(seq: int = 4096, heads: int = 8, dim: int = 64, *,
         fwd_bwd_gflops=float(gflops[1]),
         fwd_of_matmul=float(gflops[0] / matmul_best),
         fwd_bwd_of_matmul=float(gflops[1] / matmul_best),
-        matmul_gflops=matmul_best))
+        matmul_gflops=matmul_best,
+      )
+    )
   return rows
 
 
@@ -133,8 +150,14 @@ def main(argv: Sequence[str]) -> None:
   for name in ("seq", "heads", "dim", "block_size", "repeats"):
     if fl[name].value < 1:
       raise app.UsageError(f"--{name} must be >= 1, got {fl[name].value}.")
-  rows = run(fl.seq, fl.heads, fl.dim, block_size=fl.block_size,
-             densities=densities, repeats=fl.repeats)
+  rows = run(
+    fl.seq,
+    fl.heads,
+    fl.dim,
+    block_size=fl.block_size,
+    densities=densities,
+    repeats=fl.repeats,
+  )
   print(benchlib.markdown_table(rows))
 
 

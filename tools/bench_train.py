@@ -22,8 +22,18 @@ from lightning_jax import models
 from tools import benchlib
 
 _PRESETS = flags.DEFINE_list(
-    "presets", ["tiny-hybrid", "tnl", "deltanet", "gated-deltanet", "hgrn2",
-                "transformer", "moe-hybrid"], "Presets to time.")
+  "presets",
+  [
+    "tiny-hybrid",
+    "tnl",
+    "deltanet",
+    "gated-deltanet",
+    "hgrn2",
+    "transformer",
+    "moe-hybrid",
+  ],
+  "Presets to time.",
+)
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _SEQ = flags.DEFINE_integer("seq", 256, "Tokens per sequence.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps (median).")
@@ -42,6 +52,7 @@ def _step_fn(cfg, optimizer):
     loss, grads = jax.value_and_grad(_loss)(params, tokens_BxT, cfg)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
+
   return step
 
 
@@ -53,17 +64,25 @@ def main(argv):
     cfg = models.get_preset(name)
     params = models.init(jax.random.key(0), cfg)
     optimizer = optax.adamw(1e-3)
-    tokens = jax.random.randint(jax.random.key(1), (_BATCH.value,
-                                                    _SEQ.value + 1), 0,
-                                cfg.vocab_size)
+    tokens = jax.random.randint(
+      jax.random.key(1), (_BATCH.value, _SEQ.value + 1), 0, cfg.vocab_size
+    )
     step = _step_fn(cfg, optimizer)
     seconds = benchlib.time_fn(
-        functools.partial(step, params, optimizer.init(params)), tokens,
-        repeats=_REPEATS.value)
+      functools.partial(step, params, optimizer.init(params)),
+      tokens,
+      repeats=_REPEATS.value,
+    )
     tokens_per_s = _BATCH.value * _SEQ.value / seconds
-    rows.append(dict(label=_LABEL.value, preset=name,
-                     step_ms=seconds * 1e3, tokens_per_s=tokens_per_s,
-                     per_matmul_gflop=tokens_per_s / matmul))
+    rows.append(
+      dict(
+        label=_LABEL.value,
+        preset=name,
+        step_ms=seconds * 1e3,
+        tokens_per_s=tokens_per_s,
+        per_matmul_gflop=tokens_per_s / matmul,
+      )
+    )
   print(f"# {' '.join(sys.argv)}; matmul {matmul:.1f} GFLOP/s")
   print(benchlib.markdown_table(rows))
 

@@ -25,12 +25,15 @@ from lightning_jax import models
 from lightning_jax import training
 from lightning_jax import moa
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir to profile "
-                               "(latest complete checkpoint).")
-_MODEL = flags.DEFINE_string("model", "transformer",
-                             "Preset to initialise randomly without --workdir.")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "Preset fields, "
-                                      "`field=value[,...]` (no --workdir).")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Training workdir to profile (latest complete checkpoint)."
+)
+_MODEL = flags.DEFINE_string(
+  "model", "transformer", "Preset to initialise randomly without --workdir."
+)
+_OVERRIDE = flags.DEFINE_multi_string(
+  "override", [], "Preset fields, `field=value[,...]` (no --workdir)."
+)
 _DATA = flags.DEFINE_string("data", "corpus", "Calibration data spec.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the plan JSON.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
@@ -39,12 +42,15 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Calibration sequences per length.")
 _BUDGET = flags.DEFINE_float("budget", 0.5, "Mean density budget in (0, 1].")
 _BLOCK = flags.DEFINE_integer("block", 16, "Profiling block size.")
 _SINK = flags.DEFINE_integer("sink", 0, "Attention-sink length of the plan.")
-_ALPHAS = flags.DEFINE_list("alphas", ["0", "8", "16", "32", "64"],
-                            "Candidate alphas.")
-_BETAS = flags.DEFINE_list("betas", ["0", "0.125", "0.25", "0.5", "1"],
-                           "Candidate betas.")
-_MAX_RULES = flags.DEFINE_integer("max_rules_per_layer", 0,
-                                  "Distinct rules per layer (0: no limit).")
+_ALPHAS = flags.DEFINE_list(
+  "alphas", ["0", "8", "16", "32", "64"], "Candidate alphas."
+)
+_BETAS = flags.DEFINE_list(
+  "betas", ["0", "0.125", "0.25", "0.5", "1"], "Candidate betas."
+)
+_MAX_RULES = flags.DEFINE_integer(
+  "max_rules_per_layer", 0, "Distinct rules per layer (0: no limit)."
+)
 
 flags.mark_flags_as_required(["out"])
 
@@ -53,8 +59,9 @@ def _model():
   if _WORKDIR.value:
     params, cfg, _ = training.load_model(_WORKDIR.value)
     return params, cfg
-  cfg = training.apply_overrides(models.get_preset(_MODEL.value),
-                                 training.parse_overrides(_OVERRIDE.value))
+  cfg = training.apply_overrides(
+    models.get_preset(_MODEL.value), training.parse_overrides(_OVERRIDE.value)
+  )
   return models.init(jax.random.key(_SEED.value), cfg), cfg
 
 
@@ -66,29 +73,47 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--lengths must be integers >= 2, got {lengths}.")
   if not 0.0 < _BUDGET.value <= 1.0:
     raise app.UsageError(f"--budget must be in (0, 1], got {_BUDGET.value}.")
-  candidates = list(itertools.product([float(a) for a in _ALPHAS.value],
-                                      [float(b) for b in _BETAS.value]))
+  candidates = list(
+    itertools.product(
+      [float(a) for a in _ALPHAS.value], [float(b) for b in _BETAS.value]
+    )
+  )
   params, cfg = _model()
   calibration = {
-      n: jnp.asarray(training.make_dataset(
-          _DATA.value, seq_len=n, global_batch_size=_BATCH.value,
-          seed=_SEED.value, vocab_size=None if _DATA.value == "corpus"
-          else cfg.vocab_size).batch(0)["inputs"])
-      for n in lengths}
+    n: jnp.asarray(
+      training.make_dataset(
+        _DATA.value,
+        seq_len=n,
+        global_batch_size=_BATCH.value,
+        seed=_SEED.value,
+        vocab_size=None if _DATA.value == "corpus" else cfg.vocab_size,
+      ).batch(0)["inputs"]
+    )
+    for n in lengths
+  }
   found = moa.search_plan(
-      params, cfg, calibration, candidates, budget=_BUDGET.value,
-      block=_BLOCK.value, sink=_SINK.value,
-      max_rules_per_layer=_MAX_RULES.value or None)
+    params,
+    cfg,
+    calibration,
+    candidates,
+    budget=_BUDGET.value,
+    block=_BLOCK.value,
+    sink=_SINK.value,
+    max_rules_per_layer=_MAX_RULES.value or None,
+  )
   found.plan.save(_OUT.value)
   for i, n in enumerate(found.lengths):
     density, predicted = found.density_NxLxH[i], found.predicted_NxLxH[i]
-    measured = moa.plan_loss_increase(params, cfg, found.plan,
-                                              calibration[n], _SINK.value)
-    print(f"N={n}: density per attention layer "
-          f"{density.mean(-1).round(3).tolist()} (mean {density.mean():.3f});"
-          f" predicted loss increase per layer "
-          f"{predicted.sum(-1).round(5).tolist()} (total "
-          f"{predicted.sum():.5f}); measured {measured:.5f}")
+    measured = moa.plan_loss_increase(
+      params, cfg, found.plan, calibration[n], _SINK.value
+    )
+    print(
+      f"N={n}: density per attention layer "
+      f"{density.mean(-1).round(3).tolist()} (mean {density.mean():.3f});"
+      f" predicted loss increase per layer "
+      f"{predicted.sum(-1).round(5).tolist()} (total "
+      f"{predicted.sum():.5f}); measured {measured:.5f}"
+    )
   print(f"plan -> {_OUT.value}")
 
 

@@ -27,20 +27,23 @@ import optax
 from lightning_jax import layers
 from lightning_jax import moe
 
-_SCOPES = flags.DEFINE_list("scopes", ["micro", "global"],
-                            "LBL scopes to compare (micro, global).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"],
-                           "Seeds; one run per seed and scope.")
+_SCOPES = flags.DEFINE_list(
+  "scopes", ["micro", "global"], "LBL scopes to compare (micro, global)."
+)
+_SEEDS = flags.DEFINE_list(
+  "seeds", ["0", "1"], "Seeds; one run per seed and scope."
+)
 _STEPS = flags.DEFINE_integer("steps", 600, "Training steps.")
 _DOMAINS = flags.DEFINE_integer("num_domains", 4, "Synthetic domains.")
 _VOCAB = flags.DEFINE_integer("vocab", 64, "Vocabulary size.")
-_IN_BAND = flags.DEFINE_float("in_band", 0.9,
-                              "Probability that a domain stays in its band.")
+_IN_BAND = flags.DEFINE_float(
+  "in_band", 0.9, "Probability that a domain stays in its band."
+)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 32, "Tokens per sequence.")
-_MICRO = flags.DEFINE_integer("micro_batches", 8,
-                              "Micro-batches (simulated devices) per step.")
-_SEQS = flags.DEFINE_integer("seqs_per_micro", 1,
-                             "Sequences per micro-batch.")
+_MICRO = flags.DEFINE_integer(
+  "micro_batches", 8, "Micro-batches (simulated devices) per step."
+)
+_SEQS = flags.DEFINE_integer("seqs_per_micro", 1, "Sequences per micro-batch.")
 _D_MODEL = flags.DEFINE_integer("d_model", 32, "Model width.")
 _D_FF = flags.DEFINE_integer("d_ff", 32, "Hidden width of each expert.")
 _EXPERTS = flags.DEFINE_integer("num_experts", 8, "Experts.")
@@ -66,13 +69,15 @@ def _chains(key, num_domains, vocab):
   """
   k_band, k_all = jax.random.split(key)
   band = vocab // num_domains
-  in_band = jax.random.dirichlet(k_band, jnp.full((band,), 0.1),
-                                 (num_domains, vocab))
-  anywhere = jax.random.dirichlet(k_all, jnp.full((vocab,), 0.1),
-                                  (num_domains, vocab))
+  in_band = jax.random.dirichlet(
+    k_band, jnp.full((band,), 0.1), (num_domains, vocab)
+  )
+  anywhere = jax.random.dirichlet(
+    k_all, jnp.full((vocab,), 0.1), (num_domains, vocab)
+  )
   rows = jnp.zeros((num_domains, vocab, vocab))
   for d in range(num_domains):
-    rows = rows.at[d, :, d * band:(d + 1) * band].set(in_band[d])
+    rows = rows.at[d, :, d * band : (d + 1) * band].set(in_band[d])
   return _IN_BAND.value * rows + (1 - _IN_BAND.value) * anywhere
 
 
@@ -86,6 +91,7 @@ def _sample(key, chains, domains, seq_len):
     logp = jnp.log(chains[domains, tok] + 1e-9)
     nxt = jax.random.categorical(k, logp)
     return nxt, nxt
+
   _, rest = jax.lax.scan(step, first, jax.random.split(k_steps, seq_len - 1))
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
@@ -94,10 +100,12 @@ def _init(key, cfg: Config):
   d = cfg.moe.d_model
   k_emb, k_mix, k_moe, k_out = jax.random.split(key, 4)
   dense = jax.nn.initializers.lecun_normal()
-  return {"embed": jax.random.normal(k_emb, (cfg.vocab, d)),
-          "mix": dense(k_mix, (d, d)),
-          "moe": layers.init_moe(k_moe, cfg.moe),
-          "unembed": dense(k_out, (d, cfg.vocab))}
+  return {
+    "embed": jax.random.normal(k_emb, (cfg.vocab, d)),
+    "mix": dense(k_mix, (d, d)),
+    "moe": layers.init_moe(k_moe, cfg.moe),
+    "unembed": dense(k_out, (d, cfg.vocab)),
+  }
 
 
 def _rms(x):
@@ -118,7 +126,8 @@ def _forward(params, tokens_BxT, cfg: Config):
   y, aux = layers.moe(params["moe"], _rms(h), cfg.moe)
   logits = _rms(h + y) @ params["unembed"]
   ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, :-1], tokens_BxT[:, 1:])
+    logits[:, :-1], tokens_BxT[:, 1:]
+  )
   return jnp.mean(ce), aux
 
 
@@ -132,8 +141,10 @@ def _train(cfg: Config, scope: str, seed: int):
 
   def loss(params, tokens_MxSxT):
     _, (ce, aux) = jax.lax.scan(
-        lambda carry, tokens: (carry, _forward(params, tokens, cfg)), None,
-        tokens_MxSxT)
+      lambda carry, tokens: (carry, _forward(params, tokens, cfg)),
+      None,
+      tokens_MxSxT,
+    )
     if scope == "global":
       lbl = moe.load_balancing_loss_from_pieces(aux.lbl_pieces)
     else:
@@ -146,7 +157,8 @@ def _train(cfg: Config, scope: str, seed: int):
     domains = jax.random.randint(k_dom, (micro * seqs,), 0, cfg.num_domains)
     tokens = _sample(k_tok, chains, domains, cfg.seq_len)
     (_, ce), grads = jax.value_and_grad(loss, has_aux=True)(
-        params, tokens.reshape(micro, seqs, -1))
+      params, tokens.reshape(micro, seqs, -1)
+    )
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, ce
 
@@ -191,22 +203,35 @@ def main(argv):
     if scope not in ("micro", "global"):
       raise app.UsageError(f"--scopes: micro or global, got {scope!r}.")
   seeds = [int(s) for s in _SEEDS.value]
-  cfg = Config(vocab=_VOCAB.value, seq_len=_SEQ_LEN.value,
-               num_domains=_DOMAINS.value,
-               moe=layers.MoEConfig(d_model=_D_MODEL.value, d_ff=_D_FF.value,
-                                    num_experts=_EXPERTS.value,
-                                    top_k=_TOP_K.value))
-  print(f"max I(domain; expert) = log2({cfg.num_domains}) = "
-        f"{np.log2(cfg.num_domains):.3f} bits")
-  print("| LBL scope | seed | eval LM loss | I(domain; expert) [bits] | "
-        "global max/mean load | per-sequence max/mean load | time [s] |")
+  cfg = Config(
+    vocab=_VOCAB.value,
+    seq_len=_SEQ_LEN.value,
+    num_domains=_DOMAINS.value,
+    moe=layers.MoEConfig(
+      d_model=_D_MODEL.value,
+      d_ff=_D_FF.value,
+      num_experts=_EXPERTS.value,
+      top_k=_TOP_K.value,
+    ),
+  )
+  print(
+    f"max I(domain; expert) = log2({cfg.num_domains}) = "
+    f"{np.log2(cfg.num_domains):.3f} bits"
+  )
+  print(
+    "| LBL scope | seed | eval LM loss | I(domain; expert) [bits] | "
+    "global max/mean load | per-sequence max/mean load | time [s] |"
+  )
   print("|---|---|---|---|---|---|---|")
   for scope in _SCOPES.value:
     for seed in seeds:
       start = time.perf_counter()
       ce, mi, glob, seq = _train(cfg, scope, seed)
-      print(f"| {scope} | {seed} | {ce:.3f} | {mi:.3f} | {glob:.2f} | "
-            f"{seq:.2f} | {time.perf_counter() - start:.0f} |", flush=True)
+      print(
+        f"| {scope} | {seed} | {ce:.3f} | {mi:.3f} | {glob:.2f} | "
+        f"{seq:.2f} | {time.perf_counter() - start:.0f} |",
+        flush=True,
+      )
 
 
 if __name__ == "__main__":

@@ -21,23 +21,29 @@ _BLOCK = flags.DEFINE_integer("block", 8, "Block size drawn.")
 
 # name -> (alpha, beta, sink): the head patterns MoA mixes.
 PATTERNS = {
-    "dense": (0.0, 1.0, 0),
-    "local_window": (12.0, 0.0, 0),
-    "window_and_sink": (12.0, 0.0, 4),
-    "elastic": (4.0, 0.25, 4),
+  "dense": (0.0, 1.0, 0),
+  "local_window": (12.0, 0.0, 0),
+  "window_and_sink": (12.0, 0.0, 4),
+  "elastic": (4.0, 0.25, 4),
 }
 
 
-def draw_mask(path: pathlib.Path, window: int, seq: int, block: int,
-              sink: int, title: str) -> None:
+def draw_mask(
+  path: pathlib.Path, window: int, seq: int, block: int, sink: int, title: str
+) -> None:
   """Saves the mask (kept pairs dark) and shades the blocks visited."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+
   mask = np.asarray(ops.moa_mask(jnp.asarray([window]), seq, sink))[0]
   n = -(-seq // block)
-  visited = np.pad(mask, ((0, n * block - seq),) * 2).reshape(
-      n, block, n, block).any((1, 3))
+  visited = (
+    np.pad(mask, ((0, n * block - seq),) * 2)
+    .reshape(n, block, n, block)
+    .any((1, 3))
+  )
   image = np.kron(visited, np.ones((block, block)))[:seq, :seq] * 0.25
   image = np.maximum(image, mask.astype(float))
   fig, ax = plt.subplots(figsize=(2.6, 2.8), dpi=80)
@@ -65,10 +71,13 @@ def main(argv: Sequence[str]) -> None:
   for name, (alpha, beta, sink) in PATTERNS.items():
     window = int(ops.moa_windows([alpha], [beta], _SEQ.value)[0])
     density = ops.moa_density([window], _SEQ.value, sink)[0]
-    title = (f"{name}: a={alpha:g} b={beta:g} sink={sink}\n"
-             f"N={_SEQ.value}: window {window}, density {density:.0%}")
-    draw_mask(out_dir / f"{name}.png", window, _SEQ.value, _BLOCK.value, sink,
-              title)
+    title = (
+      f"{name}: a={alpha:g} b={beta:g} sink={sink}\n"
+      f"N={_SEQ.value}: window {window}, density {density:.0%}"
+    )
+    draw_mask(
+      out_dir / f"{name}.png", window, _SEQ.value, _BLOCK.value, sink, title
+    )
     print(out_dir / f"{name}.png")
 
 

@@ -1,6 +1,6 @@
 """Trains a language model: the main job of lightning_jax.
 
-  python -m tools.train                       # tiny-hybrid on the embedded corpus
+  python -m tools.train          # tiny-hybrid on the embedded corpus
   python -m tools.train --model=moe-hybrid --steps=2000 --batch_size=32 \
       --override=d_model=256,num_layers=8 --workdir=/tmp/moe
   JAX_NUM_CPU_DEVICES=8 python -m tools.train --mesh=data=2,fsdp=2,tensor=2
@@ -22,73 +22,131 @@ from lightning_jax import parallel
 from lightning_jax import training
 
 _MODEL = flags.DEFINE_string(
-    "model", "tiny-hybrid", "Model preset (models.preset_names()).")
+  "model", "tiny-hybrid", "Model preset (models.preset_names())."
+)
 _OVERRIDE = flags.DEFINE_multi_string(
-    "override", [],
-    "Preset fields to override, `field=value[,field=value...]`, e.g. "
-    "`--override=d_model=128,num_layers=4`; repeatable. A comma followed by "
-    "text without `=` continues the previous value (lists).")
+  "override",
+  [],
+  "Preset fields to override, `field=value[,field=value...]`, e.g. "
+  "`--override=d_model=128,num_layers=4`; repeatable. A comma followed by "
+  "text without `=` continues the previous value (lists).",
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (checkpoints, metrics.jsonl); default "
-    "/tmp/lightning_jax/<model>. An existing run there is resumed.")
+  "workdir",
+  None,
+  "Run directory (checkpoints, metrics.jsonl); default "
+  "/tmp/lightning_jax/<model>. An existing run there is resumed.",
+)
 _STEPS = flags.DEFINE_integer("steps", 200, "Optimiser steps of the run.")
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 16, "Global batch size (sequences per step).")
+  "batch_size", 16, "Global batch size (sequences per step)."
+)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 _WARMUP_STEPS = flags.DEFINE_integer(
-    "warmup_steps", None, "Linear warmup steps; default min(100, steps / 10).")
+  "warmup_steps", None, "Linear warmup steps; default min(100, steps / 10)."
+)
 _WEIGHT_DECAY = flags.DEFINE_float(
-    "weight_decay", 0.1, "AdamW decoupled weight decay (>= 2-D weights).")
+  "weight_decay", 0.1, "AdamW decoupled weight decay (>= 2-D weights)."
+)
 _CLIP_NORM = flags.DEFINE_float(
-    "clip_norm", 1.0, "Global gradient-norm clip; 0 disables.")
+  "clip_norm", 1.0, "Global gradient-norm clip; 0 disables."
+)
 _LBL_COEF = flags.DEFINE_float(
-    "lbl_coef", 0.01, "Weight of each MoE layer's load-balancing loss.")
+  "lbl_coef", 0.01, "Weight of each MoE layer's load-balancing loss."
+)
 _Z_COEF = flags.DEFINE_float(
-    "z_coef", 1e-3, "Weight of each MoE layer's router z-loss.")
+  "z_coef", 1e-3, "Weight of each MoE layer's router z-loss."
+)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of params, steps and data.")
 _DATA = flags.DEFINE_string(
-    "data", "corpus", "'corpus' (embedded, byte-level), 'mqar' (synthetic "
-    "associative recall), or a path: text file, directory of text files, "
-    ".npy token array or tensorstore zarr directory.")
+  "data",
+  "corpus",
+  "'corpus' (embedded, byte-level), 'mqar' (synthetic "
+  "associative recall), or a path: text file, directory of text files, "
+  ".npy token array or tensorstore zarr directory.",
+)
 _MESH = flags.DEFINE_string(
-    "mesh", "", "Mesh, e.g. 'data=2,fsdp=2,tensor=2' (axes data, fsdp, "
-    "tensor, expert, pipe, seq); default: every device on 'data'.")
+  "mesh",
+  "",
+  "Mesh, e.g. 'data=2,fsdp=2,tensor=2' (axes data, fsdp, "
+  "tensor, expert, pipe, seq); default: every device on 'data'.",
+)
 _MICROBATCHES = flags.DEFINE_integer(
-    "microbatches", 1, "Gradient-accumulation steps when the mesh has pipe == "
-    "1; pipeline microbatches when pipe > 1.")
+  "microbatches",
+  1,
+  "Gradient-accumulation steps when the mesh has pipe == "
+  "1; pipeline microbatches when pipe > 1.",
+)
 _PIPELINE_SCHEDULE = flags.DEFINE_enum(
-    "pipeline_schedule", "gpipe", ["gpipe", "circular", "1f1b"],
-    "Pipeline schedule when the mesh has pipe > 1 (docs/pipeline.md).")
+  "pipeline_schedule",
+  "gpipe",
+  ["gpipe", "circular", "1f1b"],
+  "Pipeline schedule when the mesh has pipe > 1 (docs/pipeline.md).",
+)
 _PIPELINE_REPEATS = flags.DEFINE_integer(
-    "pipeline_repeats", 1, "Virtual stages per pipe device (circular: >= 2).")
+  "pipeline_repeats", 1, "Virtual stages per pipe device (circular: >= 2)."
+)
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
-    "checkpoint_every", 100, "Save every N steps and at the end; 0 disables.")
+  "checkpoint_every", 100, "Save every N steps and at the end; 0 disables."
+)
 _KEEP_CHECKPOINTS = flags.DEFINE_integer(
-    "keep_checkpoints", 3, "Complete checkpoints to keep.")
+  "keep_checkpoints", 3, "Complete checkpoints to keep."
+)
 _LOG_EVERY = flags.DEFINE_integer(
-    "log_every", 10, "Write metrics every N steps (and at the first and last).")
+  "log_every", 10, "Write metrics every N steps (and at the first and last)."
+)
 _TENSORBOARD = flags.DEFINE_bool(
-    "tensorboard", False, "Also write TensorBoard scalars to <workdir>/"
-    "tensorboard (pip install -e '.[tensorboard]').")
+  "tensorboard",
+  False,
+  "Also write TensorBoard scalars to <workdir>/"
+  "tensorboard (pip install -e '.[tensorboard]').",
+)
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, multi-process runs.")
+  "coordinator_address", None, "host:port of process 0, multi-process runs."
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Processes of a multi-process run.")
+  "num_processes", None, "Processes of a multi-process run."
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in a multi-process run.")
+  "process_id", None, "This process's index in a multi-process run."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Join a multi-process run with the cluster's "
-    "auto-detected settings (TPU pods, Slurm, Open MPI): no need for the "
-    "three flags above.")
+  "distributed",
+  False,
+  "Join a multi-process run with the cluster's "
+  "auto-detected settings (TPU pods, Slurm, Open MPI): no need for the "
+  "three flags above.",
+)
 
 _FLAG_NAMES = (
-    "model", "override", "workdir", "steps", "batch_size", "seq_len", "lr",
-    "warmup_steps", "weight_decay", "clip_norm", "lbl_coef", "z_coef", "seed",
-    "data", "mesh", "microbatches", "pipeline_schedule", "pipeline_repeats",
-    "checkpoint_every", "keep_checkpoints",
-    "log_every", "tensorboard", "coordinator_address", "num_processes",
-    "process_id", "distributed")
+  "model",
+  "override",
+  "workdir",
+  "steps",
+  "batch_size",
+  "seq_len",
+  "lr",
+  "warmup_steps",
+  "weight_decay",
+  "clip_norm",
+  "lbl_coef",
+  "z_coef",
+  "seed",
+  "data",
+  "mesh",
+  "microbatches",
+  "pipeline_schedule",
+  "pipeline_repeats",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "log_every",
+  "tensorboard",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "distributed",
+)
 
 
 def model_config(preset: str, overrides: dict[str, str], vocab_size: int):
@@ -101,46 +159,65 @@ def model_config(preset: str, overrides: dict[str, str], vocab_size: int):
 def _data_vocab_size() -> int:
   """Vocabulary of --data (checked before any compile)."""
   return training.data.make_dataset(
-      _DATA.value, seq_len=_SEQ_LEN.value, global_batch_size=_BATCH_SIZE.value,
-      seed=_SEED.value).vocab_size
+    _DATA.value,
+    seq_len=_SEQ_LEN.value,
+    global_batch_size=_BATCH_SIZE.value,
+    seed=_SEED.value,
+  ).vocab_size
 
 
 def build_config() -> training.TrainConfig:
   """The `TrainConfig` of the flags, validated; ValueError on a bad flag."""
-  for name, flag in (("steps", _STEPS), ("batch_size", _BATCH_SIZE),
-                     ("seq_len", _SEQ_LEN)):
+  for name, flag in (
+    ("steps", _STEPS),
+    ("batch_size", _BATCH_SIZE),
+    ("seq_len", _SEQ_LEN),
+  ):
     if flag.value < 1:
       raise ValueError(f"--{name} must be >= 1, got {flag.value}.")
-  model = model_config(_MODEL.value,
-                       training.parse_overrides(_OVERRIDE.value),
-                       _data_vocab_size())
+  model = model_config(
+    _MODEL.value, training.parse_overrides(_OVERRIDE.value), _data_vocab_size()
+  )
   warmup = _WARMUP_STEPS.value
   if warmup is None:
     warmup = min(100, _STEPS.value // 10)
   config = training.TrainConfig(
-      model=model,
-      workdir=_WORKDIR.value or f"/tmp/lightning_jax/{_MODEL.value}",
-      steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
-      seq_len=_SEQ_LEN.value, seed=_SEED.value, data=_DATA.value,
-      mesh=_MESH.value, microbatches=_MICROBATCHES.value,
-      pipeline_schedule=_PIPELINE_SCHEDULE.value,
-      pipeline_repeats=_PIPELINE_REPEATS.value,
-      checkpoint_every=_CHECKPOINT_EVERY.value,
-      keep_checkpoints=_KEEP_CHECKPOINTS.value, log_every=_LOG_EVERY.value,
-      optim=training.OptimConfig(
-          lr=_LR.value, total_steps=_STEPS.value, warmup_steps=warmup,
-          weight_decay=_WEIGHT_DECAY.value, clip_norm=_CLIP_NORM.value),
-      loss=training.LossConfig(lbl_coef=_LBL_COEF.value, z_coef=_Z_COEF.value),
-      tensorboard=_TENSORBOARD.value,
-      flags={name: flags.FLAGS[name].value for name in _FLAG_NAMES})
+    model=model,
+    workdir=_WORKDIR.value or f"/tmp/lightning_jax/{_MODEL.value}",
+    steps=_STEPS.value,
+    batch_size=_BATCH_SIZE.value,
+    seq_len=_SEQ_LEN.value,
+    seed=_SEED.value,
+    data=_DATA.value,
+    mesh=_MESH.value,
+    microbatches=_MICROBATCHES.value,
+    pipeline_schedule=_PIPELINE_SCHEDULE.value,
+    pipeline_repeats=_PIPELINE_REPEATS.value,
+    checkpoint_every=_CHECKPOINT_EVERY.value,
+    keep_checkpoints=_KEEP_CHECKPOINTS.value,
+    log_every=_LOG_EVERY.value,
+    optim=training.OptimConfig(
+      lr=_LR.value,
+      total_steps=_STEPS.value,
+      warmup_steps=warmup,
+      weight_decay=_WEIGHT_DECAY.value,
+      clip_norm=_CLIP_NORM.value,
+    ),
+    loss=training.LossConfig(lbl_coef=_LBL_COEF.value, z_coef=_Z_COEF.value),
+    tensorboard=_TENSORBOARD.value,
+    flags={name: flags.FLAGS[name].value for name in _FLAG_NAMES},
+  )
   training.validate(config, jax.device_count(), jax.process_count())
   return config
 
 
 def _initialize_distributed() -> None:
   """Joins a multi-process run when asked to (before any device use)."""
-  explicit = (_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value,
-              _PROCESS_ID.value)
+  explicit = (
+    _COORDINATOR_ADDRESS.value,
+    _NUM_PROCESSES.value,
+    _PROCESS_ID.value,
+  )
   if _DISTRIBUTED.value or any(v is not None for v in explicit):
     parallel.initialize_distributed(*explicit)
 
@@ -160,22 +237,26 @@ def main(argv):
     _fail(str(e).splitlines()[0], 2)
   if jax.process_index() == 0:
     mesh = parallel.make_mesh(config.mesh or None)
-    print(f"training {_MODEL.value}{''.join(f' {o}' for o in _OVERRIDE.value)}"
-          f" ({models.num_params(config.model):,} params) on {config.data}: "
-          f"{config.steps} steps x {config.batch_size} x {config.seq_len} "
-          f"tokens, mesh {dict(mesh.shape)}, workdir {config.workdir}",
-          flush=True)
+    print(
+      f"training {_MODEL.value}{''.join(f' {o}' for o in _OVERRIDE.value)}"
+      f" ({models.num_params(config.model):,} params) on {config.data}: "
+      f"{config.steps} steps x {config.batch_size} x {config.seq_len} "
+      f"tokens, mesh {dict(mesh.shape)}, workdir {config.workdir}",
+      flush=True,
+    )
   try:
     result = training.train(config)
   except training.NonFiniteLossError as e:
     _fail(str(e), 1)
   if jax.process_index() == 0 and result.history:
     last = result.history[-1]
-    print(f"step {last['step']}: loss {last['loss']:.4f} (first logged "
-          f"{result.history[0]['loss']:.4f}). Metrics: {config.workdir}/"
-          f"metrics.jsonl; loss curve: python -m tools.plot "
-          f"--workdir={config.workdir}", flush=True)
-
+    print(
+      f"step {last['step']}: loss {last['loss']:.4f} (first logged "
+      f"{result.history[0]['loss']:.4f}). Metrics: {config.workdir}/"
+      f"metrics.jsonl; loss curve: python -m tools.plot "
+      f"--workdir={config.workdir}",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

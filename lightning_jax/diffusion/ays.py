@@ -50,7 +50,7 @@ Validation = Callable[[np.ndarray], float]
 def _gaussian_klub_integrand(t, t_hi, c):
   """`E ||D(x_t) - D(x_{t_hi})||^2 / d` for data `N(0, c^2)`, ideal `D`."""
   a, a_hi = c**2 / (c**2 + t**2), c**2 / (c**2 + t_hi**2)
-  return (a - a_hi)**2 * (c**2 + t**2) + a_hi**2 * (t_hi**2 - t**2)
+  return (a - a_hi) ** 2 * (c**2 + t**2) + a_hi**2 * (t_hi**2 - t**2)
 
 
 def _importance_sample(lo, hi, u_M, proposal_std, grid_size):
@@ -70,8 +70,9 @@ def _importance_sample(lo, hi, u_M, proposal_std, grid_size):
   cdf = jnp.concatenate([jnp.zeros((1,), cell.dtype), jnp.cumsum(cell)])
   total = cdf[-1]
   target_M = u_M * total
-  j_M = jnp.clip(jnp.searchsorted(cdf, target_M, side="right") - 1, 0,
-                 grid_size - 2)
+  j_M = jnp.clip(
+    jnp.searchsorted(cdf, target_M, side="right") - 1, 0, grid_size - 2
+  )
   frac_M = (target_M - cdf[j_M]) / cell[j_M]
   log_t_M = log_G[j_M] + frac_M * (log_G[1] - log_G[0])
   t_M = jnp.exp(log_t_M)
@@ -80,9 +81,16 @@ def _importance_sample(lo, hi, u_M, proposal_std, grid_size):
   return t_M, 1.0 / (t_M**2 * q_log_M)
 
 
-def klub_estimator(denoiser, data_sampler, key, *, num_samples: int = 2048,
-                   proposal_std: float = 0.5, grid_size: int = 256,
-                   batch_size: int = 8) -> IntervalCost:
+def klub_estimator(
+  denoiser,
+  data_sampler,
+  key,
+  *,
+  num_samples: int = 2048,
+  proposal_std: float = 0.5,
+  grid_size: int = 256,
+  batch_size: int = 8,
+) -> IntervalCost:
   """Monte-Carlo KLUB of single intervals, for any JAX denoiser and data.
 
   Args:
@@ -118,17 +126,28 @@ def klub_estimator(denoiser, data_sampler, key, *, num_samples: int = 2048,
   k_data, k_t, k_hi, k_u = jax.random.split(key, 4)
   x0 = jnp.asarray(data_sampler(k_data, num_samples), jnp.float32)
   if x0.ndim < 1 or x0.shape[0] != num_samples:
-    raise ValueError("`data_sampler(key, num)` must return [num, ...], got "
-                     f"shape {x0.shape} for num={num_samples}.")
+    raise ValueError(
+      "`data_sampler(key, num)` must return [num, ...], got "
+      f"shape {x0.shape} for num={num_samples}."
+    )
   out = jax.eval_shape(denoiser, x0[:1], jnp.float32(1.0))
   if out.shape != x0[:1].shape:
-    raise ValueError(f"`denoiser(x, sigma)` must return x's shape "
-                     f"{x0[:1].shape}, got {out.shape}.")
-  draws = (x0, jax.random.normal(k_t, x0.shape, x0.dtype),
-           jax.random.normal(k_hi, x0.shape, x0.dtype),
-           jax.random.uniform(k_u, (num_samples,), x0.dtype))
-  static = dict(denoiser=denoiser, proposal_std=float(proposal_std),
-                grid_size=grid_size, batch_size=batch_size)
+    raise ValueError(
+      f"`denoiser(x, sigma)` must return x's shape "
+      f"{x0[:1].shape}, got {out.shape}."
+    )
+  draws = (
+    x0,
+    jax.random.normal(k_t, x0.shape, x0.dtype),
+    jax.random.normal(k_hi, x0.shape, x0.dtype),
+    jax.random.uniform(k_u, (num_samples,), x0.dtype),
+  )
+  static = dict(
+    denoiser=denoiser,
+    proposal_std=float(proposal_std),
+    grid_size=grid_size,
+    batch_size=batch_size,
+  )
 
   def interval_klub(sigma_lo, sigma_hi):
     lo = jnp.atleast_1d(jnp.asarray(sigma_lo, jnp.float32))
@@ -138,15 +157,18 @@ def klub_estimator(denoiser, data_sampler, key, *, num_samples: int = 2048,
     pad = size - lo.shape[0]
     lo_p = jnp.concatenate([lo, jnp.full((pad,), 0.5, jnp.float32)])
     hi_p = jnp.concatenate([hi, jnp.full((pad,), 1.0, jnp.float32)])
-    return _interval_klub(draws, lo_p, hi_p, **static)[:lo.shape[0]]
+    return _interval_klub(draws, lo_p, hi_p, **static)[: lo.shape[0]]
 
   return interval_klub
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "proposal_std",
-                                             "grid_size", "batch_size"))
-def _interval_klub(draws, lo_B, hi_B, *, denoiser, proposal_std, grid_size,
-                   batch_size):
+@functools.partial(
+  jax.jit,
+  static_argnames=("denoiser", "proposal_std", "grid_size", "batch_size"),
+)
+def _interval_klub(
+  draws, lo_B, hi_B, *, denoiser, proposal_std, grid_size, batch_size
+):
   """`[b]` KLUBs of the intervals `[lo_B, hi_B]` from fixed draws."""
   x0, eps_t, eps_hi, u_M = draws
   num = x0.shape[0]
@@ -159,7 +181,7 @@ def _interval_klub(draws, lo_B, hi_B, *, denoiser, proposal_std, grid_size,
     x_t = x0 + t_M[expand] * eps_t
     x_hi = x_t + jnp.sqrt(jnp.maximum(hi**2 - t_M**2, 0.0))[expand] * eps_hi
     diff = per_sample(x_t, t_M) - denoiser(x_hi, hi)
-    sq_M = jnp.sum(diff.reshape(num, -1)**2, axis=-1)
+    sq_M = jnp.sum(diff.reshape(num, -1) ** 2, axis=-1)
     return jnp.mean(w_M * sq_M)
 
   return jax.lax.map(one, (lo_B, hi_B), batch_size=batch_size)
@@ -213,6 +235,7 @@ def schedule_cost(interval_cost: IntervalCost, levels) -> float:
 
 class OptimizeResult(NamedTuple):
   """What `optimize_schedule` returns."""
+
   levels: np.ndarray  # [m] decreasing positive levels
   costs: list  # total cost after each sweep (index 0: the initial one)
   validation: list  # validation metric after each sweep ([] if none)
@@ -232,16 +255,23 @@ def _candidates(upper, lower, current, num, zoom):
   coarse = np.linspace(ll, lu, num + 2)[1:-1].T
   cell = (lu - ll) / (num + 1)
   fine = lc[:, None] + np.linspace(-zoom, zoom, num)[None, :] * cell[:, None]
-  fine = np.clip(fine, ll[:, None] + 0.01 * cell[:, None],
-                 lu[:, None] - 0.01 * cell[:, None])
+  fine = np.clip(
+    fine, ll[:, None] + 0.01 * cell[:, None], lu[:, None] - 0.01 * cell[:, None]
+  )
   return np.exp(np.concatenate([coarse, fine, lc[:, None]], axis=1))
 
 
-def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
-                      num_candidates: int = 16, max_sweeps: int = 50,
-                      rtol: float = 1e-4,
-                      validation_fn: Validation | None = None,
-                      patience: int = 2) -> OptimizeResult:
+def optimize_schedule(
+  interval_cost: IntervalCost,
+  levels,
+  *,
+  free=None,
+  num_candidates: int = 16,
+  max_sweeps: int = 50,
+  rtol: float = 1e-4,
+  validation_fn: Validation | None = None,
+  patience: int = 2,
+) -> OptimizeResult:
   """AYS iterative refinement of the interior levels of a schedule.
 
   Each sweep updates the odd, then the even interior indices (non-neighbours
@@ -278,7 +308,8 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
   m = len(s)
   if m < 3:
     raise ValueError(
-        f"`levels` needs >= 3 values to have an interior, got {m}.")
+      f"`levels` needs >= 3 values to have an interior, got {m}."
+    )
   num_candidates = _checks.check_positive_int("num_candidates", num_candidates)
   max_sweeps = _checks.check_positive_int("max_sweeps", max_sweeps)
   patience = _checks.check_positive_int("patience", patience)
@@ -298,8 +329,7 @@ def optimize_schedule(interval_cost: IntervalCost, levels, *, free=None,
       idx = np.flatnonzero(mask & (np.arange(m) % 2 == parity))
       if idx.size == 0:
         continue
-      cand = _candidates(s[idx - 1], s[idx + 1], s[idx], num_candidates,
-                         zoom)
+      cand = _candidates(s[idx - 1], s[idx + 1], s[idx], num_candidates, zoom)
       upper = np.broadcast_to(s[idx - 1][:, None], cand.shape)
       lower = np.broadcast_to(s[idx + 1][:, None], cand.shape)
       lo = np.concatenate([cand.ravel(), lower.ravel()])
@@ -345,14 +375,19 @@ def subdivide_loglinear(levels) -> np.ndarray:
 
 class AYSResult(NamedTuple):
   """What `align_your_steps` returns: one entry per stage (coarse to fine)."""
+
   levels: list  # [stage] -> [m_stage] positive levels
   stages: list  # [stage] -> OptimizeResult
 
 
-def align_your_steps(interval_cost: IntervalCost, init_levels, *,
-                     num_refinements: int = 2,
-                     validation_fn: Validation | None = None,
-                     **optimize_kwargs) -> AYSResult:
+def align_your_steps(
+  interval_cost: IntervalCost,
+  init_levels,
+  *,
+  num_refinements: int = 2,
+  validation_fn: Validation | None = None,
+  **optimize_kwargs,
+) -> AYSResult:
   """AYS coarse to fine: optimise all interior levels, then subdivide+refine.
 
   Stage 0 optimises every interior level of `init_levels` (with early
@@ -375,8 +410,9 @@ def align_your_steps(interval_cost: IntervalCost, init_levels, *,
   """
   if num_refinements < 0:
     raise ValueError(f"`num_refinements` must be >= 0, got {num_refinements}.")
-  res = optimize_schedule(interval_cost, init_levels,
-                          validation_fn=validation_fn, **optimize_kwargs)
+  res = optimize_schedule(
+    interval_cost, init_levels, validation_fn=validation_fn, **optimize_kwargs
+  )
   levels, stages = [res.levels], [res]
   for _ in range(num_refinements):
     fine = subdivide_loglinear(levels[-1])

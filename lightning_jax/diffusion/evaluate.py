@@ -34,20 +34,25 @@ def sliced_wasserstein(x, y, key, num_projections: int = 256) -> jax.Array:
   """
   _checks.check_rank("x", x, 2, "[n, d]")
   _checks.check_shape("y", y, np.shape(x), "[n, d] like x")
-  num_projections = _checks.check_positive_int("num_projections",
-                                               num_projections)
+  num_projections = _checks.check_positive_int(
+    "num_projections", num_projections
+  )
   theta = jax.random.normal(key, (np.shape(x)[1], num_projections))
   theta = theta / jnp.linalg.norm(theta, axis=0, keepdims=True)
   px = jnp.sort(jnp.asarray(x, jnp.float32) @ theta, axis=0)
   py = jnp.sort(jnp.asarray(y, jnp.float32) @ theta, axis=0)
-  return jnp.sqrt(jnp.mean((px - py)**2))
+  return jnp.sqrt(jnp.mean((px - py) ** 2))
 
 
-def compare_schedules(mix: toy.GaussianMixture,
-                      schedules: Mapping[str, np.ndarray],
-                      sampler_names, *, seeds=(0, 1, 2, 3),
-                      num_samples: int = 4096,
-                      num_projections: int = 256) -> list[dict]:
+def compare_schedules(
+  mix: toy.GaussianMixture,
+  schedules: Mapping[str, np.ndarray],
+  sampler_names,
+  *,
+  seeds=(0, 1, 2, 3),
+  num_samples: int = 4096,
+  num_projections: int = 256,
+) -> list[dict]:
   """Samples `mix` with each sampler x schedule and scores it against truth.
 
   For each seed the same starting noise `sigma_0 * eps` is used by every
@@ -80,13 +85,17 @@ def compare_schedules(mix: toy.GaussianMixture,
     raise ValueError(f"`schedules` must share sigma_0, got {firsts}.")
   denoiser = toy.mixture_denoiser(mix)
   log_prob = jax.jit(lambda x: jnp.mean(toy.mixture_log_prob(mix, x)))
-  runs = {name: jax.jit(lambda x, s, k, f=samplers_lib.SAMPLERS[name]:
-                        f(denoiser, x, s, key=k))
-          for name in sampler_names}
+  runs = {
+    name: jax.jit(
+      lambda x, s, k, f=samplers_lib.SAMPLERS[name]: f(denoiser, x, s, key=k)
+    )
+    for name in sampler_names
+  }
   results = {}
   for seed in seeds:
     k_ref, k_ref2, k_noise, k_proj, k_sde = jax.random.split(
-        jax.random.key(seed), 5)
+      jax.random.key(seed), 5
+    )
     ref = toy.mixture_sample(mix, k_ref, num_samples)
     ref_lp = log_prob(ref)
     start = jax.random.normal(k_noise, ref.shape)
@@ -94,7 +103,8 @@ def compare_schedules(mix: toy.GaussianMixture,
     for sched_name, sigmas in schedules.items():
       for name in sampler_names:
         evals[(name, sched_name)] = runs[name](
-            start * float(sigmas[0]), jnp.asarray(sigmas, jnp.float32), k_sde)
+          start * float(sigmas[0]), jnp.asarray(sigmas, jnp.float32), k_sde
+        )
     for key, x in evals.items():
       gap = float(ref_lp - log_prob(x))
       sw = float(sliced_wasserstein(x, ref, k_proj, num_projections))
@@ -103,18 +113,28 @@ def compare_schedules(mix: toy.GaussianMixture,
   for (name, sched_name), vals in results.items():
     v = np.asarray(vals)
     steps = 0 if name == "exact" else len(schedules[sched_name]) - 1
-    rows.append(dict(sampler=name, schedule=sched_name, steps=steps,
-                     nll_gap=float(v[:, 0].mean()),
-                     nll_gap_std=float(v[:, 0].std()),
-                     sw2=float(v[:, 1].mean()), sw2_std=float(v[:, 1].std())))
+    rows.append(
+      dict(
+        sampler=name,
+        schedule=sched_name,
+        steps=steps,
+        nll_gap=float(v[:, 0].mean()),
+        nll_gap_std=float(v[:, 0].std()),
+        sw2=float(v[:, 1].mean()),
+        sw2_std=float(v[:, 1].std()),
+      )
+    )
   return rows
 
 
-def sample_quality_fn(mix: toy.GaussianMixture,
-                      sampler_name: str = "euler_ancestral",
-                      *, seed: int = 1000, num_samples: int = 2048,
-                      num_projections: int = 128
-                      ) -> Callable[[np.ndarray], float]:
+def sample_quality_fn(
+  mix: toy.GaussianMixture,
+  sampler_name: str = "euler_ancestral",
+  *,
+  seed: int = 1000,
+  num_samples: int = 2048,
+  num_projections: int = 128,
+) -> Callable[[np.ndarray], float]:
   """Validation metric for AYS early stopping: SW2 of samples vs. truth.
 
   Args:
@@ -127,16 +147,22 @@ def sample_quality_fn(mix: toy.GaussianMixture,
   Returns:
     `metric(levels) -> float`, lower is better, deterministic.
   """
-  _checks.check_choice("sampler_name", sampler_name,
-                       tuple(samplers_lib.SAMPLERS))
+  _checks.check_choice(
+    "sampler_name", sampler_name, tuple(samplers_lib.SAMPLERS)
+  )
   sampler = samplers_lib.SAMPLERS[sampler_name]
   denoiser = toy.mixture_denoiser(mix)
   k_ref, k_noise, k_proj, k_sde = jax.random.split(jax.random.key(seed), 4)
   ref = toy.mixture_sample(mix, k_ref, num_samples)
   noise = jax.random.normal(k_noise, ref.shape)
-  run = jax.jit(lambda s: sliced_wasserstein(
-      sampler(denoiser, noise * s[0], s, key=k_sde), ref, k_proj,
-      num_projections))
+  run = jax.jit(
+    lambda s: sliced_wasserstein(
+      sampler(denoiser, noise * s[0], s, key=k_sde),
+      ref,
+      k_proj,
+      num_projections,
+    )
+  )
 
   def metric(levels) -> float:
     s = schedules_lib.check_schedule(levels, "levels", allow_final_zero=False)

@@ -38,19 +38,22 @@ def _prepare(denoiser: Denoiser, x, sigmas, key, needs_key: bool):
   _checks.check_rank("sigmas", sigmas, 1, "[num_steps + 1]")
   n = np.shape(sigmas)[0] - 1
   if n < 1:
-    raise ValueError(f"`sigmas` needs at least 2 values (n >= 1 steps), got "
-                     f"{n + 1}.")
+    raise ValueError(
+      f"`sigmas` needs at least 2 values (n >= 1 steps), got {n + 1}."
+    )
   if not isinstance(sigmas, jax.core.Tracer):
     s = np.asarray(sigmas, np.float64)
     if np.any(~np.isfinite(s)) or np.any(s[:-1] <= 0) or s[-1] < 0:
       raise ValueError(
-          f"`sigmas` must be finite and > 0 (a final 0 allowed), got {s}.")
+        f"`sigmas` must be finite and > 0 (a final 0 allowed), got {s}."
+      )
     if np.any(np.diff(s) >= 0):
       raise ValueError(f"`sigmas` must be strictly decreasing, got {s}.")
   out = jax.eval_shape(denoiser, x, jnp.zeros((), x.dtype))
   if out.shape != x.shape:
-    raise ValueError(f"`denoiser(x, sigma)` must return x's shape {x.shape}, "
-                     f"got {out.shape}.")
+    raise ValueError(
+      f"`denoiser(x, sigma)` must return x's shape {x.shape}, got {out.shape}."
+    )
   if needs_key and key is None:
     raise ValueError("`key` is required by this stochastic sampler.")
   keys = jax.random.split(key, n) if needs_key else None
@@ -76,10 +79,17 @@ def _gamma_max(sigmas, s_churn):
   return min(s_churn / (sigmas.shape[0] - 1), 2**0.5 - 1)
 
 
-def sample_euler(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
-                 s_churn: float = 0.0, s_tmin: float = 0.0,
-                 s_tmax: float = float("inf"),
-                 s_noise: float = 1.0) -> jax.Array:
+def sample_euler(
+  denoiser: Denoiser,
+  x: jax.Array,
+  sigmas,
+  *,
+  key=None,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = float("inf"),
+  s_noise: float = 1.0,
+) -> jax.Array:
   """Euler steps on the probability-flow ODE, with optional EDM churn.
 
   Per step: `gamma = min(s_churn / n, sqrt(2) - 1)` if `s_tmin <= sigma_i <=
@@ -127,15 +137,21 @@ def get_ancestral_step(sigma_from, sigma_to, eta: float = 1.0):
     `(sigma_down, sigma_up)`.
   """
   sigma_up = jnp.minimum(
-      sigma_to,
-      eta * jnp.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2)
-                     / sigma_from**2))
+    sigma_to,
+    eta * jnp.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2),
+  )
   return jnp.sqrt(jnp.maximum(sigma_to**2 - sigma_up**2, 0.0)), sigma_up
 
 
-def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *,
-                           key=None, eta: float = 1.0,
-                           s_noise: float = 1.0) -> jax.Array:
+def sample_euler_ancestral(
+  denoiser: Denoiser,
+  x: jax.Array,
+  sigmas,
+  *,
+  key=None,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+) -> jax.Array:
   """Ancestral Euler: an Euler step to `sigma_down`, then noise `sigma_up`.
 
   Args:
@@ -162,10 +178,17 @@ def sample_euler_ancestral(denoiser: Denoiser, x: jax.Array, sigmas, *,
   return x
 
 
-def sample_heun(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
-                s_churn: float = 0.0, s_tmin: float = 0.0,
-                s_tmax: float = float("inf"),
-                s_noise: float = 1.0) -> jax.Array:
+def sample_heun(
+  denoiser: Denoiser,
+  x: jax.Array,
+  sigmas,
+  *,
+  key=None,
+  s_churn: float = 0.0,
+  s_tmin: float = 0.0,
+  s_tmax: float = float("inf"),
+  s_noise: float = 1.0,
+) -> jax.Array:
   """EDM's 2nd-order Heun sampler; the step to sigma = 0 is an Euler step.
 
   Per step (after churn as in `sample_euler`): `d = (x - D(x; sigma_hat)) /
@@ -212,8 +235,9 @@ def _log_step(sigma, sigma_next):
   return jnp.log(sigma) - jnp.log(jnp.where(last, sigma, sigma_next)), last
 
 
-def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *,
-                    key=None) -> jax.Array:
+def sample_dpmpp_2m(
+  denoiser: Denoiser, x: jax.Array, sigmas, *, key=None
+) -> jax.Array:
   """DPM-Solver++(2M): multistep 2nd order in `lambda = -log sigma`.
 
   With `h_i = log(sigma_i / sigma_{i+1})` and `r = h_{i-1} / h_i`:
@@ -233,8 +257,9 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *,
   del key
   sigmas, _ = _prepare(denoiser, x, sigmas, None, False)
   n = sigmas.shape[0] - 1
-  h_prev = jnp.concatenate([jnp.ones((1,), sigmas.dtype),
-                            _log_step(sigmas[:-2], sigmas[1:-1])[0]])
+  h_prev = jnp.concatenate(
+    [jnp.ones((1,), sigmas.dtype), _log_step(sigmas[:-2], sigmas[1:-1])[0]]
+  )
 
   def step(carry, inputs):
     x, old_denoised = carry
@@ -244,19 +269,28 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: jax.Array, sigmas, *,
     r = h_last / h
     second = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
     denoised_d = jnp.where(first | last, denoised, second)
-    x = jnp.where(last, denoised_d,
-                  (sigma_next / sigma) * x - jnp.expm1(-h) * denoised_d)
+    x = jnp.where(
+      last, denoised_d, (sigma_next / sigma) * x - jnp.expm1(-h) * denoised_d
+    )
     return (x, denoised), None
 
   first = jnp.arange(n) == 0
-  (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)),
-                           (sigmas[:-1], sigmas[1:], h_prev, first))
+  (x, _), _ = jax.lax.scan(
+    step, (x, jnp.zeros_like(x)), (sigmas[:-1], sigmas[1:], h_prev, first)
+  )
   return x
 
 
-def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
-                        eta: float = 1.0, s_noise: float = 1.0,
-                        solver_type: str = "midpoint") -> jax.Array:
+def sample_dpmpp_2m_sde(
+  denoiser: Denoiser,
+  x: jax.Array,
+  sigmas,
+  *,
+  key=None,
+  eta: float = 1.0,
+  s_noise: float = 1.0,
+  solver_type: str = "midpoint",
+) -> jax.Array:
   """SDE-DPM-Solver++(2M) with independent Gaussian noise per step.
 
   With `h = log(sigma_i / sigma_{i+1})`: `x = (sigma_{i+1} / sigma_i)
@@ -283,8 +317,9 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
   _checks.check_choice("solver_type", solver_type, ("midpoint", "heun"))
   sigmas, keys = _prepare(denoiser, x, sigmas, key, True)
   n = sigmas.shape[0] - 1
-  h_prev = jnp.concatenate([jnp.ones((1,), sigmas.dtype),
-                            _log_step(sigmas[:-2], sigmas[1:-1])[0]])
+  h_prev = jnp.concatenate(
+    [jnp.ones((1,), sigmas.dtype), _log_step(sigmas[:-2], sigmas[1:-1])[0]]
+  )
 
   def step(carry, inputs):
     x, old_denoised = carry
@@ -305,15 +340,16 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: jax.Array, sigmas, *, key=None,
     return (jnp.where(last, denoised, y), denoised), None
 
   first = jnp.arange(n) == 0
-  (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)),
-                           (sigmas[:-1], sigmas[1:], h_prev, first, keys))
+  (x, _), _ = jax.lax.scan(
+    step, (x, jnp.zeros_like(x)), (sigmas[:-1], sigmas[1:], h_prev, first, keys)
+  )
   return x
 
 
 SAMPLERS = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+  "euler": sample_euler,
+  "euler_ancestral": sample_euler_ancestral,
+  "heun": sample_heun,
+  "dpmpp_2m": sample_dpmpp_2m,
+  "dpmpp_2m_sde": sample_dpmpp_2m_sde,
 }

@@ -24,26 +24,58 @@ SD_NUM_TRAIN_TIMESTEPS = 1000
 # Eleven levels, sigma_max -> sigma_min; the final 0 is not part of the table.
 # For SD 1.5 / SDXL these are the VP sigmas at `AYS_TIMESTEPS` (to 1e-9).
 AYS_NOISE_LEVELS = {
-    "sd15": (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520,
-             1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016,
-             0.3977456272, 0.1515232662, 0.0291671582),
-    "sdxl": (14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769,
-             1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708,
-             0.2332364134, 0.1114188177, 0.0291671582),
-    "svd": (700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173,
-            0.034, 0.002),
+  "sd15": (
+    14.6146412293,
+    6.4745760956,
+    3.8636745985,
+    2.6946151520,
+    1.8841921177,
+    1.3943805092,
+    0.9642583904,
+    0.6523686016,
+    0.3977456272,
+    0.1515232662,
+    0.0291671582,
+  ),
+  "sdxl": (
+    14.6146412293,
+    6.3184485287,
+    3.7681790315,
+    2.1811480769,
+    1.3405244945,
+    0.8620721141,
+    0.5550693289,
+    0.3798540708,
+    0.2332364134,
+    0.1114188177,
+    0.0291671582,
+  ),
+  "svd": (
+    700.00,
+    54.5,
+    15.886,
+    7.977,
+    4.248,
+    1.789,
+    0.981,
+    0.403,
+    0.173,
+    0.034,
+    0.002,
+  ),
 }
 # The same schedules as discrete timesteps of SD's 1000-step DDPM (project
 # how-to page; diffusers `AysSchedules` lists the first ten).
 AYS_TIMESTEPS = {
-    "sd15": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0),
-    "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0),
+  "sd15": (999, 850, 736, 645, 545, 455, 343, 233, 124, 24, 0),
+  "sdxl": (999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0),
 }
 FINAL_CONVENTIONS = ("replace", "append")
 
 
-def check_schedule(sigmas, name: str = "sigmas", *,
-                   allow_final_zero: bool = True) -> np.ndarray:
+def check_schedule(
+  sigmas, name: str = "sigmas", *, allow_final_zero: bool = True
+) -> np.ndarray:
   """Validates a noise schedule and returns it as a float64 array.
 
   Args:
@@ -63,8 +95,9 @@ def check_schedule(sigmas, name: str = "sigmas", *,
   _checks.check_rank(name, sigmas, 1, "[n + 1]")
   s = np.array(sigmas, np.float64)  # a copy: callers may edit it
   if s.shape[0] < 2:
-    raise ValueError(f"`{name}` needs at least 2 values (one step), got "
-                     f"{s.shape[0]}.")
+    raise ValueError(
+      f"`{name}` needs at least 2 values (one step), got {s.shape[0]}."
+    )
   if not np.all(np.isfinite(s)):
     raise ValueError(f"`{name}` must be finite, got {s}.")
   positive = s[:-1] if allow_final_zero else s
@@ -77,10 +110,15 @@ def check_schedule(sigmas, name: str = "sigmas", *,
 
 
 def _check_range(sigma_min, sigma_max) -> None:
-  if not (np.isfinite(sigma_min) and np.isfinite(sigma_max)
-          and 0 < sigma_min < sigma_max):
-    raise ValueError("need 0 < `sigma_min` < `sigma_max`, got "
-                     f"sigma_min={sigma_min}, sigma_max={sigma_max}.")
+  if not (
+    np.isfinite(sigma_min)
+    and np.isfinite(sigma_max)
+    and 0 < sigma_min < sigma_max
+  ):
+    raise ValueError(
+      "need 0 < `sigma_min` < `sigma_max`, got "
+      f"sigma_min={sigma_min}, sigma_max={sigma_max}."
+    )
 
 
 def _exact_ends(sigmas, sigma_min, sigma_max):
@@ -91,8 +129,9 @@ def _exact_ends(sigmas, sigma_min, sigma_max):
   return sigmas
 
 
-def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
-                  rho: float = 7.0) -> np.ndarray:
+def karras_sigmas(
+  n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> np.ndarray:
   """EDM schedule: `n` levels uniform in `sigma ** (1 / rho)`, then 0.
 
   `sigma_i = (sigma_max^(1/rho) + i / (n - 1) * (sigma_min^(1/rho) -
@@ -117,12 +156,14 @@ def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     raise ValueError(f"`rho` must be > 0, got {rho}.")
   u = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(1)
   lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-  return _exact_ends(np.append((hi + u * (lo - hi)) ** rho, 0.0), sigma_min,
-                     sigma_max)
+  return _exact_ends(
+    np.append((hi + u * (lo - hi)) ** rho, 0.0), sigma_min, sigma_max
+  )
 
 
-def exponential_sigmas(n: int, sigma_min: float = 0.002,
-                       sigma_max: float = 80.0) -> np.ndarray:
+def exponential_sigmas(
+  n: int, sigma_min: float = 0.002, sigma_max: float = 80.0
+) -> np.ndarray:
   """Log-linear schedule: `n` levels uniform in `log sigma`, then 0.
 
   Args:
@@ -139,14 +180,21 @@ def exponential_sigmas(n: int, sigma_min: float = 0.002,
   """
   n = _checks.check_positive_int("n", n)
   _check_range(sigma_min, sigma_max)
-  return _exact_ends(np.append(
-      np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n)), 0.0),
-                     sigma_min, sigma_max)
+  return _exact_ends(
+    np.append(
+      np.exp(np.linspace(np.log(sigma_max), np.log(sigma_min), n)), 0.0
+    ),
+    sigma_min,
+    sigma_max,
+  )
 
 
-def kl_optimal_sigmas(n: int, sigma_min: float = 0.002,
-                      sigma_max: float = 80.0,
-                      data_std: float = 1.0) -> np.ndarray:
+def kl_optimal_sigmas(
+  n: int,
+  sigma_min: float = 0.002,
+  sigma_max: float = 80.0,
+  data_std: float = 1.0,
+) -> np.ndarray:
   """AYS closed-form schedule for Gaussian data `N(0, c^2 I)`, then 0.
 
   Theorem 3.1 of Sabour et al. (2024): for Gaussian data and Euler (DDIM)
@@ -176,14 +224,17 @@ def kl_optimal_sigmas(n: int, sigma_min: float = 0.002,
   a_max = np.arctan(sigma_max / data_std)
   a_min = np.arctan(sigma_min / data_std)
   return _exact_ends(
-      np.append(data_std * np.tan((1 - u) * a_max + u * a_min), 0.0),
-      sigma_min, sigma_max)
+    np.append(data_std * np.tan((1 - u) * a_max + u * a_min), 0.0),
+    sigma_min,
+    sigma_max,
+  )
 
 
-def vp_log_sigmas(beta_start: float = SD_BETA_START,
-                  beta_end: float = SD_BETA_END,
-                  num_train_timesteps: int = SD_NUM_TRAIN_TIMESTEPS
-                  ) -> np.ndarray:
+def vp_log_sigmas(
+  beta_start: float = SD_BETA_START,
+  beta_end: float = SD_BETA_END,
+  num_train_timesteps: int = SD_NUM_TRAIN_TIMESTEPS,
+) -> np.ndarray:
   """`log sigma_t` of a discrete DDPM with "scaled-linear" betas.
 
   `beta_t = (sqrt(beta_start) + t / (T - 1) (sqrt(beta_end) -
@@ -201,9 +252,10 @@ def vp_log_sigmas(beta_start: float = SD_BETA_START,
   """
   num = _checks.check_positive_int("num_train_timesteps", num_train_timesteps)
   if not 0 < beta_start <= beta_end < 1:
-    raise ValueError("need 0 < `beta_start` <= `beta_end` < 1, got "
-                     f"{beta_start}, {beta_end}.")
-  betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, num) ** 2
+    raise ValueError(
+      f"need 0 < `beta_start` <= `beta_end` < 1, got {beta_start}, {beta_end}."
+    )
+  betas = np.linspace(beta_start**0.5, beta_end**0.5, num) ** 2
   log_alpha_bar = np.cumsum(np.log1p(-betas))
   return 0.5 * (np.log(-np.expm1(log_alpha_bar)) - log_alpha_bar)
 
@@ -234,7 +286,8 @@ def vp_sigmas(timesteps, **vp_kwargs) -> np.ndarray:
   t = np.asarray(timesteps, np.float64)
   if not np.all((t >= 0) & (t <= len(log_sigmas) - 1)):
     raise ValueError(
-        f"`timesteps` must lie in [0, {len(log_sigmas) - 1}], got {t}.")
+      f"`timesteps` must lie in [0, {len(log_sigmas) - 1}], got {t}."
+    )
   return np.exp(np.interp(t, np.arange(len(log_sigmas)), log_sigmas))
 
 
@@ -292,8 +345,9 @@ def loglinear_interp(sigmas, num: int) -> np.ndarray:
   return out
 
 
-def to_sampling_schedule(levels, num_steps: int,
-                         final: str = "replace") -> np.ndarray:
+def to_sampling_schedule(
+  levels, num_steps: int, final: str = "replace"
+) -> np.ndarray:
   """Turns positive noise levels into an `num_steps`-step schedule ending in 0.
 
   Two conventions are in use for the final value:
@@ -319,13 +373,15 @@ def to_sampling_schedule(levels, num_steps: int,
     out[-1] = 0.0
     return out
   if num_steps == 1:
-    return np.array([check_schedule(levels, "levels",
-                                    allow_final_zero=False)[0], 0.0])
+    return np.array(
+      [check_schedule(levels, "levels", allow_final_zero=False)[0], 0.0]
+    )
   return np.append(loglinear_interp(levels, num_steps), 0.0)
 
 
-def ays_sigmas(name: str, num_steps: int = 10,
-               final: str = "replace") -> np.ndarray:
+def ays_sigmas(
+  name: str, num_steps: int = 10, final: str = "replace"
+) -> np.ndarray:
   """Published Align Your Steps schedule, resampled to `num_steps` steps.
 
   Args:

@@ -18,6 +18,7 @@ from lightning_jax import _checks
 
 class GaussianMixture(NamedTuple):
   """A diagonal Gaussian mixture in `d` dimensions (a pytree of arrays)."""
+
   weights: jax.Array  # [k], sums to 1
   means: jax.Array  # [k, d]
   stds: jax.Array  # [k, d], > 0
@@ -56,9 +57,11 @@ def gaussian_mixture(weights, means, stds) -> GaussianMixture:
   _checks.check_shape("stds", s, (k, d), "[k, d]")
   if np.any(s <= 0):
     raise ValueError(f"`stds` must be > 0, got {s}.")
-  return GaussianMixture(jnp.asarray(w / w.sum(), jnp.float32),
-                         jnp.asarray(means, jnp.float32),
-                         jnp.asarray(s, jnp.float32))
+  return GaussianMixture(
+    jnp.asarray(w / w.sum(), jnp.float32),
+    jnp.asarray(means, jnp.float32),
+    jnp.asarray(s, jnp.float32),
+  )
 
 
 def _component_terms(mix: GaussianMixture, x_BxD, sigma):
@@ -66,8 +69,11 @@ def _component_terms(mix: GaussianMixture, x_BxD, sigma):
   var_KxD = mix.stds**2 + sigma**2
   diff_BxKxD = x_BxD[:, None, :] - mix.means[None, :, :]
   log_norm_K = -0.5 * jnp.sum(jnp.log(2 * jnp.pi * var_KxD), axis=-1)
-  log_BxK = (jnp.log(mix.weights)[None, :] + log_norm_K[None, :]
-             - 0.5 * jnp.sum(diff_BxKxD**2 / var_KxD[None], axis=-1))
+  log_BxK = (
+    jnp.log(mix.weights)[None, :]
+    + log_norm_K[None, :]
+    - 0.5 * jnp.sum(diff_BxKxD**2 / var_KxD[None], axis=-1)
+  )
   return log_BxK, diff_BxKxD, var_KxD
 
 
@@ -134,8 +140,9 @@ def mixture_sample(mix: GaussianMixture, key, num: int) -> jax.Array:
   return mix.means[comp] + mix.stds[comp] * eps
 
 
-def ring_mixture(num_modes: int = 8, radius: float = 1.0,
-                 std: float = 0.05) -> GaussianMixture:
+def ring_mixture(
+  num_modes: int = 8, radius: float = 1.0, std: float = 0.05
+) -> GaussianMixture:
   """`num_modes` equal isotropic Gaussians on a circle (2D)."""
   num_modes = _checks.check_positive_int("num_modes", num_modes)
   angle = 2 * np.pi * np.arange(num_modes) / num_modes
@@ -143,8 +150,9 @@ def ring_mixture(num_modes: int = 8, radius: float = 1.0,
   return gaussian_mixture(np.ones(num_modes), means, std)
 
 
-def grid_mixture(side: int = 5, spacing: float = 0.5,
-                 std: float = 0.05) -> GaussianMixture:
+def grid_mixture(
+  side: int = 5, spacing: float = 0.5, std: float = 0.05
+) -> GaussianMixture:
   """`side x side` equal isotropic Gaussians on a centred square grid (2D)."""
   side = _checks.check_positive_int("side", side)
   axis = (np.arange(side) - (side - 1) / 2) * spacing
@@ -159,9 +167,9 @@ def gaussian(dim: int = 2, std: float = 1.0) -> GaussianMixture:
 
 
 TOY_DENSITIES = {
-    "ring": ring_mixture,
-    "grid": grid_mixture,
-    "gaussian": gaussian,
+  "ring": ring_mixture,
+  "grid": grid_mixture,
+  "gaussian": gaussian,
 }
 
 

@@ -35,6 +35,7 @@ class DecodeState(NamedTuple):
       seen so far).
     layers: per layer, its mixer's state.
   """
+
   positions: jax.Array
   layers: tuple
 
@@ -45,19 +46,30 @@ def check_prompt(tokens_BxT, lengths_B, max_len: int):
   _checks.check_shape("lengths_B", lengths_B, tokens_BxT.shape[:1], "[batch]")
   _checks.check_positive_int("max_len", max_len)
   if tokens_BxT.shape[1] > max_len:
-    raise ValueError(f"`max_len` ({max_len}) must be >= the prompt length "
-                     f"{tokens_BxT.shape[1]}.")
+    raise ValueError(
+      f"`max_len` ({max_len}) must be >= the prompt length "
+      f"{tokens_BxT.shape[1]}."
+    )
 
 
 def empty_states(cfg: models.ModelConfig, batch: int, max_len: int) -> tuple:
   """Every layer's fresh mixer state for sequences of <= `max_len` tokens."""
   dtype = models.compute_dtype(cfg)
-  return tuple(mixers.get(b.kind).empty_state(b.mixer, batch, max_len, dtype)
-               for b in models.block_configs(cfg))
+  return tuple(
+    mixers.get(b.kind).empty_state(b.mixer, batch, max_len, dtype)
+    for b in models.block_configs(cfg)
+  )
 
 
-def prefill(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
-            max_len: int, *, snapkv: layers.SnapKVConfig | None = None):
+def prefill(
+  params,
+  tokens_BxT,
+  lengths_B,
+  cfg: models.ModelConfig,
+  max_len: int,
+  *,
+  snapkv: layers.SnapKVConfig | None = None,
+):
   """Runs the prompt and builds the decoding state.
 
   Args:
@@ -85,10 +97,12 @@ def prefill(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
   lengths = jnp.array(lengths_B, jnp.int32)
   params = models.cast_params(params, models.compute_dtype(cfg))
   h, _, states = models.run_blocks(
-      params["layers"], models.embed(params, tokens_BxT, cfg),
-      models.block_configs(cfg),
-      empty_states(cfg, tokens_BxT.shape[0], max_len),
-      layers.Decoding(lengths, snapkv))
+    params["layers"],
+    models.embed(params, tokens_BxT, cfg),
+    models.block_configs(cfg),
+    empty_states(cfg, tokens_BxT.shape[0], max_len),
+    layers.Decoding(lengths, snapkv),
+  )
   last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
   logits = models.head(params, last, cfg)[:, 0]
   return logits, DecodeState(lengths, states)
@@ -98,15 +112,19 @@ def _decode_step(params, state: DecodeState, tokens_B, cfg):
   _checks.check_shape("tokens_B", tokens_B, state.positions.shape, "[batch]")
   params = models.cast_params(params, models.compute_dtype(cfg))
   h, _, states = models.run_blocks(
-      params["layers"], models.embed(params, tokens_B[:, None], cfg),
-      models.block_configs(cfg), state.layers,
-      layers.Decoding(jnp.ones_like(state.positions)))
+    params["layers"],
+    models.embed(params, tokens_B[:, None], cfg),
+    models.block_configs(cfg),
+    state.layers,
+    layers.Decoding(jnp.ones_like(state.positions)),
+  )
   logits = models.head(params, h, cfg)[:, 0]
   return logits, DecodeState(state.positions + 1, states)
 
 
-decode_step = jax.jit(_decode_step, static_argnames="cfg",
-                      donate_argnames="state")
+decode_step = jax.jit(
+  _decode_step, static_argnames="cfg", donate_argnames="state"
+)
 decode_step.__doc__ = """Feeds one token per row and advances the state.
 
   Args:
@@ -127,10 +145,17 @@ prefill_jit = jax.jit(prefill, static_argnames=("cfg", "max_len", "snapkv"))
 _sample = jax.jit(sampling.sample, static_argnums=2)
 
 
-def generate_stream(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
-                    max_new_tokens: int, key,
-                    sampling_cfg: sampling.SamplingConfig | None = None,
-                    snapkv: layers.SnapKVConfig | None = None):
+def generate_stream(
+  params,
+  tokens_BxT,
+  lengths_B,
+  cfg: models.ModelConfig,
+  *,
+  max_new_tokens: int,
+  key,
+  sampling_cfg: sampling.SamplingConfig | None = None,
+  snapkv: layers.SnapKVConfig | None = None,
+):
   """Yields each row's next token, `[batch]` numpy int32, as it is sampled.
 
   Args:
@@ -148,12 +173,16 @@ def generate_stream(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
     ...                               max_new_tokens=16, key=key):
     ...   print(tokens)
   """
-  max_new_tokens = _checks.check_positive_int("max_new_tokens",
-                                              max_new_tokens)
+  max_new_tokens = _checks.check_positive_int("max_new_tokens", max_new_tokens)
   sampling_cfg = sampling_cfg or sampling.SamplingConfig()
-  logits, state = prefill_jit(params, tokens_BxT, lengths_B, cfg,
-                              tokens_BxT.shape[1] + max_new_tokens,
-                              snapkv=snapkv)
+  logits, state = prefill_jit(
+    params,
+    tokens_BxT,
+    lengths_B,
+    cfg,
+    tokens_BxT.shape[1] + max_new_tokens,
+    snapkv=snapkv,
+  )
   for i in range(max_new_tokens):
     tokens = _sample(jax.random.fold_in(key, i), logits, sampling_cfg)
     if i + 1 < max_new_tokens:
@@ -161,8 +190,8 @@ def generate_stream(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, *,
     yield jax.device_get(tokens)
 
 
-def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig,
-             **kwargs):
+def generate(params, tokens_BxT, lengths_B, cfg: models.ModelConfig, **kwargs):
   """`generate_stream` collected: int32 `[batch, max_new_tokens]`."""
-  return jnp.stack(list(generate_stream(params, tokens_BxT, lengths_B, cfg,
-                                        **kwargs)), axis=1)
+  return jnp.stack(
+    list(generate_stream(params, tokens_BxT, lengths_B, cfg, **kwargs)), axis=1
+  )

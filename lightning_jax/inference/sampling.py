@@ -24,6 +24,7 @@ class SamplingConfig:
     top_p: keep the smallest set of most probable tokens whose probability
       reaches `top_p` (None or 1: all).
   """
+
   temperature: float = 1.0
   top_k: int | None = None
   top_p: float | None = None

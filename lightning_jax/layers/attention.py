@@ -45,6 +45,7 @@ class AttentionConfig:
     block_size: block length of the blocked kernels.
     impl: "blocked" (flash / block-sparse kernels) or "reference" (dense).
   """
+
   d_model: int
   num_heads: int
   num_kv_heads: int
@@ -58,15 +59,23 @@ class AttentionConfig:
   impl: str = "blocked"
 
   def __post_init__(self):
-    for name in ("d_model", "num_heads", "num_kv_heads", "head_dim",
-                 "block_size"):
+    for name in (
+      "d_model",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+      "block_size",
+    ):
       _checks.check_positive_int(name, getattr(self, name))
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(f"`num_kv_heads` ({self.num_kv_heads}) must divide "
-                       f"`num_heads` ({self.num_heads}).")
+      raise ValueError(
+        f"`num_kv_heads` ({self.num_kv_heads}) must divide "
+        f"`num_heads` ({self.num_heads})."
+      )
     if self.head_dim % 2:
-      raise ValueError(f"`head_dim` must be even for RoPE, got "
-                       f"{self.head_dim}.")
+      raise ValueError(
+        f"`head_dim` must be even for RoPE, got {self.head_dim}."
+      )
     _checks.check_choice("impl", self.impl, IMPLS)
     if self.window is not None:
       _checks.check_positive_int("window", self.window)
@@ -77,8 +86,10 @@ class AttentionConfig:
         raise ValueError("Give `window` or `moa_alphas`/`moa_betas`, not both.")
       for name in ("moa_alphas", "moa_betas"):
         if len(getattr(self, name)) != self.num_heads:
-          raise ValueError(f"`{name}` must have one entry per head "
-                           f"({self.num_heads}), got {getattr(self, name)}.")
+          raise ValueError(
+            f"`{name}` must have one entry per head "
+            f"({self.num_heads}), got {getattr(self, name)}."
+          )
     if self.sink < 0:
       raise ValueError(f"`sink` must be >= 0, got {self.sink}.")
 
@@ -91,11 +102,13 @@ class AttentionConfig:
     return None
 
 
-def with_moa_plan(cfg: AttentionConfig, plan: ops.MoAPlan,
-                  layer: int) -> AttentionConfig:
+def with_moa_plan(
+  cfg: AttentionConfig, plan: ops.MoAPlan, layer: int
+) -> AttentionConfig:
   """`cfg` with layer `layer`'s rules from `plan`."""
-  return dataclasses.replace(cfg, window=None, moa_alphas=plan.alphas[layer],
-                             moa_betas=plan.betas[layer])
+  return dataclasses.replace(
+    cfg, window=None, moa_alphas=plan.alphas[layer], moa_betas=plan.betas[layer]
+  )
 
 
 def init_attention(key, cfg: AttentionConfig) -> dict:
@@ -107,10 +120,13 @@ def init_attention(key, cfg: AttentionConfig) -> dict:
   """
   kq, kk, kv, ko = jax.random.split(key, 4)
   d, h, hk, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  normal = lambda k, shape, fan_in: (jax.random.normal(k, shape)
-                                     * fan_in ** -0.5)
-  return {"wq": normal(kq, (d, h, dh), d), "wk": normal(kk, (d, hk, dh), d),
-          "wv": normal(kv, (d, hk, dh), d), "wo": normal(ko, (h, dh, d), h * dh)}
+  normal = lambda k, shape, fan_in: jax.random.normal(k, shape) * fan_in**-0.5
+  return {
+    "wq": normal(kq, (d, h, dh), d),
+    "wk": normal(kk, (d, hk, dh), d),
+    "wv": normal(kv, (d, hk, dh), d),
+    "wo": normal(ko, (h, dh, d), h * dh),
+  }
 
 
 def apply_rope(x_BxTxHxD, positions, theta: float = 10_000.0):
@@ -140,12 +156,18 @@ def _qkv(params, x_BxTxD, cfg, positions):
   """q `[B, T, H, Dh]`, k, v `[B, T, Hkv, Dh]`, RoPE at `positions`."""
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
   if x_BxTxD.shape[-1] != cfg.d_model:
-    raise ValueError(f"`x_BxTxD` must have last dim d_model={cfg.d_model}, "
-                     f"got shape {x_BxTxD.shape}.")
-  q, k, v = (jnp.einsum("btd,dhk->bthk", x_BxTxD, params[w])
-             for w in ("wq", "wk", "wv"))
-  return (apply_rope(q, positions, cfg.rope_theta),
-          apply_rope(k, positions, cfg.rope_theta), v)
+    raise ValueError(
+      f"`x_BxTxD` must have last dim d_model={cfg.d_model}, "
+      f"got shape {x_BxTxD.shape}."
+    )
+  q, k, v = (
+    jnp.einsum("btd,dhk->bthk", x_BxTxD, params[w]) for w in ("wq", "wk", "wv")
+  )
+  return (
+    apply_rope(q, positions, cfg.rope_theta),
+    apply_rope(k, positions, cfg.rope_theta),
+    v,
+  )
 
 
 def _attend(q, k, v, windows, cfg):
@@ -153,8 +175,14 @@ def _attend(q, k, v, windows, cfg):
   if windows is None:
     return ops.attention(q, k, v, block_size=cfg.block_size, impl=cfg.impl)
   return ops.moa_attention(
-      q, k, v, windows, sink=cfg.sink, block_size=cfg.block_size,
-      impl="blocked" if cfg.impl == "blocked" else "dense")
+    q,
+    k,
+    v,
+    windows,
+    sink=cfg.sink,
+    block_size=cfg.block_size,
+    impl="blocked" if cfg.impl == "blocked" else "dense",
+  )
 
 
 def _out(params, o_BxTxHxD, dtype):
@@ -179,8 +207,9 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
   return _out(params, _attend(q, k, v, cfg.windows(seq), cfg), x_BxTxD.dtype)
 
 
-def attention_layer_probed(params, x_BxTxD, cfg: AttentionConfig,
-                           probe_BxHxTxT):
+def attention_layer_probed(
+  params, x_BxTxD, cfg: AttentionConfig, probe_BxHxTxT
+):
   """The layer with its attention weights exposed, for MoA profiling.
 
   Computes A (the masked softmax, reference impl) and uses `A + probe` as the
@@ -192,8 +221,11 @@ def attention_layer_probed(params, x_BxTxD, cfg: AttentionConfig,
   seq = x_BxTxD.shape[1]
   q, k, v = _qkv(params, x_BxTxD, cfg, jnp.arange(seq))
   windows = cfg.windows(seq)
-  mask = (ops.causal_mask(seq, seq) if windows is None
-          else ops.moa_mask(windows, seq, cfg.sink))
+  mask = (
+    ops.causal_mask(seq, seq)
+    if windows is None
+    else ops.moa_mask(windows, seq, cfg.sink)
+  )
   a = ops.attention_weights(q, k, mask)
   o = ops.attention_lib.weighted_values(a + probe_BxHxTxT, v).astype(q.dtype)
   return _out(params, o, x_BxTxD.dtype), a
@@ -208,28 +240,36 @@ class AttentionState(NamedTuple):
       tokens SnapKV dropped; 0 otherwise): the next RoPE position is
       `cache.length + offset`.
   """
+
   cache: kv_cache.KVCache | kv_cache.RingKVCache
   offset: jax.Array
 
 
-def init_attention_state(cfg: AttentionConfig, batch: int, max_len: int,
-                         dtype=jnp.float32) -> AttentionState:
+def init_attention_state(
+  cfg: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32
+) -> AttentionState:
   """The empty cache of a sequence growing to `max_len` tokens."""
   windows = cfg.windows(max_len)
   zeros = lambda *shape, dtype=jnp.int32: jnp.zeros(shape, dtype)
   if windows is None:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return AttentionState(kv_cache.KVCache(
-        zeros(*shape, dtype=dtype), zeros(*shape, dtype=dtype), zeros(batch)),
-                          zeros(batch))
-  layout = kv_cache.RingLayout.build(windows, cfg.num_kv_heads, cfg.sink,
-                                     max_len)
+    return AttentionState(
+      kv_cache.KVCache(
+        zeros(*shape, dtype=dtype), zeros(*shape, dtype=dtype), zeros(batch)
+      ),
+      zeros(batch),
+    )
+  layout = kv_cache.RingLayout.build(
+    windows, cfg.num_kv_heads, cfg.sink, max_len
+  )
   buffers = lambda: tuple(
-      zeros(batch, len(heads), cfg.sink + ring, cfg.head_dim, dtype=dtype)
-      for ring, heads in zip(layout.rings, layout.kv_heads, strict=True))
-  return AttentionState(kv_cache.RingKVCache(buffers(), buffers(),
-                                             zeros(batch), layout),
-                        zeros(batch))
+    zeros(batch, len(heads), cfg.sink + ring, cfg.head_dim, dtype=dtype)
+    for ring, heads in zip(layout.rings, layout.kv_heads, strict=True)
+  )
+  return AttentionState(
+    kv_cache.RingKVCache(buffers(), buffers(), zeros(batch), layout),
+    zeros(batch),
+  )
 
 
 def _prefill(q, k, v, lengths_B, cache, cfg, snapkv):
@@ -244,21 +284,29 @@ def _prefill(q, k, v, lengths_B, cache, cfg, snapkv):
   obs = jnp.maximum(snapkv_lib.window_slots(lengths_B, snapkv.window), 0)
   q_obs = jnp.take_along_axis(q, obs[..., None, None], axis=1)
   kc, vc, kept = snapkv_lib.compress(q_obs, k, v, lengths_B, snapkv)
-  return o, kv_cache.kv_cache_from_prompt(kc, vc, kept,
-                                          snapkv.capacity + slots - seq)
+  return o, kv_cache.kv_cache_from_prompt(
+    kc, vc, kept, snapkv.capacity + slots - seq
+  )
 
 
 def _step(q, k, v, cache):
   """One token per row over its cache: `(o [B, 1, H, Dh], new cache)`."""
-  step = (kv_cache.kv_cache_step if isinstance(cache, kv_cache.KVCache)
-          else kv_cache.ring_cache_step)
+  step = (
+    kv_cache.kv_cache_step
+    if isinstance(cache, kv_cache.KVCache)
+    else kv_cache.ring_cache_step
+  )
   o, cache = step(cache, q[:, 0], k[:, 0], v[:, 0])
   return o[:, None], cache
 
 
-def attention_mixer(params, x_BxTxD, cfg: AttentionConfig,
-                    state: AttentionState | None = None,
-                    decoding: mixers.Decoding | None = None):
+def attention_mixer(
+  params,
+  x_BxTxD,
+  cfg: AttentionConfig,
+  state: AttentionState | None = None,
+  decoding: mixers.Decoding | None = None,
+):
   """`attention_layer` with the mixer contract of `layers.mixers`.
 
   Args:
@@ -286,7 +334,8 @@ def attention_mixer(params, x_BxTxD, cfg: AttentionConfig,
   lengths = jnp.asarray(decoding.lengths_B, jnp.int32)
   o, cache = _prefill(q, k, v, lengths, state.cache, cfg, decoding.snapkv)
   return _out(params, o, x_BxTxD.dtype), AttentionState(
-      cache, lengths - cache.length)
+    cache, lengths - cache.length
+  )
 
 
 def _empty_state(cfg, batch, max_len, dtype):
@@ -300,41 +349,70 @@ def _init(key, cfg, *, layer, num_layers):
 
 def _dense_config(spec: mixers.LayerSpec) -> AttentionConfig:
   m = spec.model
-  return mixers.with_options(AttentionConfig(
-      m.d_model, spec.num_heads, spec.num_kv_heads, m.head_dim,
-      rope_theta=m.rope_theta, window=m.window, sink=m.sink,
-      impl=m.attention_impl), spec.options)
+  return mixers.with_options(
+    AttentionConfig(
+      m.d_model,
+      spec.num_heads,
+      spec.num_kv_heads,
+      m.head_dim,
+      rope_theta=m.rope_theta,
+      window=m.window,
+      sink=m.sink,
+      impl=m.attention_impl,
+    ),
+    spec.options,
+  )
 
 
 def _moa_config(spec: mixers.LayerSpec) -> AttentionConfig:
   m = spec.model
   plan, row = m.moa_plan, m.attention_layers.index(spec.layer)
-  if plan is None or row >= plan.num_layers or (
-      len(plan.alphas[row]) != spec.num_heads):
+  if (
+    plan is None
+    or row >= plan.num_layers
+    or (len(plan.alphas[row]) != spec.num_heads)
+  ):
     shape = None if plan is None else [len(a) for a in plan.alphas]
     raise ValueError(
-        f"`moa_plan` (heads per row: {shape}) must have a row of "
-        f"{spec.num_heads} heads for attention layer {row} (layer "
-        f"{spec.layer}).")
+      f"`moa_plan` (heads per row: {shape}) must have a row of "
+      f"{spec.num_heads} heads for attention layer {row} (layer "
+      f"{spec.layer})."
+    )
   cfg = dataclasses.replace(_dense_config(spec), window=None)
   return with_moa_plan(cfg, plan, row)
 
 
 _QKV = ("embed", "heads", "head_dim")  # [D, H, Dh]
 _RULES = (
-    (("wq",), _QKV),
-    (("wk",), _QKV),  # [D, Hkv, Dh]
-    (("wv",), _QKV),
-    (("wo",), ("heads", "head_dim", "embed")),  # [H, Dh, D]
+  (("wq",), _QKV),
+  (("wk",), _QKV),  # [D, Hkv, Dh]
+  (("wv",), _QKV),
+  (("wo",), ("heads", "head_dim", "embed")),  # [H, Dh, D]
 )
 
-ATTENTION = mixers.register(mixers.Mixer(
-    name="attention", config=_dense_config, init=_init,
-    apply=attention_mixer, empty_state=_empty_state, rules=_RULES,
+ATTENTION = mixers.register(
+  mixers.Mixer(
+    name="attention",
+    config=_dense_config,
+    init=_init,
+    apply=attention_mixer,
+    empty_state=_empty_state,
+    rules=_RULES,
     doc="Causal softmax attention with RoPE and GQA (optional sliding "
-    "window + sink); KV cache as state.", softmax=True))
-MOA = mixers.register(mixers.Mixer(
-    name="moa", config=_moa_config, init=_init, apply=attention_mixer,
-    empty_state=_empty_state, rules=_RULES,
+    "window + sink); KV cache as state.",
+    softmax=True,
+  )
+)
+MOA = mixers.register(
+  mixers.Mixer(
+    name="moa",
+    config=_moa_config,
+    init=_init,
+    apply=attention_mixer,
+    empty_state=_empty_state,
+    rules=_RULES,
     doc="MoA (arXiv 2406.14909): per-head elastic windows + sink from "
-    "`ModelConfig.moa_plan`; sink + ring caches as state.", softmax=True))
+    "`ModelConfig.moa_plan`; sink + ring caches as state.",
+    softmax=True,
+  )
+)

@@ -55,6 +55,7 @@ class Mamba2Config:
     impl: "chunked" or "recurrent".
     norm_eps: epsilon of the gated RMSNorm.
   """
+
   d_model: int
   num_heads: int
   head_dim: int
@@ -66,12 +67,20 @@ class Mamba2Config:
   norm_eps: float = 1e-6
 
   def __post_init__(self):
-    for name in ("d_model", "num_heads", "head_dim", "state_dim",
-                 "num_groups", "chunk_size"):
+    for name in (
+      "d_model",
+      "num_heads",
+      "head_dim",
+      "state_dim",
+      "num_groups",
+      "chunk_size",
+    ):
       _checks.check_positive_int(name, getattr(self, name))
     if self.num_heads % self.num_groups:
-      raise ValueError(f"`num_groups` ({self.num_groups}) must divide "
-                       f"`num_heads` ({self.num_heads}).")
+      raise ValueError(
+        f"`num_groups` ({self.num_groups}) must divide "
+        f"`num_heads` ({self.num_heads})."
+      )
     if self.conv_size < 2:
       raise ValueError(f"`conv_size` must be >= 2, got {self.conv_size}.")
     _checks.check_choice("impl", self.impl, IMPLS)
@@ -85,47 +94,56 @@ class Mamba2Config:
     return self.d_inner + 2 * self.num_groups * self.state_dim
 
 
-def init_mamba2(key, cfg: Mamba2Config, *, layer: int = 0,
-                num_layers: int = 1) -> dict:
+def init_mamba2(
+  key, cfg: Mamba2Config, *, layer: int = 0, num_layers: int = 1
+) -> dict:
   """Params `in_proj: [D, 2 d_inner + 2GN + H]`, `conv1d: {"weight": [K,
   conv_dim], "bias": [conv_dim]}`, `A_log, dt_bias, D: [H]`, `norm:
   {"scale": [d_inner]}`, `out_proj: [d_inner, D]`."""
   del layer, num_layers
   keys = jax.random.split(key, 5)
   h = cfg.num_heads
-  dt = jnp.exp(jax.random.uniform(keys[3], (h,), minval=math.log(1e-3),
-                                  maxval=math.log(1e-1)))
+  dt = jnp.exp(
+    jax.random.uniform(
+      keys[3], (h,), minval=math.log(1e-3), maxval=math.log(1e-1)
+    )
+  )
   dt = jnp.maximum(dt, 1e-4)
   return {
-      "in_proj": dense_init(keys[0], (cfg.d_model, cfg.d_inner + cfg.conv_dim
-                                      + h), jnp.float32),
-      "conv1d": {"weight": jax.random.normal(keys[1], (cfg.conv_size,
-                                                       cfg.conv_dim))
-                           * cfg.conv_size ** -0.5,
-                 "bias": jnp.zeros((cfg.conv_dim,))},
-      "A_log": jnp.log(jax.random.uniform(keys[2], (h,), minval=1,
-                                          maxval=16)),
-      "dt_bias": dt + jnp.log(-jnp.expm1(-dt)),
-      "D": jnp.ones((h,)),
-      "norm": norms.init_rms_norm(cfg.d_inner),
-      "out_proj": dense_init(keys[4], (cfg.d_inner, cfg.d_model),
-                             jnp.float32),
+    "in_proj": dense_init(
+      keys[0], (cfg.d_model, cfg.d_inner + cfg.conv_dim + h), jnp.float32
+    ),
+    "conv1d": {
+      "weight": jax.random.normal(keys[1], (cfg.conv_size, cfg.conv_dim))
+      * cfg.conv_size**-0.5,
+      "bias": jnp.zeros((cfg.conv_dim,)),
+    },
+    "A_log": jnp.log(jax.random.uniform(keys[2], (h,), minval=1, maxval=16)),
+    "dt_bias": dt + jnp.log(-jnp.expm1(-dt)),
+    "D": jnp.ones((h,)),
+    "norm": norms.init_rms_norm(cfg.d_inner),
+    "out_proj": dense_init(keys[4], (cfg.d_inner, cfg.d_model), jnp.float32),
   }
 
 
-def init_mamba2_state(cfg: Mamba2Config, batch: int, max_len: int = 0,
-                      dtype=jnp.float32) -> RecurrentState:
+def init_mamba2_state(
+  cfg: Mamba2Config, batch: int, max_len: int = 0, dtype=jnp.float32
+) -> RecurrentState:
   """Zero SSM state `[B, H, N, P]` and conv tail `[B, K - 1, 1, conv_dim]`."""
   del max_len  # O(1) in the context length
   return RecurrentState(
-      jnp.zeros((batch, cfg.num_heads, cfg.state_dim, cfg.head_dim),
-                jnp.float32),
-      {"xBC": jnp.zeros((batch, cfg.conv_size - 1, 1, cfg.conv_dim), dtype)})
+    jnp.zeros((batch, cfg.num_heads, cfg.state_dim, cfg.head_dim), jnp.float32),
+    {"xBC": jnp.zeros((batch, cfg.conv_size - 1, 1, cfg.conv_dim), dtype)},
+  )
 
 
-def mamba2_layer(params, x_BxTxD, cfg: Mamba2Config,
-                 state: RecurrentState | None = None,
-                 decoding: mixers.Decoding | None = None):
+def mamba2_layer(
+  params,
+  x_BxTxD,
+  cfg: Mamba2Config,
+  state: RecurrentState | None = None,
+  decoding: mixers.Decoding | None = None,
+):
   """The Mamba-2 mixer `[batch, seq, d_model] -> [batch, seq, d_model]`,
   with the contract of `layers.mixers`.
 
@@ -140,8 +158,9 @@ def mamba2_layer(params, x_BxTxD, cfg: Mamba2Config,
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
   batch, seq = x_BxTxD.shape[:2]
-  _checks.check_shape("x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model),
-                      "[batch, seq, d_model]")
+  _checks.check_shape(
+    "x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model), "[batch, seq, d_model]"
+  )
   if state is None:
     state = init_mamba2_state(cfg, batch, dtype=x_BxTxD.dtype)
   valid, unshift = None, lambda y: y
@@ -150,50 +169,74 @@ def mamba2_layer(params, x_BxTxD, cfg: Mamba2Config,
   h, p, g, n = cfg.num_heads, cfg.head_dim, cfg.num_groups, cfg.state_dim
   proj = jnp.einsum("btd,de->bte", x_BxTxD, params["in_proj"])
   z, xbc, dt = jnp.split(proj, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], -1)
-  xbc, tail = short_conv(params["conv1d"]["weight"][:, None], xbc[:, :, None],
-                         state.conv["xBC"])
-  xbc = jax.nn.silu(xbc[:, :, 0]
-                    + params["conv1d"]["bias"].astype(xbc.dtype)[None, None])
+  xbc, tail = short_conv(
+    params["conv1d"]["weight"][:, None], xbc[:, :, None], state.conv["xBC"]
+  )
+  xbc = jax.nn.silu(
+    xbc[:, :, 0] + params["conv1d"]["bias"].astype(xbc.dtype)[None, None]
+  )
   x, b, c = jnp.split(xbc, [cfg.d_inner, cfg.d_inner + g * n], -1)
   x = x.reshape(batch, seq, h, p)
   per_group = lambda u: jnp.repeat(u.reshape(batch, seq, g, n), h // g, 2)
-  dt = jax.nn.softplus(dt.astype(jnp.float32)
-                      + params["dt_bias"][None, None])  # [B, T, H]
+  dt = jax.nn.softplus(
+    dt.astype(jnp.float32) + params["dt_bias"][None, None]
+  )  # [B, T, H]
   v = x.astype(jnp.float32) * dt[..., None]
   if valid is not None:
     v = jnp.where(valid[:, :, None, None], v, 0)
   y, ssm = ops.linear_attention(
-      per_group(c), per_group(b), v.astype(x.dtype),
-      dt * -jnp.exp(params["A_log"])[None, None], scale=1.0, initial_state=state.ssm,
-      output_final_state=True, chunk_size=cfg.chunk_size,
-      impl="recurrent" if seq == 1 else cfg.impl)
+    per_group(c),
+    per_group(b),
+    v.astype(x.dtype),
+    dt * -jnp.exp(params["A_log"])[None, None],
+    scale=1.0,
+    initial_state=state.ssm,
+    output_final_state=True,
+    chunk_size=cfg.chunk_size,
+    impl="recurrent" if seq == 1 else cfg.impl,
+  )
   y = y + params["D"].astype(y.dtype)[None, None, :, None] * x
   y = y.reshape(batch, seq, cfg.d_inner) * jax.nn.silu(z)
   y = norms.rms_norm(params["norm"], y, cfg.norm_eps)
   out = jnp.einsum("bte,ed->btd", y.astype(x_BxTxD.dtype), params["out_proj"])
-  return unshift(out.astype(x_BxTxD.dtype)), RecurrentState(ssm,
-                                                            {"xBC": tail})
+  return unshift(out.astype(x_BxTxD.dtype)), RecurrentState(ssm, {"xBC": tail})
 
 
 def _config(spec: mixers.LayerSpec) -> Mamba2Config:
   m = spec.model
-  return mixers.with_options(Mamba2Config(
-      m.d_model, spec.num_heads, m.head_dim, conv_size=max(m.conv_size, 2),
-      chunk_size=m.chunk_size, impl=m.recurrent_impl, norm_eps=m.norm_eps),
-                             spec.options)
+  return mixers.with_options(
+    Mamba2Config(
+      m.d_model,
+      spec.num_heads,
+      m.head_dim,
+      conv_size=max(m.conv_size, 2),
+      chunk_size=m.chunk_size,
+      impl=m.recurrent_impl,
+      norm_eps=m.norm_eps,
+    ),
+    spec.options,
+  )
 
 
-MAMBA2 = mixers.register(mixers.Mixer(
-    name="mamba2", config=_config, init=init_mamba2, apply=mamba2_layer,
+MAMBA2 = mixers.register(
+  mixers.Mixer(
+    name="mamba2",
+    config=_config,
+    init=init_mamba2,
+    apply=mamba2_layer,
     empty_state=init_mamba2_state,
-    rules=((("in_proj",), ("embed", None)),  # fused z / xBC / dt
-           (("conv1d", "weight"), (None, None)),
-           (("conv1d", "bias"), (None,)),
-           (("A_log",), ("heads",)),
-           (("dt_bias",), ("heads",)),
-           (("D",), ("heads",)),
-           (("norm", "scale"), (None,)),
-           (("out_proj",), (None, "embed"))),
+    rules=(
+      (("in_proj",), ("embed", None)),  # fused z / xBC / dt
+      (("conv1d", "weight"), (None, None)),
+      (("conv1d", "bias"), (None,)),
+      (("A_log",), ("heads",)),
+      (("dt_bias",), ("heads",)),
+      (("D",), ("heads",)),
+      (("norm", "scale"), (None,)),
+      (("out_proj",), (None, "embed")),
+    ),
     doc="Mamba-2 (arXiv 2405.21060): SSD with a per-head data-dependent "
     "scalar decay, D skip, short conv, gated RMSNorm.",
-    preset={"num_layers": 4, "mixer_options": ("mamba2.state_dim=32",)}))
+    preset={"num_layers": 4, "mixer_options": ("mamba2.state_dim=32",)},
+  )
+)

@@ -47,6 +47,7 @@ class Decoding(NamedTuple):
     snapkv: optional `layers.SnapKVConfig` compressing dense attention
       caches at prefill (other mixers ignore it).
   """
+
   lengths_B: jax.Array
   snapkv: Any = None
 
@@ -62,6 +63,7 @@ class LayerSpec(NamedTuple):
     num_kv_heads: key/value heads of this layer (GQA).
     options: this kind's `ModelConfig.mixer_options`, `{name: value}`.
   """
+
   model: Any
   layer: int
   num_heads: int
@@ -90,6 +92,7 @@ class Mixer:
       named like the kind with "-" for "_" (`models.get_preset`); None: no
       preset.
   """
+
   name: str
   config: Callable[[LayerSpec], Any]
   init: Callable[..., dict]
@@ -128,8 +131,9 @@ def get(kind: str) -> Mixer:
     ValueError: unknown kind, listing the registered ones.
   """
   if kind not in _REGISTRY:
-    raise ValueError(f"Unknown token mixer {kind!r}; registered mixers: "
-                     f"{list(_REGISTRY)}.")
+    raise ValueError(
+      f"Unknown token mixer {kind!r}; registered mixers: {list(_REGISTRY)}."
+    )
   return _REGISTRY[kind]
 
 
@@ -148,8 +152,9 @@ def parse_options(entries: tuple[str, ...]) -> dict[str, dict]:
     key, sep, value = entry.partition("=")
     kind, dot, name = key.partition(".")
     if not (sep and dot and kind and name):
-      raise ValueError(f"`mixer_options` entries must be 'kind.name=value', "
-                       f"got {entry!r}.")
+      raise ValueError(
+        f"`mixer_options` entries must be 'kind.name=value', got {entry!r}."
+      )
     get(kind)
     try:
       parsed = json.loads(value)
@@ -196,6 +201,8 @@ def with_options(layer_cfg, options: dict):
   fields = {f.name for f in dataclasses.fields(layer_cfg)}
   unknown = sorted(set(options) - fields)
   if unknown:
-    raise ValueError(f"Unknown mixer option(s) {unknown} for "
-                     f"{type(layer_cfg).__name__}; fields: {sorted(fields)}.")
+    raise ValueError(
+      f"Unknown mixer option(s) {unknown} for "
+      f"{type(layer_cfg).__name__}; fields: {sorted(fields)}."
+    )
   return dataclasses.replace(layer_cfg, **options)

@@ -16,8 +16,13 @@ def dense_init(key, shape, dtype):
   Leading axes (e.g. experts) are batch axes: they do not count in fan-in.
   """
   return jax.nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
-      batch_axis=tuple(range(len(shape) - 2)))(key, shape, dtype)
+    1.0,
+    "fan_in",
+    "truncated_normal",
+    in_axis=-2,
+    out_axis=-1,
+    batch_axis=tuple(range(len(shape) - 2)),
+  )(key, shape, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +35,7 @@ class MLPConfig:
     activation: "silu" (SwiGLU), "gelu" (GeGLU) or "relu" (ReGLU).
     dtype: parameter dtype.
   """
+
   d_model: int
   d_ff: int
   activation: str = "silu"
@@ -51,9 +57,11 @@ def init_mlp(key, cfg: MLPConfig) -> dict:
   """
   k_gate, k_up, k_down = jax.random.split(key, 3)
   d, f = cfg.d_model, cfg.d_ff
-  return {"w_gate": dense_init(k_gate, (d, f), cfg.dtype),
-          "w_up": dense_init(k_up, (d, f), cfg.dtype),
-          "w_down": dense_init(k_down, (f, d), cfg.dtype)}
+  return {
+    "w_gate": dense_init(k_gate, (d, f), cfg.dtype),
+    "w_up": dense_init(k_up, (d, f), cfg.dtype),
+    "w_down": dense_init(k_down, (f, d), cfg.dtype),
+  }
 
 
 def mlp(params: dict, x_BxTxD, cfg: MLPConfig):
@@ -76,8 +84,12 @@ def mlp(params: dict, x_BxTxD, cfg: MLPConfig):
     (2, 3, 8)
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
-  _checks.check_shape("x_BxTxD", x_BxTxD, x_BxTxD.shape[:2] + (cfg.d_model,),
-                      "[batch, seq, d_model]")
+  _checks.check_shape(
+    "x_BxTxD",
+    x_BxTxD,
+    x_BxTxD.shape[:2] + (cfg.d_model,),
+    "[batch, seq, d_model]",
+  )
   x_NxD = x_BxTxD.reshape(-1, cfg.d_model)
   y_NxD = moe.glu(x_NxD, moe.GLUWeights(**params), activation=cfg.activation)
   return y_NxD.reshape(x_BxTxD.shape)

@@ -31,6 +31,7 @@ class MoEConfig:
     activation: GLU activation of the experts.
     dtype: parameter dtype of the experts (the router is float32).
   """
+
   d_model: int
   d_ff: int
   num_experts: int
@@ -48,18 +49,21 @@ class MoEConfig:
     for name in ("d_model", "d_ff", "num_experts", "top_k"):
       _checks.check_positive_int(name, getattr(self, name))
     if self.top_k > self.num_experts:
-      raise ValueError(f"`top_k` must be <= num_experts = {self.num_experts}, "
-                       f"got {self.top_k}.")
+      raise ValueError(
+        f"`top_k` must be <= num_experts = {self.num_experts}, "
+        f"got {self.top_k}."
+      )
     _checks.check_choice("score", self.score, moe_lib.SCORES)
     _checks.check_choice("dispatch", self.dispatch, DISPATCHES)
-    _checks.check_choice("drop_policy", self.drop_policy,
-                         moe_lib.DROP_POLICIES)
+    _checks.check_choice("drop_policy", self.drop_policy, moe_lib.DROP_POLICIES)
     _checks.check_choice("lbl_scope", self.lbl_scope, moe_lib.SCOPES)
-    _checks.check_choice("activation", self.activation,
-                         tuple(moe_lib.ACTIVATIONS))
+    _checks.check_choice(
+      "activation", self.activation, tuple(moe_lib.ACTIVATIONS)
+    )
     if not self.capacity_factor > 0:
       raise ValueError(
-          f"`capacity_factor` must be > 0, got {self.capacity_factor}.")
+        f"`capacity_factor` must be > 0, got {self.capacity_factor}."
+      )
 
 
 class MoEAux(NamedTuple):
@@ -73,6 +77,7 @@ class MoEAux(NamedTuple):
     router_z_loss: shape=(), `moe.router_z_loss` of the router logits.
     load: `moe.LoadStats` (over `lbl_axis` if given, else local).
   """
+
   load_balancing_loss: jax.Array
   lbl_pieces: moe_lib.LBLPieces
   router_z_loss: jax.Array
@@ -90,15 +95,24 @@ def init_moe(key, cfg: MoEConfig) -> dict:
   k_router, k_gate, k_up, k_down = jax.random.split(key, 4)
   d, f, e = cfg.d_model, cfg.d_ff, cfg.num_experts
   return {
-      "router": dense_init(k_router, (d, e), jnp.float32),
-      "experts": {"w_gate": dense_init(k_gate, (e, d, f), cfg.dtype),
-                  "w_up": dense_init(k_up, (e, d, f), cfg.dtype),
-                  "w_down": dense_init(k_down, (e, f, d), cfg.dtype)},
+    "router": dense_init(k_router, (d, e), jnp.float32),
+    "experts": {
+      "w_gate": dense_init(k_gate, (e, d, f), cfg.dtype),
+      "w_up": dense_init(k_up, (e, d, f), cfg.dtype),
+      "w_down": dense_init(k_down, (e, f, d), cfg.dtype),
+    },
   }
 
 
-def moe(params: dict, x_BxTxD, cfg: MoEConfig, *, router_bias=None,
-        lbl_axis=None, expert_axis=None):
+def moe(
+  params: dict,
+  x_BxTxD,
+  cfg: MoEConfig,
+  *,
+  router_bias=None,
+  lbl_axis=None,
+  expert_axis=None,
+):
   """Top-k MoE FFN: route, run GLU experts, combine; aux losses and stats.
 
   The output of dropped slots (capacity dispatch) is zero: add the layer
@@ -127,36 +141,65 @@ def moe(params: dict, x_BxTxD, cfg: MoEConfig, *, router_bias=None,
     ((2, 3, 8), (4,))
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
-  _checks.check_shape("x_BxTxD", x_BxTxD, x_BxTxD.shape[:2] + (cfg.d_model,),
-                      "[batch, seq, d_model]")
-  logits_BxTxE = jnp.einsum("btd,de->bte", x_BxTxD.astype(jnp.float32),
-                            params["router"])
-  routing = moe_lib.route(logits_BxTxE, cfg.top_k, score=cfg.score,
-                          normalize_topk=cfg.normalize_topk, bias=router_bias)
+  _checks.check_shape(
+    "x_BxTxD",
+    x_BxTxD,
+    x_BxTxD.shape[:2] + (cfg.d_model,),
+    "[batch, seq, d_model]",
+  )
+  logits_BxTxE = jnp.einsum(
+    "btd,de->bte", x_BxTxD.astype(jnp.float32), params["router"]
+  )
+  routing = moe_lib.route(
+    logits_BxTxE,
+    cfg.top_k,
+    score=cfg.score,
+    normalize_topk=cfg.normalize_topk,
+    bias=router_bias,
+  )
   x_NxD = x_BxTxD.reshape(-1, cfg.d_model)
   weights_NxK = routing.weights.reshape(-1, cfg.top_k)
   experts_NxK = routing.experts.reshape(-1, cfg.top_k)
   glu_weights = moe_lib.GLUWeights(**params["experts"])
   if cfg.dispatch == "dropless":
-    y_NxD = moe_lib.dropless_moe(x_NxD, weights_NxK, experts_NxK, glu_weights,
-                                 activation=cfg.activation,
-                                 expert_axis=expert_axis)
+    y_NxD = moe_lib.dropless_moe(
+      x_NxD,
+      weights_NxK,
+      experts_NxK,
+      glu_weights,
+      activation=cfg.activation,
+      expert_axis=expert_axis,
+    )
     kept = None
   else:
     y_NxD, kept = moe_lib.capacity_moe(
-        x_NxD, weights_NxK, experts_NxK, glu_weights,
-        capacity_factor=cfg.capacity_factor, drop_policy=cfg.drop_policy,
-        activation=cfg.activation, expert_axis=expert_axis)
+      x_NxD,
+      weights_NxK,
+      experts_NxK,
+      glu_weights,
+      capacity_factor=cfg.capacity_factor,
+      drop_policy=cfg.drop_policy,
+      activation=cfg.activation,
+      expert_axis=expert_axis,
+    )
   lbl = moe_lib.load_balancing_loss(
-      routing.probs, routing.experts, num_experts=cfg.num_experts,
-      scope=cfg.lbl_scope, axis_name=lbl_axis)
-  pieces = moe_lib.load_balancing_pieces(routing.probs, routing.experts,
-                                         num_experts=cfg.num_experts)
+    routing.probs,
+    routing.experts,
+    num_experts=cfg.num_experts,
+    scope=cfg.lbl_scope,
+    axis_name=lbl_axis,
+  )
+  pieces = moe_lib.load_balancing_pieces(
+    routing.probs, routing.experts, num_experts=cfg.num_experts
+  )
   aux = MoEAux(
-      load_balancing_loss=lbl, lbl_pieces=pieces,
-      router_z_loss=moe_lib.router_z_loss(logits_BxTxE),
-      load=moe_lib.load_stats(pieces.expert_counts, kept=kept,
-                              axis_name=lbl_axis))
+    load_balancing_loss=lbl,
+    lbl_pieces=pieces,
+    router_z_loss=moe_lib.router_z_loss(logits_BxTxE),
+    load=moe_lib.load_stats(
+      pieces.expert_counts, kept=kept, axis_name=lbl_axis
+    ),
+  )
   return y_NxD.reshape(x_BxTxD.shape), aux
 
 
@@ -169,20 +212,24 @@ class MHMoEConfig:
     moe: the MoE on sub-tokens; `moe.d_model` is the *token* width D, which
       `num_heads` must divide; experts act on width `D / num_heads`.
   """
+
   num_heads: int
   moe: MoEConfig
 
   def __post_init__(self):
     _checks.check_positive_int("num_heads", self.num_heads)
     if self.moe.d_model % self.num_heads:
-      raise ValueError(f"`num_heads` = {self.num_heads} must divide "
-                       f"moe.d_model = {self.moe.d_model}.")
+      raise ValueError(
+        f"`num_heads` = {self.num_heads} must divide "
+        f"moe.d_model = {self.moe.d_model}."
+      )
 
   @property
   def sub_token_moe(self) -> MoEConfig:
     """The MoE config on sub-tokens of width `d_model / num_heads`."""
-    return dataclasses.replace(self.moe,
-                               d_model=self.moe.d_model // self.num_heads)
+    return dataclasses.replace(
+      self.moe, d_model=self.moe.d_model // self.num_heads
+    )
 
 
 def init_mh_moe(key, cfg: MHMoEConfig) -> dict:
@@ -195,9 +242,11 @@ def init_mh_moe(key, cfg: MHMoEConfig) -> dict:
   """
   k_head, k_merge, k_moe = jax.random.split(key, 3)
   d = cfg.moe.d_model
-  return {"head_proj": dense_init(k_head, (d, d), cfg.moe.dtype),
-          "merge_proj": dense_init(k_merge, (d, d), cfg.moe.dtype),
-          "moe": init_moe(k_moe, cfg.sub_token_moe)}
+  return {
+    "head_proj": dense_init(k_head, (d, d), cfg.moe.dtype),
+    "merge_proj": dense_init(k_merge, (d, d), cfg.moe.dtype),
+    "moe": init_moe(k_moe, cfg.sub_token_moe),
+  }
 
 
 def mh_moe(params: dict, x_BxTxD, cfg: MHMoEConfig, **moe_kwargs):
@@ -227,12 +276,17 @@ def mh_moe(params: dict, x_BxTxD, cfg: MHMoEConfig, **moe_kwargs):
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
   batch, seq, d_model = x_BxTxD.shape
-  _checks.check_shape("x_BxTxD", x_BxTxD, (batch, seq, cfg.moe.d_model),
-                      "[batch, seq, d_model]")
-  heads = jnp.matmul(x_BxTxD, params["head_proj"],
-                     preferred_element_type=jnp.float32).astype(x_BxTxD.dtype)
+  _checks.check_shape(
+    "x_BxTxD", x_BxTxD, (batch, seq, cfg.moe.d_model), "[batch, seq, d_model]"
+  )
+  heads = jnp.matmul(
+    x_BxTxD, params["head_proj"], preferred_element_type=jnp.float32
+  ).astype(x_BxTxD.dtype)
   sub_BxThxd = heads.reshape(batch, seq * cfg.num_heads, -1)
   y_sub, aux = moe(params["moe"], sub_BxThxd, cfg.sub_token_moe, **moe_kwargs)
-  y = jnp.matmul(y_sub.reshape(batch, seq, d_model), params["merge_proj"],
-                 preferred_element_type=jnp.float32)
+  y = jnp.matmul(
+    y_sub.reshape(batch, seq, d_model),
+    params["merge_proj"],
+    preferred_element_type=jnp.float32,
+  )
   return y.astype(x_BxTxD.dtype), aux

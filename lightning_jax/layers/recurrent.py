@@ -66,6 +66,7 @@ class Recurrence(NamedTuple):
       `initial_state`, `output_final_state`, `chunk_size`, `impl`.
     uses_conv: the kind takes `ModelConfig.conv_size`.
   """
+
   streams: tuple[str, ...]
   init_extra: Callable[..., dict]
   mix: Callable[..., tuple[jax.Array, jax.Array]]
@@ -96,6 +97,7 @@ class RecurrentConfig:
     impl: "chunked" or "recurrent" (the ops' reference scan).
     norm_eps: epsilon of the per-head output norm.
   """
+
   kind: str
   d_model: int
   num_heads: int
@@ -114,7 +116,8 @@ class RecurrentConfig:
       _checks.check_positive_int("value_dim", self.value_dim)
     if self.conv_size < 0 or self.conv_size == 1:
       raise ValueError(
-          f"`conv_size` must be 0 (no conv) or >= 2, got {self.conv_size}.")
+        f"`conv_size` must be 0 (no conv) or >= 2, got {self.conv_size}."
+      )
     _checks.check_choice("impl", self.impl, IMPLS)
 
   @property
@@ -127,8 +130,9 @@ class RecurrentConfig:
 
   def stream_dims(self) -> dict:
     """Width per head of each conv stream."""
-    return {s: self.dv if s == "v" else self.head_dim
-            for s in self.recurrence.streams}
+    return {
+      s: self.dv if s == "v" else self.head_dim for s in self.recurrence.streams
+    }
 
 
 class RecurrentState(NamedTuple):
@@ -139,23 +143,31 @@ class RecurrentState(NamedTuple):
     conv: `{stream: [batch, conv_size - 1, heads, width]}` the last inputs of
       each short conv (empty without a conv).
   """
+
   ssm: jax.Array
   conv: dict
 
 
-def init_recurrent_state(cfg: RecurrentConfig, batch: int,
-                         dtype=jnp.float32) -> RecurrentState:
+def init_recurrent_state(
+  cfg: RecurrentConfig, batch: int, dtype=jnp.float32
+) -> RecurrentState:
   """The zero state (a fresh sequence), conv tails in `dtype`."""
-  tails = {} if not cfg.conv_size else {
+  tails = (
+    {}
+    if not cfg.conv_size
+    else {
       s: jnp.zeros((batch, cfg.conv_size - 1, cfg.num_heads, c), dtype)
-      for s, c in cfg.stream_dims().items()}
+      for s, c in cfg.stream_dims().items()
+    }
+  )
   return RecurrentState(
-      jnp.zeros((batch, cfg.num_heads, cfg.head_dim, cfg.dv), jnp.float32),
-      tails)
+    jnp.zeros((batch, cfg.num_heads, cfg.head_dim, cfg.dv), jnp.float32), tails
+  )
 
 
-def init_recurrent(key, cfg: RecurrentConfig, *, layer: int,
-                   num_layers: int) -> dict:
+def init_recurrent(
+  key, cfg: RecurrentConfig, *, layer: int, num_layers: int
+) -> dict:
   """Mixer params: `w<s>: [D, H, width]` per stream, `wo: [H, Dv, D]`,
   `conv_<s>: [conv_size, H, width]`, and the kind's own (`init_extra`).
 
@@ -173,17 +185,20 @@ def init_recurrent(key, cfg: RecurrentConfig, *, layer: int,
   """
   d, h, dv = cfg.d_model, cfg.num_heads, cfg.dv
   keys = iter(jax.random.split(key, 16))
-  proj = lambda width: dense_init(next(keys), (d, h * width),
-                                  jnp.float32).reshape(d, h, width)
+  proj = lambda width: dense_init(
+    next(keys), (d, h * width), jnp.float32
+  ).reshape(d, h, width)
   params = {f"w{s}": proj(c) for s, c in cfg.stream_dims().items()}
   params["wo"] = dense_init(next(keys), (h * dv, d), jnp.float32).reshape(
-      h, dv, d)
+    h, dv, d
+  )
   if cfg.conv_size:
     for s, c in cfg.stream_dims().items():
-      params[f"conv_{s}"] = jax.random.normal(
-          next(keys), (cfg.conv_size, h, c)) * cfg.conv_size ** -0.5
-  params.update(cfg.recurrence.init_extra(keys, cfg, proj, layer,
-                                          num_layers))
+      params[f"conv_{s}"] = (
+        jax.random.normal(next(keys), (cfg.conv_size, h, c))
+        * cfg.conv_size**-0.5
+      )
+  params.update(cfg.recurrence.init_extra(keys, cfg, proj, layer, num_layers))
   return params
 
 
@@ -197,19 +212,23 @@ def short_conv(w_KxHxC, x_BxTxHxC, tail_BxKm1xHxC):
     `(y [B, T, H, C] in x's dtype, new tail [B, K - 1, H, C])`.
   """
   size, seq = w_KxHxC.shape[0], x_BxTxHxC.shape[1]
-  padded = jnp.concatenate([tail_BxKm1xHxC.astype(x_BxTxHxC.dtype), x_BxTxHxC],
-                           axis=1)
+  padded = jnp.concatenate(
+    [tail_BxKm1xHxC.astype(x_BxTxHxC.dtype), x_BxTxHxC], axis=1
+  )
   w = w_KxHxC.astype(jnp.float32)
-  y = sum(w[None, None, j] * padded[:, j:j + seq].astype(jnp.float32)
-          for j in range(size))
+  y = sum(
+    w[None, None, j] * padded[:, j : j + seq].astype(jnp.float32)
+    for j in range(size)
+  )
   return y.astype(x_BxTxHxC.dtype), padded[:, seq:]
 
 
 def l2_normalize(x, eps=1e-6):
   """`x / ||x||` over the last dim, in fp32, returned in x's dtype."""
   xf = x.astype(jnp.float32)
-  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)
-          ).astype(x.dtype)
+  return (xf * jax.lax.rsqrt(jnp.sum(xf * xf, -1, keepdims=True) + eps)).astype(
+    x.dtype
+  )
 
 
 def mask_values(v_BxTxHxD, valid_BxT):
@@ -235,9 +254,13 @@ def gate(params, x_BxTxD, name):
   return jnp.einsum("btd,dh->bth", x_BxTxD, params[name]).astype(jnp.float32)
 
 
-def recurrent_layer(params: dict, x_BxTxD, cfg: RecurrentConfig,
-                    state: RecurrentState | None = None,
-                    decoding: mixers.Decoding | None = None):
+def recurrent_layer(
+  params: dict,
+  x_BxTxD,
+  cfg: RecurrentConfig,
+  state: RecurrentState | None = None,
+  decoding: mixers.Decoding | None = None,
+):
   """A linear-recurrence mixer `[batch, seq, d_model] -> [batch, seq, d_model]`.
 
   Args:
@@ -265,20 +288,27 @@ def recurrent_layer(params: dict, x_BxTxD, cfg: RecurrentConfig,
   """
   _checks.check_rank("x_BxTxD", x_BxTxD, 3, "[batch, seq, d_model]")
   batch, seq = x_BxTxD.shape[:2]
-  _checks.check_shape("x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model),
-                      "[batch, seq, d_model]")
+  _checks.check_shape(
+    "x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model), "[batch, seq, d_model]"
+  )
   if state is None:
     state = init_recurrent_state(cfg, batch, x_BxTxD.dtype)
-  _checks.check_shape("state.ssm", state.ssm,
-                      (batch, cfg.num_heads, cfg.head_dim, cfg.dv),
-                      "[batch, heads, key_dim, value_dim]")
+  _checks.check_shape(
+    "state.ssm",
+    state.ssm,
+    (batch, cfg.num_heads, cfg.head_dim, cfg.dv),
+    "[batch, heads, key_dim, value_dim]",
+  )
   valid, unshift = None, lambda y: y
   if decoding is not None and seq > 1:
     x_BxTxD, valid, unshift = mixers.left_align(x_BxTxD, decoding.lengths_B)
   s, tails = _streams(params, x_BxTxD, cfg, state)
-  kw = dict(initial_state=state.ssm, output_final_state=True,
-            chunk_size=cfg.chunk_size,
-            impl="recurrent" if seq == 1 else cfg.impl)
+  kw = dict(
+    initial_state=state.ssm,
+    output_final_state=True,
+    chunk_size=cfg.chunk_size,
+    impl="recurrent" if seq == 1 else cfg.impl,
+  )
   o, ssm = cfg.recurrence.mix(params, x_BxTxD, s, valid, cfg, kw)
   y = jnp.einsum("bthc,hcd->btd", o.astype(x_BxTxD.dtype), params["wo"])
   return unshift(y.astype(x_BxTxD.dtype)), RecurrentState(ssm, tails)
@@ -286,16 +316,16 @@ def recurrent_layer(params: dict, x_BxTxD, cfg: RecurrentConfig,
 
 _QKV = ("embed", "heads", "head_dim")  # [D, H, C]
 _RULES = (
-    *(((f"w{s}",), _QKV) for s in "qkvfg"),
-    (("wo",), ("heads", "head_dim", "embed")),  # [H, Dv, D]
-    (("wb",), ("embed", "heads")),  # [D, H]
-    (("wa",), ("embed", "heads")),  # [D, H]
-    *(((f"conv_{s}",), (None, "heads", None)) for s in "qkvf"),  # [K, H, C]
-    (("a_log",), ("heads",)),  # [H]
-    (("dt_bias",), ("heads",)),  # [H]
-    (("log_decay",), ("heads",)),  # [H]
-    (("out_norm", "scale"), (None,)),  # [Dv]
-    (("lower_bound",), ()),  # HGRN2's per-layer scalar
+  *(((f"w{s}",), _QKV) for s in "qkvfg"),
+  (("wo",), ("heads", "head_dim", "embed")),  # [H, Dv, D]
+  (("wb",), ("embed", "heads")),  # [D, H]
+  (("wa",), ("embed", "heads")),  # [D, H]
+  *(((f"conv_{s}",), (None, "heads", None)) for s in "qkvf"),  # [K, H, C]
+  (("a_log",), ("heads",)),  # [H]
+  (("dt_bias",), ("heads",)),  # [H]
+  (("log_decay",), ("heads",)),  # [H]
+  (("out_norm", "scale"), (None,)),  # [Dv]
+  (("lower_bound",), ()),  # HGRN2's per-layer scalar
 )
 
 
@@ -304,8 +334,9 @@ def _empty_state(cfg, batch, max_len, dtype):
   return init_recurrent_state(cfg, batch, dtype)
 
 
-def register_recurrence(name: str, recurrence: Recurrence, doc: str,
-                        preset: dict | None = None) -> mixers.Mixer:
+def register_recurrence(
+  name: str, recurrence: Recurrence, doc: str, preset: dict | None = None
+) -> mixers.Mixer:
   """Registers a linear-recurrence kind on the shared machinery here.
 
   Its layers read `d_model`, `head_dim`, `chunk_size`, `recurrent_impl`,
@@ -317,31 +348,56 @@ def register_recurrence(name: str, recurrence: Recurrence, doc: str,
 
   def config(spec: mixers.LayerSpec) -> RecurrentConfig:
     m = spec.model
-    return mixers.with_options(RecurrentConfig(
-        name, m.d_model, spec.num_heads, m.head_dim,
+    return mixers.with_options(
+      RecurrentConfig(
+        name,
+        m.d_model,
+        spec.num_heads,
+        m.head_dim,
         conv_size=m.conv_size if recurrence.uses_conv else 0,
-        chunk_size=m.chunk_size, impl=m.recurrent_impl,
-        norm_eps=m.norm_eps), spec.options)
+        chunk_size=m.chunk_size,
+        impl=m.recurrent_impl,
+        norm_eps=m.norm_eps,
+      ),
+      spec.options,
+    )
 
-  return mixers.register(mixers.Mixer(
-      name=name, config=config, init=init_recurrent, apply=recurrent_layer,
-      empty_state=_empty_state, rules=_RULES, doc=doc, preset=preset))
+  return mixers.register(
+    mixers.Mixer(
+      name=name,
+      config=config,
+      init=init_recurrent,
+      apply=recurrent_layer,
+      empty_state=_empty_state,
+      rules=_RULES,
+      doc=doc,
+      preset=preset,
+    )
+  )
 
 
 # ------------------------------------------------------------------ kinds ---
 
+
 def _lightning_extra(keys, cfg, proj, layer, num_layers):
   del keys
-  return {"wg": proj(cfg.dv),
-          "log_decay": ops.tnl_log_decay(layer, num_layers, cfg.num_heads)}
+  return {
+    "wg": proj(cfg.dv),
+    "log_decay": ops.tnl_log_decay(layer, num_layers, cfg.num_heads),
+  }
 
 
 def _lightning_mix(params, x_BxTxD, s, valid, cfg, kw):
   o, ssm = ops.linear_attention(
-      jax.nn.silu(s["q"]), jax.nn.silu(s["k"]), mask_values(s["v"], valid),
-      jax.lax.stop_gradient(params["log_decay"]), **kw)
+    jax.nn.silu(s["q"]),
+    jax.nn.silu(s["k"]),
+    mask_values(s["v"], valid),
+    jax.lax.stop_gradient(params["log_decay"]),
+    **kw,
+  )
   o = norms.simple_rms_norm(o, cfg.norm_eps) * jax.nn.sigmoid(
-      jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"]))
+    jnp.einsum("btd,dhc->bthc", x_BxTxD, params["wg"])
+  )
   return o, ssm
 
 
@@ -355,18 +411,23 @@ def _silu_gate(params, x_BxTxD, o, cfg):
 
 def _hgrn2_extra(keys, cfg, proj, layer, num_layers):
   del keys
-  return {"wg": proj(cfg.dv), "out_norm": norms.init_rms_norm(cfg.dv),
-          "lower_bound": jnp.float32(layer / num_layers)}
+  return {
+    "wg": proj(cfg.dv),
+    "out_norm": norms.init_rms_norm(cfg.dv),
+    "lower_bound": jnp.float32(layer / num_layers),
+  }
 
 
 def _hgrn2_mix(params, x_BxTxD, s, valid, cfg, kw):
   z = s["f"].astype(jnp.float32)
   gamma = jax.lax.stop_gradient(params["lower_bound"])
-  log_f = jnp.logaddexp(jnp.log(gamma),
-                        jnp.log1p(-gamma) + jax.nn.log_sigmoid(z))
+  log_f = jnp.logaddexp(
+    jnp.log(gamma), jnp.log1p(-gamma) + jax.nn.log_sigmoid(z)
+  )
   k = ((1 - gamma) * jax.nn.sigmoid(-z)).astype(s["q"].dtype)  # 1 - f
   o, ssm = ops.gated_linear_attention(
-      jax.nn.silu(s["q"]), k, mask_values(s["v"], valid), log_f, **kw)
+    jax.nn.silu(s["q"]), k, mask_values(s["v"], valid), log_f, **kw
+  )
   return _silu_gate(params, x_BxTxD, o, cfg), ssm
 
 
@@ -380,12 +441,17 @@ def _delta_extra(gated):
     if gated:
       params["wa"] = proj(1)[..., 0]
       # Mamba-2 style: A in [1, 16], dt log-uniform in [1e-3, 0.1].
-      params["a_log"] = jnp.log(jax.random.uniform(next(keys), (h,),
-                                                   minval=1, maxval=16))
-      dt = jnp.exp(jax.random.uniform(next(keys), (h,), minval=np.log(1e-3),
-                                      maxval=np.log(0.1)))
+      params["a_log"] = jnp.log(
+        jax.random.uniform(next(keys), (h,), minval=1, maxval=16)
+      )
+      dt = jnp.exp(
+        jax.random.uniform(
+          next(keys), (h,), minval=np.log(1e-3), maxval=np.log(0.1)
+        )
+      )
       params["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))  # softplus^-1(dt)
     return params
+
   return extra
 
 
@@ -394,30 +460,42 @@ def _delta_mix(params, x_BxTxD, s, valid, cfg, kw):
   log_decay = None
   if "a_log" in params:
     log_decay = -jnp.exp(params["a_log"])[None, None] * jax.nn.softplus(
-        gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None])
-  o, ssm = ops.delta_rule(l2_normalize(q), l2_normalize(k),
-                          mask_values(v, valid),
-                          jax.nn.sigmoid(gate(params, x_BxTxD, "wb")),
-                          log_decay, **kw)
+      gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None]
+    )
+  o, ssm = ops.delta_rule(
+    l2_normalize(q),
+    l2_normalize(k),
+    mask_values(v, valid),
+    jax.nn.sigmoid(gate(params, x_BxTxD, "wb")),
+    log_decay,
+    **kw,
+  )
   return _silu_gate(params, x_BxTxD, o, cfg), ssm
 
 
 LIGHTNING = register_recurrence(
-    "lightning", Recurrence(("q", "k", "v"), _lightning_extra,
-                            _lightning_mix),
-    "TransNormerLLM / Lightning Attention (arXiv 2307.14995, 2401.04658): "
-    "fixed per-head decays, SRMSNorm, sigmoid gate.")
+  "lightning",
+  Recurrence(("q", "k", "v"), _lightning_extra, _lightning_mix),
+  "TransNormerLLM / Lightning Attention (arXiv 2307.14995, 2401.04658): "
+  "fixed per-head decays, SRMSNorm, sigmoid gate.",
+)
 DELTANET = register_recurrence(
-    "deltanet", Recurrence(("q", "k", "v"), _delta_extra(False), _delta_mix,
-                           uses_conv=True),
-    "DeltaNet (arXiv 2406.06484): delta rule on L2-normed q, k, short conv.",
-    preset={"num_layers": 4})
+  "deltanet",
+  Recurrence(("q", "k", "v"), _delta_extra(False), _delta_mix, uses_conv=True),
+  "DeltaNet (arXiv 2406.06484): delta rule on L2-normed q, k, short conv.",
+  preset={"num_layers": 4},
+)
 GATED_DELTANET = register_recurrence(
-    "gated_deltanet", Recurrence(("q", "k", "v"), _delta_extra(True),
-                                 _delta_mix, uses_conv=True),
-    "Gated DeltaNet (arXiv 2412.06464): delta rule with a data-dependent "
-    "decay, SiLU output gate.", preset={"num_layers": 4})
+  "gated_deltanet",
+  Recurrence(("q", "k", "v"), _delta_extra(True), _delta_mix, uses_conv=True),
+  "Gated DeltaNet (arXiv 2412.06464): delta rule with a data-dependent "
+  "decay, SiLU output gate.",
+  preset={"num_layers": 4},
+)
 HGRN2 = register_recurrence(
-    "hgrn2", Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix),
-    "HGRN2 (arXiv 2404.07904): gated linear attention with a lower-bounded "
-    "forget gate, key 1 - f.", preset={"num_layers": 4})
+  "hgrn2",
+  Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix),
+  "HGRN2 (arXiv 2404.07904): gated linear attention with a lower-bounded "
+  "forget gate, key 1 - f.",
+  preset={"num_layers": 4},
+)

@@ -42,6 +42,7 @@ class SnapKVConfig:
     kernel: odd pooling size that smooths the votes (1: no pooling).
     pooling: "avg" or "max".
   """
+
   capacity: int
   window: int = 32
   kernel: int = 7
@@ -51,8 +52,9 @@ class SnapKVConfig:
     for name in ("capacity", "window", "kernel"):
       _checks.check_positive_int(name, getattr(self, name))
     if self.capacity <= self.window:
-      raise ValueError(f"`capacity` ({self.capacity}) must exceed `window` "
-                       f"({self.window}).")
+      raise ValueError(
+        f"`capacity` ({self.capacity}) must exceed `window` ({self.window})."
+      )
     if self.kernel % 2 == 0:
       raise ValueError(f"`kernel` must be odd, got {self.kernel}.")
     _checks.check_choice("pooling", self.pooling, POOLINGS)
@@ -71,22 +73,26 @@ def pool1d(x, kernel: int, pooling: str) -> jax.Array:
   _checks.check_choice("pooling", pooling, POOLINGS)
   dims = (1,) * (x.ndim - 1) + (kernel,)
   if pooling == "max":
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, dims,
-                                 (1,) * x.ndim, "SAME")
-  summed = jax.lax.reduce_window(x, 0.0, jax.lax.add, dims, (1,) * x.ndim,
-                                 "SAME")
+    return jax.lax.reduce_window(
+      x, -jnp.inf, jax.lax.max, dims, (1,) * x.ndim, "SAME"
+    )
+  summed = jax.lax.reduce_window(
+    x, 0.0, jax.lax.add, dims, (1,) * x.ndim, "SAME"
+  )
   return summed / kernel
 
 
 def window_slots(lengths_B, window: int) -> jax.Array:
   """int32 `[batch, window]`: slots of the last `window` prompt tokens (may
   be negative for prompts shorter than the window)."""
-  return (lengths_B[:, None] - window
-          + jnp.arange(window, dtype=jnp.int32)[None, :]).astype(jnp.int32)
+  return (
+    lengths_B[:, None] - window + jnp.arange(window, dtype=jnp.int32)[None, :]
+  ).astype(jnp.int32)
 
 
-def observation_scores(q_obs_BxWxHxD, k_BxSxHkvxD, lengths_B, *,
-                       scale=None) -> jax.Array:
+def observation_scores(
+  q_obs_BxWxHxD, k_BxSxHkvxD, lengths_B, *, scale=None
+) -> jax.Array:
   """Attention mass each key gets from the observation window, per KV head.
 
   Args:
@@ -100,19 +106,21 @@ def observation_scores(q_obs_BxWxHxD, k_BxSxHkvxD, lengths_B, *,
     fp32 `[batch, kv_heads, slots]`: causal softmax weights summed over the
     window's queries and over the query heads of each KV head's group.
   """
-  _checks.check_rank("q_obs_BxWxHxD", q_obs_BxWxHxD, 4,
-                     "[batch, window, heads, dim]")
+  _checks.check_rank(
+    "q_obs_BxWxHxD", q_obs_BxWxHxD, 4, "[batch, window, heads, dim]"
+  )
   group = ops.attention_lib.check_qkv(q_obs_BxWxHxD, k_BxSxHkvxD, k_BxSxHkvxD)
   batch, window, heads, _ = q_obs_BxWxHxD.shape
   slots = k_BxSxHkvxD.shape[1]
   _checks.check_shape("lengths_B", lengths_B, (batch,), "[batch]")
   q_slot = window_slots(lengths_B, window)  # [B, W]
-  visible = ((jnp.arange(slots)[None, None, :] <= q_slot[:, :, None])
-             & (q_slot[:, :, None] >= 0))  # [B, W, S]
+  visible = (jnp.arange(slots)[None, None, :] <= q_slot[:, :, None]) & (
+    q_slot[:, :, None] >= 0
+  )  # [B, W, S]
 
   def one(q, k, mask):
-    return ops.attention_weights(q[None], k[None], mask[None],
-                                 scale=scale)[0]
+    return ops.attention_weights(q[None], k[None], mask[None], scale=scale)[0]
+
   a = jax.vmap(one)(q_obs_BxWxHxD, k_BxSxHkvxD, visible)  # [B, H, W, S]
   a = a.sum(axis=2).reshape(batch, heads // group, group, slots)
   return a.sum(axis=2)
@@ -132,26 +140,41 @@ def select(scores_BxHkvxS, lengths_B, cfg: SnapKVConfig) -> jax.Array:
   """
   slots = scores_BxHkvxS.shape[-1]
   if slots < cfg.capacity:
-    raise ValueError(f"`scores_BxHkvxS` must have >= capacity "
-                     f"({cfg.capacity}) slots, got shape "
-                     f"{scores_BxHkvxS.shape}.")
+    raise ValueError(
+      f"`scores_BxHkvxS` must have >= capacity "
+      f"({cfg.capacity}) slots, got shape "
+      f"{scores_BxHkvxS.shape}."
+    )
   lengths = lengths_B[:, None, None]
   slot = jnp.arange(slots)[None, None, :]
   prefix = slot < lengths - cfg.window
-  pooled = pool1d(jnp.where(prefix, scores_BxHkvxS, 0.0), cfg.kernel,
-                  cfg.pooling)
-  top = jax.lax.top_k(jnp.where(prefix, pooled, -jnp.inf),
-                      cfg.capacity - cfg.window)[1]
+  pooled = pool1d(
+    jnp.where(prefix, scores_BxHkvxS, 0.0), cfg.kernel, cfg.pooling
+  )
+  top = jax.lax.top_k(
+    jnp.where(prefix, pooled, -jnp.inf), cfg.capacity - cfg.window
+  )[1]
   window = window_slots(lengths_B, cfg.window)[:, None, :]
   long = jnp.concatenate(
-      [jnp.sort(top, axis=-1),
-       jnp.broadcast_to(window, top.shape[:2] + (cfg.window,))], axis=-1)
+    [
+      jnp.sort(top, axis=-1),
+      jnp.broadcast_to(window, top.shape[:2] + (cfg.window,)),
+    ],
+    axis=-1,
+  )
   short = jnp.arange(cfg.capacity, dtype=jnp.int32)[None, None, :]
   return jnp.where(lengths > cfg.capacity, long, short).astype(jnp.int32)
 
 
-def compress(q_obs_BxWxHxD, k_BxSxHkvxD, v_BxSxHkvxDv, lengths_B,
-             cfg: SnapKVConfig, *, scale=None):
+def compress(
+  q_obs_BxWxHxD,
+  k_BxSxHkvxD,
+  v_BxSxHkvxDv,
+  lengths_B,
+  cfg: SnapKVConfig,
+  *,
+  scale=None,
+):
   """Compresses a prompt KV cache to `cfg.capacity` entries per KV head.
 
   Args:
@@ -174,15 +197,20 @@ def compress(q_obs_BxWxHxD, k_BxSxHkvxD, v_BxSxHkvxDv, lengths_B,
     ((1, 16, 1, 8), Array([16], dtype=int32))
   """
   if q_obs_BxWxHxD.shape[1:2] != (cfg.window,):
-    raise ValueError(f"`q_obs_BxWxHxD` must hold window={cfg.window} "
-                     f"queries, got shape {q_obs_BxWxHxD.shape}.")
+    raise ValueError(
+      f"`q_obs_BxWxHxD` must hold window={cfg.window} "
+      f"queries, got shape {q_obs_BxWxHxD.shape}."
+    )
   ops.attention_lib.check_qkv(q_obs_BxWxHxD, k_BxSxHkvxD, v_BxSxHkvxDv)
   lengths = jnp.asarray(lengths_B, jnp.int32)
   pad = max(cfg.capacity - k_BxSxHkvxD.shape[1], 0)
-  k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
-          for x in (k_BxSxHkvxD, v_BxSxHkvxDv))
+  k, v = (
+    jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    for x in (k_BxSxHkvxD, v_BxSxHkvxDv)
+  )
   scores = observation_scores(q_obs_BxWxHxD, k, lengths, scale=scale)
   keep = select(scores, lengths, cfg)  # [B, Hkv, C]
   gather = lambda x: jnp.take_along_axis(
-      x, jnp.swapaxes(keep, 1, 2)[..., None], axis=1)
+    x, jnp.swapaxes(keep, 1, 2)[..., None], axis=1
+  )
   return gather(k), gather(v), jnp.minimum(lengths, cfg.capacity)

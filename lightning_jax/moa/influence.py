@@ -39,7 +39,8 @@ def attention_influence(a_BxHxTxT, g_BxHxTxT, block: int):
   row = jnp.sum(a * g, axis=-1, keepdims=True)
   removable = a < 1.0
   dl = jnp.where(removable, a / jnp.where(removable, 1.0 - a, 1.0), 0.0) * (
-      row - g)
+    row - g
+  )
   batch, heads, seq, _ = dl.shape
   n = -(-seq // block)
   pad = n * block - seq

@@ -20,8 +20,7 @@ from lightning_jax.moa import profile
 from lightning_jax.moa import search
 
 
-def with_plan(cfg: models.ModelConfig, plan: ops.MoAPlan
-              ) -> models.ModelConfig:
+def with_plan(cfg: models.ModelConfig, plan: ops.MoAPlan) -> models.ModelConfig:
   """`cfg` with its softmax-attention layers turned into "moa" layers of
   `plan` (one row per such layer)."""
   pattern = tuple("moa" if mixers.get(m).softmax else m for m in cfg.pattern)
@@ -37,15 +36,24 @@ class PlanSearch(NamedTuple):
     density_NxLxH: density of each head's rule per length.
     lengths: the profiled lengths N.
   """
+
   plan: ops.MoAPlan
   predicted_NxLxH: np.ndarray
   density_NxLxH: np.ndarray
   lengths: tuple[int, ...]
 
 
-def search_plan(params, cfg: models.ModelConfig, calibration, candidates, *,
-                budget: float, block: int, sink: int = 0,
-                max_rules_per_layer: int | None = None) -> PlanSearch:
+def search_plan(
+  params,
+  cfg: models.ModelConfig,
+  calibration,
+  candidates,
+  *,
+  budget: float,
+  block: int,
+  sink: int = 0,
+  max_rules_per_layer: int | None = None,
+) -> PlanSearch:
   """Profile -> search: a MoA plan for the dense model under `budget`.
 
   Args:
@@ -66,23 +74,29 @@ def search_plan(params, cfg: models.ModelConfig, calibration, candidates, *,
   costs, dens = [], []
   for seq, tokens in sorted(calibration.items()):
     influence = np.asarray(profile_fn(params, tokens, cfg, block))
-    costs.append(search.candidate_costs(influence, candidates, seq, block,
-                                            sink))
-    dens.append(ops.moa_density(ops.moa_windows(alphas, betas, seq), seq,
-                                sink))
+    costs.append(
+      search.candidate_costs(influence, candidates, seq, block, sink)
+    )
+    dens.append(ops.moa_density(ops.moa_windows(alphas, betas, seq), seq, sink))
   costs, dens = np.stack(costs), np.stack(dens)
   choice = search.search_plan(costs, dens, budget, max_rules_per_layer)
   predicted = np.take_along_axis(costs, choice[None, ..., None], -1)[..., 0]
-  return PlanSearch(search.plan_from_choice(choice, candidates), predicted,
-                    dens[:, choice], tuple(sorted(calibration)))
+  return PlanSearch(
+    search.plan_from_choice(choice, candidates),
+    predicted,
+    dens[:, choice],
+    tuple(sorted(calibration)),
+  )
 
 
-def plan_loss_increase(params, cfg: models.ModelConfig, plan: ops.MoAPlan,
-                       tokens_BxT, sink: int = 0) -> float:
+def plan_loss_increase(
+  params, cfg: models.ModelConfig, plan: ops.MoAPlan, tokens_BxT, sink: int = 0
+) -> float:
   """Measured loss of the model with `plan` minus the dense model's loss."""
   sparse_cfg = dataclasses.replace(with_plan(cfg, plan), sink=sink)
   forward = jax.jit(models.forward, static_argnums=2)
-  losses = [profile.next_token_loss(forward(params, tokens_BxT, c)[0],
-                                    tokens_BxT)
-            for c in (cfg, sparse_cfg)]
+  losses = [
+    profile.next_token_loss(forward(params, tokens_BxT, c)[0], tokens_BxT)
+    for c in (cfg, sparse_cfg)
+  ]
   return float(losses[1] - losses[0])

@@ -25,13 +25,16 @@ def next_token_loss(logits_BxTxV, tokens_BxT):
 
 def _check_profilable(cfg: models.ModelConfig):
   if not cfg.attention_layers:
-    raise ValueError(f"`cfg` has no softmax-attention layer to profile "
-                     f"(mixers {cfg.mixers}).")
+    raise ValueError(
+      f"`cfg` has no softmax-attention layer to profile (mixers {cfg.mixers})."
+    )
   for i in cfg.attention_layers:
     if cfg.mixers[i] != "attention" or cfg.window is not None:
-      raise ValueError("Profile the dense model: every softmax-attention "
-                       f"layer must be a dense 'attention' mixer (layer {i}: "
-                       f"{cfg.mixers[i]!r}, window {cfg.window}).")
+      raise ValueError(
+        "Profile the dense model: every softmax-attention "
+        f"layer must be a dense 'attention' mixer (layer {i}: "
+        f"{cfg.mixers[i]!r}, window {cfg.window})."
+      )
 
 
 def loss_probed(params, tokens_BxT, cfg: models.ModelConfig, probes):
@@ -44,12 +47,14 @@ def loss_probed(params, tokens_BxT, cfg: models.ModelConfig, probes):
   params = models.cast_params(params, models.compute_dtype(cfg))
   h = models.embed(params, tokens_BxT, cfg)
   probes, weights = iter(probes), []
-  for layer_params, block in zip(params["layers"], models.block_configs(cfg),
-                                 strict=True):
+  for layer_params, block in zip(
+    params["layers"], models.block_configs(cfg), strict=True
+  ):
     if mixers.get(block.kind).softmax:
       probe = next(probes)
       mixer = lambda x, b=block, p=layer_params, pr=probe: (
-          layers.attention_layer_probed(p["mixer"], x, b.mixer, pr))
+        layers.attention_layer_probed(p["mixer"], x, b.mixer, pr)
+      )
       h, _, a = models.block_with_mixer(layer_params, h, block, mixer)
       weights.append(a)
     else:
@@ -66,9 +71,16 @@ def profile_model(params, tokens_BxT, cfg: models.ModelConfig, block: int):
   """
   _check_profilable(cfg)
   batch, seq = tokens_BxT.shape
-  zeros = [jnp.zeros((batch, models.block_configs(cfg)[i].mixer.num_heads, seq, seq))
-           for i in cfg.attention_layers]
+  zeros = [
+    jnp.zeros((batch, models.block_configs(cfg)[i].mixer.num_heads, seq, seq))
+    for i in cfg.attention_layers
+  ]
   grads, weights = jax.grad(loss_probed, argnums=3, has_aux=True)(
-      params, tokens_BxT, cfg, zeros)
-  return jnp.stack([influence.attention_influence(a, g, block)
-                    for a, g in zip(weights, grads, strict=True)])
+    params, tokens_BxT, cfg, zeros
+  )
+  return jnp.stack(
+    [
+      influence.attention_influence(a, g, block)
+      for a, g in zip(weights, grads, strict=True)
+    ]
+  )

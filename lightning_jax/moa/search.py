@@ -30,8 +30,9 @@ from lightning_jax import _checks
 from lightning_jax import ops
 
 
-def dropped_block_fraction(window: int, seq_len: int, block: int,
-                           sink: int = 0) -> np.ndarray:
+def dropped_block_fraction(
+  window: int, seq_len: int, block: int, sink: int = 0
+) -> np.ndarray:
   """Fraction of each block's causal pairs that the MoA mask drops.
 
   Args:
@@ -54,15 +55,20 @@ def dropped_block_fraction(window: int, seq_len: int, block: int,
   causal = s <= t
   dropped = causal & (t - s >= window) & (s >= sink)
   pad = n * block - seq_len
-  as_blocks = lambda m: np.pad(m, ((0, pad), (0, pad))).reshape(
-      n, block, n, block).sum((1, 3))
+  as_blocks = lambda m: (
+    np.pad(m, ((0, pad), (0, pad))).reshape(n, block, n, block).sum((1, 3))
+  )
   total = as_blocks(causal)
   return as_blocks(dropped) / np.maximum(total, 1)
 
 
-def candidate_costs(influence_LxHxIxJ, candidates: Sequence[tuple[float,
-                                                                  float]],
-                    seq_len: int, block: int, sink: int = 0) -> np.ndarray:
+def candidate_costs(
+  influence_LxHxIxJ,
+  candidates: Sequence[tuple[float, float]],
+  seq_len: int,
+  block: int,
+  sink: int = 0,
+) -> np.ndarray:
   """Predicted loss increase `[layers, heads, C]` of each candidate rule.
 
   Args:
@@ -78,13 +84,18 @@ def candidate_costs(influence_LxHxIxJ, candidates: Sequence[tuple[float,
   influence = np.asarray(influence_LxHxIxJ, np.float64)
   alphas, betas = np.asarray(candidates, np.float64).T
   windows = ops.moa_windows(alphas, betas, seq_len)
-  dropped = np.stack([dropped_block_fraction(int(w), seq_len, block, sink)
-                      for w in windows])
+  dropped = np.stack(
+    [dropped_block_fraction(int(w), seq_len, block, sink) for w in windows]
+  )
   return np.einsum("lhij,cij->lhc", influence, dropped)
 
 
-def search_plan(costs_NxLxHxC, densities_NxC, budget: float,
-                max_rules_per_layer: int | None = None) -> np.ndarray:
+def search_plan(
+  costs_NxLxHxC,
+  densities_NxC,
+  budget: float,
+  max_rules_per_layer: int | None = None,
+) -> np.ndarray:
   """Exact choice of one candidate per head (MILP, HiGHS).
 
   Args:
@@ -108,11 +119,13 @@ def search_plan(costs_NxLxHxC, densities_NxC, budget: float,
   """
   costs = np.asarray(costs_NxLxHxC, np.float64)
   dens = np.asarray(densities_NxC, np.float64)
-  _checks.check_rank("costs_NxLxHxC", costs, 4,
-                     "[lengths, layers, heads, candidates]")
+  _checks.check_rank(
+    "costs_NxLxHxC", costs, 4, "[lengths, layers, heads, candidates]"
+  )
   n_len, n_layers, n_heads, n_cand = costs.shape
-  _checks.check_shape("densities_NxC", dens, (n_len, n_cand),
-                      "[lengths, candidates]")
+  _checks.check_shape(
+    "densities_NxC", dens, (n_len, n_cand), "[lengths, candidates]"
+  )
   if not 0.0 < budget <= 1.0:
     raise ValueError(f"`budget` must be in (0, 1], got {budget}.")
   n_x = n_layers * n_heads * n_cand
@@ -120,28 +133,48 @@ def search_plan(costs_NxLxHxC, densities_NxC, budget: float,
   n_y = n_layers * n_cand if use_k else 0
   objective = np.concatenate([costs.sum(0).ravel(), np.zeros(n_y)])
   head_of_x = np.repeat(np.arange(n_layers * n_heads), n_cand)
-  rows = [(sparse.csr_matrix((np.ones(n_x), (head_of_x, np.arange(n_x))),
-                             shape=(n_layers * n_heads, n_x + n_y)), 1.0, 1.0)]
+  rows = [
+    (
+      sparse.csr_matrix(
+        (np.ones(n_x), (head_of_x, np.arange(n_x))),
+        shape=(n_layers * n_heads, n_x + n_y),
+      ),
+      1.0,
+      1.0,
+    )
+  ]
   dens_x = np.tile(dens, (1, n_layers * n_heads))  # [N, n_x]
-  rows.append((sparse.csr_matrix(np.pad(dens_x, ((0, 0), (0, n_y)))),
-               -np.inf, budget * n_layers * n_heads))
+  rows.append(
+    (
+      sparse.csr_matrix(np.pad(dens_x, ((0, 0), (0, n_y)))),
+      -np.inf,
+      budget * n_layers * n_heads,
+    )
+  )
   if use_k:
     k = _checks.check_positive_int("max_rules_per_layer", max_rules_per_layer)
     x_idx = np.arange(n_x)
     layer, cand = x_idx // (n_heads * n_cand), x_idx % n_cand
     y_of_x = n_x + layer * n_cand + cand
     link = sparse.csr_matrix(
-        (np.concatenate([np.ones(n_x), -np.ones(n_x)]),
-         (np.concatenate([x_idx, x_idx]), np.concatenate([x_idx, y_of_x]))),
-        shape=(n_x, n_x + n_y))  # x - y <= 0
+      (
+        np.concatenate([np.ones(n_x), -np.ones(n_x)]),
+        (np.concatenate([x_idx, x_idx]), np.concatenate([x_idx, y_of_x])),
+      ),
+      shape=(n_x, n_x + n_y),
+    )  # x - y <= 0
     per_layer = sparse.csr_matrix(
-        (np.ones(n_y), (np.arange(n_y) // n_cand, n_x + np.arange(n_y))),
-        shape=(n_layers, n_x + n_y))
+      (np.ones(n_y), (np.arange(n_y) // n_cand, n_x + np.arange(n_y))),
+      shape=(n_layers, n_x + n_y),
+    )
     rows += [(link, -np.inf, 0.0), (per_layer, -np.inf, float(k))]
   constraints = [optimize.LinearConstraint(a, lo, hi) for a, lo, hi in rows]
-  result = optimize.milp(objective, constraints=constraints,
-                         integrality=np.ones(n_x + n_y),
-                         bounds=optimize.Bounds(0, 1))
+  result = optimize.milp(
+    objective,
+    constraints=constraints,
+    integrality=np.ones(n_x + n_y),
+    bounds=optimize.Bounds(0, 1),
+  )
   if not result.success:
     raise ValueError(f"No plan meets `budget`={budget}: {result.message}")
   x = np.round(result.x[:n_x]).reshape(n_layers, n_heads, n_cand)

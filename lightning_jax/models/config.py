@@ -70,6 +70,7 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon.
     remat: rematerialise each block in the backward pass.
   """
+
   vocab_size: int = 256
   d_model: int = 128
   num_layers: int = 4
@@ -103,9 +104,19 @@ class ModelConfig:
   remat: bool = False
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads",
-                 "head_dim", "d_ff", "chunk_size", "num_experts", "top_k",
-                 "moe_d_ff", "mhmoe_heads"):
+    for name in (
+      "vocab_size",
+      "d_model",
+      "num_layers",
+      "num_heads",
+      "head_dim",
+      "d_ff",
+      "chunk_size",
+      "num_experts",
+      "top_k",
+      "moe_d_ff",
+      "mhmoe_heads",
+    ):
       _checks.check_positive_int(name, getattr(self, name))
     for name in ("pattern", "ffn_pattern"):
       value = getattr(self, name)
@@ -117,23 +128,30 @@ class ModelConfig:
       _checks.check_choice("ffn_pattern", ffn, FFNS)
     mixers.parse_options(self.mixer_options)
     _checks.check_choice("dtype", self.dtype, DTYPES)
-    _checks.check_choice("recurrent_impl", self.recurrent_impl,
-                         layers.RECURRENT_IMPLS)
-    _checks.check_choice("attention_impl", self.attention_impl,
-                         layers.ATTENTION_IMPLS)
+    _checks.check_choice(
+      "recurrent_impl", self.recurrent_impl, layers.RECURRENT_IMPLS
+    )
+    _checks.check_choice(
+      "attention_impl", self.attention_impl, layers.ATTENTION_IMPLS
+    )
     kv = self.num_kv_heads or self.num_heads
     if self.num_heads % kv:
-      raise ValueError(f"`num_kv_heads` ({kv}) must divide `num_heads` "
-                       f"({self.num_heads}).")
+      raise ValueError(
+        f"`num_kv_heads` ({kv}) must divide `num_heads` ({self.num_heads})."
+      )
     for name in ("layerwise_heads", "layerwise_ffn"):
       bounds = getattr(self, name)
-      if bounds is not None and not (len(bounds) == 2
-                                     and 0 < bounds[0] <= bounds[1]):
-        raise ValueError(f"`{name}` must be (min, max) with 0 < min <= max, "
-                         f"got {bounds!r}.")
+      if bounds is not None and not (
+        len(bounds) == 2 and 0 < bounds[0] <= bounds[1]
+      ):
+        raise ValueError(
+          f"`{name}` must be (min, max) with 0 < min <= max, got {bounds!r}."
+        )
     if "moa" in self.pattern and not isinstance(self.moa_plan, ops.MoAPlan):
-      raise ValueError('`moa_plan` (an `ops.MoAPlan`) is required by "moa" '
-                       f"mixers in `pattern`, got {self.moa_plan!r}.")
+      raise ValueError(
+        '`moa_plan` (an `ops.MoAPlan`) is required by "moa" '
+        f"mixers in `pattern`, got {self.moa_plan!r}."
+      )
 
   def to_dict(self) -> dict:
     """JSON-ready fields (tuples as lists), e.g. for checkpoint metadata."""
@@ -145,8 +163,9 @@ class ModelConfig:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - known)
     if unknown:
-      raise ValueError(f"Unknown model config field(s) {unknown}; fields: "
-                       f"{sorted(known)}.")
+      raise ValueError(
+        f"Unknown model config field(s) {unknown}; fields: {sorted(known)}."
+      )
     fields = {k: _tuples(v) for k, v in fields.items()}
     if isinstance(fields.get("moa_plan"), dict):
       fields["moa_plan"] = ops.MoAPlan(**fields["moa_plan"])
@@ -155,20 +174,22 @@ class ModelConfig:
   @property
   def mixers(self) -> tuple[str, ...]:
     """The token mixer of each layer."""
-    return tuple(self.pattern[i % len(self.pattern)]
-                 for i in range(self.num_layers))
+    return tuple(
+      self.pattern[i % len(self.pattern)] for i in range(self.num_layers)
+    )
 
   @property
   def attention_layers(self) -> tuple[int, ...]:
     """Indices of the softmax-attention layers (`Mixer.softmax`)."""
-    return tuple(i for i, m in enumerate(self.mixers)
-                 if mixers.get(m).softmax)
+    return tuple(i for i, m in enumerate(self.mixers) if mixers.get(m).softmax)
 
   @property
   def ffns(self) -> tuple[str, ...]:
     """The channel mixer of each layer."""
-    return tuple(self.ffn_pattern[i % len(self.ffn_pattern)]
-                 for i in range(self.num_layers))
+    return tuple(
+      self.ffn_pattern[i % len(self.ffn_pattern)]
+      for i in range(self.num_layers)
+    )
 
 
 def _json_ready(value):
@@ -198,6 +219,7 @@ class BlockConfig:
     parallel: the parallel-block form.
     norm_eps: RMSNorm epsilon.
   """
+
   kind: str
   mixer: Any
   ffn: layers.MLPConfig | layers.MoEConfig | layers.MHMoEConfig
@@ -222,11 +244,14 @@ def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
     heads, d_ff = cfg.num_heads, cfg.d_ff
     if cfg.layerwise_heads is not None:
       alpha = _linear(cfg.layerwise_heads, layer, cfg.num_layers)
-      heads = max(group, group * round(alpha * cfg.d_model / cfg.head_dim
-                                       / group))
+      heads = max(
+        group, group * round(alpha * cfg.d_model / cfg.head_dim / group)
+      )
     if cfg.layerwise_ffn is not None:
-      d_ff = max(1, round(_linear(cfg.layerwise_ffn, layer, cfg.num_layers)
-                          * cfg.d_model))
+      d_ff = max(
+        1,
+        round(_linear(cfg.layerwise_ffn, layer, cfg.num_layers) * cfg.d_model),
+      )
     widths.append((heads, heads // group, d_ff))
   return widths
 
@@ -235,9 +260,13 @@ def _ffn_config(cfg: ModelConfig, ffn: str, d_ff: int):
   if ffn == "mlp":
     return layers.MLPConfig(cfg.d_model, d_ff)
   moe = layers.MoEConfig(
-      cfg.d_model, cfg.moe_d_ff, cfg.num_experts, top_k=cfg.top_k,
-      score=cfg.router_score,
-      lbl_scope="sequence" if cfg.lbl_scope == "sequence" else "micro")
+    cfg.d_model,
+    cfg.moe_d_ff,
+    cfg.num_experts,
+    top_k=cfg.top_k,
+    score=cfg.router_score,
+    lbl_scope="sequence" if cfg.lbl_scope == "sequence" else "micro",
+  )
   if ffn == "moe":
     return moe
   return layers.MHMoEConfig(cfg.mhmoe_heads, moe)
@@ -252,10 +281,16 @@ def block_configs(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
   """
   options = mixers.parse_options(cfg.mixer_options)
   return tuple(
-      BlockConfig(kind, mixers.get(kind).config(mixers.LayerSpec(
-          cfg, layer, heads, kv, options.get(kind, {}))),
-                  _ffn_config(cfg, ffn, d_ff), cfg.parallel_block,
-                  cfg.norm_eps)
-      for layer, (kind, ffn, (heads, kv, d_ff)) in enumerate(
-          zip(cfg.mixers, cfg.ffns, layer_widths(cfg), strict=True)))
-
+    BlockConfig(
+      kind,
+      mixers.get(kind).config(
+        mixers.LayerSpec(cfg, layer, heads, kv, options.get(kind, {}))
+      ),
+      _ffn_config(cfg, ffn, d_ff),
+      cfg.parallel_block,
+      cfg.norm_eps,
+    )
+    for layer, (kind, ffn, (heads, kv, d_ff)) in enumerate(
+      zip(cfg.mixers, cfg.ffns, layer_widths(cfg), strict=True)
+    )
+  )

@@ -24,6 +24,7 @@ class MoEStats(NamedTuple):
     z: shape=(), router z-loss (mean over the microbatch's tokens).
     dropped: shape=(), share of routing slots dropped by capacity.
   """
+
   pieces: moe.LBLPieces
   lbl: jax.Array
   z: jax.Array
@@ -32,8 +33,12 @@ class MoEStats(NamedTuple):
   @classmethod
   def from_aux(cls, aux) -> "MoEStats":
     """From a `layers.MoEAux`."""
-    return cls(aux.lbl_pieces, aux.load_balancing_loss, aux.router_z_loss,
-               aux.load.dropped_fraction)
+    return cls(
+      aux.lbl_pieces,
+      aux.load_balancing_loss,
+      aux.router_z_loss,
+      aux.load.dropped_fraction,
+    )
 
 
 def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
@@ -43,8 +48,9 @@ def masked_ce_sum(logits_BxTxV, targets_BxT, mask_BxT):
   """
   logits = logits_BxTxV.astype(jnp.float32)
   lse = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None],
-                                     axis=-1)[..., 0]
+  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[
+    ..., 0
+  ]
   return jnp.sum(mask_BxT.astype(jnp.float32) * (lse - target_logit))
 
 
@@ -80,11 +86,23 @@ def lm_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):
     z = jnp.mean(st.z)
     load = moe.load_stats(st.pieces.expert_counts)
     lbl_total, z_total = lbl_total + lbl, z_total + z
-    metrics.update({f"moe/{i}/lbl": lbl, f"moe/{i}/z": z,
-                    f"moe/{i}/max_over_mean": load.max_over_mean,
-                    f"moe/{i}/dropped_fraction": jnp.mean(st.dropped),
-                    f"moe/{i}/expert_load": load.expert_load})
+    metrics.update(
+      {
+        f"moe/{i}/lbl": lbl,
+        f"moe/{i}/z": z,
+        f"moe/{i}/max_over_mean": load.max_over_mean,
+        f"moe/{i}/dropped_fraction": jnp.mean(st.dropped),
+        f"moe/{i}/expert_load": load.expert_load,
+      }
+    )
   loss = ce + loss_cfg.lbl_coef * lbl_total + loss_cfg.z_coef * z_total
-  metrics.update({"loss": loss, "ce_loss": ce, "lbl_loss": lbl_total,
-                  "z_loss": z_total, "num_targets": num_targets})
+  metrics.update(
+    {
+      "loss": loss,
+      "ce_loss": ce,
+      "lbl_loss": lbl_total,
+      "z_loss": z_total,
+      "num_targets": num_targets,
+    }
+  )
   return loss, metrics

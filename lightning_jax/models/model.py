@@ -30,6 +30,7 @@ class ModelAux(NamedTuple):
   Attributes:
     moe: per layer, the `layers.MoEAux` of a MoE channel mixer, else None.
   """
+
   moe: tuple[layers.MoEAux | None, ...]
 
 
@@ -45,16 +46,18 @@ def _init_ffn(key, ffn_cfg) -> dict:
   return layers.init_mh_moe(key, ffn_cfg)
 
 
-def init_block(key, block: BlockConfig, *, layer: int, num_layers: int
-               ) -> dict:
+def init_block(key, block: BlockConfig, *, layer: int, num_layers: int) -> dict:
   """One block's params: `mixer_norm`, `mixer`, `ffn_norm` (not in the
   parallel form) and `ffn`."""
   k_mixer, k_ffn = jax.random.split(key)
   d_model = block.mixer.d_model
-  params = {"mixer_norm": layers.init_rms_norm(d_model),
-            "mixer": mixers.get(block.kind).init(
-                k_mixer, block.mixer, layer=layer, num_layers=num_layers),
-            "ffn": _init_ffn(k_ffn, block.ffn)}
+  params = {
+    "mixer_norm": layers.init_rms_norm(d_model),
+    "mixer": mixers.get(block.kind).init(
+      k_mixer, block.mixer, layer=layer, num_layers=num_layers
+    ),
+    "ffn": _init_ffn(k_ffn, block.ffn),
+  }
   if not block.parallel:
     params["ffn_norm"] = layers.init_rms_norm(d_model)
   return params
@@ -72,15 +75,17 @@ def init(key, cfg: ModelConfig) -> dict:
   blocks = block_configs(cfg)
   k_embed, k_head, *k_layers = jax.random.split(key, 2 + cfg.num_layers)
   params = {
-      "embed": jax.random.normal(k_embed, (cfg.vocab_size, cfg.d_model)),
-      "layers": tuple(
-          init_block(k, b, layer=i, num_layers=cfg.num_layers)
-          for i, (k, b) in enumerate(zip(k_layers, blocks, strict=True))),
-      "final_norm": layers.init_rms_norm(cfg.d_model),
+    "embed": jax.random.normal(k_embed, (cfg.vocab_size, cfg.d_model)),
+    "layers": tuple(
+      init_block(k, b, layer=i, num_layers=cfg.num_layers)
+      for i, (k, b) in enumerate(zip(k_layers, blocks, strict=True))
+    ),
+    "final_norm": layers.init_rms_norm(cfg.d_model),
   }
   if not cfg.tie_embeddings:
     params["unembed"] = layers.dense_init(
-        k_head, (cfg.d_model, cfg.vocab_size), jnp.float32)
+      k_head, (cfg.d_model, cfg.vocab_size), jnp.float32
+    )
   return params
 
 
@@ -93,9 +98,11 @@ def num_params(cfg: ModelConfig) -> int:
 def cast_params(params, dtype):
   """Matrices (>= 2-D) in `dtype` for compute; vectors, scalars (norm scales,
   decays) and MoE routers stay float32."""
+
   def cast(path, x):
     keep = any(getattr(k, "key", None) == "router" for k in path)
     return x if keep or x.ndim < 2 else x.astype(dtype)
+
   return jax.tree_util.tree_map_with_path(cast, params)
 
 
@@ -103,10 +110,13 @@ def embed(params, tokens_BxT, cfg: ModelConfig):
   """Token embeddings `[batch, seq, d_model]` in the compute dtype."""
   _checks.check_rank("tokens_BxT", tokens_BxT, 2, "[batch, seq]")
   if not jnp.issubdtype(jnp.asarray(tokens_BxT).dtype, jnp.integer):
-    raise ValueError(f"`tokens_BxT` must be integer token ids, got dtype "
-                     f"{jnp.asarray(tokens_BxT).dtype}.")
+    raise ValueError(
+      f"`tokens_BxT` must be integer token ids, got dtype "
+      f"{jnp.asarray(tokens_BxT).dtype}."
+    )
   return jnp.take(params["embed"], tokens_BxT, axis=0).astype(
-      compute_dtype(cfg))
+    compute_dtype(cfg)
+  )
 
 
 def head(params, h_BxTxD, cfg: ModelConfig):
@@ -117,29 +127,46 @@ def head(params, h_BxTxD, cfg: ModelConfig):
   """
   x = layers.rms_norm(params["final_norm"], h_BxTxD, cfg.norm_eps)
   if cfg.tie_embeddings:
-    return jnp.einsum("btd,vd->btv", x, params["embed"].astype(x.dtype),
-                      preferred_element_type=jnp.float32) * cfg.d_model ** -0.5
-  return jnp.einsum("btd,dv->btv", x, params["unembed"].astype(x.dtype),
-                    preferred_element_type=jnp.float32)
+    return (
+      jnp.einsum(
+        "btd,vd->btv",
+        x,
+        params["embed"].astype(x.dtype),
+        preferred_element_type=jnp.float32,
+      )
+      * cfg.d_model**-0.5
+    )
+  return jnp.einsum(
+    "btd,dv->btv",
+    x,
+    params["unembed"].astype(x.dtype),
+    preferred_element_type=jnp.float32,
+  )
 
 
 def _apply_ffn(params, x_BxTxD, ffn_cfg, lbl_axis, expert_axis):
   if isinstance(ffn_cfg, layers.MLPConfig):
     return layers.mlp(params, x_BxTxD, ffn_cfg), None
-  moe_cfg = ffn_cfg if isinstance(ffn_cfg, layers.MoEConfig) else (
-      ffn_cfg.moe)
+  moe_cfg = ffn_cfg if isinstance(ffn_cfg, layers.MoEConfig) else (ffn_cfg.moe)
   if lbl_axis is not None:
     moe_cfg = dataclasses.replace(moe_cfg, lbl_scope="global")
   kw = dict(lbl_axis=lbl_axis, expert_axis=expert_axis)
   if isinstance(ffn_cfg, layers.MoEConfig):
     return layers.moe(params, x_BxTxD, moe_cfg, **kw)
   return layers.mh_moe(
-      params, x_BxTxD, layers.MHMoEConfig(ffn_cfg.num_heads, moe_cfg), **kw)
+    params, x_BxTxD, layers.MHMoEConfig(ffn_cfg.num_heads, moe_cfg), **kw
+  )
 
 
-def block_with_mixer(params, h_BxTxD, block: BlockConfig,
-                     mixer_fn: Callable[[Any], tuple[Any, Any]], *,
-                     lbl_axis=None, expert_axis=None):
+def block_with_mixer(
+  params,
+  h_BxTxD,
+  block: BlockConfig,
+  mixer_fn: Callable[[Any], tuple[Any, Any]],
+  *,
+  lbl_axis=None,
+  expert_axis=None,
+):
   """A block whose token mixer is `mixer_fn(normed x) -> (y, extra)`.
 
   `apply_block` passes the registered mixer; MoA profiling passes a probed
@@ -154,15 +181,26 @@ def block_with_mixer(params, h_BxTxD, block: BlockConfig,
     y, aux = _apply_ffn(params["ffn"], x, block.ffn, lbl_axis, expert_axis)
     return h_BxTxD + mixed + y, aux, extra
   h = h_BxTxD + mixed
-  y, aux = _apply_ffn(params["ffn"],
-                      layers.rms_norm(params["ffn_norm"], h, block.norm_eps),
-                      block.ffn, lbl_axis, expert_axis)
+  y, aux = _apply_ffn(
+    params["ffn"],
+    layers.rms_norm(params["ffn_norm"], h, block.norm_eps),
+    block.ffn,
+    lbl_axis,
+    expert_axis,
+  )
   return h + y, aux, extra
 
 
-def apply_block(params, h_BxTxD, block: BlockConfig, state=None,
-                decoding: layers.Decoding | None = None, *, lbl_axis=None,
-                expert_axis=None):
+def apply_block(
+  params,
+  h_BxTxD,
+  block: BlockConfig,
+  state=None,
+  decoding: layers.Decoding | None = None,
+  *,
+  lbl_axis=None,
+  expert_axis=None,
+):
   """One block `[batch, seq, d_model] -> [batch, seq, d_model]`.
 
   Args:
@@ -179,14 +217,26 @@ def apply_block(params, h_BxTxD, block: BlockConfig, state=None,
   """
   apply = mixers.get(block.kind).apply
   return block_with_mixer(
-      params, h_BxTxD, block,
-      lambda x: apply(params["mixer"], x, block.mixer, state, decoding),
-      lbl_axis=lbl_axis, expert_axis=expert_axis)
+    params,
+    h_BxTxD,
+    block,
+    lambda x: apply(params["mixer"], x, block.mixer, state, decoding),
+    lbl_axis=lbl_axis,
+    expert_axis=expert_axis,
+  )
 
 
-def run_blocks(layer_params, h_BxTxD, blocks, states=None,
-               decoding: layers.Decoding | None = None, *, remat=False,
-               lbl_axis=None, expert_axis=None):
+def run_blocks(
+  layer_params,
+  h_BxTxD,
+  blocks,
+  states=None,
+  decoding: layers.Decoding | None = None,
+  *,
+  remat=False,
+  lbl_axis=None,
+  expert_axis=None,
+):
   """Runs blocks in order: training (no states), prefill or a decode step.
 
   Args:
@@ -207,17 +257,24 @@ def run_blocks(layer_params, h_BxTxD, blocks, states=None,
     block_fn = jax.checkpoint(apply_block, static_argnums=(2,))
   states = (None,) * len(blocks) if states is None else states
   auxes, new_states = [], []
-  for params, block, state in zip(layer_params, blocks, states,
-                                  strict=True):
-    h_BxTxD, aux, state = block_fn(params, h_BxTxD, block, state, decoding,
-                                   lbl_axis=lbl_axis, expert_axis=expert_axis)
+  for params, block, state in zip(layer_params, blocks, states, strict=True):
+    h_BxTxD, aux, state = block_fn(
+      params,
+      h_BxTxD,
+      block,
+      state,
+      decoding,
+      lbl_axis=lbl_axis,
+      expert_axis=expert_axis,
+    )
     auxes.append(aux)
     new_states.append(state)
   return h_BxTxD, tuple(auxes), tuple(new_states)
 
 
-def forward(params, tokens_BxT, cfg: ModelConfig, *, lbl_axis=None,
-            expert_axis=None):
+def forward(
+  params, tokens_BxT, cfg: ModelConfig, *, lbl_axis=None, expert_axis=None
+):
   """Logits of every position.
 
   Args:
@@ -239,6 +296,11 @@ def forward(params, tokens_BxT, cfg: ModelConfig, *, lbl_axis=None,
   """
   params = cast_params(params, compute_dtype(cfg))
   h, auxes, _ = run_blocks(
-      params["layers"], embed(params, tokens_BxT, cfg), block_configs(cfg),
-      remat=cfg.remat, lbl_axis=lbl_axis, expert_axis=expert_axis)
+    params["layers"],
+    embed(params, tokens_BxT, cfg),
+    block_configs(cfg),
+    remat=cfg.remat,
+    lbl_axis=lbl_axis,
+    expert_axis=expert_axis,
+  )
   return head(params, h, cfg), ModelAux(auxes)

@@ -33,6 +33,7 @@ class LBLPieces(NamedTuple):
       tokens (differentiable).
     num_tokens: `[...]` float32 number of tokens.
   """
+
   expert_counts: jax.Array
   prob_sums: jax.Array
   num_tokens: jax.Array
@@ -46,6 +47,7 @@ class LoadStats(NamedTuple):
     max_over_mean: shape=(), max expert load / mean expert load (1 = balanced).
     dropped_fraction: shape=(), share of routing slots dropped by capacity.
   """
+
   expert_load: jax.Array
   max_over_mean: jax.Array
   dropped_fraction: jax.Array
@@ -56,15 +58,21 @@ def _check_routing(probs, experts, num_experts: int) -> None:
   `experts` `[batch, seq, ..., top_k]` agree."""
   num_experts = _checks.check_positive_int("num_experts", num_experts)
   if probs.ndim < 3:
-    raise ValueError("`probs` must have shape [batch, seq, ..., num_experts], "
-                     f"got {probs.shape}.")
+    raise ValueError(
+      "`probs` must have shape [batch, seq, ..., num_experts], "
+      f"got {probs.shape}."
+    )
   if probs.shape[-1] != num_experts:
-    raise ValueError(f"`probs` last dim must be num_experts = {num_experts}, "
-                     f"got shape {probs.shape}.")
+    raise ValueError(
+      f"`probs` last dim must be num_experts = {num_experts}, "
+      f"got shape {probs.shape}."
+    )
   if experts.shape[:-1] != probs.shape[:-1] or experts.ndim != probs.ndim:
-    raise ValueError("`experts` must have shape [batch, seq, ..., top_k] with "
-                     f"the leading dims of `probs` {probs.shape[:-1]}, got "
-                     f"{experts.shape}.")
+    raise ValueError(
+      "`experts` must have shape [batch, seq, ..., top_k] with "
+      f"the leading dims of `probs` {probs.shape[:-1]}, got "
+      f"{experts.shape}."
+    )
   if not jnp.issubdtype(experts.dtype, jnp.integer):
     raise ValueError(f"`experts` must hold integer ids, got {experts.dtype}.")
 
@@ -91,8 +99,9 @@ def load_balancing_pieces(probs, experts, *, num_experts: int) -> LBLPieces:
   """
   _check_routing(probs, experts, num_experts)
   counts = jnp.bincount(experts.reshape(-1), length=num_experts)
-  prob_sums = jnp.sum(probs.astype(jnp.float32).reshape(-1, num_experts),
-                      axis=0)
+  prob_sums = jnp.sum(
+    probs.astype(jnp.float32).reshape(-1, num_experts), axis=0
+  )
   num_tokens = jnp.float32(probs.size // num_experts)
   return LBLPieces(counts.astype(jnp.float32), prob_sums, num_tokens)
 
@@ -103,13 +112,15 @@ def _axis_size(axis_name):
     return jax.lax.psum(1, axis_name)
   except NameError as e:
     raise ValueError(
-        f"`axis_name` {axis_name!r} is not bound: call the global-scope loss "
-        "inside `jax.shard_map` (or a `vmap` with that axis_name) over the "
-        "data-parallel mesh axes.") from e
+      f"`axis_name` {axis_name!r} is not bound: call the global-scope loss "
+      "inside `jax.shard_map` (or a `vmap` with that axis_name) over the "
+      "data-parallel mesh axes."
+    ) from e
 
 
-def load_balancing_loss_from_pieces(pieces: LBLPieces, *, axis_name=None,
-                                    expert_counts=None):
+def load_balancing_loss_from_pieces(
+  pieces: LBLPieces, *, axis_name=None, expert_counts=None
+):
   """The LBL of the union of `pieces` (summed over its leading axes).
 
   Local `p` from the local pieces, `f` from counts summed over the leading
@@ -154,8 +165,9 @@ def load_balancing_loss_from_pieces(pieces: LBLPieces, *, axis_name=None,
   return num_experts * jnp.sum(f * p)
 
 
-def load_balancing_loss(probs, experts, *, num_experts: int,
-                        scope: str = "micro", axis_name=None):
+def load_balancing_loss(
+  probs, experts, *, num_experts: int, scope: str = "micro", axis_name=None
+):
   """Load-balancing loss `num_experts * sum_i f_i p_i` at the given scope.
 
   * "sequence": `f`, `p` per sequence, the loss averaged over sequences.
@@ -190,15 +202,20 @@ def load_balancing_loss(probs, experts, *, num_experts: int,
   """
   _checks.check_choice("scope", scope, SCOPES)
   if scope == "global" and axis_name is None:
-    raise ValueError("`scope='global'` needs `axis_name`: the mesh axes "
-                     "(inside shard_map) over which to count expert load.")
+    raise ValueError(
+      "`scope='global'` needs `axis_name`: the mesh axes "
+      "(inside shard_map) over which to count expert load."
+    )
   if scope != "global" and axis_name is not None:
-    raise ValueError(f"`axis_name` is only used by scope='global', got "
-                     f"scope={scope!r} with axis_name={axis_name!r}.")
+    raise ValueError(
+      f"`axis_name` is only used by scope='global', got "
+      f"scope={scope!r} with axis_name={axis_name!r}."
+    )
   _check_routing(probs, experts, num_experts)
   if scope == "sequence":
-    per_sequence = functools.partial(load_balancing_pieces,
-                                     num_experts=num_experts)
+    per_sequence = functools.partial(
+      load_balancing_pieces, num_experts=num_experts
+    )
     pieces = jax.vmap(per_sequence)(probs[:, None], experts[:, None])
     return jnp.mean(jax.vmap(load_balancing_loss_from_pieces)(pieces))
   pieces = load_balancing_pieces(probs, experts, num_experts=num_experts)
@@ -223,8 +240,9 @@ def load_stats(expert_counts, *, kept=None, axis_name=None) -> LoadStats:
     Array(1.5, dtype=float32)
   """
   num_experts = expert_counts.shape[-1]
-  counts = jnp.sum(expert_counts.reshape(-1, num_experts).astype(jnp.float32),
-                   axis=0)
+  counts = jnp.sum(
+    expert_counts.reshape(-1, num_experts).astype(jnp.float32), axis=0
+  )
   if kept is None:
     dropped = jnp.float32(0)
   else:
@@ -233,6 +251,8 @@ def load_stats(expert_counts, *, kept=None, axis_name=None) -> LoadStats:
     counts, dropped = jax.lax.psum((counts, dropped), axis_name)
   counts = jax.lax.stop_gradient(counts)
   total = jnp.sum(counts)
-  return LoadStats(expert_load=counts / total,
-                   max_over_mean=jnp.max(counts) / jnp.mean(counts),
-                   dropped_fraction=dropped / total)
+  return LoadStats(
+    expert_load=counts / total,
+    max_over_mean=jnp.max(counts) / jnp.mean(counts),
+    dropped_fraction=dropped / total,
+  )

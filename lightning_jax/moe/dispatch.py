@@ -16,27 +16,39 @@ DROP_POLICIES = ("position", "probability")
 def _check_tokens(x_NxD, weights_NxK, experts_NxK, glu_weights) -> None:
   _checks.check_rank("x_NxD", x_NxD, 2, "[tokens, d_model]")
   _checks.check_rank("weights_NxK", weights_NxK, 2, "[tokens, top_k]")
-  _checks.check_shape("experts_NxK", experts_NxK, weights_NxK.shape,
-                      "[tokens, top_k]")
+  _checks.check_shape(
+    "experts_NxK", experts_NxK, weights_NxK.shape, "[tokens, top_k]"
+  )
   if weights_NxK.shape[0] != x_NxD.shape[0]:
-    raise ValueError(f"`weights_NxK` must have {x_NxD.shape[0]} tokens (the "
-                     f"rows of `x_NxD`), got shape {weights_NxK.shape}.")
+    raise ValueError(
+      f"`weights_NxK` must have {x_NxD.shape[0]} tokens (the "
+      f"rows of `x_NxD`), got shape {weights_NxK.shape}."
+    )
   num_experts, d_model, d_ff = glu_weights.w_gate.shape
-  _checks.check_shape("glu_weights.w_up", glu_weights.w_up,
-                      (num_experts, d_model, d_ff),
-                      "[num_experts, d_model, d_ff]")
-  _checks.check_shape("glu_weights.w_down", glu_weights.w_down,
-                      (num_experts, d_ff, d_model),
-                      "[num_experts, d_ff, d_model]")
+  _checks.check_shape(
+    "glu_weights.w_up",
+    glu_weights.w_up,
+    (num_experts, d_model, d_ff),
+    "[num_experts, d_model, d_ff]",
+  )
+  _checks.check_shape(
+    "glu_weights.w_down",
+    glu_weights.w_down,
+    (num_experts, d_ff, d_model),
+    "[num_experts, d_ff, d_model]",
+  )
   if d_model != x_NxD.shape[1]:
-    raise ValueError(f"`glu_weights` d_model = {d_model} must match the last "
-                     f"dim of `x_NxD` {x_NxD.shape}.")
+    raise ValueError(
+      f"`glu_weights` d_model = {d_model} must match the last "
+      f"dim of `x_NxD` {x_NxD.shape}."
+    )
 
 
 def _combine(y_NxKxD, weights_NxK, dtype):
   """`sum_k weights[n, k] * y[n, k]` in float32, returned in `dtype`."""
-  y = jnp.einsum("nkd,nk->nd", y_NxKxD.astype(jnp.float32),
-                 weights_NxK.astype(jnp.float32))
+  y = jnp.einsum(
+    "nkd,nk->nd", y_NxKxD.astype(jnp.float32), weights_NxK.astype(jnp.float32)
+  )
   return y.astype(dtype)
 
 
@@ -45,15 +57,22 @@ def _dropless_loop(x_NxD, weights_NxK, experts_NxK, glu_weights, activation):
   y = jnp.zeros(x_NxD.shape, jnp.float32)
   for e in range(glu_weights.w_gate.shape[0]):
     w_e = jax.tree.map(lambda w, e=e: w[e], glu_weights)
-    gate = jnp.sum(jnp.where(experts_NxK == e, weights_NxK, 0.), axis=-1)
+    gate = jnp.sum(jnp.where(experts_NxK == e, weights_NxK, 0.0), axis=-1)
     y_e = experts_lib.glu(x_NxD, w_e, activation=activation)
     y = y + gate[:, None] * y_e.astype(jnp.float32)
   return y.astype(x_NxD.dtype)
 
 
-def dropless_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
-                 activation: str = "silu", impl: str = "ragged",
-                 expert_axis=None):
+def dropless_moe(
+  x_NxD,
+  weights_NxK,
+  experts_NxK,
+  glu_weights,
+  *,
+  activation: str = "silu",
+  impl: str = "ragged",
+  expert_axis=None,
+):
   """Dropless MoE: every routing slot is computed by its expert.
 
   `impl="ragged"` sorts the `tokens * top_k` slots by expert, runs the GLU
@@ -90,14 +109,20 @@ def dropless_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
   _checks.check_choice("impl", impl, DROPLESS_IMPLS)
   if impl == "loop":
     if expert_axis is not None:
-      raise ValueError("`impl='loop'` is single-device; got "
-                       f"expert_axis={expert_axis!r}.")
-    return _dropless_loop(x_NxD, weights_NxK, experts_NxK, glu_weights,
-                          activation)
+      raise ValueError(
+        f"`impl='loop'` is single-device; got expert_axis={expert_axis!r}."
+      )
+    return _dropless_loop(
+      x_NxD, weights_NxK, experts_NxK, glu_weights, activation
+    )
   if expert_axis is not None:
     y_NxKxD = expert_parallel.dropless_exchange(
-        x_NxD, experts_NxK, glu_weights, axis_name=expert_axis,
-        activation=activation)
+      x_NxD,
+      experts_NxK,
+      glu_weights,
+      axis_name=expert_axis,
+      activation=activation,
+    )
     return _combine(y_NxKxD, weights_NxK, x_NxD.dtype)
   num_tokens, top_k = experts_NxK.shape
   num_experts = glu_weights.w_gate.shape[0]
@@ -105,16 +130,20 @@ def dropless_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
   order = jnp.argsort(slot_experts, stable=True)
   group_sizes = jnp.bincount(slot_experts, length=num_experts)
   x_sorted = x_NxD[order // top_k]
-  y_sorted = experts_lib.grouped_glu(x_sorted, group_sizes.astype(jnp.int32),
-                                     glu_weights, activation=activation)
-  y_slots = jnp.zeros_like(y_sorted).at[order].set(y_sorted,
-                                                   unique_indices=True)
-  return _combine(y_slots.reshape(num_tokens, top_k, -1), weights_NxK,
-                  x_NxD.dtype)
+  y_sorted = experts_lib.grouped_glu(
+    x_sorted, group_sizes.astype(jnp.int32), glu_weights, activation=activation
+  )
+  y_slots = (
+    jnp.zeros_like(y_sorted).at[order].set(y_sorted, unique_indices=True)
+  )
+  return _combine(
+    y_slots.reshape(num_tokens, top_k, -1), weights_NxK, x_NxD.dtype
+  )
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
-                    capacity_factor: float) -> int:
+def expert_capacity(
+  num_tokens: int, top_k: int, num_experts: int, capacity_factor: float
+) -> int:
   """Slots per expert: `ceil(tokens * top_k / num_experts * capacity_factor)`.
 
   Args:
@@ -138,8 +167,14 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int,
   return max(1, math.ceil(num_tokens * top_k / num_experts * capacity_factor))
 
 
-def capacity_slots(weights_NxK, experts_NxK, *, num_experts: int,
-                   capacity: int, drop_policy: str = "position"):
+def capacity_slots(
+  weights_NxK,
+  experts_NxK,
+  *,
+  num_experts: int,
+  capacity: int,
+  drop_policy: str = "position",
+):
   """Buffer position of every routing slot in its expert, and whether it fits.
 
   Slots are served choice-major (all first choices before any second choice,
@@ -170,29 +205,40 @@ def capacity_slots(weights_NxK, experts_NxK, *, num_experts: int,
   """
   _checks.check_choice("drop_policy", drop_policy, DROP_POLICIES)
   num_tokens, top_k = experts_NxK.shape
-  token_NxK = jnp.broadcast_to(jnp.arange(num_tokens)[:, None],
-                               experts_NxK.shape)
+  token_NxK = jnp.broadcast_to(
+    jnp.arange(num_tokens)[:, None], experts_NxK.shape
+  )
   choice_NxK = jnp.broadcast_to(jnp.arange(top_k)[None, :], experts_NxK.shape)
   if drop_policy == "position":
     within_choice = token_NxK
   else:
     within_choice = -jax.lax.stop_gradient(weights_NxK)
   # Primary key last: expert, then choice rank, then position / probability.
-  order = jnp.lexsort((within_choice.reshape(-1), choice_NxK.reshape(-1),
-                       experts_NxK.reshape(-1)))
+  order = jnp.lexsort(
+    (within_choice.reshape(-1), choice_NxK.reshape(-1), experts_NxK.reshape(-1))
+  )
   sorted_experts = experts_NxK.reshape(-1)[order]
   group_sizes = jnp.bincount(sorted_experts, length=num_experts)
   starts = jnp.cumsum(group_sizes) - group_sizes
   rank_sorted = jnp.arange(order.shape[0]) - starts[sorted_experts]
-  position = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted,
-                                                       unique_indices=True)
+  position = (
+    jnp.zeros_like(rank_sorted).at[order].set(rank_sorted, unique_indices=True)
+  )
   position = position.reshape(num_tokens, top_k).astype(jnp.int32)
   return position, position < capacity
 
 
-def capacity_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
-                 capacity_factor: float, drop_policy: str = "position",
-                 activation: str = "silu", expert_axis=None):
+def capacity_moe(
+  x_NxD,
+  weights_NxK,
+  experts_NxK,
+  glu_weights,
+  *,
+  capacity_factor: float,
+  drop_policy: str = "position",
+  activation: str = "silu",
+  expert_axis=None,
+):
   """Capacity-based MoE (GShard / Switch): fixed `[experts, capacity]` buffers.
 
   Overflowing slots are dropped (see `capacity_slots`): their expert output
@@ -234,21 +280,29 @@ def capacity_moe(x_NxD, weights_NxK, experts_NxK, glu_weights, *,
   if expert_axis is not None:
     num_experts *= expert_parallel.axis_size(expert_axis)
   capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
-  position, kept = capacity_slots(weights_NxK, experts_NxK,
-                                  num_experts=num_experts, capacity=capacity,
-                                  drop_policy=drop_policy)
-  x_NxKxD = jnp.broadcast_to(x_NxD[:, None, :], (num_tokens, top_k,
-                                                 x_NxD.shape[1]))
-  buffer_ExCxD = jnp.zeros((num_experts, capacity, x_NxD.shape[1]),
-                           x_NxD.dtype).at[experts_NxK, position].set(
-                               x_NxKxD, mode="drop")
+  position, kept = capacity_slots(
+    weights_NxK,
+    experts_NxK,
+    num_experts=num_experts,
+    capacity=capacity,
+    drop_policy=drop_policy,
+  )
+  x_NxKxD = jnp.broadcast_to(
+    x_NxD[:, None, :], (num_tokens, top_k, x_NxD.shape[1])
+  )
+  buffer_ExCxD = (
+    jnp.zeros((num_experts, capacity, x_NxD.shape[1]), x_NxD.dtype)
+    .at[experts_NxK, position]
+    .set(x_NxKxD, mode="drop")
+  )
   if expert_axis is None:
-    y_ExCxD = experts_lib.batched_glu(buffer_ExCxD, glu_weights,
-                                      activation=activation)
+    y_ExCxD = experts_lib.batched_glu(
+      buffer_ExCxD, glu_weights, activation=activation
+    )
   else:
     y_ExCxD = expert_parallel.capacity_exchange(
-        buffer_ExCxD, glu_weights, axis_name=expert_axis,
-        activation=activation)
+      buffer_ExCxD, glu_weights, axis_name=expert_axis, activation=activation
+    )
   y_NxKxD = y_ExCxD.at[experts_NxK, position].get(mode="fill", fill_value=0)
-  y = _combine(y_NxKxD, jnp.where(kept, weights_NxK, 0.), x_NxD.dtype)
+  y = _combine(y_NxKxD, jnp.where(kept, weights_NxK, 0.0), x_NxD.dtype)
   return y, kept

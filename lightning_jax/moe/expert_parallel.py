@@ -27,16 +27,19 @@ def axis_size(axis_name) -> int:
   try:
     return jax.lax.axis_size(axis_name)
   except NameError as e:
-    raise ValueError(f"`expert_axis` {axis_name!r} is not bound: call the "
-                     "expert-parallel MoE inside `jax.shard_map`.") from e
+    raise ValueError(
+      f"`expert_axis` {axis_name!r} is not bound: call the "
+      "expert-parallel MoE inside `jax.shard_map`."
+    ) from e
 
 
 def _all_to_all(x, axis_name):
   return jax.lax.all_to_all(x, axis_name, split_axis=0, concat_axis=0)
 
 
-def dropless_exchange(x_NxD, experts_NxK, glu_weights, *, axis_name,
-                      activation: str):
+def dropless_exchange(
+  x_NxD, experts_NxK, glu_weights, *, axis_name, activation: str
+):
   """Expert outputs of every routing slot, experts sharded over `axis_name`.
 
   Args:
@@ -62,30 +65,42 @@ def dropless_exchange(x_NxD, experts_NxK, glu_weights, *, axis_name,
   dest_sizes = jnp.bincount(dest, length=num_shards)
   pos = jnp.arange(order.shape[0]) - (jnp.cumsum(dest_sizes) - dest_sizes)[dest]
 
-  send_x = jnp.zeros((num_shards, rows, d_model), x_NxD.dtype).at[
-      dest, pos].set(x_NxD[order // top_k], unique_indices=True)
+  send_x = (
+    jnp.zeros((num_shards, rows, d_model), x_NxD.dtype)
+    .at[dest, pos]
+    .set(x_NxD[order // top_k], unique_indices=True)
+  )
   # Padding rows carry the sentinel id `local_experts`: sorted last, and
   # `ragged_dot` leaves rows past the groups at zero.
-  send_id = jnp.full((num_shards, rows), local_experts, jnp.int32).at[
-      dest, pos].set(sorted_experts % local_experts, unique_indices=True)
+  send_id = (
+    jnp.full((num_shards, rows), local_experts, jnp.int32)
+    .at[dest, pos]
+    .set(sorted_experts % local_experts, unique_indices=True)
+  )
   recv_x = _all_to_all(send_x, axis_name).reshape(-1, d_model)
   recv_id = _all_to_all(send_id, axis_name).reshape(-1)
 
   recv_order = jnp.argsort(recv_id, stable=True)
   group_sizes = jnp.bincount(recv_id, length=local_experts + 1)[:-1]
-  y_sorted = experts_lib.grouped_glu(recv_x[recv_order],
-                                     group_sizes.astype(jnp.int32),
-                                     glu_weights, activation=activation)
-  y_recv = jnp.zeros_like(y_sorted).at[recv_order].set(y_sorted,
-                                                       unique_indices=True)
+  y_sorted = experts_lib.grouped_glu(
+    recv_x[recv_order],
+    group_sizes.astype(jnp.int32),
+    glu_weights,
+    activation=activation,
+  )
+  y_recv = (
+    jnp.zeros_like(y_sorted).at[recv_order].set(y_sorted, unique_indices=True)
+  )
   y_back = _all_to_all(y_recv.reshape(num_shards, rows, d_model), axis_name)
-  y_slots = jnp.zeros((order.shape[0], d_model), y_back.dtype).at[order].set(
-      y_back[dest, pos], unique_indices=True)
+  y_slots = (
+    jnp.zeros((order.shape[0], d_model), y_back.dtype)
+    .at[order]
+    .set(y_back[dest, pos], unique_indices=True)
+  )
   return y_slots.reshape(num_tokens, top_k, d_model)
 
 
-def capacity_exchange(buffer_ExCxD, glu_weights, *, axis_name,
-                      activation: str):
+def capacity_exchange(buffer_ExCxD, glu_weights, *, axis_name, activation: str):
   """Expert outputs of capacity buffers, experts sharded over `axis_name`.
 
   Args:
@@ -104,9 +119,10 @@ def capacity_exchange(buffer_ExCxD, glu_weights, *, axis_name,
   send = buffer_ExCxD.reshape(num_shards, local_experts, capacity, d_model)
   recv_PxLxCxD = _all_to_all(send, axis_name)
   x_LxRxD = recv_PxLxCxD.transpose(1, 0, 2, 3).reshape(
-      local_experts, num_shards * capacity, d_model)
-  y_LxRxD = experts_lib.batched_glu(x_LxRxD, glu_weights,
-                                    activation=activation)
-  y_PxLxCxD = y_LxRxD.reshape(local_experts, num_shards, capacity,
-                              d_model).transpose(1, 0, 2, 3)
+    local_experts, num_shards * capacity, d_model
+  )
+  y_LxRxD = experts_lib.batched_glu(x_LxRxD, glu_weights, activation=activation)
+  y_PxLxCxD = y_LxRxD.reshape(
+    local_experts, num_shards, capacity, d_model
+  ).transpose(1, 0, 2, 3)
   return _all_to_all(y_PxLxCxD, axis_name).reshape(buffer_ExCxD.shape)

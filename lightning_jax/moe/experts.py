@@ -19,6 +19,7 @@ class GLUWeights(NamedTuple):
     w_up: `[..., d_model, d_ff]`.
     w_down: `[..., d_ff, d_model]`.
   """
+
   w_gate: jax.Array
   w_up: jax.Array
   w_down: jax.Array
@@ -55,8 +56,9 @@ def glu(x_NxD, weights: GLUWeights, *, activation: str = "silu"):
   return dot(h.astype(x_NxD.dtype), weights.w_down).astype(x_NxD.dtype)
 
 
-def grouped_glu(x_MxD, group_sizes_E, weights: GLUWeights, *,
-                activation: str = "silu"):
+def grouped_glu(
+  x_MxD, group_sizes_E, weights: GLUWeights, *, activation: str = "silu"
+):
   """GLU experts on rows sorted by expert, with `jax.lax.ragged_dot`.
 
   Rows `[sum(group_sizes[:e]), sum(group_sizes[:e+1]))` go through expert
@@ -78,8 +80,11 @@ def grouped_glu(x_MxD, group_sizes_E, weights: GLUWeights, *,
     (3, 4)
   """
   act = _activation(activation)
-  dot = functools.partial(jax.lax.ragged_dot, group_sizes=group_sizes_E,
-                          preferred_element_type=jnp.float32)
+  dot = functools.partial(
+    jax.lax.ragged_dot,
+    group_sizes=group_sizes_E,
+    preferred_element_type=jnp.float32,
+  )
   h = act(dot(x_MxD, weights.w_gate)) * dot(x_MxD, weights.w_up)
   return dot(h.astype(x_MxD.dtype), weights.w_down).astype(x_MxD.dtype)
 
@@ -95,5 +100,6 @@ def batched_glu(x_ExCxD, weights: GLUWeights, *, activation: str = "silu"):
   Returns:
     `[num_experts, capacity, d_model]` in `x_ExCxD.dtype`.
   """
-  return jax.vmap(functools.partial(glu, activation=activation))(x_ExCxD,
-                                                                 weights)
+  return jax.vmap(functools.partial(glu, activation=activation))(
+    x_ExCxD, weights
+  )

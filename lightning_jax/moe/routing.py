@@ -19,13 +19,20 @@ class Routing(NamedTuple):
     weights: `[..., top_k]` float32, combine weights of the chosen experts.
     experts: `[..., top_k]` int32, chosen expert ids, distinct per token.
   """
+
   probs: jax.Array
   weights: jax.Array
   experts: jax.Array
 
 
-def route(logits, top_k: int, *, score: str = "softmax",
-          normalize_topk: bool = True, bias=None) -> Routing:
+def route(
+  logits,
+  top_k: int,
+  *,
+  score: str = "softmax",
+  normalize_topk: bool = True,
+  bias=None,
+) -> Routing:
   """Top-k routing of `logits` `[..., num_experts]`.
 
   `score="softmax"` (GShard, Switch) scores experts with `softmax(logits)`;
@@ -58,8 +65,10 @@ def route(logits, top_k: int, *, score: str = "softmax",
   num_experts = logits.shape[-1]
   top_k = _checks.check_positive_int("top_k", top_k)
   if top_k > num_experts:
-    raise ValueError(f"`top_k` must be <= num_experts = {num_experts} (the "
-                     f"last dim of `logits`), got {top_k}.")
+    raise ValueError(
+      f"`top_k` must be <= num_experts = {num_experts} (the "
+      f"last dim of `logits`), got {top_k}."
+    )
   _checks.check_choice("score", score, SCORES)
   logits = logits.astype(jnp.float32)
   if score == "softmax":
@@ -102,8 +111,9 @@ def update_router_bias(bias, expert_counts, *, rate: float):
     >>> update_router_bias(jnp.zeros(2), jnp.array([3., 1.]), rate=0.1)
     Array([-0.1,  0.1], dtype=float32)
   """
-  _checks.check_shape("expert_counts", expert_counts, bias.shape,
-                      "[num_experts]")
+  _checks.check_shape(
+    "expert_counts", expert_counts, bias.shape, "[num_experts]"
+  )
   load = expert_counts.astype(jnp.float32)
   step = rate * jnp.sign(jnp.mean(load) - load)
   return (bias + step).astype(bias.dtype)

@@ -58,6 +58,7 @@ class Pattern(NamedTuple):
 
   `windows` must be sorted in decreasing order (heads pre-permuted).
   """
+
   block: int
   seq_q: int
   seq_k: int
@@ -74,6 +75,7 @@ class _Tile(NamedTuple):
   key ranges `keys` ((lo, hi), ...), all heads with window `window`.
   `masked`: some pair of the tile is not attended; `empty_rows`: some query
   row attends no key of the tile (so of any tile)."""
+
   h_lo: int
   h_hi: int
   q_lo: int
@@ -87,6 +89,7 @@ class _Tile(NamedTuple):
 class _Loop(NamedTuple):
   """`tiles` (at their first-iteration positions) computed `steps` times,
   iteration i shifted by i * `stride` queries and non-sink keys."""
+
   tiles: tuple[_Tile, ...]
   steps: int
   stride: int
@@ -139,8 +142,19 @@ def _chunks(pat: Pattern, window: int):
     s = np.concatenate([np.arange(lo, hi) for lo, hi in keys])
     t_abs = np.arange(q_lo, q_hi)[:, None] + pat.offset
     allowed = _allowed(pat, t_abs, s[None], window)
-    chunks.append(((q_lo, q_hi, keys, window, not allowed.all(),
-                    not allowed.any(-1).all()), allowed.size))
+    chunks.append(
+      (
+        (
+          q_lo,
+          q_hi,
+          keys,
+          window,
+          not allowed.all(),
+          not allowed.any(-1).all(),
+        ),
+        allowed.size,
+      )
+    )
   return chunks
 
 
@@ -149,7 +163,8 @@ def _follows(pat: Pattern, prev, chunk) -> bool:
   (q_lo, q_hi, keys, *flags), (n_lo, n_hi, n_keys, *n_flags) = prev, chunk
   d = q_hi - q_lo
   return (n_lo, n_hi, n_flags) == (q_lo + d, q_hi + d, flags) and (
-      n_keys == tuple(_shift(pat, r, d) for r in keys))
+    n_keys == tuple(_shift(pat, r, d) for r in keys)
+  )
 
 
 def _group_plan(pat: Pattern, window: int, h_lo: int, h_hi: int):
@@ -171,15 +186,19 @@ def _group_plan(pat: Pattern, window: int, h_lo: int, h_hi: int):
   tiles = lambda run: [_Tile(lo, hi, *c) for c in run for lo, hi in heads]
   plan, start = [], 0
   for end in range(1, len(chunks) + 1):
-    if end < len(chunks) and _follows(pat, chunks[end - 1][0],
-                                      chunks[end][0]):
+    if end < len(chunks) and _follows(pat, chunks[end - 1][0], chunks[end][0]):
       continue
     run = [c for c, _ in chunks[start:end]]
     steps = len(run) // per_step
     if steps >= 2 and largest < LOOP_BELOW:
-      plan.append(_Loop(tuple(tiles(run[:per_step])), steps,
-                        per_step * (run[0][1] - run[0][0])))
-      run = run[steps * per_step:]
+      plan.append(
+        _Loop(
+          tuple(tiles(run[:per_step])),
+          steps,
+          per_step * (run[0][1] - run[0][0]),
+        )
+      )
+      run = run[steps * per_step :]
     plan += tiles(run)
     start = end
   return plan
@@ -199,11 +218,15 @@ def _plan(pat: Pattern) -> tuple[_Tile | _Loop, ...]:
 
 def visited_pairs(pat: Pattern) -> int:
   """(query, key) score entries the tiles compute, summed over heads."""
-  area = lambda t: ((t.h_hi - t.h_lo) * (t.q_hi - t.q_lo)
-                    * sum(hi - lo for lo, hi in t.keys))
-  return sum(sum(map(area, item.tiles)) * item.steps
-             if isinstance(item, _Loop) else area(item)
-             for item in _plan(pat))
+  area = lambda t: (
+    (t.h_hi - t.h_lo) * (t.q_hi - t.q_lo) * sum(hi - lo for lo, hi in t.keys)
+  )
+  return sum(
+    sum(map(area, item.tiles)) * item.steps
+    if isinstance(item, _Loop)
+    else area(item)
+    for item in _plan(pat)
+  )
 
 
 def _after(token, *xs):
@@ -245,8 +268,10 @@ def _put_rows(tile: _Tile, d, x, rows):
 
 def _tile_kv(pat: Pattern, tile: _Tile, d, x_BHSD):
   """Keys or values of a tile shifted by `d`: [B, h, keys, D]."""
-  parts = [_part(x_BHSD, (tile.h_lo, tile.h_hi), _shift(pat, r, d)[0],
-                 r[1] - r[0]) for r in tile.keys]
+  parts = [
+    _part(x_BHSD, (tile.h_lo, tile.h_hi), _shift(pat, r, d)[0], r[1] - r[0])
+    for r in tile.keys
+  ]
   return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=2)
 
 
@@ -258,7 +283,8 @@ def _add_kv(pat: Pattern, tile: _Tile, d, x_BHSD, grad):
     at = (0, tile.h_lo, _shift(pat, r, d)[0], 0)
     part = _part(x_BHSD, (tile.h_lo, tile.h_hi), at[2], size)
     x_BHSD = lax.dynamic_update_slice(
-        x_BHSD, part + lax.slice_in_dim(grad, start, start + size, axis=2), at)
+      x_BHSD, part + lax.slice_in_dim(grad, start, start + size, axis=2), at
+    )
     start += size
   return x_BHSD
 
@@ -268,10 +294,12 @@ def _tile_scores(pat: Pattern, tile: _Tile, d, q_tile, k_tile):
   if not tile.masked:
     return s
   t_abs = (jnp.arange(tile.q_lo, tile.q_hi) + pat.offset + d)[:, None]
-  keys = jnp.concatenate([jnp.arange(hi - lo) + _shift(pat, (lo, hi), d)[0]
-                          for lo, hi in tile.keys])[None]
-  return jnp.where(_allowed(pat, t_abs, keys, tile.window)[None, None], s,
-                   -jnp.inf)
+  keys = jnp.concatenate(
+    [jnp.arange(hi - lo) + _shift(pat, (lo, hi), d)[0] for lo, hi in tile.keys]
+  )[None]
+  return jnp.where(
+    _allowed(pat, t_abs, keys, tile.window)[None, None], s, -jnp.inf
+  )
 
 
 def _tile_softmax(tile: _Tile, s):
@@ -343,11 +371,15 @@ def _forward(pat: Pattern, q, k, v):
   lse [B, H, T]); rows with no key: 0, +inf."""
 
   def tile_forward(tile, d, token):
-    q_tile, k_tile, v_tile = _after(token, _tile_rows(tile, d, q),
-                                    _tile_kv(pat, tile, d, k),
-                                    _tile_kv(pat, tile, d, v))
-    p, row_sum, lse = _tile_softmax(tile, _tile_scores(pat, tile, d, q_tile,
-                                                       k_tile))
+    q_tile, k_tile, v_tile = _after(
+      token,
+      _tile_rows(tile, d, q),
+      _tile_kv(pat, tile, d, k),
+      _tile_kv(pat, tile, d, v),
+    )
+    p, row_sum, lse = _tile_softmax(
+      tile, _tile_scores(pat, tile, d, q_tile, k_tile)
+    )
     return jnp.einsum("bhqk,bhkd->bhqd", p, v_tile) / row_sum[..., None], lse
 
   outs, lses, token = [], [], None
@@ -373,32 +405,42 @@ def _backward(pat: Pattern, q, k, v, out, lse, dout):
 
   def tile_backward(tile, d, token):
     q_tile, do, k_tile, v_tile = _after(
-        token, _tile_rows(tile, d, q), _tile_rows(tile, d, dout),
-        _tile_kv(pat, tile, d, k), _tile_kv(pat, tile, d, v))
+      token,
+      _tile_rows(tile, d, q),
+      _tile_rows(tile, d, dout),
+      _tile_kv(pat, tile, d, k),
+      _tile_kv(pat, tile, d, v),
+    )
     s = _tile_scores(pat, tile, d, q_tile, k_tile)
     p = jnp.exp(s - _tile_rows(tile, d, lse)[..., None])
     dp = jnp.einsum("bhqd,bhkd->bhqk", do, v_tile)
     ds = p * (dp - _tile_rows(tile, d, delta)[..., None])
-    return (jnp.einsum("bhqk,bhkd->bhqd", ds, k_tile),
-            jnp.einsum("bhqk,bhqd->bhkd", ds, q_tile),
-            jnp.einsum("bhqk,bhqd->bhkd", p, do))
+    return (
+      jnp.einsum("bhqk,bhkd->bhqd", ds, k_tile),
+      jnp.einsum("bhqk,bhqd->bhkd", ds, q_tile),
+      jnp.einsum("bhqk,bhqd->bhkd", p, do),
+    )
 
   dqs, token = [], None
   dk, dv = jnp.zeros_like(k), jnp.zeros_like(v)
   for tile in _static_tiles(pat):
     dq_tile, dk_tile, dv_tile = tile_backward(tile, 0, token)
     dqs.append((tile, dq_tile))
-    dk, dv = _add_kv(pat, tile, 0, dk, dk_tile), _add_kv(pat, tile, 0, dv,
-                                                          dv_tile)
+    dk, dv = (
+      _add_kv(pat, tile, 0, dk, dk_tile),
+      _add_kv(pat, tile, 0, dv, dv_tile),
+    )
     token = dk_tile[0, 0, 0, 0] + dv_tile[0, 0, 0, 0]
   dq = _assemble(pat, dqs, 0.0, q.shape[0], (q.shape[-1],))
 
   def loop_step(tile, d, carry):
     dq, dk, dv = carry
     dq_tile, dk_tile, dv_tile = tile_backward(tile, d, None)
-    return (_put_rows(tile, d, dq, dq_tile),
-            _add_kv(pat, tile, d, dk, dk_tile),
-            _add_kv(pat, tile, d, dv, dv_tile))
+    return (
+      _put_rows(tile, d, dq, dq_tile),
+      _add_kv(pat, tile, d, dk, dk_tile),
+      _add_kv(pat, tile, d, dv, dv_tile),
+    )
 
   return _loops(pat, loop_step, (dq, dk, dv))
 
@@ -421,21 +463,46 @@ def _core_bwd(pat, res, dout):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def make_pattern(seq_q: int, seq_k: int, *, windows, sink: int, causal: bool,
-                 offset: int, block: int, tile_elements: int | None = None,
-                 lanes: int | None = None) -> Pattern:
+def make_pattern(
+  seq_q: int,
+  seq_k: int,
+  *,
+  windows,
+  sink: int,
+  causal: bool,
+  offset: int,
+  block: int,
+  tile_elements: int | None = None,
+  lanes: int | None = None,
+) -> Pattern:
   """The `Pattern`; `tile_elements` and `lanes` default to `TILE_ELEMENTS`
   and `LANES`."""
-  return Pattern(block, seq_q, seq_k, offset, causal,
-                 tuple(int(w) for w in windows), min(sink, seq_k),
-                 TILE_ELEMENTS if tile_elements is None else tile_elements,
-                 LANES if lanes is None else lanes)
+  return Pattern(
+    block,
+    seq_q,
+    seq_k,
+    offset,
+    causal,
+    tuple(int(w) for w in windows),
+    min(sink, seq_k),
+    TILE_ELEMENTS if tile_elements is None else tile_elements,
+    LANES if lanes is None else lanes,
+  )
 
 
-def blocked_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxDv, *, windows, sink: int,
-                      causal: bool, offset: int, block: int,
-                      tile_elements: int | None = None,
-                      lanes: int | None = None):
+def blocked_attention(
+  q_BxTxHxD,
+  k_BxSxHxD,
+  v_BxSxHxDv,
+  *,
+  windows,
+  sink: int,
+  causal: bool,
+  offset: int,
+  block: int,
+  tile_elements: int | None = None,
+  lanes: int | None = None,
+):
   """Tiled attention over heads already sorted by decreasing window.
 
   Args:
@@ -454,9 +521,23 @@ def blocked_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxDv, *, windows, sink: int,
   Returns:
     [B, T, H, Dv] fp32.
   """
-  pat = make_pattern(q_BxTxHxD.shape[1], k_BxSxHxD.shape[1], windows=windows,
-                     sink=sink, causal=causal, offset=offset, block=block,
-                     tile_elements=tile_elements, lanes=lanes)
+  pat = make_pattern(
+    q_BxTxHxD.shape[1],
+    k_BxSxHxD.shape[1],
+    windows=windows,
+    sink=sink,
+    causal=causal,
+    offset=offset,
+    block=block,
+    tile_elements=tile_elements,
+    lanes=lanes,
+  )
   heads_first = lambda x: x.swapaxes(1, 2)
-  return heads_first(_core(pat, heads_first(q_BxTxHxD), heads_first(k_BxSxHxD),
-                           heads_first(v_BxSxHxDv)))
+  return heads_first(
+    _core(
+      pat,
+      heads_first(q_BxTxHxD),
+      heads_first(k_BxSxHxD),
+      heads_first(v_BxSxHxDv),
+    )
+  )

@@ -22,8 +22,9 @@ def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
   _checks.check_rank("v", v, 4, "[batch, seq, heads, value_dim]")
   b, t, h, dk = q.shape
   _checks.check_shape("k", k, q.shape, "[batch, seq, heads, key_dim]")
-  _checks.check_shape("v", v, (b, t, h, v.shape[-1]),
-                      "[batch, seq, heads, value_dim]")
+  _checks.check_shape(
+    "v", v, (b, t, h, v.shape[-1]), "[batch, seq, heads, value_dim]"
+  )
   return b, t, h, dk, v.shape[-1]
 
 
@@ -31,8 +32,12 @@ def check_state(initial_state, b, h, dk, dv):
   """Checks `initial_state: [B, H, Dk, Dv]` (or None); returns it in fp32."""
   if initial_state is None:
     return jnp.zeros((b, h, dk, dv), jnp.float32)
-  _checks.check_shape("initial_state", initial_state, (b, h, dk, dv),
-                      "[batch, heads, key_dim, value_dim]")
+  _checks.check_shape(
+    "initial_state",
+    initial_state,
+    (b, h, dk, dv),
+    "[batch, heads, key_dim, value_dim]",
+  )
   return jnp.asarray(initial_state, jnp.float32)
 
 
@@ -43,14 +48,18 @@ def check_nonpositive(name: str, x) -> None:
   """
   try:
     values = np.asarray(x)
-  except (jax.errors.TracerArrayConversionError,
-          jax.errors.ConcretizationTypeError):
+  except (
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+  ):
     return
   bad = np.isnan(values) | (values > 0)
   if bad.any():
-    raise ValueError(f"`{name}` must be <= 0 (a log decay): {int(bad.sum())} "
-                     f"of {values.size} entries are positive or NaN, e.g. "
-                     f"{values[bad][0]}.")
+    raise ValueError(
+      f"`{name}` must be <= 0 (a log decay): {int(bad.sum())} "
+      f"of {values.size} entries are positive or NaN, e.g. "
+      f"{values[bad][0]}."
+    )
 
 
 def scalar_log_decay(log_decay, b, t, h):
@@ -60,8 +69,9 @@ def scalar_log_decay(log_decay, b, t, h):
   if np.ndim(log_decay) == 1:
     _checks.check_shape("log_decay", log_decay, (h,), "[heads]")
   else:
-    _checks.check_shape("log_decay", log_decay, (b, t, h),
-                        "[batch, seq, heads] (or [heads])")
+    _checks.check_shape(
+      "log_decay", log_decay, (b, t, h), "[batch, seq, heads] (or [heads])"
+    )
   check_nonpositive("log_decay", log_decay)
   return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
 
@@ -118,17 +128,20 @@ def chunk_states(log_decay_BxHxNxDg, increments_BxHxNxDkxDv, state_BxHxDkxDv):
   n = cum.shape[2]
   before = jnp.concatenate([jnp.zeros_like(cum[:, :, :1]), cum[:, :, :-1]], 2)
   exponent = before[:, :, :, None] - cum[:, :, None]  # [B, H, N_n, N_m, Dg]
-  weights = jnp.exp(jnp.where(causal_mask(n, strict=True)[..., None],
-                              exponent, -jnp.inf))
+  weights = jnp.exp(
+    jnp.where(causal_mask(n, strict=True)[..., None], exponent, -jnp.inf)
+  )
   if weights.shape[-1] == 1:
-    starts = jnp.einsum("bhnm,bhmdv->bhndv", weights[..., 0],
-                        increments_BxHxNxDkxDv)
+    starts = jnp.einsum(
+      "bhnm,bhmdv->bhndv", weights[..., 0], increments_BxHxNxDkxDv
+    )
   else:
     starts = jnp.einsum("bhnmd,bhmdv->bhndv", weights, increments_BxHxNxDkxDv)
   starts = starts + jnp.exp(before)[..., None] * state_BxHxDkxDv[:, :, None]
   tail = jnp.exp(cum[:, :, -1:] - cum)  # [B, H, N, Dg]
-  final = (jnp.exp(cum[:, :, -1])[..., None] * state_BxHxDkxDv
-           + jnp.einsum("bhmd,bhmdv->bhdv", tail, increments_BxHxNxDkxDv))
+  final = jnp.exp(cum[:, :, -1])[..., None] * state_BxHxDkxDv + jnp.einsum(
+    "bhmd,bhmdv->bhdv", tail, increments_BxHxNxDkxDv
+  )
   return final, starts
 
 

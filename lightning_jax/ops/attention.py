@@ -26,13 +26,22 @@ def check_qkv(q, k, v) -> int:
   for name, x in (("q", q), ("k", k), ("v", v)):
     _checks.check_rank(name, x, 4, layout)
   batch, _, heads, dim = q.shape
-  _checks.check_shape("k", k, (batch, k.shape[1], k.shape[2], dim),
-                      "[batch, seq_k, kv_heads, head_dim of q]")
-  _checks.check_shape("v", v, (batch, k.shape[1], k.shape[2], v.shape[3]),
-                      "[batch, seq_k, kv_heads of k, value_dim]")
+  _checks.check_shape(
+    "k",
+    k,
+    (batch, k.shape[1], k.shape[2], dim),
+    "[batch, seq_k, kv_heads, head_dim of q]",
+  )
+  _checks.check_shape(
+    "v",
+    v,
+    (batch, k.shape[1], k.shape[2], v.shape[3]),
+    "[batch, seq_k, kv_heads of k, value_dim]",
+  )
   if heads % k.shape[2]:
-    raise ValueError(f"`k` heads ({k.shape[2]}) must divide the q heads "
-                     f"({heads}).")
+    raise ValueError(
+      f"`k` heads ({k.shape[2]}) must divide the q heads ({heads})."
+    )
   return heads // k.shape[2]
 
 
@@ -46,7 +55,7 @@ def take_heads(x_BxTxHxD, heads) -> jax.Array:
 
 
 def causal_mask(seq_q: int, seq_k: int) -> jax.Array:
-  """[seq_q, seq_k] bool: query t (at absolute t + seq_k - seq_q) sees s <= it."""
+  """[seq_q, seq_k] bool: query t (at t + seq_k - seq_q) sees s <= it."""
   t = jnp.arange(seq_q)[:, None] + (seq_k - seq_q)
   return jnp.arange(seq_k)[None, :] <= t
 
@@ -82,7 +91,7 @@ def attention_weights(q, k, mask_HxTxS=None, *, scale=None) -> jax.Array:
 
 
 def weighted_values(a_BxHxTxS, v):
-  """`A @ v` with GQA values `[batch, seq_k, kv_heads, dv]` -> `[B, T, H, dv]`."""
+  """`A @ v`, GQA values `[batch, seq_k, kv_heads, dv]` -> `[B, T, H, dv]`."""
   group = a_BxHxTxS.shape[1] // v.shape[2]
   v = jnp.repeat(v.astype(jnp.float32), group, axis=2)
   return jnp.einsum("bhts,bshd->bthd", a_BxHxTxS, v)
@@ -97,8 +106,16 @@ def masked_attention(q, k, v, mask_HxTxS, *, scale=None):
   return weighted_values(a, v).astype(q.dtype)
 
 
-def attention(q, k, v, *, causal: bool = True, scale=None,
-              block_size: int = 64, impl: str = "blocked"):
+def attention(
+  q,
+  k,
+  v,
+  *,
+  causal: bool = True,
+  scale=None,
+  block_size: int = 64,
+  impl: str = "blocked",
+):
   """Softmax attention with grouped-query (GQA) heads.
 
   With `causal`, query t sits at absolute position t + seq_k - seq_q
@@ -140,8 +157,13 @@ def attention(q, k, v, *, causal: bool = True, scale=None,
   kv_head = np.arange(heads) // group
   f32 = lambda x: x.astype(jnp.float32)
   out = _blocked.blocked_attention(
-      f32(q) * scale, take_heads(f32(k), kv_head),
-      take_heads(f32(v), kv_head),
-      windows=(seq_q + seq_k + block,) * heads, sink=0, causal=causal,
-      offset=seq_k - seq_q, block=block)
+    f32(q) * scale,
+    take_heads(f32(k), kv_head),
+    take_heads(f32(v), kv_head),
+    windows=(seq_q + seq_k + block,) * heads,
+    sink=0,
+    causal=causal,
+    offset=seq_k - seq_q,
+    block=block,
+  )
   return out.astype(q.dtype)

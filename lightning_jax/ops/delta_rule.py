@@ -1,6 +1,6 @@
 """DeltaNet and gated DeltaNet: the (gated) delta rule, chunked in WY/UT form.
 
-Recurrence per batch and head, state `S_t: [key_dim, value_dim]`, a_t = exp(g_t):
+Per batch and head, state `S_t: [key_dim, value_dim]`, a_t = exp(g_t):
 
     S_t = a_t S_{t-1} + k_t (beta_t (v_t - a_t S_{t-1}^T k_t))^T,
     o_t = scale * S_t^T q_t.
@@ -32,8 +32,19 @@ IMPLS = ("chunked", "recurrent")
 _BASE_BLOCK = 16
 
 
-def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
-               output_final_state=False, chunk_size=64, impl="chunked"):
+def delta_rule(
+  q,
+  k,
+  v,
+  beta,
+  log_decay=None,
+  *,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+  impl="chunked",
+):
   """The delta rule (DeltaNet), gated when `log_decay` is given.
 
   Args:
@@ -69,11 +80,21 @@ def delta_rule(q, k, v, beta, log_decay=None, *, scale=None, initial_state=None,
   _checks.check_choice("impl", impl, IMPLS)
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
-  args = (qf, k.astype(jnp.float32), v.astype(jnp.float32),
-          jnp.asarray(beta, jnp.float32), g, s0)
+  args = (
+    qf,
+    k.astype(jnp.float32),
+    v.astype(jnp.float32),
+    jnp.asarray(beta, jnp.float32),
+    g,
+    s0,
+  )
   if impl == "chunked":
-    o, state = rec.scan_groups(lambda *xs: _chunked(*xs, chunk_size),
-                               args[:-1], s0, rec.GROUP_CHUNKS * chunk_size)
+    o, state = rec.scan_groups(
+      lambda *xs: _chunked(*xs, chunk_size),
+      args[:-1],
+      s0,
+      rec.GROUP_CHUNKS * chunk_size,
+    )
   else:
     o, state = _recurrent(*args)
   return rec.finish(o, state, q.dtype, output_final_state)
@@ -96,7 +117,7 @@ def unit_lower_inverse(lower):
   *lead, n, _ = lower.shape
   if n <= _BASE_BLOCK:
     return _nilpotent_inverse(lower)
-  size = _BASE_BLOCK * 2**math.ceil(math.log2(n / _BASE_BLOCK))
+  size = _BASE_BLOCK * 2 ** math.ceil(math.log2(n / _BASE_BLOCK))
   if size > n:  # blockdiag(L, I)^{-1} = blockdiag(L^{-1}, I)
     pad = [(0, 0)] * len(lead) + [(0, size - n)] * 2
     fill = jnp.arange(n, size)
@@ -121,8 +142,13 @@ def _blocks(x, m, offset):
   """
   n = x.shape[-1]
   starts = range(0, n // m, 2) if offset else range(n // m)
-  return jnp.stack([x[..., (i + offset) * m:(i + offset + 1) * m, i * m:(i + 1) * m]
-                    for i in starts], axis=-3)
+  return jnp.stack(
+    [
+      x[..., (i + offset) * m : (i + offset + 1) * m, i * m : (i + 1) * m]
+      for i in starts
+    ],
+    axis=-3,
+  )
 
 
 def _nilpotent_inverse(lower):
@@ -153,13 +179,15 @@ def _chunked(q, k, v, beta, g, s0, chunk):
   def step(s, inputs):
     w_n, u_n, k_n, a_n = inputs
     pseudo = u_n - w_n @ s  # U' = U - W S: [B, H, C, Dv]
-    s_next = a_n[..., None, None] * s + jnp.einsum("bhcd,bhcv->bhdv", k_n,
-                                                   pseudo)
+    s_next = a_n[..., None, None] * s + jnp.einsum(
+      "bhcd,bhcv->bhdv", k_n, pseudo
+    )
     return s_next, (s, pseudo)
 
   to_scan = lambda x: jnp.moveaxis(x, 2, 0)
   final, (starts, pseudo) = rec.scan(
-      step, s0, (to_scan(w), to_scan(u), to_scan(k_tail), to_scan(jnp.exp(last))))
+    step, s0, (to_scan(w), to_scan(u), to_scan(k_tail), to_scan(jnp.exp(last)))
+  )
   starts, pseudo = jnp.moveaxis(starts, 0, 2), jnp.moveaxis(pseudo, 0, 2)
   qk = jnp.einsum("bhncd,bhnsd->bhncs", qc, kc) * decay
   o = (qc * jnp.exp(cum)[..., None]) @ starts + qk @ pseudo
@@ -199,6 +227,7 @@ def _recurrent(q, k, v, beta, g, s0):
     o = a * sq + jnp.sum(q_t * k_t, axis=-1, keepdims=True) * u
     return a[..., None] * s + k_t[..., None] * u[..., None, :], o
 
-  final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
-                                      for x in (q, k, v, beta, g)))
+  final, o = rec.scan(
+    step, s0, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta, g))
+  )
   return jnp.moveaxis(o, 0, 1), final

@@ -60,7 +60,8 @@ def tnl_log_decay(layer_idx: int, num_layers: int, num_heads: int) -> jax.Array:
   num_heads = _checks.check_positive_int("num_heads", num_heads)
   if not 0 <= layer_idx < num_layers:
     raise ValueError(
-        f"`layer_idx` must be in [0, {num_layers}), got {layer_idx}.")
+      f"`layer_idx` must be in [0, {num_layers}), got {layer_idx}."
+    )
   depth = 1.0 if num_layers == 1 else 1 - layer_idx / (num_layers - 1)
   return jnp.asarray(-_alibi_slopes(num_heads) * (depth + 1e-5), jnp.float32)
 
@@ -68,13 +69,24 @@ def tnl_log_decay(layer_idx: int, num_layers: int, num_heads: int) -> jax.Array:
 def _alibi_slopes(n: int) -> np.ndarray:
   def power_of_two(m):
     return 2.0 ** (-8.0 * np.arange(1, m + 1) / m)
+
   closest = 2 ** math.floor(math.log2(n))
   extra = power_of_two(2 * closest)[0::2][: n - closest]
   return np.concatenate([power_of_two(closest), extra])
 
 
-def linear_attention(q, k, v, log_decay=None, *, scale=None, initial_state=None,
-                     output_final_state=False, chunk_size=64, impl="chunked"):
+def linear_attention(
+  q,
+  k,
+  v,
+  log_decay=None,
+  *,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+  impl="chunked",
+):
   """Causal linear attention with an optional scalar decay per head.
 
   `S_t = exp(g_t) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`.
@@ -108,13 +120,31 @@ def linear_attention(q, k, v, log_decay=None, *, scale=None, initial_state=None,
   """
   b, t, h, dk, _ = rec.check_qkv(q, k, v)
   g = rec.scalar_log_decay(log_decay, b, t, h)
-  return _gated(q, k, v, g[..., None], scale, initial_state, output_final_state,
-                chunk_size, impl)
+  return _gated(
+    q,
+    k,
+    v,
+    g[..., None],
+    scale,
+    initial_state,
+    output_final_state,
+    chunk_size,
+    impl,
+  )
 
 
-def gated_linear_attention(q, k, v, log_forget, *, scale=None,
-                           initial_state=None, output_final_state=False,
-                           chunk_size=64, impl="chunked"):
+def gated_linear_attention(
+  q,
+  k,
+  v,
+  log_forget,
+  *,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+  impl="chunked",
+):
   """Gated linear attention (GLA / HGRN2): a decay per key dim.
 
   `S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T`, `o_t = scale * S_t^T q_t`.
@@ -140,15 +170,26 @@ def gated_linear_attention(q, k, v, log_forget, *, scale=None,
     ValueError: naming the argument, as for `linear_attention`.
   """
   rec.check_qkv(q, k, v)
-  _checks.check_shape("log_forget", log_forget, q.shape,
-                      "[batch, seq, heads, key_dim]")
+  _checks.check_shape(
+    "log_forget", log_forget, q.shape, "[batch, seq, heads, key_dim]"
+  )
   rec.check_nonpositive("log_forget", log_forget)
-  return _gated(q, k, v, jnp.asarray(log_forget, jnp.float32), scale,
-                initial_state, output_final_state, chunk_size, impl)
+  return _gated(
+    q,
+    k,
+    v,
+    jnp.asarray(log_forget, jnp.float32),
+    scale,
+    initial_state,
+    output_final_state,
+    chunk_size,
+    impl,
+  )
 
 
-def _gated(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
-           impl):
+def _gated(
+  q, k, v, g, scale, initial_state, output_final_state, chunk_size, impl
+):
   """Shared entry: g is `[B, T, H, Dg]` with Dg = 1 (scalar) or Dk."""
   b, t, h, dk, dv = rec.check_qkv(q, k, v)
   chunk_size = _checks.check_positive_int("chunk_size", chunk_size)
@@ -158,8 +199,11 @@ def _gated(q, k, v, g, scale, initial_state, output_final_state, chunk_size,
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
   if impl == "chunked":
     o, state = rec.scan_groups(
-        lambda *xs: _chunked(*xs, chunk_size), (qf, kf, vf, g), s0,
-        rec.GROUP_CHUNKS * chunk_size)
+      lambda *xs: _chunked(*xs, chunk_size),
+      (qf, kf, vf, g),
+      s0,
+      rec.GROUP_CHUNKS * chunk_size,
+    )
   else:
     fn = {"recurrent": _recurrent, "quadratic": _quadratic}[impl]
     o, state = fn(qf, kf, vf, g, s0, chunk_size)
@@ -214,11 +258,14 @@ def _vector_intra_scores(q, k, cum, sub):
 
   blocks = lambda x: x.reshape(*lead, s, sub, dk)
   qs, bs = blocks(q), blocks(cum)
-  ref = jnp.concatenate([cum[..., :1, :], cum[..., sub - 1:c - 1:sub, :]], -2)
+  ref = jnp.concatenate(
+    [cum[..., :1, :], cum[..., sub - 1 : c - 1 : sub, :]], -2
+  )
   q_off = qs * jnp.exp(bs - ref[..., :, None, :])  # [..., s, sub, Dk]
   before = jnp.arange(c)[None, :] < (jnp.arange(s) * sub)[:, None]  # [s, C]
-  k_exponent = jnp.where(before[..., None],
-                         ref[..., :, None, :] - cum[..., None, :, :], -jnp.inf)
+  k_exponent = jnp.where(
+    before[..., None], ref[..., :, None, :] - cum[..., None, :, :], -jnp.inf
+  )
   k_off = k[..., None, :, :] * jnp.exp(k_exponent)  # [..., s, C, Dk]
   off = (q_off @ k_off.swapaxes(-1, -2)).reshape(*lead, s, sub, s, sub)
   on_diag = jnp.eye(s, dtype=bool)[:, None, :, None]
@@ -233,8 +280,9 @@ def _recurrent(q, k, v, g, s0, chunk):
     s = jnp.exp(g_t)[..., None] * s + k_t[..., None] * v_t[..., None, :]
     return s, jnp.einsum("bhd,bhdv->bhv", q_t, s)
 
-  final, o = rec.scan(step, s0, tuple(jnp.moveaxis(x, 1, 0)
-                                      for x in (q, k, v, g)))
+  final, o = rec.scan(
+    step, s0, tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g))
+  )
   return jnp.moveaxis(o, 0, 1), final
 
 
@@ -245,12 +293,14 @@ def _quadratic(q, k, v, g, s0, chunk):
   cum = jnp.cumsum(g, axis=1)  # [B, T, H, Dg]
   diff = cum[:, :, None] - cum[:, None, :]  # [B, T_i, T_j, H, Dg]
   mask = rec.causal_mask(t)[None, :, :, None, None]
-  decay = jnp.broadcast_to(jnp.exp(jnp.where(mask, diff, -jnp.inf)),
-                           (*diff.shape[:-1], q.shape[-1]))
+  decay = jnp.broadcast_to(
+    jnp.exp(jnp.where(mask, diff, -jnp.inf)), (*diff.shape[:-1], q.shape[-1])
+  )
   scores = jnp.einsum("bihd,bjhd,bijhd->bhij", q, k, decay)
   o = jnp.einsum("bhij,bjhv->bihv", scores, v)
   o = o + jnp.einsum("bihd,bhdv->bihv", q * jnp.exp(cum), s0)
   last = cum[:, -1]  # [B, H, Dg]
   final = jnp.exp(last)[..., None] * s0 + jnp.einsum(
-      "bjhd,bjhv->bhdv", k * jnp.exp(last[:, None] - cum), v)
+    "bjhd,bjhv->bhdv", k * jnp.exp(last[:, None] - cum), v
+  )
   return o, final

@@ -42,8 +42,9 @@ def moa_windows(alpha, beta, seq_len: int) -> np.ndarray:
   seq_len = _checks.check_positive_int("seq_len", seq_len)
   alpha, beta = np.asarray(alpha, np.float64), np.asarray(beta, np.float64)
   if alpha.shape != beta.shape:
-    raise ValueError(f"`beta` must have the shape of `alpha` {alpha.shape}, "
-                     f"got {beta.shape}.")
+    raise ValueError(
+      f"`beta` must have the shape of `alpha` {alpha.shape}, got {beta.shape}."
+    )
   return np.clip(np.round(alpha + beta * seq_len), 1, seq_len).astype(np.int64)
 
 
@@ -65,9 +66,10 @@ def _check_window(window, heads: int, impl: str):
   if isinstance(window, jax.core.Tracer):
     if impl == "blocked":
       raise ValueError(
-          "`window` must be concrete (a list or numpy array, not traced under "
-          "jit) for impl='blocked': the visited blocks are chosen at trace "
-          "time. Close over it, or mark it static, or use impl='dense'.")
+        "`window` must be concrete (a list or numpy array, not traced under "
+        "jit) for impl='blocked': the visited blocks are chosen at trace "
+        "time. Close over it, or mark it static, or use impl='dense'."
+      )
     _checks.check_shape("window", window, (heads,), "[q_heads]")
     return window
   window = np.asarray(window)
@@ -79,8 +81,17 @@ def _check_window(window, heads: int, impl: str):
   return window
 
 
-def moa_attention(q, k, v, window, *, sink: int = 0, scale=None,
-                  block_size: int = 64, impl: str = "blocked"):
+def moa_attention(
+  q,
+  k,
+  v,
+  window,
+  *,
+  sink: int = 0,
+  scale=None,
+  block_size: int = 64,
+  impl: str = "blocked",
+):
   """Causal softmax attention with a per-head sliding window and a sink.
 
   Query t of head h attends key s iff s <= t and (t - s < window[h] or
@@ -118,25 +129,37 @@ def moa_attention(q, k, v, window, *, sink: int = 0, scale=None,
   _checks.check_choice("impl", impl, IMPLS)
   block = _checks.check_positive_int("block_size", block_size)
   batch, seq, heads, _ = q.shape
-  _checks.check_shape("k", k, (batch, seq, k.shape[2], k.shape[3]),
-                      "[batch, seq of q, kv_heads, head_dim]")
-  if isinstance(sink, bool) or not isinstance(sink, (int, np.integer)) or (
-      sink < 0):
+  _checks.check_shape(
+    "k",
+    k,
+    (batch, seq, k.shape[2], k.shape[3]),
+    "[batch, seq of q, kv_heads, head_dim]",
+  )
+  if (
+    isinstance(sink, bool)
+    or not isinstance(sink, (int, np.integer))
+    or (sink < 0)
+  ):
     raise ValueError(f"`sink` must be an integer >= 0, got {sink!r}.")
   window = _check_window(window, heads, impl)
   if impl == "dense":
     return attention_lib.masked_attention(
-        q, k, v, moa_mask(window, seq, sink), scale=scale)
+      q, k, v, moa_mask(window, seq, sink), scale=scale
+    )
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   window = np.minimum(window, seq)
   order = np.argsort(-window, kind="stable")
   f32 = lambda x: x.astype(jnp.float32)
   out = _blocked.blocked_attention(
-      attention_lib.take_heads(f32(q) * scale, order),
-      attention_lib.take_heads(f32(k), order // group),
-      attention_lib.take_heads(f32(v), order // group),
-      windows=tuple(window[order]), sink=int(sink), causal=True, offset=0,
-      block=block)
+    attention_lib.take_heads(f32(q) * scale, order),
+    attention_lib.take_heads(f32(k), order // group),
+    attention_lib.take_heads(f32(v), order // group),
+    windows=tuple(window[order]),
+    sink=int(sink),
+    causal=True,
+    offset=0,
+    block=block,
+  )
   return attention_lib.take_heads(out, np.argsort(order)).astype(q.dtype)
 
 
@@ -166,15 +189,18 @@ class MoAPlan:
     >>> plan.windows(0, 256).tolist()
     [192, 8]
   """
+
   alphas: tuple[tuple[float, ...], ...]
   betas: tuple[tuple[float, ...], ...]
 
   def __post_init__(self):
     shape = tuple(len(a) for a in self.alphas)
     if shape != tuple(len(b) for b in self.betas):
-      raise ValueError("`betas` must have the layers x heads shape of "
-                       f"`alphas` {shape}, got "
-                       f"{tuple(len(b) for b in self.betas)}.")
+      raise ValueError(
+        "`betas` must have the layers x heads shape of "
+        f"`alphas` {shape}, got "
+        f"{tuple(len(b) for b in self.betas)}."
+      )
 
   @property
   def num_layers(self) -> int:
@@ -185,15 +211,21 @@ class MoAPlan:
     return moa_windows(self.alphas[layer], self.betas[layer], seq_len)
 
   def to_json(self) -> str:
-    return json.dumps({"alphas": [list(a) for a in self.alphas],
-                       "betas": [list(b) for b in self.betas]})
+    return json.dumps(
+      {
+        "alphas": [list(a) for a in self.alphas],
+        "betas": [list(b) for b in self.betas],
+      }
+    )
 
   @classmethod
   def from_json(cls, text: str) -> "MoAPlan":
     data = json.loads(text)
     if not isinstance(data, dict) or {"alphas", "betas"} - set(data):
-      raise ValueError('A plan must be a JSON object with "alphas" and '
-                       '"betas" (lists over layers of lists over heads).')
+      raise ValueError(
+        'A plan must be a JSON object with "alphas" and '
+        '"betas" (lists over layers of lists over heads).'
+      )
     as_rows = lambda rows: tuple(tuple(float(x) for x in r) for r in rows)
     return cls(as_rows(data["alphas"]), as_rows(data["betas"]))
 

@@ -11,13 +11,16 @@ import jax
 from lightning_jax import _checks
 
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None, *,
-                           local_cpu_devices: int | None = None,
-                           heartbeat_timeout_seconds: int = 30,
-                           initialization_timeout: int = 120,
-                           shutdown_timeout_seconds: int = 30) -> None:
+def initialize_distributed(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  *,
+  local_cpu_devices: int | None = None,
+  heartbeat_timeout_seconds: int = 30,
+  initialization_timeout: int = 120,
+  shutdown_timeout_seconds: int = 30,
+) -> None:
   """Joins this process to a multi-process JAX job.
 
   Call before any other JAX computation. On TPU pods, Slurm or Open MPI
@@ -51,18 +54,26 @@ def initialize_distributed(coordinator_address: str | None = None,
   if num_processes is not None:
     num_processes = _checks.check_positive_int("num_processes", num_processes)
     if process_id is None or not 0 <= process_id < num_processes:
-      raise ValueError(f"`process_id` must be in [0, {num_processes}), got "
-                       f"{process_id!r}.")
-  for name, value in (("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
-                      ("initialization_timeout", initialization_timeout),
-                      ("shutdown_timeout_seconds", shutdown_timeout_seconds)):
+      raise ValueError(
+        f"`process_id` must be in [0, {num_processes}), got {process_id!r}."
+      )
+  for name, value in (
+    ("heartbeat_timeout_seconds", heartbeat_timeout_seconds),
+    ("initialization_timeout", initialization_timeout),
+    ("shutdown_timeout_seconds", shutdown_timeout_seconds),
+  ):
     _checks.check_positive_int(name, value)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if local_cpu_devices is not None:
-    jax.config.update("jax_num_cpu_devices", _checks.check_positive_int(
-        "local_cpu_devices", local_cpu_devices))
+    jax.config.update(
+      "jax_num_cpu_devices",
+      _checks.check_positive_int("local_cpu_devices", local_cpu_devices),
+    )
   jax.distributed.initialize(
-      coordinator_address, num_processes, process_id,
-      initialization_timeout=initialization_timeout,
-      heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-      shutdown_timeout_seconds=shutdown_timeout_seconds)
+    coordinator_address,
+    num_processes,
+    process_id,
+    initialization_timeout=initialization_timeout,
+    heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+    shutdown_timeout_seconds=shutdown_timeout_seconds,
+  )

@@ -13,7 +13,13 @@ import jax
 import numpy as np
 
 DATA, FSDP, TENSOR, EXPERT, PIPE, SEQ = (
-    "data", "fsdp", "tensor", "expert", "pipe", "seq")
+  "data",
+  "fsdp",
+  "tensor",
+  "expert",
+  "pipe",
+  "seq",
+)
 AXES = (DATA, FSDP, TENSOR, EXPERT, PIPE, SEQ)
 
 
@@ -45,8 +51,9 @@ def parse_mesh_spec(spec: str | None) -> dict[str, int]:
     name = name.strip()
     if not sep or name not in AXES:
       raise ValueError(
-          f"`spec` must be comma-separated `axis=size` with axis in "
-          f"{list(AXES)}, got item {item!r} in {spec!r}.")
+        f"`spec` must be comma-separated `axis=size` with axis in "
+        f"{list(AXES)}, got item {item!r} in {spec!r}."
+      )
     if name in sizes:
       raise ValueError(f"`spec` names axis {name!r} twice: {spec!r}.")
     try:
@@ -55,14 +62,17 @@ def parse_mesh_spec(spec: str | None) -> dict[str, int]:
       value = 0
     if value < 1 or str(value) != size.strip():
       raise ValueError(
-          f"`spec` axis {name!r} must have a positive integer size, got "
-          f"{size!r} in {spec!r}.")
+        f"`spec` axis {name!r} must have a positive integer size, got "
+        f"{size!r} in {spec!r}."
+      )
     sizes[name] = value
   return sizes
 
 
-def make_mesh(spec: str | dict[str, int] | None = None,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  spec: str | dict[str, int] | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> jax.sharding.Mesh:
   """A `Mesh` over all devices (of all processes) from a spec.
 
   Axes keep the order of the spec: put the axes that talk most (tensor,
@@ -89,24 +99,30 @@ def make_mesh(spec: str | dict[str, int] | None = None,
   sizes = dict(spec) if isinstance(spec, dict) else parse_mesh_spec(spec)
   for name, size in sizes.items():
     if name not in AXES or isinstance(size, bool) or int(size) < 1:
-      raise ValueError(f"`spec` must map axes in {list(AXES)} to positive "
-                       f"sizes, got {sizes}.")
+      raise ValueError(
+        f"`spec` must map axes in {list(AXES)} to positive sizes, got {sizes}."
+      )
   if not sizes:
     sizes = {DATA: len(devices)}
   product = int(np.prod(list(sizes.values())))
   if product != len(devices):
     listing = "\n  ".join(
-        f"{d.id}: {d.device_kind} (process {d.process_index})" for d in devices)
+      f"{d.id}: {d.device_kind} (process {d.process_index})" for d in devices
+    )
     raise ValueError(
-        f"`spec` {sizes} needs {product} devices, but there are "
-        f"{len(devices)}:\n  {listing}")
+      f"`spec` {sizes} needs {product} devices, but there are "
+      f"{len(devices)}:\n  {listing}"
+    )
   return jax.make_mesh(
-      tuple(int(s) for s in sizes.values()), tuple(sizes),
-      axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices)
+    tuple(int(s) for s in sizes.values()),
+    tuple(sizes),
+    axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
+    devices=devices,
+  )
 
 
 def mesh_axis_sizes(mesh: jax.sharding.Mesh) -> dict[str, int]:
-  """`{axis: size}` of a mesh, in its axis order (see `axis_size` for absent axes)."""
+  """`{axis: size}` of a mesh, in its axis order (`axis_size`: absent ones)."""
   return dict(mesh.shape)
 
 

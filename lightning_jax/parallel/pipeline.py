@@ -31,15 +31,19 @@ STAGES_KEY = "stages"
 
 # ----------------------------------------------------------------- layout ---
 
+
 def _check_split(num_layers: int, num_stages: int, repeats: int) -> int:
   """Layers per virtual stage; ValueError unless S * R divides the layers."""
   if num_stages < 1 or repeats < 1:
-    raise ValueError(f"`num_stages` and `repeats` must be >= 1, got "
-                     f"{num_stages} and {repeats}.")
+    raise ValueError(
+      f"`num_stages` and `repeats` must be >= 1, got "
+      f"{num_stages} and {repeats}."
+    )
   if num_layers % (num_stages * repeats):
     raise ValueError(
-        f"the model's {num_layers} layers must split into num_stages * "
-        f"repeats = {num_stages} * {repeats} equal virtual stages.")
+      f"the model's {num_layers} layers must split into num_stages * "
+      f"repeats = {num_stages} * {repeats} equal virtual stages."
+    )
   return num_layers // (num_stages * repeats)
 
 
@@ -85,15 +89,19 @@ def stack_stages(layers, num_stages: int, repeats: int = 1):
     for v, layer in enumerate(group):
       if _signature(layer) != first:
         raise ValueError(
-            f"pipeline stages must be structurally identical: layer "
-            f"{v * per_stage + pos} (virtual stage {v}, position {pos}) has "
-            f"params {jax.tree.map(jnp.shape, layer)} but layer {pos} has "
-            f"{jax.tree.map(jnp.shape, group[0])} (layer-wise scaling or a "
-            "block pattern that does not repeat every stage cannot be "
-            "pipelined).")
-    stacked.append(jax.tree.map(
+          f"pipeline stages must be structurally identical: layer "
+          f"{v * per_stage + pos} (virtual stage {v}, position {pos}) has "
+          f"params {jax.tree.map(jnp.shape, layer)} but layer {pos} has "
+          f"{jax.tree.map(jnp.shape, group[0])} (layer-wise scaling or a "
+          "block pattern that does not repeat every stage cannot be "
+          "pipelined)."
+        )
+    stacked.append(
+      jax.tree.map(
         lambda *xs: jnp.stack(xs).reshape((repeats, num_stages) + xs[0].shape),
-        *group))
+        *group,
+      )
+    )
   return tuple(stacked)
 
 
@@ -104,8 +112,9 @@ def unstack_stages(stacked) -> tuple:
   layers = []
   for v in range(repeats * num_stages):
     r, s = divmod(v, num_stages)
-    layers.extend(jax.tree.map(lambda a, r=r, s=s: a[r, s], pos)
-                  for pos in stacked)
+    layers.extend(
+      jax.tree.map(lambda a, r=r, s=s: a[r, s], pos) for pos in stacked
+    )
   return tuple(layers)
 
 
@@ -120,11 +129,12 @@ def stage_block_configs(block_cfgs, num_stages: int, repeats: int = 1):
   per_stage = _check_split(len(block_cfgs), num_stages, repeats)
   first = block_cfgs[:per_stage]
   for v in range(1, num_stages * repeats):
-    blocks = block_cfgs[v * per_stage:(v + 1) * per_stage]
+    blocks = block_cfgs[v * per_stage : (v + 1) * per_stage]
     if blocks != first:
       raise ValueError(
-          f"pipeline stages must be structurally identical: virtual stage "
-          f"{v} has blocks {blocks}, virtual stage 0 has {first}.")
+        f"pipeline stages must be structurally identical: virtual stage "
+        f"{v} has blocks {blocks}, virtual stage 0 has {first}."
+      )
   return first
 
 
@@ -157,54 +167,71 @@ def own_ndim(path, leaf) -> int:
 
 # ------------------------------------------------------------------- loss ---
 
+
 def moe_layers(model_cfg) -> tuple[int, ...]:
   """Indices of the layers with an MoE / MH-MoE channel mixer."""
-  return tuple(i for i, block in enumerate(models.block_configs(model_cfg))
-               if not isinstance(block.ffn, layers.MLPConfig))
+  return tuple(
+    i
+    for i, block in enumerate(models.block_configs(model_cfg))
+    if not isinstance(block.ffn, layers.MLPConfig)
+  )
 
 
 def total_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):
   """`models.lm_loss` of `moe_stats` stacked `[moe_layers, microbatches]`
   (None without MoE layers) in the order of `moe_layers`."""
-  by_layer = {i: jax.tree.map(lambda x, row=row: x[row], moe_stats)
-              for row, i in enumerate(moe_layers(model_cfg))}
+  by_layer = {
+    i: jax.tree.map(lambda x, row=row: x[row], moe_stats)
+    for row, i in enumerate(moe_layers(model_cfg))
+  }
   return models.lm_loss(ce_sum, num_targets, by_layer, model_cfg, loss_cfg)
 
 
 # ----------------------------------------------------------------- stages ---
+
 
 def _apply_stage(stage_params, h, block_cfgs):
   """One virtual stage on float32 params (cast to `h`'s compute dtype):
   `(h, tuple of models.MoEStats, one per MoE layer)`."""
   stage_params = models.cast_params(stage_params, h.dtype)
   h, auxes, _ = models.run_blocks(stage_params, h, block_cfgs)
-  return h, tuple(models.MoEStats.from_aux(aux) for aux in auxes
-                  if aux is not None)
+  return h, tuple(
+    models.MoEStats.from_aux(aux) for aux in auxes if aux is not None
+  )
 
 
 def _embed(rest, tokens, cfg):
-  return models.embed(models.cast_params(rest, models.compute_dtype(cfg)),
-                      tokens, cfg)
+  return models.embed(
+    models.cast_params(rest, models.compute_dtype(cfg)), tokens, cfg
+  )
 
 
 def _head(rest, h, cfg):
-  return models.head(models.cast_params(rest, models.compute_dtype(cfg)), h,
-                     cfg)
+  return models.head(
+    models.cast_params(rest, models.compute_dtype(cfg)), h, cfg
+  )
 
 
 def _varying(tree):
   """`tree` with every leaf marked as varying over `pipe`."""
   return jax.tree.map(
-      lambda a: a if PIPE_AXIS in jax.typeof(a).manual_axis_type.varying
-      else jax.lax.pcast(
-          a, (PIPE_AXIS,), to="varying"), tree)
+    lambda a: (
+      a
+      if PIPE_AXIS in jax.typeof(a).manual_axis_type.varying
+      else jax.lax.pcast(a, (PIPE_AXIS,), to="varying")
+    ),
+    tree,
+  )
 
 
 def _zeros_varying(tree):
   """Zeros like `tree`, marked as varying over `pipe` (scan carries)."""
   return jax.tree.map(
-      lambda a: jax.lax.pcast(jnp.zeros(a.shape, a.dtype), (PIPE_AXIS,),
-                              to="varying"), tree)
+    lambda a: jax.lax.pcast(
+      jnp.zeros(a.shape, a.dtype), (PIPE_AXIS,), to="varying"
+    ),
+    tree,
+  )
 
 
 def _rotate(x, num_stages, shift):
@@ -222,16 +249,20 @@ def _microbatch(batch, num_microbatches):
   for name in ("inputs", "targets", "mask"):
     x = batch[name]
     if x.ndim != 2 or x.shape[0] % num_microbatches:
-      raise ValueError(f"batch[{name!r}] must be [batch, seq] with batch "
-                       f"divisible by num_microbatches = {num_microbatches}, "
-                       f"got {x.shape}.")
-    out[name] = x.reshape(x.shape[0] // num_microbatches, num_microbatches,
-                          *x.shape[1:]).swapaxes(0, 1)
+      raise ValueError(
+        f"batch[{name!r}] must be [batch, seq] with batch "
+        f"divisible by num_microbatches = {num_microbatches}, "
+        f"got {x.shape}."
+      )
+    out[name] = x.reshape(
+      x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]
+    ).swapaxes(0, 1)
   return out
 
 
 class _Plan(NamedTuple):
   """Static description of one pipelined model."""
+
   model_cfg: Any
   block_cfgs: tuple
   table: schedules.TickTable
@@ -251,7 +282,8 @@ def _rest_for_stages(params, mesh):
   """
   rest = _rest(params)
   rest["embed"] = jax.lax.with_sharding_constraint(
-      rest["embed"], jax.sharding.NamedSharding(mesh, P()))
+    rest["embed"], jax.sharding.NamedSharding(mesh, P())
+  )
   return rest
 
 
@@ -261,6 +293,7 @@ def _by_tick(x_M, microbatch_T):
 
 
 # -------------------------------------------------- gpipe / circular (fwd) ---
+
 
 def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
   """Forward pass of every microbatch through every virtual stage.
@@ -287,8 +320,9 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
       valid = mb_row[s] >= 0
       rep = jnp.maximum(rep_row[s], 0)
       x_emb = _embed(rest, tokens, plan.model_cfg)
-      h_in = jnp.where((s == 0) & (rep == 0), x_emb.astype(h_recv.dtype),
-                       h_recv)
+      h_in = jnp.where(
+        (s == 0) & (rep == 0), x_emb.astype(h_recv.dtype), h_recv
+      )
       stage_params = jax.tree.map(lambda a: a[rep], local)
       h_out, stats = _apply_stage(stage_params, h_in, plan.block_cfgs)
       stats = jax.tree.map(lambda x: jnp.where(valid, x, 0), stats)
@@ -296,18 +330,25 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
       return _rotate(h_out, num_stages, 1), (out, stats)
 
     h0 = _zeros_varying(h_shape)
-    _, (outs, stats) = jax.lax.scan(jax.checkpoint(tick), h0,
-                                    (tokens_T, fwd_mb, fwd_rep))
+    _, (outs, stats) = jax.lax.scan(
+      jax.checkpoint(tick), h0, (tokens_T, fwd_mb, fwd_rep)
+    )
     return jax.tree.map(lambda a: a[None], (outs, stats))
 
   fn = jax.shard_map(
-      per_device, mesh=mesh, axis_names={PIPE_AXIS},
-      in_specs=(P(None, PIPE_AXIS), P(), P(), P(), P()),
-      out_specs=P(PIPE_AXIS))
-  outs, stats = fn(params[STAGES_KEY], _rest_for_stages(params, mesh),
-                   tokens_T,
-                   jnp.asarray(table.fwd_microbatch),
-                   jnp.asarray(table.fwd_repeat))
+    per_device,
+    mesh=mesh,
+    axis_names={PIPE_AXIS},
+    in_specs=(P(None, PIPE_AXIS), P(), P(), P(), P()),
+    out_specs=P(PIPE_AXIS),
+  )
+  outs, stats = fn(
+    params[STAGES_KEY],
+    _rest_for_stages(params, mesh),
+    tokens_T,
+    jnp.asarray(table.fwd_microbatch),
+    jnp.asarray(table.fwd_repeat),
+  )
   # Un-skew with the table: entry [v, m] = tick where stage v % S ran (v, m).
   num_virtual = num_stages * repeats
   stage_idx = np.zeros((num_virtual, table.num_microbatches), np.int32)
@@ -321,10 +362,12 @@ def _forward_pipeline(plan: _Plan, params, tokens_MxBxT, *, want_outputs):
   if not want_outputs:
     return None, stats
   last = num_stages - 1
-  is_last = ((table.fwd_microbatch[:, last] >= 0)
-             & (table.fwd_repeat[:, last] == repeats - 1))
+  is_last = (table.fwd_microbatch[:, last] >= 0) & (
+    table.fwd_repeat[:, last] == repeats - 1
+  )
   out_ticks = np.nonzero(is_last)[0][
-      np.argsort(table.fwd_microbatch[is_last, last])]
+    np.argsort(table.fwd_microbatch[is_last, last])
+  ]
   return outs[last, out_ticks], stats
 
 
@@ -334,14 +377,15 @@ def _flatten_stats(stats):
   if not stats:
     return None
   return jax.tree.map(
-      lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]),
-      *stats)
+    lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]), *stats
+  )
 
 
 def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
   mbs = _microbatch(batch, plan.table.num_microbatches)
-  outputs, stats = _forward_pipeline(plan, params, mbs["inputs"],
-                                     want_outputs=True)
+  outputs, stats = _forward_pipeline(
+    plan, params, mbs["inputs"], want_outputs=True
+  )
 
   @jax.checkpoint
   def head_ce(_, xs):
@@ -349,20 +393,28 @@ def _gpipe_loss(plan: _Plan, loss_cfg, params, batch):
     logits = _head(_rest(params), h, plan.model_cfg)
     return None, models.masked_ce_sum(logits, targets, mask)
 
-  _, ce_sums = jax.lax.scan(head_ce, None,
-                            (outputs, mbs["targets"], mbs["mask"]))
-  return total_loss(jnp.sum(ce_sums), jnp.sum(batch["mask"]),
-                    _flatten_stats(stats), plan.model_cfg, loss_cfg)
+  _, ce_sums = jax.lax.scan(
+    head_ce, None, (outputs, mbs["targets"], mbs["mask"])
+  )
+  return total_loss(
+    jnp.sum(ce_sums),
+    jnp.sum(batch["mask"]),
+    _flatten_stats(stats),
+    plan.model_cfg,
+    loss_cfg,
+  )
 
 
 # ------------------------------------------------------------ SPMD 1F1B ---
+
 
 def _stage_shapes(plan: _Plan, params, tokens_BxT):
   """Shapes of a stage's input activation and of its `models.MoEStats` tuple."""
   h = jax.eval_shape(_embed, _rest(params), tokens_BxT, plan.model_cfg)
   stage = jax.tree.map(lambda a: a[0, 0], params[STAGES_KEY])
-  stats = jax.eval_shape(lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1],
-                         stage, h)
+  stats = jax.eval_shape(
+    lambda p, x: _apply_stage(p, x, plan.block_cfgs)[1], stage, h
+  )
   return h, stats
 
 
@@ -381,24 +433,30 @@ def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
   global_lbl = cfg.lbl_scope == "global"
   _, shapes = _stage_shapes(plan, params, tokens_MxBxT[0])
   if global_lbl and loss_cfg.lbl_coef != 0:
-    _, counted = _forward_pipeline(plan, jax.lax.stop_gradient(params),
-                                   tokens_MxBxT, want_outputs=False)
+    _, counted = _forward_pipeline(
+      plan, jax.lax.stop_gradient(params), tokens_MxBxT, want_outputs=False
+    )
   else:
     counted = (None,) * len(shapes)
   full = lambda value: jnp.full((num_stages,), value, jnp.float32)
   cts = []
   for shape, st in zip(shapes, counted, strict=True):
-    prob_ct = jnp.zeros((num_stages,) + shape.pieces.prob_sums.shape,
-                        jnp.float32)
+    prob_ct = jnp.zeros(
+      (num_stages,) + shape.pieces.prob_sums.shape, jnp.float32
+    )
     if st is not None:  # [S, M, ...]: R = 1
       counts = jax.lax.stop_gradient(jnp.sum(st.pieces.expert_counts, 1))
       f = counts / jnp.sum(counts, axis=-1, keepdims=True)
       num_tokens = jnp.sum(st.pieces.num_tokens, axis=1)[:, None]
       prob_ct = loss_cfg.lbl_coef * counts.shape[-1] * f / num_tokens
-    cts.append(models.MoEStats(
+    cts.append(
+      models.MoEStats(
         moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct, full(0.0)),
         full(0.0 if global_lbl else loss_cfg.lbl_coef / num_mb),
-        full(loss_cfg.z_coef / num_mb), full(0.0)))
+        full(loss_cfg.z_coef / num_mb),
+        full(0.0),
+      )
+    )
   return tuple(cts)
 
 
@@ -420,11 +478,13 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
   stat_cts = _stat_cotangents(plan, loss_cfg, params, mbs["inputs"])
 
   tick_xs = (
-      _by_tick(mbs["inputs"], table.fwd_microbatch[:, 0]),
-      _by_tick(mbs["inputs"], table.bwd_microbatch[:, 0]),
-      _by_tick(mbs["targets"], table.bwd_microbatch[:, -1]),
-      _by_tick(mbs["mask"], table.bwd_microbatch[:, -1]),
-      jnp.asarray(table.fwd_microbatch), jnp.asarray(table.bwd_microbatch))
+    _by_tick(mbs["inputs"], table.fwd_microbatch[:, 0]),
+    _by_tick(mbs["inputs"], table.bwd_microbatch[:, 0]),
+    _by_tick(mbs["targets"], table.bwd_microbatch[:, -1]),
+    _by_tick(mbs["mask"], table.bwd_microbatch[:, -1]),
+    jnp.asarray(table.fwd_microbatch),
+    jnp.asarray(table.bwd_microbatch),
+  )
   h_shape, stats_shape = _stage_shapes(plan, params, tick_xs[0][0])
 
   def per_device(stages, rest, stat_cts, tick_xs):
@@ -447,10 +507,12 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       h_in = jnp.where(is_first, _embed(rest, tokens, cfg), h_recv)
       slot = jnp.maximum(m, 0) % slots
       ring = jax.lax.dynamic_update_index_in_dim(
-          ring, jnp.where(valid, h_in, ring[slot]), slot, 0)
+        ring, jnp.where(valid, h_in, ring[slot]), slot, 0
+      )
       h_out, stats = stage_fn(stage_params, h_in)
-      stats_acc = jax.tree.map(lambda acc, x: acc + jnp.where(valid, x, 0),
-                               stats_acc, stats)
+      stats_acc = jax.tree.map(
+        lambda acc, x: acc + jnp.where(valid, x, 0), stats_acc, stats
+      )
       return h_out, ring, stats_acc
 
     def backward(carry, h_last, tokens, targets, mask, bwd_row):
@@ -459,7 +521,8 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       valid = m >= 0
       if h_last is not None:  # the last stage: head + loss of its output
         ce_m, head_vjp = jax.vjp(
-            lambda p, h: head_ce(p, h, targets, mask), rest, h_last)
+          lambda p, h: head_ce(p, h, targets, mask), rest, h_last
+        )
         head_ct = jnp.where(is_last & valid, 1.0, 0.0).astype(ce_m.dtype)
         d_rest_head, g_head = head_vjp(head_ct)
         ce = ce + head_ct * ce_m
@@ -469,7 +532,8 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       _, stage_vjp = jax.vjp(stage_fn, stage_params, h_saved)
       masked = lambda x: jnp.where(valid, x, jnp.zeros_like(x))
       d_params, d_h = stage_vjp(
-          (masked(g_recv), jax.tree.map(masked, stat_cts)))
+        (masked(g_recv), jax.tree.map(masked, stat_cts))
+      )
       d_stage = jax.tree.map(jnp.add, d_stage, d_params)
       _, embed_vjp = jax.vjp(lambda p: _embed(p, tokens, cfg), rest)
       (d_embed,) = embed_vjp(jnp.where(is_first & valid, d_h, 0))
@@ -481,51 +545,73 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       tokens_f, tokens_b, targets, mask, fwd_row, bwd_row = xs
       h_out = None
       if do_fwd:
-        h_out, ring, stats_acc = forward((h_recv, ring, stats_acc), tokens_f,
-                                         fwd_row)
+        h_out, ring, stats_acc = forward(
+          (h_recv, ring, stats_acc), tokens_f, fwd_row
+        )
       if do_bwd:
         d_h, ring, d_stage, d_rest, ce = backward(
-            (g_recv, ring, d_stage, d_rest, ce), h_out, tokens_b, targets,
-            mask, bwd_row)
+          (g_recv, ring, d_stage, d_rest, ce),
+          h_out,
+          tokens_b,
+          targets,
+          mask,
+          bwd_row,
+        )
         g_recv = _rotate(d_h, num_stages, -1)
       if do_fwd:
         h_recv = _rotate(h_out, num_stages, 1)
       return (h_recv, g_recv, ring, d_stage, d_rest, ce, stats_acc), None
 
-    carry = _zeros_varying((
-        h_shape, h_shape,
+    carry = _zeros_varying(
+      (
+        h_shape,
+        h_shape,
         jax.ShapeDtypeStruct((slots,) + h_shape.shape, h_shape.dtype),
-        stage_params, rest, jax.ShapeDtypeStruct((), jnp.float32),
-        stats_shape))
+        stage_params,
+        rest,
+        jax.ShapeDtypeStruct((), jnp.float32),
+        stats_shape,
+      )
+    )
     warm, steady = num_stages - 1, num_mb
-    phases = ((0, warm, True, False), (warm, warm + steady, True, True),
-              (warm + steady, table.num_ticks, False, True))
+    phases = (
+      (0, warm, True, False),
+      (warm, warm + steady, True, True),
+      (warm + steady, table.num_ticks, False, True),
+    )
     for start, stop, do_fwd, do_bwd in phases:
       if stop > start:
         body = functools.partial(tick, do_fwd=do_fwd, do_bwd=do_bwd)
         phase = slice(start, stop)
         carry, _ = jax.lax.scan(
-            body, carry, jax.tree.map(lambda a, p=phase: a[p], tick_xs))
+          body, carry, jax.tree.map(lambda a, p=phase: a[p], tick_xs)
+        )
     _, _, _, d_stage, d_rest, ce, stats_acc = carry
     d_rest, ce = jax.lax.psum((d_rest, ce), PIPE_AXIS)
     d_stage = jax.tree.map(lambda a: a[None, None], d_stage)
     return d_stage, d_rest, ce, jax.tree.map(lambda a: a[None], stats_acc)
 
   fn = jax.shard_map(
-      per_device, mesh=mesh, axis_names={PIPE_AXIS},
-      in_specs=(P(None, PIPE_AXIS), P(), P(PIPE_AXIS), P()),
-      out_specs=(P(None, PIPE_AXIS), P(), P(), P(PIPE_AXIS)))
-  d_stages, d_rest, ce, stats = fn(params[STAGES_KEY],
-                                   _rest_for_stages(params, mesh),
-                                   stat_cts, tick_xs)
+    per_device,
+    mesh=mesh,
+    axis_names={PIPE_AXIS},
+    in_specs=(P(None, PIPE_AXIS), P(), P(PIPE_AXIS), P()),
+    out_specs=(P(None, PIPE_AXIS), P(), P(), P(PIPE_AXIS)),
+  )
+  d_stages, d_rest, ce, stats = fn(
+    params[STAGES_KEY], _rest_for_stages(params, mesh), stat_cts, tick_xs
+  )
   # Sums over microbatches [S, ...] -> one "microbatch" of sums / means.
-  stats = _flatten_stats(tuple(jax.tree.map(lambda a: a[:, None], st)
-                               for st in stats))
+  stats = _flatten_stats(
+    tuple(jax.tree.map(lambda a: a[:, None], st) for st in stats)
+  )
   if stats is not None:
-    stats = stats._replace(lbl=stats.lbl / num_mb, z=stats.z / num_mb,
-                           dropped=stats.dropped / num_mb)
-  loss, metrics = total_loss(ce * num_targets, num_targets, stats, cfg,
-                             loss_cfg)
+    stats = stats._replace(
+      lbl=stats.lbl / num_mb, z=stats.z / num_mb, dropped=stats.dropped / num_mb
+    )
+  loss, metrics = total_loss(
+    ce * num_targets, num_targets, stats, cfg, loss_cfg
+  )
   grads = dict(d_rest)
   grads[STAGES_KEY] = d_stages
   return (loss, metrics), grads
@@ -533,8 +619,16 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
 
 # ----------------------------------------------------------------- public ---
 
-def pipeline_grad_fn(model_cfg, loss_cfg, mesh, *, schedule: str = "gpipe",
-                     num_microbatches: int, repeats: int = 1):
+
+def pipeline_grad_fn(
+  model_cfg,
+  loss_cfg,
+  mesh,
+  *,
+  schedule: str = "gpipe",
+  num_microbatches: int,
+  repeats: int = 1,
+):
   """A pipelined `grad_fn(params, batch, rng) -> ((loss, metrics), grads)`.
 
   Same contract as `jax.value_and_grad(training.loss_fn, has_aux=True)` of
@@ -566,19 +660,21 @@ def pipeline_grad_fn(model_cfg, loss_cfg, mesh, *, schedule: str = "gpipe",
     >>> (loss, metrics), grads = jax.jit(grad_fn)(params, batch, rng)
   """
   if PIPE_AXIS not in mesh.axis_names:
-    raise ValueError(f"`mesh` must have a {PIPE_AXIS!r} axis, got axes "
-                     f"{mesh.axis_names}.")
+    raise ValueError(
+      f"`mesh` must have a {PIPE_AXIS!r} axis, got axes {mesh.axis_names}."
+    )
   num_stages = mesh.shape[PIPE_AXIS]
-  table = schedules.tick_table(schedule, num_stages, num_microbatches,
-                               repeats)
-  block_cfgs = stage_block_configs(models.block_configs(model_cfg),
-                                   num_stages, repeats)
+  table = schedules.tick_table(schedule, num_stages, num_microbatches, repeats)
+  block_cfgs = stage_block_configs(
+    models.block_configs(model_cfg), num_stages, repeats
+  )
   plan = _Plan(model_cfg, block_cfgs, table, mesh)
   if schedule == "1f1b":
     impl = functools.partial(_one_f_one_b, plan, loss_cfg)
   else:
-    impl = jax.value_and_grad(functools.partial(_gpipe_loss, plan, loss_cfg),
-                              has_aux=True)
+    impl = jax.value_and_grad(
+      functools.partial(_gpipe_loss, plan, loss_cfg), has_aux=True
+    )
 
   def grad_fn(params, batch, rng):
     del rng

@@ -34,6 +34,7 @@ class TickTable:
       tick (1f1b only; all -1 for schedules differentiated by autodiff).
     bwd_repeat: int32 `[ticks, S]` its repeat.
   """
+
   schedule: str
   num_stages: int
   num_microbatches: int
@@ -63,8 +64,9 @@ class TickTable:
     return 1.0 - busy / slots
 
 
-def theoretical_bubble_fraction(num_stages: int, num_microbatches: int,
-                                repeats: int = 1) -> float:
+def theoretical_bubble_fraction(
+  num_stages: int, num_microbatches: int, repeats: int = 1
+) -> float:
   """`(S - 1) / (R * M + S - 1)`: GPipe (R = 1, Huang et al., 2019),
   circular / interleaved (Narayanan et al., 2021), and our SPMD 1F1B (R = 1).
   """
@@ -87,8 +89,9 @@ def _forward_items(num_stages, num_microbatches, repeats):
   return group * group_size + offset, repeat
 
 
-def tick_table(schedule: str, num_stages: int, num_microbatches: int,
-               repeats: int = 1) -> TickTable:
+def tick_table(
+  schedule: str, num_stages: int, num_microbatches: int, repeats: int = 1
+) -> TickTable:
   """The tick table of a schedule.
 
   * gpipe / circular: stage s runs work item `t - s` at tick t, one scan of
@@ -123,14 +126,20 @@ def tick_table(schedule: str, num_stages: int, num_microbatches: int,
   r = _checks.check_positive_int("repeats", repeats)
   if schedule == "circular":
     if r < 2:
-      raise ValueError(f"`repeats` must be >= 2 for schedule='circular', got "
-                       f"{r} (use 'gpipe' for one pass).")
+      raise ValueError(
+        f"`repeats` must be >= 2 for schedule='circular', got "
+        f"{r} (use 'gpipe' for one pass)."
+      )
     if m % s:
-      raise ValueError(f"`num_microbatches` must be a multiple of num_stages "
-                       f"= {s} for schedule='circular', got {m}.")
+      raise ValueError(
+        f"`num_microbatches` must be a multiple of num_stages "
+        f"= {s} for schedule='circular', got {m}."
+      )
   elif r != 1:
-    raise ValueError(f"`repeats` must be 1 for schedule={schedule!r}, got "
-                     f"{r} (interleaving is schedule='circular').")
+    raise ValueError(
+      f"`repeats` must be 1 for schedule={schedule!r}, got "
+      f"{r} (interleaving is schedule='circular')."
+    )
   stage = np.arange(s)
   if schedule == "1f1b":
     ticks = m + 2 * s - 2
@@ -140,17 +149,29 @@ def tick_table(schedule: str, num_stages: int, num_microbatches: int,
     fwd_mb = np.where((fwd >= 0) & (fwd < m), fwd, -1)
     bwd_mb = np.where((bwd >= 0) & (bwd < m), bwd, -1)
     zeros = np.zeros_like(fwd_mb)
-    return TickTable(schedule, s, m, r, fwd_mb.astype(np.int32),
-                     np.where(fwd_mb >= 0, zeros, -1).astype(np.int32),
-                     bwd_mb.astype(np.int32),
-                     np.where(bwd_mb >= 0, zeros, -1).astype(np.int32))
+    return TickTable(
+      schedule,
+      s,
+      m,
+      r,
+      fwd_mb.astype(np.int32),
+      np.where(fwd_mb >= 0, zeros, -1).astype(np.int32),
+      bwd_mb.astype(np.int32),
+      np.where(bwd_mb >= 0, zeros, -1).astype(np.int32),
+    )
   item_mb, item_rep = _forward_items(s, m, r)
   ticks = m * r + s - 1
   item = np.arange(ticks)[:, None] - stage
   valid = (item >= 0) & (item < m * r)
   safe = np.clip(item, 0, m * r - 1)
   none = np.full((ticks, s), -1, np.int32)
-  return TickTable(schedule, s, m, r,
-                   np.where(valid, item_mb[safe], -1).astype(np.int32),
-                   np.where(valid, item_rep[safe], -1).astype(np.int32),
-                   none, none.copy())
+  return TickTable(
+    schedule,
+    s,
+    m,
+    r,
+    np.where(valid, item_mb[safe], -1).astype(np.int32),
+    np.where(valid, item_rep[safe], -1).astype(np.int32),
+    none,
+    none.copy(),
+  )

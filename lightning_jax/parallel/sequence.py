@@ -5,7 +5,8 @@ Every recurrence here is affine in its state, so a device's chunk acts on the
 state entering it as an affine map
 
     linear attention / GLA:   S_out = diag(d) S_in + S_loc,   d = exp(sum_t g_t)
-    (gated) delta rule:       S_out = M S_in + S_loc,         M = prod_t a_t (I - beta_t k_t k_t^T)
+    (gated) delta rule:       S_out = M S_in + S_loc,
+                              M = prod_t a_t (I - beta_t k_t k_t^T)
 
 and its outputs are affine in S_in too: `o_t = o_loc_t + scale * (M_t^T q_t)^T
 S_in`, with `M_t` the map of the chunk's first t tokens (for GLA, `M_t^T q_t =
@@ -42,9 +43,18 @@ from lightning_jax.parallel import mesh as mesh_lib
 P = jax.sharding.PartitionSpec
 
 
-def sp_linear_attention(q, k, v, log_decay=None, *, axis_name: str,
-                        scale=None, initial_state=None,
-                        output_final_state=False, chunk_size=64):
+def sp_linear_attention(
+  q,
+  k,
+  v,
+  log_decay=None,
+  *,
+  axis_name: str,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+):
   """`ops.linear_attention` on a sequence split over mesh axis `axis_name`.
 
   Call inside `jax.shard_map`; device i of the axis holds tokens
@@ -68,13 +78,33 @@ def sp_linear_attention(q, k, v, log_decay=None, *, axis_name: str,
   """
   b, t, h, _, _ = rec.check_qkv(q, k, v)
   g = rec.scalar_log_decay(log_decay, b, t, h)[..., None]
-  return _sp_gated(ops.linear_attention, q, k, v, log_decay, g, axis_name,
-                   scale, initial_state, output_final_state, chunk_size)
+  return _sp_gated(
+    ops.linear_attention,
+    q,
+    k,
+    v,
+    log_decay,
+    g,
+    axis_name,
+    scale,
+    initial_state,
+    output_final_state,
+    chunk_size,
+  )
 
 
-def sp_gated_linear_attention(q, k, v, log_forget, *, axis_name: str,
-                              scale=None, initial_state=None,
-                              output_final_state=False, chunk_size=64):
+def sp_gated_linear_attention(
+  q,
+  k,
+  v,
+  log_forget,
+  *,
+  axis_name: str,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+):
   """`ops.gated_linear_attention` (GLA / HGRN2) split over `axis_name`.
 
   Args:
@@ -87,28 +117,59 @@ def sp_gated_linear_attention(q, k, v, log_forget, *, axis_name: str,
     Local `o` (and the final state of the whole sequence).
   """
   rec.check_qkv(q, k, v)
-  _checks.check_shape("log_forget", log_forget, q.shape,
-                      "[batch, seq_local, heads, key_dim]")
+  _checks.check_shape(
+    "log_forget", log_forget, q.shape, "[batch, seq_local, heads, key_dim]"
+  )
   g = jnp.asarray(log_forget, jnp.float32)
-  return _sp_gated(ops.gated_linear_attention, q, k, v, log_forget, g,
-                   axis_name, scale, initial_state, output_final_state,
-                   chunk_size)
+  return _sp_gated(
+    ops.gated_linear_attention,
+    q,
+    k,
+    v,
+    log_forget,
+    g,
+    axis_name,
+    scale,
+    initial_state,
+    output_final_state,
+    chunk_size,
+  )
 
 
-def _sp_gated(op, q, k, v, gate, g, axis_name, scale, initial_state,
-              output_final_state, chunk_size):
+def _sp_gated(
+  op,
+  q,
+  k,
+  v,
+  gate,
+  g,
+  axis_name,
+  scale,
+  initial_state,
+  output_final_state,
+  chunk_size,
+):
   """Shared by the two linear attentions; `g: [B, T, H, Dg]`, Dg in {1, Dk}."""
   b, _, h, dk, dv = rec.check_qkv(q, k, v)
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   scale = rec.default_scale(scale, dk)
   f32 = lambda x: x.astype(jnp.float32)
-  o_loc, s_loc = op(f32(q), f32(k), f32(v), gate, scale=scale,
-                    output_final_state=True, chunk_size=chunk_size)
+  o_loc, s_loc = op(
+    f32(q),
+    f32(k),
+    f32(v),
+    gate,
+    scale=scale,
+    output_final_state=True,
+    chunk_size=chunk_size,
+  )
   cum = jnp.cumsum(g, axis=1)  # [B, T, H, Dg], local
   log_d = jnp.broadcast_to(cum[:, -1], (b, h, dk))  # chunk's total log decay
   # One gather of [B, H, Dk, Dv + 1] per device.
   summary = jnp.concatenate([s_loc, log_d[..., None]], -1)
-  gathered = jax.lax.all_gather(summary, axis_name, axis=2)  # [B, H, P, Dk, Dv+1]
+  gathered = jax.lax.all_gather(
+    summary, axis_name, axis=2
+  )  # [B, H, P, Dk, Dv+1]
   log_d_all = gathered[..., :, -1]  # [B, H, P, Dk]
   if g.shape[-1] == 1:
     log_d_all = log_d_all[..., :1]
@@ -119,9 +180,19 @@ def _sp_gated(op, q, k, v, gate, g, axis_name, scale, initial_state,
   return rec.finish(o, final, q.dtype, output_final_state)
 
 
-def sp_delta_rule(q, k, v, beta, log_decay=None, *, axis_name: str,
-                  scale=None, initial_state=None, output_final_state=False,
-                  chunk_size=64):
+def sp_delta_rule(
+  q,
+  k,
+  v,
+  beta,
+  log_decay=None,
+  *,
+  axis_name: str,
+  scale=None,
+  initial_state=None,
+  output_final_state=False,
+  chunk_size=64,
+):
   """`ops.delta_rule` (DeltaNet / Gated DeltaNet) split over `axis_name`.
 
   Args:
@@ -145,8 +216,16 @@ def sp_delta_rule(q, k, v, beta, log_decay=None, *, axis_name: str,
   eye = jnp.broadcast_to(jnp.eye(dk, dtype=jnp.float32), (b, h, dk, dk))
   s_aug0 = jnp.concatenate([jnp.zeros((b, h, dk, dv), jnp.float32), eye], -1)
   o_aug, summary = ops.delta_rule(
-      f32(q), f32(k), v_aug, beta, log_decay, scale=scale,
-      initial_state=s_aug0, output_final_state=True, chunk_size=chunk_size)
+    f32(q),
+    f32(k),
+    v_aug,
+    beta,
+    log_decay,
+    scale=scale,
+    initial_state=s_aug0,
+    output_final_state=True,
+    chunk_size=chunk_size,
+  )
   gathered = jax.lax.all_gather(summary, axis_name)  # [P, B, H, Dk, Dv + Dk]
   starts, final = _compose_affine(gathered[..., dv:], gathered[..., :dv], s0)
   s_in = jnp.take(starts, jax.lax.axis_index(axis_name), axis=0)
@@ -165,6 +244,7 @@ def _compose_affine(maps, offsets, s0):
   Returns:
     (`[P, B, H, Dk, Dv]` states entering each segment, final state).
   """
+
   def step(s, segment):
     m, off = segment
     return m @ s + off, s
@@ -173,9 +253,13 @@ def _compose_affine(maps, offsets, s0):
   return starts, final
 
 
-def sequence_parallel(sp_fn: Callable, mesh: jax.sharding.Mesh, *,
-                      axis_name: str = mesh_lib.SEQ,
-                      batch_axes: tuple[str, ...] = ()) -> Callable:
+def sequence_parallel(
+  sp_fn: Callable,
+  mesh: jax.sharding.Mesh,
+  *,
+  axis_name: str = mesh_lib.SEQ,
+  batch_axes: tuple[str, ...] = (),
+) -> Callable:
   """Wraps an `sp_*` function to take global arrays and a mesh.
 
   Arrays with a sequence dim (`[batch, seq, ...]`: q, k, v, beta, gates)
@@ -207,8 +291,10 @@ def sequence_parallel(sp_fn: Callable, mesh: jax.sharding.Mesh, *,
   """
   for name in (axis_name, *batch_axes):
     if name not in mesh.axis_names:
-      raise ValueError(f"`axis_name` / `batch_axes` must be axes of the mesh "
-                       f"{dict(mesh.shape)}, got {name!r}.")
+      raise ValueError(
+        f"`axis_name` / `batch_axes` must be axes of the mesh "
+        f"{dict(mesh.shape)}, got {name!r}."
+      )
   batch = tuple(batch_axes) or None
 
   def spec(x):
@@ -219,20 +305,27 @@ def sequence_parallel(sp_fn: Callable, mesh: jax.sharding.Mesh, *,
   def run(*arrays, initial_state=None, output_final_state=False, **static):
     unknown = set(static) - {"scale", "chunk_size"}
     if unknown:
-      raise ValueError(f"Pass arrays positionally; keywords must be among "
-                       f"['scale', 'chunk_size'], got {sorted(unknown)}.")
+      raise ValueError(
+        f"Pass arrays positionally; keywords must be among "
+        f"['scale', 'chunk_size'], got {sorted(unknown)}."
+      )
     t, n = np.shape(arrays[0])[1], mesh.shape[axis_name]
     if t % n:
-      raise ValueError(f"`q` sequence length {t} must be divisible by the "
-                       f"{axis_name!r} axis size {n}.")
-    local = functools.partial(sp_fn, axis_name=axis_name,
-                              output_final_state=True, **static)
+      raise ValueError(
+        f"`q` sequence length {t} must be divisible by the "
+        f"{axis_name!r} axis size {n}."
+      )
+    local = functools.partial(
+      sp_fn, axis_name=axis_name, output_final_state=True, **static
+    )
     # The final state is the same on every device of the axis (each composes
     # all P summaries), but vma typing marks an all_gather's output varying.
     o, final = jax.shard_map(
-        lambda arrays, s0: local(*arrays, initial_state=s0), mesh=mesh,
-        in_specs=(tuple(spec(x) for x in arrays), P(batch)),
-        out_specs=(P(batch, axis_name), P(batch)), check_vma=False,
+      lambda arrays, s0: local(*arrays, initial_state=s0),
+      mesh=mesh,
+      in_specs=(tuple(spec(x) for x in arrays), P(batch)),
+      out_specs=(P(batch, axis_name), P(batch)),
+      check_vma=False,
     )(arrays, _zero_state(arrays, initial_state))
     return (o, final) if output_final_state else o
 

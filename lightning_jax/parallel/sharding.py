@@ -37,27 +37,27 @@ NamedSharding = jax.sharding.NamedSharding
 
 # Logical dim name -> the mesh axis that splits it.
 LOGICAL_AXES = {
-    "heads": mesh_lib.TENSOR,
-    "ffn": mesh_lib.TENSOR,
-    "vocab": mesh_lib.TENSOR,
-    "experts": mesh_lib.EXPERT,
-    "stage": mesh_lib.PIPE,
+  "heads": mesh_lib.TENSOR,
+  "ffn": mesh_lib.TENSOR,
+  "vocab": mesh_lib.TENSOR,
+  "experts": mesh_lib.EXPERT,
+  "stage": mesh_lib.PIPE,
 }
 
 # (path suffix, logical name of each trailing dim); the first match wins.
 # Token-mixer params come first: each registered mixer's own rules
 # (`layers.mixers.Mixer.rules`), matched under its "mixer" key.
 PARAM_RULES = (
-    (("experts", "w_gate"), ("experts", "embed", "ffn")),  # [E, D, F]
-    (("experts", "w_up"), ("experts", "embed", "ffn")),  # [E, D, F]
-    (("experts", "w_down"), ("experts", "ffn", "embed")),  # [E, F, D]
-    (("w_gate",), ("embed", "ffn")),  # [D, F]
-    (("w_up",), ("embed", "ffn")),  # [D, F]
-    (("w_down",), ("ffn", "embed")),  # [F, D]
-    (("router",), ("embed", None)),  # [D, E]: routing stays whole
-    (("embed",), ("vocab", "embed")),  # [V, D]
-    (("unembed",), ("embed", "vocab")),  # [D, V]
-    (("scale",), (None,)),  # norm scales [D]: replicated
+  (("experts", "w_gate"), ("experts", "embed", "ffn")),  # [E, D, F]
+  (("experts", "w_up"), ("experts", "embed", "ffn")),  # [E, D, F]
+  (("experts", "w_down"), ("experts", "ffn", "embed")),  # [E, F, D]
+  (("w_gate",), ("embed", "ffn")),  # [D, F]
+  (("w_up",), ("embed", "ffn")),  # [D, F]
+  (("w_down",), ("ffn", "embed")),  # [F, D]
+  (("router",), ("embed", None)),  # [D, E]: routing stays whole
+  (("embed",), ("vocab", "embed")),  # [V, D]
+  (("unembed",), ("embed", "vocab")),  # [D, V]
+  (("scale",), (None,)),  # norm scales [D]: replicated
 )
 MIXER_KEY = "mixer"
 
@@ -66,8 +66,10 @@ def param_rules() -> tuple:
   """The rules of every registered mixer (prefixed by `MIXER_KEY`), then
   `PARAM_RULES`."""
   mixer_rules = tuple(
-      ((MIXER_KEY,) + suffix, logical)
-      for kind in mixers.kinds() for suffix, logical in mixers.get(kind).rules)
+    ((MIXER_KEY,) + suffix, logical)
+    for kind in mixers.kinds()
+    for suffix, logical in mixers.get(kind).rules
+  )
   return mixer_rules + PARAM_RULES
 
 
@@ -79,14 +81,15 @@ STAGE_AXIS = 1
 
 @dataclasses.dataclass(frozen=True)
 class LeafPlan:
-  """How one leaf is split: its spec, the rule used and why dims stayed whole."""
+  """How a leaf is split: its spec, the rule used, why dims stayed whole."""
+
   spec: P
   rule: str
   notes: tuple[str, ...]
 
 
 def path_names(path) -> tuple[str, ...]:
-  """The string keys / attribute names of a pytree key path (indices kept as str)."""
+  """The keys / attribute names of a pytree key path (indices as str)."""
   names = []
   for entry in path:
     if isinstance(entry, jax.tree_util.DictKey):
@@ -105,13 +108,17 @@ def path_names(path) -> tuple[str, ...]:
 def _match_rule(names):
   keys = tuple(n for n in names if not n.isdigit())
   for suffix, logical in param_rules():
-    if keys[-len(suffix):] == suffix:
+    if keys[-len(suffix) :] == suffix:
       return "/".join(suffix), logical
   return None, None
 
 
-def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
-              axis_sizes: dict[str, int], stage_axis: int = STAGE_AXIS) -> LeafPlan:
+def plan_leaf(
+  names: tuple[str, ...],
+  shape: tuple[int, ...],
+  axis_sizes: dict[str, int],
+  stage_axis: int = STAGE_AXIS,
+) -> LeafPlan:
   """The PartitionSpec of one leaf from its path names and shape.
 
   Args:
@@ -133,16 +140,20 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
   staged = STAGES_KEY in names
   if logical is not None:
     base_rank = len(logical)
-  elif staged:  # unknown leaf: at least the dims up to the stage dim are stacked
+  elif (
+    staged
+  ):  # unknown leaf: at least the dims up to the stage dim are stacked
     base_rank = max(len(shape) - stage_axis - 1, 0)
   else:
     base_rank = len(shape)
   stacked = [None] * (len(shape) - base_rank)
   if staged and stacked:
     if not 0 <= stage_axis < len(stacked):
-      raise ValueError(f"`stage_axis` must index one of the {len(stacked)} "
-                       f"stacked dims of {'/'.join(names)} {shape}, got "
-                       f"{stage_axis}.")
+      raise ValueError(
+        f"`stage_axis` must index one of the {len(stacked)} "
+        f"stacked dims of {'/'.join(names)} {shape}, got "
+        f"{stage_axis}."
+      )
     stacked[stage_axis] = "stage"
   logical = (*stacked, *(logical or (None,) * base_rank))
 
@@ -153,8 +164,9 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
     if size == 1 or axis in used:
       continue
     if shape[dim] % size:
-      notes.append(f"{name}={shape[dim]} not divisible by {axis}={size}: "
-                   "replicated")
+      notes.append(
+        f"{name}={shape[dim]} not divisible by {axis}={size}: replicated"
+      )
       continue
     spec[dim] = axis
     used.add(axis)
@@ -173,12 +185,16 @@ def plan_leaf(names: tuple[str, ...], shape: tuple[int, ...],
 def _plans(tree, mesh, stage_axis):
   sizes = mesh_lib.mesh_axis_sizes(mesh)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: plan_leaf(path_names(path), tuple(np.shape(x)), sizes,
-                                stage_axis), tree)
+    lambda path, x: plan_leaf(
+      path_names(path), tuple(np.shape(x)), sizes, stage_axis
+    ),
+    tree,
+  )
 
 
-def param_partition_specs(tree, mesh: jax.sharding.Mesh, *,
-                          stage_axis: int = STAGE_AXIS):
+def param_partition_specs(
+  tree, mesh: jax.sharding.Mesh, *, stage_axis: int = STAGE_AXIS
+):
   """PartitionSpec of every leaf of `tree` (params, abstract params, opt state).
 
   Args:
@@ -194,20 +210,31 @@ def param_partition_specs(tree, mesh: jax.sharding.Mesh, *,
     >>> param_partition_specs({"wq": jnp.zeros((64, 8, 16))}, mesh)
     {'wq': PartitionSpec('fsdp', 'tensor', None)}
   """
-  return jax.tree.map(lambda plan: plan.spec,
-                      _plans(tree, mesh, stage_axis),
-                      is_leaf=lambda x: isinstance(x, LeafPlan))
+  return jax.tree.map(
+    lambda plan: plan.spec,
+    _plans(tree, mesh, stage_axis),
+    is_leaf=lambda x: isinstance(x, LeafPlan),
+  )
 
 
-def param_shardings(tree, mesh: jax.sharding.Mesh, *, stage_axis: int = STAGE_AXIS):
+def param_shardings(
+  tree, mesh: jax.sharding.Mesh, *, stage_axis: int = STAGE_AXIS
+):
   """`NamedSharding` of every leaf of `tree`; see `param_partition_specs`."""
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                      param_partition_specs(tree, mesh, stage_axis=stage_axis),
-                      is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(
+    lambda spec: NamedSharding(mesh, spec),
+    param_partition_specs(tree, mesh, stage_axis=stage_axis),
+    is_leaf=lambda x: isinstance(x, P),
+  )
 
 
-def init_sharded(init_fn: Callable, key: jax.Array, mesh: jax.sharding.Mesh,
-                 *, stage_axis: int = STAGE_AXIS):
+def init_sharded(
+  init_fn: Callable,
+  key: jax.Array,
+  mesh: jax.sharding.Mesh,
+  *,
+  stage_axis: int = STAGE_AXIS,
+):
   """Runs `init_fn(key)` with every output created directly in its shards.
 
   The output shapes come from `jax.eval_shape`, their shardings from the
@@ -236,8 +263,11 @@ def batch_spec(mesh: jax.sharding.Mesh) -> P:
   splits the batch: data and fsdp always, expert too (outside the experts
   it is one more data-parallel axis). Tensor and pipe see the whole batch.
   """
-  batch = tuple(a for a in mesh.axis_names
-                if a in (mesh_lib.DATA, mesh_lib.FSDP, mesh_lib.EXPERT))
+  batch = tuple(
+    a
+    for a in mesh.axis_names
+    if a in (mesh_lib.DATA, mesh_lib.FSDP, mesh_lib.EXPERT)
+  )
   seq = mesh_lib.SEQ if mesh_lib.SEQ in mesh.axis_names else None
   return P(batch or None, seq)
 
@@ -247,8 +277,9 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, batch_spec(mesh))
 
 
-def sharding_summary(tree, mesh: jax.sharding.Mesh, *,
-                     stage_axis: int = STAGE_AXIS) -> str:
+def sharding_summary(
+  tree, mesh: jax.sharding.Mesh, *, stage_axis: int = STAGE_AXIS
+) -> str:
   """A text table: path, shape, dtype, spec, bytes per device, notes.
 
   Leaves that already carry a `NamedSharding` (e.g. from `init_sharded`)
@@ -275,22 +306,45 @@ def sharding_summary(tree, mesh: jax.sharding.Mesh, *,
     nbytes = int(np.prod(shape)) * itemsize
     shard = int(np.prod(sharding.shard_shape(shape))) * itemsize
     total, per_device = total + nbytes, per_device + shard
-    rows.append(("/".join(path_names(path)), str(shape), str(dtype),
-                 str(tuple(sharding.spec)), f"{shard:,}", plan.rule,
-                 "; ".join(plan.notes)))
+    rows.append(
+      (
+        "/".join(path_names(path)),
+        str(shape),
+        str(dtype),
+        str(tuple(sharding.spec)),
+        f"{shard:,}",
+        plan.rule,
+        "; ".join(plan.notes),
+      )
+    )
   header = ("path", "shape", "dtype", "spec", "bytes/device", "rule", "notes")
   widths = [max(len(r[i]) for r in (header, *rows)) for i in range(6)]
-  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True)) + "  " + r[6]
+  fmt = lambda r: (
+    "  ".join(c.ljust(w) for c, w in zip(r[:6], widths, strict=True))
+    + "  "
+    + r[6]
+  )
   mesh_text = ", ".join(f"{k}={v}" for k, v in sizes.items())
-  lines = [f"mesh: {mesh_text}", fmt(header).rstrip(), *(fmt(r).rstrip()
-                                                          for r in rows)]
-  lines.append(f"total: {total:,} bytes; per device: {per_device:,} bytes "
-               f"({per_device / max(total, 1):.1%})")
+  lines = [
+    f"mesh: {mesh_text}",
+    fmt(header).rstrip(),
+    *(fmt(r).rstrip() for r in rows),
+  ]
+  lines.append(
+    f"total: {total:,} bytes; per device: {per_device:,} bytes "
+    f"({per_device / max(total, 1):.1%})"
+  )
   return "\n".join(lines)
 
 
-def shard_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_shardings,
-               batch_shardings, *, donate: bool = True):
+def shard_step(
+  step_fn: Callable,
+  mesh: jax.sharding.Mesh,
+  state_shardings,
+  batch_shardings,
+  *,
+  donate: bool = True,
+):
   """`jax.jit` of `step_fn(state, batch) -> (state, metrics)` over a mesh.
 
   The state keeps `state_shardings` in and out (so the step never reshards
@@ -311,6 +365,9 @@ def shard_step(step_fn: Callable, mesh: jax.sharding.Mesh, state_shardings,
     The jitted step.
   """
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated),
-                 donate_argnums=(0,) if donate else ())
+  return jax.jit(
+    step_fn,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,) if donate else (),
+  )

@@ -55,8 +55,10 @@ METADATA_FILE = "metadata.json"
 ARRAYS_DIR = "arrays"
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
 _TMP_PREFIX = "tmp-"
-_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}},
-           {"name": "crc32c"}]
+_CODECS = [
+  {"name": "bytes", "configuration": {"endian": "little"}},
+  {"name": "crc32c"},
+]
 
 
 class CheckpointError(Exception):
@@ -84,7 +86,7 @@ class CheckpointManager:
     return self.directory / f"step_{step:08d}"
 
   def all_steps(self) -> list[int]:
-    """Complete steps in increasing order; logs a warning for incomplete ones."""
+    """Complete steps in increasing order; warns about incomplete ones."""
     if not self.directory.is_dir():
       return []
     steps = []
@@ -93,8 +95,11 @@ class CheckpointManager:
       if match and (entry / COMMIT_FILE).is_file():
         steps.append(int(match.group(1)))
       elif match or entry.name.startswith(_TMP_PREFIX):
-        self._warn_once(entry, "incomplete checkpoint ignored (no COMMIT "
-                        "marker; an interrupted save?)")
+        self._warn_once(
+          entry,
+          "incomplete checkpoint ignored (no COMMIT "
+          "marker; an interrupted save?)",
+        )
     return sorted(steps)
 
   def latest_step(self) -> int | None:
@@ -122,8 +127,11 @@ class CheckpointManager:
     Returns:
       The committed step directory.
     """
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or (
-        step < 0):
+    if (
+      isinstance(step, bool)
+      or not isinstance(step, (int, np.integer))
+      or (step < 0)
+    ):
       raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
     step = int(step)
     metadata = {} if metadata is None else metadata
@@ -143,9 +151,12 @@ class CheckpointManager:
     _barrier(f"lightning_jax_ckpt_written_{step}")
     final = self.step_path(step)
     if primary:
-      record = {"format": FORMAT, "step": step,
-                "leaves": [leaf.record() for leaf in leaves],
-                "metadata": json.loads(user_json)}
+      record = {
+        "format": FORMAT,
+        "step": step,
+        "leaves": [leaf.record() for leaf in leaves],
+        "metadata": json.loads(user_json),
+      }
       _write_synced(tmp / METADATA_FILE, json.dumps(record, indent=1))
       _write_synced(tmp / COMMIT_FILE, f"{step}\n")
       _fsync_tree(tmp)
@@ -161,16 +172,18 @@ class CheckpointManager:
   def _remove_leftovers(self, keep_tmp: pathlib.Path) -> None:
     """Process 0: deletes temporaries and step dirs without COMMIT."""
     for entry in self.directory.iterdir():
-      incomplete = _STEP_RE.match(entry.name) and not (
-          entry / COMMIT_FILE).is_file()
-      if entry != keep_tmp and (entry.name.startswith(_TMP_PREFIX)
-                                or incomplete):
+      incomplete = (
+        _STEP_RE.match(entry.name) and not (entry / COMMIT_FILE).is_file()
+      )
+      if entry != keep_tmp and (
+        entry.name.startswith(_TMP_PREFIX) or incomplete
+      ):
         logging.warning("%s: removing an incomplete checkpoint.", entry)
         shutil.rmtree(entry, ignore_errors=True)
 
   def _prune(self) -> None:
     """Process 0: keeps the newest `keep` complete steps."""
-    for step in self.all_steps()[:-self.keep]:
+    for step in self.all_steps()[: -self.keep]:
       _discard(self.step_path(step))
 
   # ----------------------------------------------------------------- restore
@@ -214,8 +227,9 @@ class CheckpointManager:
         return result
       logging.error("%s; falling back to the previous complete step.", error)
       errors.append(str(error))
-    raise CheckpointError("no complete checkpoint could be restored:\n"
-                          + "\n".join(errors))
+    raise CheckpointError(
+      "no complete checkpoint could be restored:\n" + "\n".join(errors)
+    )
 
   def _agreed_restore(self, step: int, target, partial: bool):
     """(result, None) if every process read `step`, else (None, error).
@@ -231,7 +245,8 @@ class CheckpointManager:
       logging.info("Restored checkpoint %s.", self.step_path(step))
       return result, None
     return None, error or CheckpointError(
-        f"{self.step_path(step)}: another process failed to read it.")
+      f"{self.step_path(step)}: another process failed to read it."
+    )
 
   def _restore_step(self, step: int, target, partial: bool):
     path = self.step_path(step)
@@ -240,7 +255,9 @@ class CheckpointManager:
     try:
       record = json.loads((path / METADATA_FILE).read_text())
     except (OSError, ValueError) as err:
-      raise CheckpointError(f"{path}: unreadable {METADATA_FILE}: {err}") from err
+      raise CheckpointError(
+        f"{path}: unreadable {METADATA_FILE}: {err}"
+      ) from err
     saved = record["leaves"]
     if target is None:  # Raw numpy, keys included (as their key data).
       arrays = _read_leaves(path, saved, [None] * len(saved))
@@ -269,9 +286,13 @@ class _Leaf:
     self.dtype = np.dtype(value.dtype)
 
   def record(self) -> dict:
-    out = {"path": self.name, "keypath": self.keypath,
-           "shape": list(self.shape), "dtype": self.dtype.name,
-           "kind": self.kind}
+    out = {
+      "path": self.name,
+      "keypath": self.keypath,
+      "shape": list(self.shape),
+      "dtype": self.dtype.name,
+      "kind": self.kind,
+    }
     if self.impl is not None:
       out["impl"] = self.impl
     return out
@@ -287,14 +308,20 @@ class _Leaf:
     """(index, host array) pairs this process writes."""
     if not isinstance(self.value, jax.Array):
       return [((), self.value)] if primary else []
-    return [(shard.index, shard.data) for shard in self.value.addressable_shards
-            if shard.replica_id == 0]
+    return [
+      (shard.index, shard.data)
+      for shard in self.value.addressable_shards
+      if shard.replica_id == 0
+    ]
 
 
 def _key_entry(key) -> list:
   """A JSON form of one tree_util key: [kind, name]."""
   if isinstance(key, jax.tree_util.DictKey):
-    return ["dict", key.key if isinstance(key.key, (str, int)) else str(key.key)]
+    return [
+      "dict",
+      key.key if isinstance(key.key, (str, int)) else str(key.key),
+    ]
   if isinstance(key, jax.tree_util.SequenceKey):
     return ["seq", key.idx]
   if isinstance(key, jax.tree_util.GetAttrKey):
@@ -306,8 +333,12 @@ def _key_entry(key) -> list:
 
 def _leaf_name(keypath) -> str:
   """Directory of a leaf under arrays/: its key path, URL-quoted, '/'-joined."""
-  return "/".join(urllib.parse.quote(str(_key_entry(k)[1]), safe="")
-                  for k in keypath) or "_"
+  return (
+    "/".join(
+      urllib.parse.quote(str(_key_entry(k)[1]), safe="") for k in keypath
+    )
+    or "_"
+  )
 
 
 def _flatten(tree) -> list[_Leaf]:
@@ -320,31 +351,37 @@ def _flatten(tree) -> list[_Leaf]:
 
 
 def _zarr_spec(path: pathlib.Path, shape=None, dtype=None, chunks=None) -> dict:
-  spec = {"driver": "zarr3",
-          "kvstore": {"driver": "file", "path": str(path)}}
+  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
   if shape is None:
     spec["fill_missing_data_reads"] = False
     return spec
   spec["store_data_equal_to_fill_value"] = True
   spec["metadata"] = {
-      "shape": list(shape), "data_type": np.dtype(dtype).name,
-      "chunk_grid": {"name": "regular",
-                     "configuration": {"chunk_shape": chunks}},
-      # Chunk files side by side (c.0.1), not one directory per index.
-      "chunk_key_encoding": {"name": "default",
-                             "configuration": {"separator": "."}},
-      "codecs": _CODECS}
+    "shape": list(shape),
+    "data_type": np.dtype(dtype).name,
+    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
+    # Chunk files side by side (c.0.1), not one directory per index.
+    "chunk_key_encoding": {
+      "name": "default",
+      "configuration": {"separator": "."},
+    },
+    "codecs": _CODECS,
+  }
   return spec
 
 
 def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
   """Writes this process's pieces of every leaf; waits for all writes."""
   # Process 0 creates each array's zarr.json; the others assume it.
-  opened = [ts.open(_zarr_spec(root / leaf.name, leaf.shape, leaf.dtype,
-                               leaf.chunk_shape()),
-                    create=primary, open=not primary,
-                    assume_metadata=not primary)
-            for leaf in leaves]
+  opened = [
+    ts.open(
+      _zarr_spec(root / leaf.name, leaf.shape, leaf.dtype, leaf.chunk_shape()),
+      create=primary,
+      open=not primary,
+      assume_metadata=not primary,
+    )
+    for leaf in leaves
+  ]
   writes = []
   for leaf, future in zip(leaves, opened, strict=True):
     store = future.result()
@@ -355,27 +392,33 @@ def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
     write.result()
 
 
-def _check_target(path: pathlib.Path, saved: list[dict], flat,
-                  partial: bool) -> list[dict]:
+def _check_target(
+  path: pathlib.Path, saved: list[dict], flat, partial: bool
+) -> list[dict]:
   """Saved records aligned with the target's leaves; ValueError on mismatch."""
   by_name = {leaf["path"]: leaf for leaf in saved}
   aligned = []
   for keypath, value in flat:
     name = _leaf_name(keypath)
     if name not in by_name:
-      raise ValueError(f"`target` leaf {name!r} is not in checkpoint {path} "
-                       f"(saved leaves: {sorted(by_name)}).")
+      raise ValueError(
+        f"`target` leaf {name!r} is not in checkpoint {path} "
+        f"(saved leaves: {sorted(by_name)})."
+      )
     leaf = by_name[name]
     want_shape, want_dtype = _stored_shape_dtype(value)
     if list(want_shape) != leaf["shape"] or want_dtype.name != leaf["dtype"]:
       raise ValueError(
-          f"`target` leaf {name!r} is {want_dtype.name}{list(want_shape)} but "
-          f"checkpoint {path} holds {leaf['dtype']}{leaf['shape']}.")
+        f"`target` leaf {name!r} is {want_dtype.name}{list(want_shape)} but "
+        f"checkpoint {path} holds {leaf['dtype']}{leaf['shape']}."
+      )
     aligned.append(leaf)
   missing = sorted(set(by_name) - {leaf["path"] for leaf in aligned})
   if missing and not partial:
-    raise ValueError(f"`target` lacks leaves saved in checkpoint {path}: "
-                     f"{missing} (pass partial=True to read a subset).")
+    raise ValueError(
+      f"`target` lacks leaves saved in checkpoint {path}: "
+      f"{missing} (pass partial=True to read a subset)."
+    )
   return aligned
 
 
@@ -391,15 +434,16 @@ def _stored_shape_dtype(target_leaf):
   if not hasattr(target_leaf, "dtype"):
     target_leaf = np.asarray(target_leaf)
   if _is_key_dtype(target_leaf.dtype):
-    data = jax.eval_shape(jax.random.key_data,
-                          jax.ShapeDtypeStruct(target_leaf.shape,
-                                               target_leaf.dtype))
+    data = jax.eval_shape(
+      jax.random.key_data,
+      jax.ShapeDtypeStruct(target_leaf.shape, target_leaf.dtype),
+    )
     return tuple(data.shape), np.dtype(data.dtype)
   return tuple(np.shape(target_leaf)), np.dtype(target_leaf.dtype)
 
 
 def _bounds(index: tuple, shape: tuple) -> tuple:
-  """Index of unit-step slices (possibly short, open-ended) -> ((lo, hi), ...)."""
+  """Index of unit-step slices (maybe short, open-ended) -> ((lo, hi), ...)."""
   index = tuple(index) + (slice(None),) * (len(shape) - len(index))
   return tuple(s.indices(d)[:2] for s, d in zip(index, shape, strict=True))
 
@@ -414,8 +458,10 @@ def _read_leaves(path: pathlib.Path, records: list[dict], targets: list):
   All reads are issued before any is awaited; each process reads only the
   index domains of its addressable devices (each domain once).
   """
-  opened = [ts.open(_zarr_spec(path / ARRAYS_DIR / leaf["path"]), open=True,
-                    read=True) for leaf in records]
+  opened = [
+    ts.open(_zarr_spec(path / ARRAYS_DIR / leaf["path"]), open=True, read=True)
+    for leaf in records
+  ]
   requests = []
   for leaf, target, future in zip(records, targets, opened, strict=True):
     shape = tuple(leaf["shape"])
@@ -424,9 +470,12 @@ def _read_leaves(path: pathlib.Path, records: list[dict], targets: list):
     if sharding is None:
       indices = {_bounds((), shape)}
     else:
-      indices = {_bounds(i, shape) for i in
-                 sharding.addressable_devices_indices_map(
-                     tuple(target.shape)).values()}
+      indices = {
+        _bounds(i, shape)
+        for i in sharding.addressable_devices_indices_map(
+          tuple(target.shape)
+        ).values()
+      }
     reads = {i: store[_slices(i)].read() for i in indices}
     requests.append((leaf, target is not None, sharding, reads))
   return [_assemble(path, *request) for request in requests]
@@ -444,8 +493,10 @@ def _assemble(path, leaf, typed: bool, sharding, reads):
     return jax.random.wrap_key_data(value, impl=leaf["impl"]) if key else value
   shape = tuple(leaf["shape"])
   data = jax.make_array_from_callback(
-      shape, _key_data_sharding(sharding, len(shape)) if key else sharding,
-      lambda index: host[_bounds(index, shape)])
+    shape,
+    _key_data_sharding(sharding, len(shape)) if key else sharding,
+    lambda index: host[_bounds(index, shape)],
+  )
   return jax.random.wrap_key_data(data, impl=leaf["impl"]) if key else data
 
 
@@ -453,8 +504,9 @@ def _key_data_sharding(sharding, data_rank: int):
   """Sharding of a key array's raw data: trailing impl dims replicated."""
   if isinstance(sharding, jax.sharding.NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (data_rank - len(sharding.spec))
-    return jax.sharding.NamedSharding(sharding.mesh,
-                                      jax.sharding.PartitionSpec(*spec))
+    return jax.sharding.NamedSharding(
+      sharding.mesh, jax.sharding.PartitionSpec(*spec)
+    )
   return sharding
 
 
@@ -463,7 +515,8 @@ def _result(path, name, future):
     return future.result()
   except Exception as err:  # tensorstore raises ValueError / OSError.
     raise CheckpointError(
-        f"checkpoint {path}: array {name!r} cannot be read: {err}") from err
+      f"checkpoint {path}: array {name!r} cannot be read: {err}"
+    ) from err
 
 
 def _unflatten_paths(saved: list[dict], arrays: list) -> object:
@@ -523,7 +576,9 @@ def _fsync_tree(root: pathlib.Path) -> None:
 
 def _discard(path: pathlib.Path) -> None:
   """Removes a step dir: first renamed to a temporary (atomic), then deleted."""
-  doomed = path.parent / f"{_TMP_PREFIX}deleted-{path.name}-{secrets.token_hex(4)}"
+  doomed = (
+    path.parent / f"{_TMP_PREFIX}deleted-{path.name}-{secrets.token_hex(4)}"
+  )
   os.rename(path, doomed)
   _fsync_dir(path.parent)
   shutil.rmtree(doomed, ignore_errors=True)

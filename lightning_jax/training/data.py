@@ -45,14 +45,15 @@ from lightning_jax import _checks
 BYTE_VOCAB_SIZE = 256
 CORPUS_FILE = "python_docs.txt.gz"
 SPLITS = ("train", "validation")
-# RNG streams: one Philox key per (seed, purpose) so the splits never share draws.
+# RNG streams: one Philox key per (seed, purpose): splits never share draws.
 _STREAM_IDS = {"train": 0, "validation": 1}
 _TS_CACHE_BYTES = 128 << 20  # decoded-chunk cache of a tensorstore token array
 _ACCEPTED = (
-    "`data` must be 'corpus' (the embedded corpus), 'mqar' or "
-    "'mqar:key=value,...' (keys: vocab_size, num_kv_pairs, num_queries), or a "
-    "path to a text file, a directory of text files, a .npy token array or a "
-    "tensorstore zarr directory holding a 1-D integer token array")
+  "`data` must be 'corpus' (the embedded corpus), 'mqar' or "
+  "'mqar:key=value,...' (keys: vocab_size, num_kv_pairs, num_queries), or a "
+  "path to a text file, a directory of text files, a .npy token array or a "
+  "tensorstore zarr directory holding a 1-D integer token array"
+)
 
 
 Batch = dict[str, np.ndarray]
@@ -75,8 +76,10 @@ def decode_bytes(tokens) -> str:
   tokens = np.asarray(tokens)
   _checks.check_rank("tokens", tokens, 1, "[len]")
   if tokens.size and (tokens.min() < 0 or tokens.max() >= BYTE_VOCAB_SIZE):
-    raise ValueError("`tokens` must lie in [0, 256) for the byte vocabulary, "
-                     f"got range [{tokens.min()}, {tokens.max()}].")
+    raise ValueError(
+      "`tokens` must lie in [0, 256) for the byte vocabulary, "
+      f"got range [{tokens.min()}, {tokens.max()}]."
+    )
   return tokens.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
@@ -94,6 +97,7 @@ def _generator(seed: int, stream: int, step: int) -> np.random.Generator:
 @dataclasses.dataclass(frozen=True)
 class _Sharding:
   """Which rows of the global batch this process owns."""
+
   global_batch_size: int
   process_index: int
   process_count: int
@@ -121,6 +125,7 @@ class TokenStreamDataset:
     seq_len, seed, split: as given to `make_dataset`.
     sharding: this process's rows of the global batch.
   """
+
   name: str
   tokens: object
   start: int
@@ -146,15 +151,18 @@ class TokenStreamDataset:
 
     Returns:
       {"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len],
-       "mask": float32 [b, seq_len]} with b = global_batch_size // process_count.
+       "mask": float32 [b, seq_len]},
+      b = global_batch_size // process_count.
     """
     step = _check_step(step)
     starts = self.window_starts(step)[self.sharding.rows]
     windows = _read_windows(self.tokens, starts, self.seq_len + 1)
     windows = windows.astype(np.int32)
-    return {"inputs": np.ascontiguousarray(windows[:, :-1]),
-            "targets": np.ascontiguousarray(windows[:, 1:]),
-            "mask": np.ones((len(starts), self.seq_len), np.float32)}
+    return {
+      "inputs": np.ascontiguousarray(windows[:, :-1]),
+      "targets": np.ascontiguousarray(windows[:, 1:]),
+      "mask": np.ones((len(starts), self.seq_len), np.float32),
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +184,7 @@ class MQARConfig:
     num_queries: queries per sequence (defaults to K); <= K and
       <= seq_len - 2K.
   """
+
   vocab_size: int = 256
   num_kv_pairs: int = 8
   num_queries: int | None = None
@@ -188,6 +197,7 @@ class MQARConfig:
 @dataclasses.dataclass(frozen=True, eq=False)
 class MQARDataset:
   """Synthetic MQAR batches (see `MQARConfig` for the layout)."""
+
   config: MQARConfig
   seq_len: int
   seed: int
@@ -207,13 +217,15 @@ class MQARDataset:
     """This process's rows of global batch `step` (layout in `MQARConfig`)."""
     step = _check_step(step)
     rng = _generator(self.seed, _STREAM_IDS[self.split], step)
-    global_batch = mqar_batch(rng, self.config, self.sharding.global_batch_size,
-                              self.seq_len)
+    global_batch = mqar_batch(
+      rng, self.config, self.sharding.global_batch_size, self.seq_len
+    )
     return {k: v[self.sharding.rows] for k, v in global_batch.items()}
 
 
-def mqar_batch(rng: np.random.Generator, config: MQARConfig, batch_size: int,
-               seq_len: int) -> Batch:
+def mqar_batch(
+  rng: np.random.Generator, config: MQARConfig, batch_size: int, seq_len: int
+) -> Batch:
   """One MQAR batch `[batch_size, seq_len]` drawn from `rng`."""
   k, q, v = config.num_kv_pairs, config.queries, config.vocab_size
   half = v // 2
@@ -222,13 +234,15 @@ def mqar_batch(rng: np.random.Generator, config: MQARConfig, batch_size: int,
   keys = np.argsort(rng.random((batch_size, half - 1)), axis=1)[:, :k] + 1
   values = rng.integers(half, v, (batch_size, k))
   inputs = np.zeros((batch_size, seq_len), np.int32)
-  inputs[:, 0:2 * k:2] = keys
-  inputs[:, 1:2 * k:2] = values
+  inputs[:, 0 : 2 * k : 2] = keys
+  inputs[:, 1 : 2 * k : 2] = values
   # Query slots: q distinct positions of the region after the context, each
   # asking a distinct key (a random k-permutation, first q).
   region = seq_len - 2 * k
-  slots = np.sort(np.argsort(rng.random((batch_size, region)), axis=1)[:, :q],
-                  axis=1) + 2 * k
+  slots = (
+    np.sort(np.argsort(rng.random((batch_size, region)), axis=1)[:, :q], axis=1)
+    + 2 * k
+  )
   which = np.argsort(rng.random((batch_size, k)), axis=1)[:, :q]
   inputs[rows, slots] = keys[rows, which]
   targets = np.zeros((batch_size, seq_len), np.int32)
@@ -249,10 +263,12 @@ def mqar_accuracy(logits, batch: Batch):
     fp32 scalar in [0, 1] (0 when the mask is empty).
   """
   _checks.check_rank("logits", logits, 3, "[batch, seq, vocab]")
-  _checks.check_shape("batch['targets']", batch["targets"], logits.shape[:2],
-                      "[batch, seq]")
-  _checks.check_shape("batch['mask']", batch["mask"], logits.shape[:2],
-                      "[batch, seq]")
+  _checks.check_shape(
+    "batch['targets']", batch["targets"], logits.shape[:2], "[batch, seq]"
+  )
+  _checks.check_shape(
+    "batch['mask']", batch["mask"], logits.shape[:2], "[batch, seq]"
+  )
   hit = jnp.argmax(logits, axis=-1) == jnp.asarray(batch["targets"])
   mask = jnp.asarray(batch["mask"], jnp.float32)
   return jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -261,11 +277,18 @@ def mqar_accuracy(logits, batch: Batch):
 Dataset = TokenStreamDataset | MQARDataset
 
 
-def make_dataset(spec: str | os.PathLike, *, seq_len: int,
-                 global_batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, split: str = "train",
-                 validation_fraction: float = 0.05,
-                 vocab_size: int | None = None) -> Dataset:
+def make_dataset(
+  spec: str | os.PathLike,
+  *,
+  seq_len: int,
+  global_batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  split: str = "train",
+  validation_fraction: float = 0.05,
+  vocab_size: int | None = None,
+) -> Dataset:
   """Builds the dataset named by `spec` (see the module docstring).
 
   Args:
@@ -289,22 +312,30 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
     ValueError: on a bad argument, naming it (`data` for the spec).
   """
   seq_len = _checks.check_positive_int("seq_len", seq_len)
-  global_batch_size = _checks.check_positive_int("global_batch_size",
-                                                 global_batch_size)
+  global_batch_size = _checks.check_positive_int(
+    "global_batch_size", global_batch_size
+  )
   process_count = _checks.check_positive_int("process_count", process_count)
   if global_batch_size % process_count:
-    raise ValueError(f"`global_batch_size` ({global_batch_size}) must be "
-                     f"divisible by `process_count` ({process_count}).")
+    raise ValueError(
+      f"`global_batch_size` ({global_batch_size}) must be "
+      f"divisible by `process_count` ({process_count})."
+    )
   if not 0 <= process_index < process_count:
-    raise ValueError(f"`process_index` must be in [0, {process_count}), got "
-                     f"{process_index}.")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not (
-      0 <= seed < 2**64):
+    raise ValueError(
+      f"`process_index` must be in [0, {process_count}), got {process_index}."
+    )
+  if (
+    isinstance(seed, bool)
+    or not isinstance(seed, (int, np.integer))
+    or not (0 <= seed < 2**64)
+  ):
     raise ValueError(f"`seed` must be an int in [0, 2**64), got {seed!r}.")
   _checks.check_choice("split", split, SPLITS)
   if not 0.0 < validation_fraction < 1.0:
-    raise ValueError("`validation_fraction` must be in (0, 1), got "
-                     f"{validation_fraction}.")
+    raise ValueError(
+      f"`validation_fraction` must be in (0, 1), got {validation_fraction}."
+    )
   sharding = _Sharding(global_batch_size, process_index, process_count)
   if not isinstance(spec, (str, os.PathLike)):
     raise ValueError(f"{_ACCEPTED}; got {spec!r}.")
@@ -319,10 +350,12 @@ def make_dataset(spec: str | os.PathLike, *, seq_len: int,
   start, stop = (0, cut) if split == "train" else (cut, n)
   if stop - start < seq_len + 1:
     raise ValueError(
-        f"`seq_len` ({seq_len}) + 1 exceeds the {stop - start} tokens of the "
-        f"{split} split of {name}.")
-  return TokenStreamDataset(name, tokens, start, stop, vocab, seq_len,
-                            int(seed), split, sharding)
+      f"`seq_len` ({seq_len}) + 1 exceeds the {stop - start} tokens of the "
+      f"{split} split of {name}."
+    )
+  return TokenStreamDataset(
+    name, tokens, start, stop, vocab, seq_len, int(seed), split, sharding
+  )
 
 
 def parse_mqar_spec(spec: str) -> MQARConfig:
@@ -340,61 +373,84 @@ def parse_mqar_spec(spec: str) -> MQARConfig:
 
 def _check_mqar(config: MQARConfig, seq_len: int) -> None:
   if config.vocab_size < 4:
-    raise ValueError(f"MQAR `vocab_size` must be >= 4, got {config.vocab_size}.")
+    raise ValueError(
+      f"MQAR `vocab_size` must be >= 4, got {config.vocab_size}."
+    )
   if not 1 <= config.num_kv_pairs <= config.vocab_size // 2 - 1:
     raise ValueError(
-        f"MQAR `num_kv_pairs` must be in [1, vocab_size // 2 - 1 = "
-        f"{config.vocab_size // 2 - 1}] (distinct keys), got "
-        f"{config.num_kv_pairs}.")
+      f"MQAR `num_kv_pairs` must be in [1, vocab_size // 2 - 1 = "
+      f"{config.vocab_size // 2 - 1}] (distinct keys), got "
+      f"{config.num_kv_pairs}."
+    )
   if not 1 <= config.queries <= config.num_kv_pairs:
-    raise ValueError(f"MQAR `num_queries` must be in [1, num_kv_pairs = "
-                     f"{config.num_kv_pairs}], got {config.queries}.")
+    raise ValueError(
+      f"MQAR `num_queries` must be in [1, num_kv_pairs = "
+      f"{config.num_kv_pairs}], got {config.queries}."
+    )
   if seq_len < 2 * config.num_kv_pairs + config.queries:
     raise ValueError(
-        f"`seq_len` must be >= 2 * num_kv_pairs + num_queries = "
-        f"{2 * config.num_kv_pairs + config.queries} for MQAR, got {seq_len}.")
+      f"`seq_len` must be >= 2 * num_kv_pairs + num_queries = "
+      f"{2 * config.num_kv_pairs + config.queries} for MQAR, got {seq_len}."
+    )
 
 
 def _check_step(step) -> int:
-  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or (
-      step < 0):
+  if (
+    isinstance(step, bool)
+    or not isinstance(step, (int, np.integer))
+    or (step < 0)
+  ):
     raise ValueError(f"`step` must be a non-negative int, got {step!r}.")
   return int(step)
 
 
 def load_corpus() -> bytes:
   """The embedded corpus as bytes (read through importlib.resources)."""
-  resource = importlib.resources.files(__package__).joinpath("corpus",
-                                                             CORPUS_FILE)
+  resource = importlib.resources.files(__package__).joinpath(
+    "corpus", CORPUS_FILE
+  )
   return gzip.decompress(resource.read_bytes())
 
 
 def _load_tokens(spec: str, vocab_size: int | None):
   """-> (name, 1-D token array or tensorstore, vocab size)."""
   if spec == "corpus":
-    return ("the embedded corpus", np.frombuffer(load_corpus(), np.uint8),
-            BYTE_VOCAB_SIZE)
+    return (
+      "the embedded corpus",
+      np.frombuffer(load_corpus(), np.uint8),
+      BYTE_VOCAB_SIZE,
+    )
   path = pathlib.Path(spec).expanduser()
   if not path.exists():
     raise ValueError(f"{_ACCEPTED}; got {spec!r}, which does not exist.")
   if path.is_dir() and _is_zarr(path):
-    store = ts.open({
+    store = ts.open(
+      {
         "driver": "zarr3" if (path / "zarr.json").exists() else "zarr",
         "kvstore": {"driver": "file", "path": str(path.resolve())},
         # Token arrays are read-only: cache decoded chunks, never recheck.
         "context": {"cache_pool": {"total_bytes_limit": _TS_CACHE_BYTES}},
-        "recheck_cached_data": "open"}, open=True, read=True).result()
+        "recheck_cached_data": "open",
+      },
+      open=True,
+      read=True,
+    ).result()
     return _token_array(str(path), store, vocab_size, _zarr_vocab(path))
   if path.is_dir():
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(path).parts))
+    files = sorted(
+      p
+      for p in path.rglob("*")
+      if p.is_file()
+      and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
     if not files:
       raise ValueError(f"{_ACCEPTED}; directory {spec!r} holds no files.")
     text = b"".join(_read_text(p) for p in files)
     return str(path), np.frombuffer(text, np.uint8), BYTE_VOCAB_SIZE
   if path.suffix == ".npy":
-    return _token_array(str(path), np.load(path, mmap_mode="r"), vocab_size,
-                        None)
+    return _token_array(
+      str(path), np.load(path, mmap_mode="r"), vocab_size, None
+    )
   return str(path), np.frombuffer(_read_text(path), np.uint8), BYTE_VOCAB_SIZE
 
 
@@ -418,15 +474,20 @@ def _zarr_vocab(path: pathlib.Path) -> int | None:
   return attrs.get("vocab_size")
 
 
-def _token_array(name: str, tokens, vocab_size: int | None,
-                 stored_vocab: int | None):
+def _token_array(
+  name: str, tokens, vocab_size: int | None, stored_vocab: int | None
+):
   """Validates a token array; vocab = override, stored attribute or max + 1."""
-  dtype = np.dtype(tokens.dtype.numpy_dtype if isinstance(tokens, ts.TensorStore)
-                   else tokens.dtype)
+  dtype = np.dtype(
+    tokens.dtype.numpy_dtype
+    if isinstance(tokens, ts.TensorStore)
+    else tokens.dtype
+  )
   if len(tokens.shape) != 1 or not np.issubdtype(dtype, np.integer):
     raise ValueError(
-        f"`data` token array {name} must be 1-D of an integer dtype, got shape "
-        f"{tuple(tokens.shape)} and dtype {dtype}.")
+      f"`data` token array {name} must be 1-D of an integer dtype, got shape "
+      f"{tuple(tokens.shape)} and dtype {dtype}."
+    )
   vocab = vocab_size if vocab_size is not None else stored_vocab
   if vocab is None:
     vocab = int(_max_token(tokens)) + 1
@@ -438,7 +499,7 @@ def _max_token(tokens, block: int = 1 << 24) -> int:
   n = tokens.shape[0]
   best = 0
   for lo in range(0, n, block):
-    chunk = tokens[lo:min(n, lo + block)]
+    chunk = tokens[lo : min(n, lo + block)]
     if isinstance(chunk, ts.TensorStore):
       chunk = chunk.read().result()
     best = max(best, int(np.max(chunk)) if chunk.size else 0)
@@ -451,4 +512,3 @@ def _read_windows(tokens, starts: np.ndarray, length: int) -> np.ndarray:
   if isinstance(tokens, ts.TensorStore):
     return tokens.vindex[index].read().result()
   return np.asarray(tokens[index])
-

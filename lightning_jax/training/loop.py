@@ -71,6 +71,7 @@ class TrainConfig:
     flags: JSON-serialisable record of how the run was launched, saved in
       the checkpoint metadata.
   """
+
   model: Any
   workdir: str
   steps: int = 600
@@ -98,12 +99,14 @@ class TrainResult(NamedTuple):
     state: the final `TrainState` (sharded over the mesh).
     history: the metric rows logged this run (written by process 0 only).
   """
+
   state: state_lib.TrainState
   history: list
 
 
-def validate(config: TrainConfig, num_devices: int,
-             process_count: int = 1) -> dict:
+def validate(
+  config: TrainConfig, num_devices: int, process_count: int = 1
+) -> dict:
   """Checks a run's shape arithmetic before anything is compiled.
 
   Args:
@@ -123,37 +126,48 @@ def validate(config: TrainConfig, num_devices: int,
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"--{name} must be a positive integer, got {value!r}.")
   if config.checkpoint_every < 0:
-    raise ValueError(f"--checkpoint_every must be >= 0 (0 disables), got "
-                     f"{config.checkpoint_every}.")
+    raise ValueError(
+      f"--checkpoint_every must be >= 0 (0 disables), got "
+      f"{config.checkpoint_every}."
+    )
   axes = parallel.parse_mesh_spec(config.mesh) if config.mesh else {}
   axes = axes or {mesh_lib.DATA: num_devices}
   size = math.prod(axes.values())
   if size != num_devices:
     raise ValueError(
-        f"--mesh={config.mesh!r} multiplies to {size} devices, but there are "
-        f"{num_devices} (set JAX_NUM_CPU_DEVICES for fake CPU devices).")
+      f"--mesh={config.mesh!r} multiplies to {size} devices, but there are "
+      f"{num_devices} (set JAX_NUM_CPU_DEVICES for fake CPU devices)."
+    )
   data_parallel = math.prod(
-      axes.get(a, 1) for a in (mesh_lib.DATA, mesh_lib.FSDP, mesh_lib.EXPERT))
+    axes.get(a, 1) for a in (mesh_lib.DATA, mesh_lib.FSDP, mesh_lib.EXPERT)
+  )
   per_step = data_parallel * config.microbatches
   if config.batch_size % per_step:
     raise ValueError(
-        f"--batch_size={config.batch_size} must be divisible by the "
-        f"data-parallel size (data*fsdp*expert = {data_parallel}) x "
-        f"--microbatches={config.microbatches} = {per_step}.")
+      f"--batch_size={config.batch_size} must be divisible by the "
+      f"data-parallel size (data*fsdp*expert = {data_parallel}) x "
+      f"--microbatches={config.microbatches} = {per_step}."
+    )
   if config.batch_size % process_count:
-    raise ValueError(f"--batch_size={config.batch_size} must be divisible by "
-                     f"the number of processes {process_count}.")
+    raise ValueError(
+      f"--batch_size={config.batch_size} must be divisible by "
+      f"the number of processes {process_count}."
+    )
   seq = axes.get(mesh_lib.SEQ, 1)
   if config.seq_len % seq:
-    raise ValueError(f"--seq_len={config.seq_len} must be divisible by the "
-                     f"mesh's {mesh_lib.SEQ} axis ({seq}).")
-  runner_lib.make_runner(config, jax.sharding.AbstractMesh(
-      tuple(axes.values()), tuple(axes)))
+    raise ValueError(
+      f"--seq_len={config.seq_len} must be divisible by the "
+      f"mesh's {mesh_lib.SEQ} axis ({seq})."
+    )
+  runner_lib.make_runner(
+    config, jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
+  )
   return axes
 
 
-def _init_or_restore(config, optimizer, mesh, manager,
-                     runner: runner_lib.StepRunner):
+def _init_or_restore(
+  config, optimizer, mesh, manager, runner: runner_lib.StepRunner
+):
   """The sharded state: restored from the latest complete checkpoint, if any.
 
   A checkpoint holds the state in the `models.init` param layout; it is read
@@ -175,21 +189,26 @@ def _init_or_restore(config, optimizer, mesh, manager,
 
   key = jax.random.key(config.seed)
   shardings = parallel.param_shardings(
-      jax.eval_shape(init_runner_state, key), mesh)
+    jax.eval_shape(init_runner_state, key), mesh
+  )
   if manager is None or manager.latest_step() is None:
     return parallel.init_sharded(init_runner_state, key, mesh), shardings
   abstract_state = jax.eval_shape(init_state, key)
   target = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, parallel.param_shardings(abstract_state, mesh))
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    abstract_state,
+    parallel.param_shardings(abstract_state, mesh),
+  )
   saved_state, metadata = manager.restore(None, target)
   state = jax.device_put(
-      runner_lib.relayout_state(runner.to_layout, saved_state), shardings)
+    runner_lib.relayout_state(runner.to_layout, saved_state), shardings
+  )
   saved = metadata.get("model_config")
   if saved is not None and saved != config.model.to_dict():
     raise ValueError(
-        f"--workdir={config.workdir!r} holds checkpoints of a different model "
-        f"config; use a fresh --workdir. Saved: {saved}")
+      f"--workdir={config.workdir!r} holds checkpoints of a different model "
+      f"config; use a fresh --workdir. Saved: {saved}"
+    )
   logging.info("Resumed %s from step %d.", config.workdir, int(state.step))
   return state, shardings
 
@@ -198,11 +217,14 @@ def _check_finite(step: int, values: dict, last_checkpoint) -> None:
   """Raises NonFiniteLossError if the loss or gradient norm is not finite."""
   for name in ("loss", "grad_norm"):
     if not math.isfinite(values[name]):
-      kept = ("no checkpoint was written" if last_checkpoint is None else
-              f"the last good checkpoint (step {last_checkpoint}) is intact")
+      kept = (
+        "no checkpoint was written"
+        if last_checkpoint is None
+        else f"the last good checkpoint (step {last_checkpoint}) is intact"
+      )
       raise NonFiniteLossError(
-          f"{name} is {values[name]} at step {step}: training stopped; "
-          f"{kept}.")
+        f"{name} is {values[name]} at step {step}: training stopped; {kept}."
+      )
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -222,70 +244,90 @@ def train(config: TrainConfig) -> TrainResult:
   validate(config, jax.device_count(), jax.process_count())
   mesh = parallel.make_mesh(config.mesh or None)
   dataset = data_lib.make_dataset(
-      config.data, seq_len=config.seq_len,
-      global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+    config.data,
+    seq_len=config.seq_len,
+    global_batch_size=config.batch_size,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   if dataset.vocab_size > config.model.vocab_size:
-    raise ValueError(f"--data={config.data!r} has vocab_size "
-                     f"{dataset.vocab_size} > the model's vocab_size "
-                     f"{config.model.vocab_size}.")
+    raise ValueError(
+      f"--data={config.data!r} has vocab_size "
+      f"{dataset.vocab_size} > the model's vocab_size "
+      f"{config.model.vocab_size}."
+    )
   optimizer = optim_lib.make_optimizer(config.optim)
   manager = None
   if config.checkpoint_every:
     manager = checkpoint.CheckpointManager(
-        os.path.join(config.workdir, CHECKPOINT_DIR),
-        keep=config.keep_checkpoints)
+      os.path.join(config.workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints
+    )
   runner = runner_lib.make_runner(config, mesh)
   logging.info("Step runner: %s", runner.metadata)
-  state, shardings = _init_or_restore(config, optimizer, mesh, manager,
-                                      runner)
+  state, shardings = _init_or_restore(config, optimizer, mesh, manager, runner)
   batch_sharding = parallel.batch_sharding(mesh)
   train_step = parallel.shard_step(
-      step_lib.make_train_step(optimizer, optim_lib.learning_rate(config.optim),
-                               runner.grad_fn),
-      mesh, shardings, batch_sharding)
+    step_lib.make_train_step(
+      optimizer, optim_lib.learning_rate(config.optim), runner.grad_fn
+    ),
+    mesh,
+    shardings,
+    batch_sharding,
+  )
 
   start = int(jax.device_get(state.step))
   position = int(jax.device_get(state.data_position))
   last_checkpoint = start if manager is not None and start else None
   writer = metrics_lib.MetricWriter(
-      config.workdir, total_steps=config.steps,
-      tokens_per_step=config.batch_size * config.seq_len, start_step=start,
-      tensorboard=config.tensorboard)
+    config.workdir,
+    total_steps=config.steps,
+    tokens_per_step=config.batch_size * config.seq_len,
+    start_step=start,
+    tensorboard=config.tensorboard,
+  )
   history = []
 
   def finish(step, device_metrics):
     """Fetches a dispatched step's metrics, checks them, logs when due."""
-    logged = (step % config.log_every == 0 or step in (start + 1,
-                                                        config.steps))
+    logged = step % config.log_every == 0 or step in (start + 1, config.steps)
     if logged:
       values = metrics_lib.fetch(device_metrics)
     else:
-      values = metrics_lib.fetch({k: device_metrics[k]
-                                  for k in ("loss", "grad_norm")})
+      values = metrics_lib.fetch(
+        {k: device_metrics[k] for k in ("loss", "grad_norm")}
+      )
     _check_finite(step, values, last_checkpoint)
     if logged:
       history.append(writer.write(step, values))
 
-  metadata = {"model_config": config.model.to_dict(), "flags": config.flags,
-              "runner": runner.metadata}
+  metadata = {
+    "model_config": config.model.to_dict(),
+    "flags": config.flags,
+    "runner": runner.metadata,
+  }
   pending = None
   try:
     for step in range(start + 1, config.steps + 1):
       batch = jax.tree.map(
-          lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-          dataset.batch(position))
+        lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+        dataset.batch(position),
+      )
       position += 1
       state, device_metrics = train_step(state, batch)
       if pending is not None:
         finish(*pending)
       pending = (step, device_metrics)
-      if manager is not None and (step % config.checkpoint_every == 0
-                                  or step == config.steps):
+      if manager is not None and (
+        step % config.checkpoint_every == 0 or step == config.steps
+      ):
         finish(*pending)
         pending = None
-        manager.save(step, runner_lib.relayout_state(runner.from_layout, state),
-                     dict(metadata, data_position=position))
+        manager.save(
+          step,
+          runner_lib.relayout_state(runner.from_layout, state),
+          dict(metadata, data_position=position),
+        )
         last_checkpoint = step
     if pending is not None:
       finish(*pending)
@@ -298,8 +340,10 @@ def model_config_from_metadata(metadata: dict) -> models.ModelConfig:
   """The `ModelConfig` saved as a JSON dict (tuples stored as lists)."""
   saved = metadata.get("model_config")
   if not isinstance(saved, dict):
-    raise ValueError('The checkpoint metadata has no "model_config" dict; '
-                     "was it written by tools/train.py?")
+    raise ValueError(
+      'The checkpoint metadata has no "model_config" dict; '
+      "was it written by tools/train.py?"
+    )
   return models.ModelConfig.from_dict(saved)
 
 
@@ -325,8 +369,9 @@ def load_model(workdir, step: int | None = None):
     params = models.init(key, cfg)
     if stacking is None:
       return params
-    return pipeline.to_pipeline_params(params, stacking["stages"],
-                                       stacking["repeats"])
+    return pipeline.to_pipeline_params(
+      params, stacking["stages"], stacking["repeats"]
+    )
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   if not isinstance(tree, dict) or "params" not in tree:
@@ -334,11 +379,13 @@ def load_model(workdir, step: int | None = None):
   leaves = jax.tree.leaves(tree["params"])
   want = jax.tree.leaves(abstract)
   if [np.shape(x) for x in leaves] != [x.shape for x in want]:
-    raise ValueError(f"The params in {workdir} do not match the saved "
-                     "model_config.")
-  params = jax.tree.unflatten(jax.tree.structure(abstract),
-                              [jnp.asarray(x, w.dtype)
-                               for x, w in zip(leaves, want, strict=True)])
+    raise ValueError(
+      f"The params in {workdir} do not match the saved model_config."
+    )
+  params = jax.tree.unflatten(
+    jax.tree.structure(abstract),
+    [jnp.asarray(x, w.dtype) for x, w in zip(leaves, want, strict=True)],
+  )
   if stacking is not None:
     params = pipeline.from_pipeline_params(params)
   return params, cfg, int(tree.get("step", -1))

@@ -33,6 +33,7 @@ class LossConfig:
     lbl_coef: weight of each MoE layer's load-balancing loss.
     z_coef: weight of each MoE layer's router z-loss.
   """
+
   lbl_coef: float = 0.01
   z_coef: float = 1e-3
 
@@ -50,22 +51,27 @@ class LossStats(NamedTuple):
     num_targets: shape=(), float32 sum of the mask.
     moe: tuple over layers of `layers.MoEAux` (None for non-MoE layers).
   """
+
   ce_sum: jax.Array
   num_targets: jax.Array
   moe: tuple
 
 
 def _check_batch(batch) -> None:
-  """Raises ValueError unless `batch` holds `[batch, seq]` inputs/targets/mask."""
+  """ValueError unless `batch` holds `[batch, seq]` inputs/targets/mask."""
   missing = {"inputs", "targets", "mask"} - set(batch)
   if missing:
-    raise ValueError(f"`batch` must hold 'inputs', 'targets' and 'mask', "
-                     f"missing {sorted(missing)}.")
+    raise ValueError(
+      f"`batch` must hold 'inputs', 'targets' and 'mask', "
+      f"missing {sorted(missing)}."
+    )
   shape = batch["inputs"].shape
   for name in ("inputs", "targets", "mask"):
     if batch[name].ndim != 2 or batch[name].shape != shape:
-      raise ValueError(f"`batch['{name}']` must have shape [batch, seq] = "
-                       f"{shape}, got {batch[name].shape}.")
+      raise ValueError(
+        f"`batch['{name}']` must have shape [batch, seq] = "
+        f"{shape}, got {batch[name].shape}."
+      )
 
 
 def loss_stats(params, batch, rng, model_cfg) -> LossStats:
@@ -85,11 +91,12 @@ def loss_stats(params, batch, rng, model_cfg) -> LossStats:
   del rng
   _check_batch(batch)
   logits_BxTxV, aux = models.forward(params, batch["inputs"], model_cfg)
-  ce_sum = models.masked_ce_sum(logits_BxTxV, batch["targets"],
-                                batch["mask"])
-  return LossStats(ce_sum=ce_sum,
-                   num_targets=jnp.sum(batch["mask"].astype(jnp.float32)),
-                   moe=tuple(aux.moe))
+  ce_sum = models.masked_ce_sum(logits_BxTxV, batch["targets"], batch["mask"])
+  return LossStats(
+    ce_sum=ce_sum,
+    num_targets=jnp.sum(batch["mask"].astype(jnp.float32)),
+    moe=tuple(aux.moe),
+  )
 
 
 def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
@@ -108,10 +115,18 @@ def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
     `moe/{i}/lbl`, `moe/{i}/max_over_mean`, `moe/{i}/dropped_fraction` and
     the `[num_experts]` `moe/{i}/expert_load`, counted over all microbatches.
   """
-  moe_stats = {i: models.MoEStats.from_aux(aux)
-               for i, aux in enumerate(stats.moe) if aux is not None}
-  return models.lm_loss(jnp.sum(stats.ce_sum), jnp.sum(stats.num_targets),
-                        moe_stats, model_cfg, train_cfg)
+  moe_stats = {
+    i: models.MoEStats.from_aux(aux)
+    for i, aux in enumerate(stats.moe)
+    if aux is not None
+  }
+  return models.lm_loss(
+    jnp.sum(stats.ce_sum),
+    jnp.sum(stats.num_targets),
+    moe_stats,
+    model_cfg,
+    train_cfg,
+  )
 
 
 def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):
@@ -133,5 +148,6 @@ def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):
     >>> (loss, metrics), grads = grad_fn(params, batch, key, cfg, LossConfig())
   """
   stats = loss_stats(params, batch, rng, model_cfg)
-  return loss_from_stats(jax.tree.map(lambda x: x[None], stats), model_cfg,
-                         train_cfg)
+  return loss_from_stats(
+    jax.tree.map(lambda x: x[None], stats), model_cfg, train_cfg
+  )

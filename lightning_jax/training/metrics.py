@@ -23,8 +23,10 @@ def fetch(metrics) -> dict:
   Blocks until the step that produced them has finished.
   """
   host = jax.device_get(metrics)
-  return {k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
-          for k, v in host.items()}
+  return {
+    k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
+    for k, v in host.items()
+  }
 
 
 def _duration(seconds: float) -> str:
@@ -42,8 +44,8 @@ def _tensorboard_writer(logdir: str):
     import tensorboardX  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise ImportError(
-        "TensorBoard logging needs tensorboardX: pip install -e "
-        "'.[tensorboard]'") from e
+      "TensorBoard logging needs tensorboardX: pip install -e '.[tensorboard]'"
+    ) from e
   return tensorboardX.SummaryWriter(logdir)
 
 
@@ -53,8 +55,9 @@ class MetricWriter:
   `workdir/metrics.jsonl` gets `{"step", "loss", "lr", "grad_norm",
   "tokens_per_sec", ...}` per `write`; vectors (expert loads) as lists.
   `tokens_per_sec` is measured between consecutive writes (the first
-  interval includes compilation, so its rate is low and no ETA is shown). On a terminal a single progress line
-  (step/total, loss, tokens/s, ETA) is redrawn; otherwise each write is also
+  interval includes compilation, so its rate is low and no ETA is shown).
+  On a terminal a single progress line (step/total, loss, tokens/s, ETA) is
+  redrawn; otherwise each write is also
   an absl log line.
 
   Args:
@@ -68,9 +71,17 @@ class MetricWriter:
     stream: where the progress line goes (default stdout).
   """
 
-  def __init__(self, workdir: str, *, total_steps: int, tokens_per_step: int,
-               start_step: int = 0, tensorboard: bool = False,
-               process_index: int | None = None, stream=None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    total_steps: int,
+    tokens_per_step: int,
+    start_step: int = 0,
+    tensorboard: bool = False,
+    process_index: int | None = None,
+    stream=None,
+  ):
     if process_index is None:
       process_index = jax.process_index()
     self._active = process_index == 0
@@ -85,17 +96,21 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
-      self._file = open(os.path.join(workdir, METRICS_FILE), "a",
-                        encoding="utf-8")
+      self._file = open(
+        os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8"
+      )
 
   def write(self, step: int, metrics: dict) -> dict:
-    """Records `metrics` (host values, see `fetch`) of `step`; returns the row."""
+    """Records `metrics` (host values, `fetch`) of `step`; returns the row."""
     now = time.perf_counter()
     last_step, last_time = self._last
     self._last = (step, now)
     seconds_per_step = (now - last_time) / max(step - last_step, 1)
-    row = {"step": step, **metrics,
-           "tokens_per_sec": self._tokens_per_step / seconds_per_step}
+    row = {
+      "step": step,
+      **metrics,
+      "tokens_per_sec": self._tokens_per_step / seconds_per_step,
+    }
     if not self._active:
       return row
     self._file.write(json.dumps(row) + "\n")
@@ -105,10 +120,15 @@ class MetricWriter:
         if k != "step" and np.ndim(v) == 0:
           self._tb.add_scalar(k, v, step)
     # The first interval includes compilation: no ETA from it.
-    eta = "?" if last_step == self._start else _duration(
-        (self._total - step) * seconds_per_step)
-    line = (f"step {step}/{self._total} | loss {row['loss']:.4f} | "
-            f"{row['tokens_per_sec']:,.0f} tok/s | ETA {eta}")
+    eta = (
+      "?"
+      if last_step == self._start
+      else _duration((self._total - step) * seconds_per_step)
+    )
+    line = (
+      f"step {step}/{self._total} | loss {row['loss']:.4f} | "
+      f"{row['tokens_per_sec']:,.0f} tok/s | ETA {eta}"
+    )
     if self._tty:
       self._stream.write("\r" + line.ljust(79))
       self._stream.flush()

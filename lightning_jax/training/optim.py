@@ -30,6 +30,7 @@ class OptimConfig:
       only (not to norm scales, biases or per-head constants).
     clip_norm: clip the gradient to this global L2 norm; 0 disables.
   """
+
   lr: float = 3e-3
   total_steps: int = 1000
   warmup_steps: int = 100
@@ -43,13 +44,16 @@ class OptimConfig:
   def __post_init__(self):
     _checks.check_positive_int("total_steps", self.total_steps)
     if not 0 <= self.warmup_steps <= self.total_steps:
-      raise ValueError(f"`warmup_steps` must be in [0, total_steps = "
-                       f"{self.total_steps}], got {self.warmup_steps}.")
+      raise ValueError(
+        f"`warmup_steps` must be in [0, total_steps = "
+        f"{self.total_steps}], got {self.warmup_steps}."
+      )
     if not self.lr > 0:
       raise ValueError(f"`lr` must be > 0, got {self.lr}.")
     if not 0 <= self.min_lr_ratio <= 1:
       raise ValueError(
-          f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}.")
+        f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}."
+      )
     for name in ("weight_decay", "clip_norm"):
       if not getattr(self, name) >= 0:
         raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
@@ -65,8 +69,12 @@ def learning_rate(cfg: OptimConfig) -> optax.Schedule:
     (1.0, 0.0)
   """
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.min_lr_ratio)
+    init_value=0.0,
+    peak_value=cfg.lr,
+    warmup_steps=cfg.warmup_steps,
+    decay_steps=cfg.total_steps,
+    end_value=cfg.lr * cfg.min_lr_ratio,
+  )
 
 
 def decay_mask(params):
@@ -76,7 +84,8 @@ def decay_mask(params):
   count, so a pipelined run decays the same weights as an unpipelined one.
   """
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: pipeline.own_ndim(path, p) >= 2, params)
+    lambda path, p: pipeline.own_ndim(path, p) >= 2, params
+  )
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -90,8 +99,14 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     >>> params = {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}
     >>> updates, state = opt.update(params, opt.init(params), params)
   """
-  adamw = optax.adamw(learning_rate(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay, mask=decay_mask)
+  adamw = optax.adamw(
+    learning_rate(cfg),
+    b1=cfg.b1,
+    b2=cfg.b2,
+    eps=cfg.eps,
+    weight_decay=cfg.weight_decay,
+    mask=decay_mask,
+  )
   if cfg.clip_norm == 0:
     return adamw
   return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)

@@ -58,13 +58,19 @@ def parse_value(name: str, text: str, kind):
     raise ValueError(f"--override {name}={text!r}: expected {kind}.")
   if typing.get_origin(kind) is tuple:
     items = [s.strip() for s in text.split(",") if s.strip()]
-    kinds = [args[0]] * len(items) if len(args) == 2 and args[1] is ... else (
-        list(args))
+    kinds = (
+      [args[0]] * len(items)
+      if len(args) == 2 and args[1] is ...
+      else (list(args))
+    )
     if len(kinds) != len(items):
-      raise ValueError(f"--override {name}={text!r}: expected {len(kinds)} "
-                       "comma-separated values.")
-    return tuple(parse_value(name, s, k) for s, k in zip(items, kinds,
-                                                         strict=True))
+      raise ValueError(
+        f"--override {name}={text!r}: expected {len(kinds)} "
+        "comma-separated values."
+      )
+    return tuple(
+      parse_value(name, s, k) for s, k in zip(items, kinds, strict=True)
+    )
   if kind is bool:
     if text.lower() not in ("true", "false", "1", "0"):
       raise ValueError(f"--override {name}={text!r}: expected true/false.")
@@ -73,14 +79,16 @@ def parse_value(name: str, text: str, kind):
     try:
       return kind.load(text)
     except (OSError, ValueError) as e:
-      raise ValueError(f"--override {name}={text!r}: cannot load a "
-                       f"{kind.__name__}: {e}") from None
+      raise ValueError(
+        f"--override {name}={text!r}: cannot load a {kind.__name__}: {e}"
+      ) from None
   if kind in (int, float, str):
     try:
       return kind(text)
     except ValueError:
-      raise ValueError(f"--override {name}={text!r}: expected "
-                       f"{kind.__name__}.") from None
+      raise ValueError(
+        f"--override {name}={text!r}: expected {kind.__name__}."
+      ) from None
   raise ValueError(f"--override {name}: cannot parse fields of type {kind}.")
 
 
@@ -97,7 +105,9 @@ def apply_overrides(config, overrides: dict[str, str]):
   fields = {f.name: f.type for f in dataclasses.fields(config)}
   unknown = sorted(set(overrides) - set(fields))
   if unknown:
-    raise ValueError(f"--override: unknown field(s) {unknown}; fields: "
-                     f"{sorted(fields)}.")
-  return dataclasses.replace(config, **{
-      k: parse_value(k, v, fields[k]) for k, v in overrides.items()})
+    raise ValueError(
+      f"--override: unknown field(s) {unknown}; fields: {sorted(fields)}."
+    )
+  return dataclasses.replace(
+    config, **{k: parse_value(k, v, fields[k]) for k, v in overrides.items()}
+  )

@@ -43,6 +43,7 @@ class StepRunner(NamedTuple):
     metadata: JSON-serialisable record of the runner (kind, microbatches,
       and for pipelines stages and repeats).
   """
+
   kind: str
   grad_fn: step_lib.GradFn
   to_layout: Callable[[dict], dict]
@@ -59,10 +60,12 @@ def _local_runner(config) -> StepRunner:
   k = config.microbatches
   kind = ACCUMULATION if k > 1 else SEQUENTIAL
   return StepRunner(
-      kind=kind,
-      grad_fn=step_lib.default_grad_fn(config.model, config.loss, k),
-      to_layout=_identity, from_layout=_identity,
-      metadata={"kind": kind, "microbatches": k})
+    kind=kind,
+    grad_fn=step_lib.default_grad_fn(config.model, config.loss, k),
+    to_layout=_identity,
+    from_layout=_identity,
+    metadata={"kind": kind, "microbatches": k},
+  )
 
 
 def _pipeline_runner(config, mesh, stages: int) -> StepRunner:
@@ -70,23 +73,35 @@ def _pipeline_runner(config, mesh, stages: int) -> StepRunner:
   repeats = config.pipeline_repeats
   if config.model.num_layers % (stages * repeats):
     raise ValueError(
-        f"num_layers={config.model.num_layers} must be divisible by the "
-        f"pipeline stages (mesh {mesh_lib.PIPE}={stages} x "
-        f"--pipeline_repeats={repeats}).")
+      f"num_layers={config.model.num_layers} must be divisible by the "
+      f"pipeline stages (mesh {mesh_lib.PIPE}={stages} x "
+      f"--pipeline_repeats={repeats})."
+    )
   try:
     grad_fn = pipeline.pipeline_grad_fn(
-        config.model, config.loss, mesh, schedule=config.pipeline_schedule,
-        num_microbatches=config.microbatches, repeats=repeats)
+      config.model,
+      config.loss,
+      mesh,
+      schedule=config.pipeline_schedule,
+      num_microbatches=config.microbatches,
+      repeats=repeats,
+    )
   except ValueError as e:
     raise ValueError(f"--mesh={config.mesh!r} (pipeline): {e}") from None
   return StepRunner(
-      kind=config.pipeline_schedule, grad_fn=grad_fn,
-      to_layout=functools.partial(pipeline.to_pipeline_params,
-                                  num_stages=stages, repeats=repeats),
-      from_layout=pipeline.from_pipeline_params,
-      metadata={"kind": config.pipeline_schedule,
-                "microbatches": config.microbatches, "stages": stages,
-                "repeats": repeats})
+    kind=config.pipeline_schedule,
+    grad_fn=grad_fn,
+    to_layout=functools.partial(
+      pipeline.to_pipeline_params, num_stages=stages, repeats=repeats
+    ),
+    from_layout=pipeline.from_pipeline_params,
+    metadata={
+      "kind": config.pipeline_schedule,
+      "microbatches": config.microbatches,
+      "stages": stages,
+      "repeats": repeats,
+    },
+  )
 
 
 def make_runner(config, mesh) -> StepRunner:
@@ -134,6 +149,7 @@ def relayout_state(fn: Callable[[dict], dict], state):
   def is_params(tree: Any) -> bool:
     return jax.tree.structure(tree) == params_def
 
-  opt_state = jax.tree.map(lambda x: fn(x) if is_params(x) else x,
-                           state.opt_state, is_leaf=is_params)
+  opt_state = jax.tree.map(
+    lambda x: fn(x) if is_params(x) else x, state.opt_state, is_leaf=is_params
+  )
   return state._replace(params=fn(state.params), opt_state=opt_state)

@@ -19,6 +19,7 @@ class TrainState(NamedTuple):
     data_position: shape=(), dtype=int32, index of the next batch to read
       (`dataset.batch(data_position)`).
   """
+
   params: Any
   opt_state: Any
   step: jax.Array
@@ -26,8 +27,9 @@ class TrainState(NamedTuple):
   data_position: jax.Array
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation,
-                     key) -> TrainState:
+def init_train_state(
+  params, optimizer: optax.GradientTransformation, key
+) -> TrainState:
   """A fresh `TrainState` at step 0 for `params`.
 
   Args:
@@ -45,7 +47,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation,
     >>> int(state.step), state.rng.shape
     (0, (2,))
   """
-  return TrainState(params=params, opt_state=optimizer.init(params),
-                    step=jnp.zeros((), jnp.int32),
-                    rng=jax.random.key_data(key),
-                    data_position=jnp.zeros((), jnp.int32))
+  return TrainState(
+    params=params,
+    opt_state=optimizer.init(params),
+    step=jnp.zeros((), jnp.int32),
+    rng=jax.random.key_data(key),
+    data_position=jnp.zeros((), jnp.int32),
+  )

@@ -31,7 +31,7 @@ GradFn = Callable  # (params, batch, rng) -> ((loss, metrics), grads)
 
 
 def split_microbatches(batch, num_microbatches: int):
-  """`[batch, ...]` arrays -> `[num_microbatches, batch / num_microbatches, ...]`.
+  """`[batch, ...]` -> `[num_microbatches, batch / num_microbatches, ...]`.
 
   Microbatch `m` takes rows `m, m + k, m + 2k, ...`: with the batch sharded
   over devices in contiguous blocks, every microbatch keeps rows on every
@@ -44,15 +44,23 @@ def split_microbatches(batch, num_microbatches: int):
 
   def split(x):
     if x.shape[0] % k:
-      raise ValueError(f"`num_microbatches` = {k} must divide the batch size "
-                       f"{x.shape[0]}.")
+      raise ValueError(
+        f"`num_microbatches` = {k} must divide the batch size {x.shape[0]}."
+      )
     return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def microbatched_loss(params, batch, rng, model_cfg,
-                      train_cfg: loss_lib.LossConfig, *,
-                      num_microbatches: int = 1):
+def microbatched_loss(
+  params,
+  batch,
+  rng,
+  model_cfg,
+  train_cfg: loss_lib.LossConfig,
+  *,
+  num_microbatches: int = 1,
+):
   """`loss_fn` of the whole batch, computed `num_microbatches` rows at a time.
 
   Args:
@@ -77,22 +85,32 @@ def microbatched_loss(params, batch, rng, model_cfg,
   def one(params, mb, r):
     return loss_lib.loss_stats(params, mb, r, model_cfg)
 
-  _, stats = jax.lax.scan(lambda c, xs: (c, one(params, *xs)), None,
-                          (micro, rngs))
+  _, stats = jax.lax.scan(
+    lambda c, xs: (c, one(params, *xs)), None, (micro, rngs)
+  )
   return loss_lib.loss_from_stats(stats, model_cfg, train_cfg)
 
 
-def default_grad_fn(model_cfg, train_cfg: loss_lib.LossConfig,
-                    num_microbatches: int = 1) -> GradFn:
+def default_grad_fn(
+  model_cfg, train_cfg: loss_lib.LossConfig, num_microbatches: int = 1
+) -> GradFn:
   """`jax.value_and_grad` of `microbatched_loss` (the pipe == 1 `grad_fn`)."""
   return jax.value_and_grad(
-      functools.partial(microbatched_loss, model_cfg=model_cfg,
-                        train_cfg=train_cfg,
-                        num_microbatches=num_microbatches), has_aux=True)
+    functools.partial(
+      microbatched_loss,
+      model_cfg=model_cfg,
+      train_cfg=train_cfg,
+      num_microbatches=num_microbatches,
+    ),
+    has_aux=True,
+  )
 
 
-def make_train_step(optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_fn: GradFn):
+def make_train_step(
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_fn: GradFn,
+):
   """The pure train step for `optimizer` and `grad_fn`.
 
   Args:
@@ -115,13 +133,18 @@ def make_train_step(optimizer: optax.GradientTransformation,
     (_, metrics), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                   lr=jnp.asarray(schedule(state.step), jnp.float32))
-    new_state = TrainState(params=params, opt_state=opt_state,
-                           step=state.step + 1,
-                           rng=jax.random.key_data(rng),
-                           data_position=state.data_position + 1)
+    metrics = dict(
+      metrics,
+      grad_norm=optax.tree.norm(grads),
+      lr=jnp.asarray(schedule(state.step), jnp.float32),
+    )
+    new_state = TrainState(
+      params=params,
+      opt_state=opt_state,
+      step=state.step + 1,
+      rng=jax.random.key_data(rng),
+      data_position=state.data_position + 1,
+    )
     return new_state, metrics
 
   return train_step
-

@@ -34,22 +34,25 @@ def test_vp_sigmas_at_ays_timesteps_reproduce_published_sigmas(name):
 
 def test_vp_timesteps_inverts_vp_sigmas():
   t = np.array([0.0, 0.5, 13.0, 500.25, 998.9, 999.0])
-  np.testing.assert_allclose(diffusion.vp_timesteps(diffusion.vp_sigmas(t)),
-                             t, atol=1e-9)
+  np.testing.assert_allclose(
+    diffusion.vp_timesteps(diffusion.vp_sigmas(t)), t, atol=1e-9
+  )
   with pytest.raises(ValueError, match="timesteps"):
     diffusion.vp_sigmas([1000.0])
   with pytest.raises(ValueError, match="sigmas"):
     diffusion.vp_timesteps([100.0])
 
 
-@hypothesis.given(levels=st.lists(st.floats(-6.0, 6.0), min_size=2,
-                                  max_size=30, unique=True),
-                  num=st.integers(2, 60))
+@hypothesis.given(
+  levels=st.lists(st.floats(-6.0, 6.0), min_size=2, max_size=30, unique=True),
+  num=st.integers(2, 60),
+)
 def test_loglinear_interp_identity_and_monotone(levels, num):
   s = np.exp(np.sort(np.asarray(levels))[::-1])
   hypothesis.assume(np.all(np.diff(np.log(s)) < -1e-6))
-  np.testing.assert_allclose(diffusion.loglinear_interp(s, len(s)), s,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    diffusion.loglinear_interp(s, len(s)), s, rtol=1e-12
+  )
   out = diffusion.loglinear_interp(s, num)
   assert out.shape == (num,)
   assert np.all(np.diff(out) < 0)
@@ -85,13 +88,19 @@ def test_kl_optimal_is_linear_in_atan():
 
 def test_exponential_is_loglinear():
   s = diffusion.exponential_sigmas(7, 0.01, 100.0)
-  np.testing.assert_allclose(np.diff(np.log(s[:-1])), np.log(1e-4) / 6,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    np.diff(np.log(s[:-1])), np.log(1e-4) / 6, rtol=1e-12
+  )
 
 
-@pytest.mark.parametrize("fn", [diffusion.karras_sigmas,
-                                diffusion.exponential_sigmas,
-                                diffusion.kl_optimal_sigmas])
+@pytest.mark.parametrize(
+  "fn",
+  [
+    diffusion.karras_sigmas,
+    diffusion.exponential_sigmas,
+    diffusion.kl_optimal_sigmas,
+  ],
+)
 def test_bad_schedule_arguments(fn):
   for n in (0, -1, 2.5, True):
     with pytest.raises(ValueError, match="`n`"):
@@ -103,13 +112,16 @@ def test_bad_schedule_arguments(fn):
   assert fn(1).shape == (2,)
 
 
-@pytest.mark.parametrize("sigmas,match", [
+@pytest.mark.parametrize(
+  "sigmas,match",
+  [
     ([3.0, 3.0, 0.0], "strictly decreasing"),
     ([3.0, 1.0, 2.0], "strictly decreasing"),
     ([3.0, -1.0], "> 0"),
     ([3.0, np.nan], "finite"),
     ([3.0], "at least 2"),
-])
+  ],
+)
 def test_check_schedule_errors(sigmas, match):
   with pytest.raises(ValueError, match=match):
     diffusion.check_schedule(sigmas)

@@ -17,21 +17,25 @@ N_NEW = T - PROMPT
 
 def _qkv(seed):
   rng = np.random.default_rng(seed)
-  q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32)
-             for h in (H, HKV, HKV))
+  q, k, v = (
+    jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32)
+    for h in (H, HKV, HKV)
+  )
   return q, k, v
 
 
 def _new_token(x, i):
   """Row b's token at position LENGTHS[b] + i: `[B, heads, dim]`."""
-  return jnp.take_along_axis(x, (LENGTHS + i)[:, None, None, None],
-                             axis=1)[:, 0]
+  return jnp.take_along_axis(x, (LENGTHS + i)[:, None, None, None], axis=1)[
+    :, 0
+  ]
 
 
 def _decode(cache, step_fn, q, k, v):
   def step(cache, i):
     o, cache = step_fn(cache, *(_new_token(x, i) for x in (q, k, v)))
     return cache, o
+
   cache, out = jax.lax.scan(step, cache, jnp.arange(N_NEW))
   return jnp.swapaxes(out, 0, 1), cache  # [B, N_NEW, H, D]
 
@@ -43,8 +47,9 @@ def _expected(full_BxTxHxD):
 
 @jax.jit
 def _dense_run(q, k, v):
-  cache = inference.kv_cache_from_prompt(k[:, :PROMPT], v[:, :PROMPT],
-                                         LENGTHS, T)
+  cache = inference.kv_cache_from_prompt(
+    k[:, :PROMPT], v[:, :PROMPT], LENGTHS, T
+  )
   return _decode(cache, inference.kv_cache_step, q, k, v)
 
 
@@ -56,21 +61,24 @@ def test_dense_cache_matches_causal_attention_with_ragged_prompts():
   np.testing.assert_array_equal(cache.length, LENGTHS + N_NEW)
 
 
-@pytest.mark.parametrize("windows,sink", [((3, 5, 1, 7), 2), ((4, 4, 9, 2), 0),
-                                          ((30, 6, 2, 2), 3)])
+@pytest.mark.parametrize(
+  "windows,sink", [((3, 5, 1, 7), 2), ((4, 4, 9, 2), 0), ((30, 6, 2, 2), 3)]
+)
 def test_ring_cache_matches_moa_attention(windows, sink):
   q, k, v = _qkv(1)
   layout = inference.RingLayout.build(windows, HKV, sink, T)
 
   @jax.jit
   def run(q, k, v):
-    cache = inference.ring_cache_from_prompt(k[:, :PROMPT], v[:, :PROMPT],
-                                             LENGTHS, layout)
+    cache = inference.ring_cache_from_prompt(
+      k[:, :PROMPT], v[:, :PROMPT], LENGTHS, layout
+    )
     return _decode(cache, inference.ring_cache_step, q, k, v)
 
   got, _ = run(q, k, v)
-  want = _expected(ops.moa_attention(q, k, v, np.array(windows), sink=sink,
-                                     impl="dense"))
+  want = _expected(
+    ops.moa_attention(q, k, v, np.array(windows), sink=sink, impl="dense")
+  )
   np.testing.assert_allclose(got, want, **F32_TOL)
 
 
@@ -88,7 +96,8 @@ def test_ring_layout_memory_follows_density():
 
 def test_bad_arguments():
   with pytest.raises(ValueError, match="slots"):
-    inference.kv_cache_from_prompt(jnp.zeros((1, 8, 1, 4)),
-                                   jnp.zeros((1, 8, 1, 4)), jnp.array([8]), 4)
+    inference.kv_cache_from_prompt(
+      jnp.zeros((1, 8, 1, 4)), jnp.zeros((1, 8, 1, 4)), jnp.array([8]), 4
+    )
   with pytest.raises(ValueError, match="num_kv_heads"):
     inference.RingLayout.build((1, 2, 3), 2, 0, 16)

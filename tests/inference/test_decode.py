@@ -19,8 +19,16 @@ from tests import mixer_testing as mt
 # step and the cached softmax; they agree with the forward pass to float
 # reassociation.
 F32_TOL = dict(atol=2e-4, rtol=2e-4)
-SMALL = dict(vocab_size=64, d_model=32, num_heads=2, head_dim=16, d_ff=64,
-             chunk_size=4, moe_d_ff=32, num_experts=4)
+SMALL = dict(
+  vocab_size=64,
+  d_model=32,
+  num_heads=2,
+  head_dim=16,
+  d_ff=64,
+  chunk_size=4,
+  moe_d_ff=32,
+  num_experts=4,
+)
 PROMPT, NEW = 6, 4
 MAX_LEN = PROMPT + NEW
 LENGTHS = np.array([6, 3], np.int32)
@@ -31,16 +39,28 @@ def _config(name, **overrides):
 
 
 CONFIGS = {
-    "tiny-hybrid": _config("tiny-hybrid"),
-    "gated-deltanet-hgrn2": _config(
-        "tnl", pattern=("gated_deltanet", "hgrn2"), num_layers=2),
-    "tnl-attention-gqa": _config("tnl", pattern=("lightning", "attention"),
-                                 num_layers=2, num_heads=4, num_kv_heads=2,
-                                 head_dim=8),
-    "moe-hybrid": _config("moe-hybrid", num_layers=2),
-    "window-sink-mhmoe-parallel": _config(
-        "transformer", num_layers=2, window=3, sink=1, parallel_block=True,
-        pattern=("attention", "deltanet"), ffn_pattern=("mhmoe",)),
+  "tiny-hybrid": _config("tiny-hybrid"),
+  "gated-deltanet-hgrn2": _config(
+    "tnl", pattern=("gated_deltanet", "hgrn2"), num_layers=2
+  ),
+  "tnl-attention-gqa": _config(
+    "tnl",
+    pattern=("lightning", "attention"),
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+  ),
+  "moe-hybrid": _config("moe-hybrid", num_layers=2),
+  "window-sink-mhmoe-parallel": _config(
+    "transformer",
+    num_layers=2,
+    window=3,
+    sink=1,
+    parallel_block=True,
+    pattern=("attention", "deltanet"),
+    ffn_pattern=("mhmoe",),
+  ),
 }
 
 
@@ -48,12 +68,14 @@ CONFIGS = {
 def _decode_vs_forward(params, tokens_BxT, lengths_B, cfg):
   """Logits of each row's positions lengths-1 .. lengths+NEW-2 by prefill +
   decoding (teacher forced) and by `models.forward`."""
-  logits, state = inference.prefill(params, tokens_BxT[:, :PROMPT], lengths_B,
-                                    cfg, MAX_LEN)
+  logits, state = inference.prefill(
+    params, tokens_BxT[:, :PROMPT], lengths_B, cfg, MAX_LEN
+  )
 
   def step(state, i):
-    token = jnp.take_along_axis(tokens_BxT, (lengths_B + i)[:, None],
-                                axis=1)[:, 0]
+    token = jnp.take_along_axis(tokens_BxT, (lengths_B + i)[:, None], axis=1)[
+      :, 0
+    ]
     return decode._decode_step(params, state, token, cfg)[::-1]
 
   state, stepped = jax.lax.scan(step, state, jnp.arange(NEW - 1))
@@ -64,9 +86,9 @@ def _decode_vs_forward(params, tokens_BxT, lengths_B, cfg):
 
 
 def _tokens(seed, vocab=64):
-  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab,
-                                                          (2, MAX_LEN)),
-                     jnp.int32)
+  return jnp.asarray(
+    np.random.default_rng(seed).integers(0, vocab, (2, MAX_LEN)), jnp.int32
+  )
 
 
 def _check_decoding(cfg, seed=0):
@@ -80,8 +102,7 @@ def _check_decoding(cfg, seed=0):
 def _check_state_shapes(state, cfg):
   """Each layer's state keeps the structure and shapes of its empty state."""
   empty = decode.empty_states(cfg, len(LENGTHS), MAX_LEN)
-  assert jax.tree.map(jnp.shape, state.layers) == jax.tree.map(jnp.shape,
-                                                               empty)
+  assert jax.tree.map(jnp.shape, state.layers) == jax.tree.map(jnp.shape, empty)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -94,17 +115,23 @@ def test_decoding_matches_forward(name):
 def test_every_mixer_decodes_like_forward(kind):
   """Prefill + steps == forward for each registered kind, after a
   recurrent layer (so its input is not just embeddings)."""
-  cfg = _config("transformer", num_layers=2, pattern=("deltanet", kind),
-                **mt.overrides(kind, 1, SMALL["num_heads"]))
+  cfg = _config(
+    "transformer",
+    num_layers=2,
+    pattern=("deltanet", kind),
+    **mt.overrides(kind, 1, SMALL["num_heads"]),
+  )
   _check_state_shapes(_check_decoding(cfg), cfg)
 
 
 def test_moa_plan_decoding_matches_forward():
   # Layer 0 heads: windows 2 and 10 (dense) at N = MAX_LEN; layer 1: 5, 1.
-  plan = ops.MoAPlan(alphas=((2.0, 0.0), (0.0, 1.0)),
-                     betas=((0.0, 1.0), (0.5, 0.0)))
-  cfg = _config("transformer", num_layers=2, pattern=("moa",), sink=1,
-                moa_plan=plan)
+  plan = ops.MoAPlan(
+    alphas=((2.0, 0.0), (0.0, 1.0)), betas=((0.0, 1.0), (0.5, 0.0))
+  )
+  cfg = _config(
+    "transformer", num_layers=2, pattern=("moa",), sink=1, moa_plan=plan
+  )
   state = _check_decoding(cfg)
   assert [c.cache.layout.windows for c in state.layers] == [(2, 10), (5, 1)]
 
@@ -113,8 +140,9 @@ def test_decode_step_compiles_once():
   cfg = CONFIGS["tiny-hybrid"]
   params = models.init(jax.random.key(1), cfg)
   tokens = _tokens(1)
-  _, state = decode.prefill_jit(params, tokens[:, :PROMPT], LENGTHS, cfg,
-                                MAX_LEN)
+  _, state = decode.prefill_jit(
+    params, tokens[:, :PROMPT], LENGTHS, cfg, MAX_LEN
+  )
   logits, state = inference.decode_step(params, state, tokens[:, 0], cfg)
   compiled = inference.decode_step._cache_size()
   for i in range(1, NEW - 1):
@@ -128,34 +156,44 @@ def test_greedy_generation_is_the_argmax_chain():
   params = models.init(jax.random.key(2), cfg)
   prompt = _tokens(2)[:, :PROMPT]
   new = inference.generate(
-      params, prompt, LENGTHS, cfg, max_new_tokens=NEW, key=jax.random.key(0),
-      sampling_cfg=inference.SamplingConfig(temperature=0.0))
+    params,
+    prompt,
+    LENGTHS,
+    cfg,
+    max_new_tokens=NEW,
+    key=jax.random.key(0),
+    sampling_cfg=inference.SamplingConfig(temperature=0.0),
+  )
   seqs = np.zeros((2, MAX_LEN), np.int32)  # each row: prompt, new, padding
   for b, n in enumerate(LENGTHS):
-    seqs[b, :n + NEW] = np.concatenate([prompt[b, :n], new[b]])
+    seqs[b, : n + NEW] = np.concatenate([prompt[b, :n], new[b]])
   logits = jax.jit(models.forward, static_argnums=2)(params, seqs, cfg)[0]
   for b, n in enumerate(LENGTHS):
     np.testing.assert_array_equal(
-        jnp.argmax(logits[b, n - 1:n - 1 + NEW], axis=-1), new[b])
+      jnp.argmax(logits[b, n - 1 : n - 1 + NEW], axis=-1), new[b]
+    )
 
 
 def test_snapkv_prefill_keeps_gqa_heads_and_bounds_the_cache():
   cfg = CONFIGS["tnl-attention-gqa"]
   params = models.init(jax.random.key(3), cfg)
-  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 24)),
-                       jnp.int32)
+  tokens = jnp.asarray(
+    np.random.default_rng(3).integers(0, 64, (2, 24)), jnp.int32
+  )
   lengths = jnp.array([24, 9])
   snap = inference.SnapKVConfig(capacity=12, window=4, kernel=3)
   full_logits, _ = decode.prefill_jit(params, tokens, lengths, cfg, 28)
-  logits, state = decode.prefill_jit(params, tokens, lengths, cfg, 28,
-                                     snapkv=snap)
+  logits, state = decode.prefill_jit(
+    params, tokens, lengths, cfg, 28, snapkv=snap
+  )
   np.testing.assert_allclose(logits, full_logits, **F32_TOL)  # prompt exact
   attention_cache = state.layers[1].cache
   assert attention_cache.k.shape == (2, 2, 12 + 4, 8)  # Hkv, capacity + new
   np.testing.assert_array_equal(attention_cache.length, [12, 9])
   # The next RoPE position is the prompt length, not the kept count.
-  np.testing.assert_array_equal(attention_cache.length
-                                + state.layers[1].offset, lengths)
+  np.testing.assert_array_equal(
+    attention_cache.length + state.layers[1].offset, lengths
+  )
   np.testing.assert_array_equal(state.positions, lengths)
   logits, state = inference.decode_step(params, state, tokens[:, 0], cfg)
   assert np.all(np.isfinite(logits))
@@ -165,11 +203,13 @@ def test_bad_prompt():
   cfg = CONFIGS["tnl-attention-gqa"]
   params = models.init(jax.random.key(0), cfg)
   with pytest.raises(ValueError, match="max_len"):
-    inference.prefill(params, jnp.zeros((1, 8), jnp.int32), jnp.array([8]),
-                      cfg, 4)
+    inference.prefill(
+      params, jnp.zeros((1, 8), jnp.int32), jnp.array([8]), cfg, 4
+    )
   with pytest.raises(ValueError, match="lengths_B"):
-    inference.prefill(params, jnp.zeros((1, 8), jnp.int32),
-                      jnp.array([8, 8]), cfg, 8)
+    inference.prefill(
+      params, jnp.zeros((1, 8), jnp.int32), jnp.array([8, 8]), cfg, 8
+    )
 
 
 def test_config_fields_used_here_exist():

@@ -13,8 +13,9 @@ V = 12
 
 
 def _logits(seed, batch=3):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, V)),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).standard_normal((batch, V)), jnp.float32
+  )
 
 
 _sample = jax.jit(inference.sample, static_argnums=2)
@@ -32,14 +33,16 @@ def test_top_k_mask_keeps_the_k_largest(seed, k):
   logits = np.asarray(_logits(seed))
   got = np.asarray(inference.top_k_mask(jnp.asarray(logits), k))
   for row, out in zip(logits, got, strict=True):
-    keep = np.argsort(-row)[:min(k, V)]
-    np.testing.assert_array_equal(np.flatnonzero(np.isfinite(out)),
-                                  np.sort(keep))
+    keep = np.argsort(-row)[: min(k, V)]
+    np.testing.assert_array_equal(
+      np.flatnonzero(np.isfinite(out)), np.sort(keep)
+    )
     np.testing.assert_array_equal(out[keep], row[keep])
 
 
-@hypothesis.given(seed=st.integers(0, 2**16),
-                  p=st.floats(0.01, 1.0, exclude_min=True))
+@hypothesis.given(
+  seed=st.integers(0, 2**16), p=st.floats(0.01, 1.0, exclude_min=True)
+)
 def test_top_p_mask_is_the_smallest_nucleus(seed, p):
   logits = np.asarray(_logits(seed), np.float64)
   got = np.asarray(inference.top_p_mask(jnp.asarray(logits, jnp.float32), p))
@@ -52,7 +55,7 @@ def test_top_p_mask_is_the_smallest_nucleus(seed, p):
     n = int(np.searchsorted(cum, p - 1e-6)) + 1
     kept = np.flatnonzero(np.isfinite(out))
     if abs(cum[n - 1] - p) > 1e-5 and (n < 2 or abs(cum[n - 2] - p) > 1e-5):
-      np.testing.assert_array_equal(kept, np.sort(order[:min(n, V)]))
+      np.testing.assert_array_equal(kept, np.sort(order[: min(n, V)]))
     assert order[0] in kept
 
 
@@ -81,17 +84,24 @@ def test_low_temperature_tends_to_greedy():
   logits = _logits(3, batch=64)
   cold = _sample(jax.random.key(2), logits, inference.SamplingConfig(1e-4))
   np.testing.assert_array_equal(cold, np.argmax(logits, axis=-1))
-  top = [jax.nn.softmax(inference.sampling.processed_logits(
-      logits, inference.SamplingConfig(t)), axis=-1).max(axis=-1)
-         for t in (1.0, 0.1, 0.01, 1e-4)]
+  top = [
+    jax.nn.softmax(
+      inference.sampling.processed_logits(logits, inference.SamplingConfig(t)),
+      axis=-1,
+    ).max(axis=-1)
+    for t in (1.0, 0.1, 0.01, 1e-4)
+  ]
   for hot, cold in zip(top[:-1], top[1:], strict=True):
     assert np.all(cold >= hot - 1e-6)  # the argmax mass grows as t falls
   np.testing.assert_allclose(top[-1], 1.0, atol=1e-5)
 
 
 def test_bad_config():
-  for kwargs, name in ((dict(temperature=-1.0), "temperature"),
-                       (dict(top_k=-2), "top_k"), (dict(top_p=1.5), "top_p")):
+  for kwargs, name in (
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_p=1.5), "top_p"),
+  ):
     with pytest.raises(ValueError, match=name):
       inference.SamplingConfig(**kwargs)
   with pytest.raises(ValueError, match="logits_BxV"):

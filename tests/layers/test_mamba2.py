@@ -23,17 +23,17 @@ def _reference(params, x_BxTxD, cfg):
   batch, seq, _ = x_BxTxD.shape
   h, p, g, n = cfg.num_heads, cfg.head_dim, cfg.num_groups, cfg.state_dim
   proj = x_BxTxD @ params["in_proj"]
-  z = proj[..., :cfg.d_inner]
-  xbc = proj[..., cfg.d_inner:cfg.d_inner + cfg.conv_dim]
-  dt = proj[..., cfg.d_inner + cfg.conv_dim:]
+  z = proj[..., : cfg.d_inner]
+  xbc = proj[..., cfg.d_inner : cfg.d_inner + cfg.conv_dim]
+  dt = proj[..., cfg.d_inner + cfg.conv_dim :]
   w = params["conv1d"]["weight"]  # [K, C]
   k = w.shape[0]
   padded = jnp.pad(xbc, ((0, 0), (k - 1, 0), (0, 0)))
-  conv = sum(w[j][None, None] * padded[:, j:j + seq] for j in range(k))
+  conv = sum(w[j][None, None] * padded[:, j : j + seq] for j in range(k))
   xbc = jax.nn.silu(conv + params["conv1d"]["bias"][None, None])
-  x = xbc[..., :cfg.d_inner].reshape(batch, seq, h, p)
-  b = xbc[..., cfg.d_inner:cfg.d_inner + g * n].reshape(batch, seq, g, n)
-  c = xbc[..., cfg.d_inner + g * n:].reshape(batch, seq, g, n)
+  x = xbc[..., : cfg.d_inner].reshape(batch, seq, h, p)
+  b = xbc[..., cfg.d_inner : cfg.d_inner + g * n].reshape(batch, seq, g, n)
+  c = xbc[..., cfg.d_inner + g * n :].reshape(batch, seq, g, n)
   dt = jax.nn.softplus(dt + params["dt_bias"][None, None])
   a = -jnp.exp(params["A_log"])
   state = jnp.zeros((batch, h, n, p))
@@ -42,37 +42,47 @@ def _reference(params, x_BxTxD, cfg):
     group = jnp.arange(h) // (h // g)
     bt, ct = b[:, t][:, group], c[:, t][:, group]  # [B, H, N]
     decay = jnp.exp(dt[:, t] * a[None])[..., None, None]
-    state = decay * state + bt[..., None] * (x[:, t] * dt[:, t, :, None]
-                                             )[:, :, None, :]
-    ys.append(jnp.einsum("bhnp,bhn->bhp", state, ct)
-              + params["D"][None, :, None] * x[:, t])
+    state = (
+      decay * state
+      + bt[..., None] * (x[:, t] * dt[:, t, :, None])[:, :, None, :]
+    )
+    ys.append(
+      jnp.einsum("bhnp,bhn->bhp", state, ct)
+      + params["D"][None, :, None] * x[:, t]
+    )
   y = jnp.stack(ys, 1).reshape(batch, seq, cfg.d_inner) * jax.nn.silu(z)
   y = y * jax.lax.rsqrt(jnp.mean(y * y, -1, keepdims=True) + cfg.norm_eps)
   return (y * params["norm"]["scale"][None, None]) @ params["out_proj"]
 
 
 @hypothesis.settings(max_examples=4)
-@hypothesis.given(seed=st.integers(0, 2**16), groups=st.sampled_from([1, 2]),
-                  seq=st.sampled_from([1, 6]))
+@hypothesis.given(
+  seed=st.integers(0, 2**16),
+  groups=st.sampled_from([1, 2]),
+  seq=st.sampled_from([1, 6]),
+)
 def test_layer_matches_the_step_by_step_reference(seed, groups, seq):
-  cfg = mamba2.Mamba2Config(8, 2, 3, state_dim=4, num_groups=groups,
-                            conv_size=3, chunk_size=4)
+  cfg = mamba2.Mamba2Config(
+    8, 2, 3, state_dim=4, num_groups=groups, conv_size=3, chunk_size=4
+  )
   params = mamba2.init_mamba2(jax.random.key(seed), cfg)
   params["conv1d"]["bias"] = 0.1 * jnp.ones_like(params["conv1d"]["bias"])
   x = jax.random.normal(jax.random.key(seed + 1), (2, seq, 8))
   loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  got = jax.jit(jax.value_and_grad(
-      loss(lambda p, x: mamba2.mamba2_layer(p, x, cfg)[0]), (0, 1)))(params, x)
-  want = jax.jit(jax.value_and_grad(
-      loss(lambda p, x: _reference(p, x, cfg)), (0, 1)))(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got,
-               want)
+  got = jax.jit(
+    jax.value_and_grad(
+      loss(lambda p, x: mamba2.mamba2_layer(p, x, cfg)[0]), (0, 1)
+    )
+  )(params, x)
+  want = jax.jit(
+    jax.value_and_grad(loss(lambda p, x: _reference(p, x, cfg)), (0, 1))
+  )(params, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
 
 
 def test_chunked_equals_recurrent_and_a_carried_state_equals_one_call():
   cfg = mamba2.Mamba2Config(8, 2, 3, state_dim=4, conv_size=3, chunk_size=4)
-  ref = mamba2.Mamba2Config(8, 2, 3, state_dim=4, conv_size=3,
-                            impl="recurrent")
+  ref = mamba2.Mamba2Config(8, 2, 3, state_dim=4, conv_size=3, impl="recurrent")
   params = mamba2.init_mamba2(jax.random.key(0), cfg)
   x = jax.random.normal(jax.random.key(1), (2, 11, 8))
   y, state = mamba2.mamba2_layer(params, x, cfg)
@@ -80,8 +90,7 @@ def test_chunked_equals_recurrent_and_a_carried_state_equals_one_call():
   y1, s1 = mamba2.mamba2_layer(params, x[:, :5], cfg)
   y2, s2 = mamba2.mamba2_layer(params, x[:, 5:], cfg, s1)
   np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, **TOL)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), s2,
-               state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), s2, state)
 
 
 def test_bad_config_and_input_name_the_argument():
@@ -91,6 +100,7 @@ def test_bad_config_and_input_name_the_argument():
     mamba2.Mamba2Config(8, 2, 4, conv_size=1)
   cfg = mamba2.Mamba2Config(8, 2, 4)
   with pytest.raises(ValueError, match="x_BxTxD"):
-    mamba2.mamba2_layer(mamba2.init_mamba2(jax.random.key(0), cfg),
-                        jnp.ones((1, 3, 5)), cfg)
+    mamba2.mamba2_layer(
+      mamba2.init_mamba2(jax.random.key(0), cfg), jnp.ones((1, 3, 5)), cfg
+    )
   assert "mamba2" in layers.mixers.kinds()

@@ -9,8 +9,9 @@ from lightning_jax import layers
 
 CFG = layers.MLPConfig(d_model=8, d_ff=16)
 _init_mlp = jax.jit(layers.init_mlp, static_argnums=1)
-X = jnp.asarray(np.random.default_rng(1).standard_normal((2, 3, 8)),
-                jnp.float32)
+X = jnp.asarray(
+  np.random.default_rng(1).standard_normal((2, 3, 8)), jnp.float32
+)
 
 
 def _reference(params, x, act):
@@ -24,12 +25,23 @@ def test_mlp_matches_formula(activation):
   cfg = layers.MLPConfig(d_model=8, d_ff=16, activation=activation)
   params = _init_mlp(jax.random.key(0), CFG)  # same shapes
   x = X
-  act = {"silu": lambda h: h / (1 + np.exp(-h)),
-         "gelu": lambda h: 0.5 * h * (1 + np.tanh(  # tanh approximation
-             np.sqrt(2 / np.pi) * (h + 0.044715 * h**3))),
-         "relu": lambda h: np.maximum(h, 0)}[activation]
-  np.testing.assert_allclose(layers.mlp(params, x, cfg),
-                             _reference(params, x, act), rtol=1e-5, atol=1e-5)
+  act = {
+    "silu": lambda h: h / (1 + np.exp(-h)),
+    "gelu": lambda h: (
+      0.5
+      * h
+      * (
+        1
+        + np.tanh(  # tanh approximation
+          np.sqrt(2 / np.pi) * (h + 0.044715 * h**3)
+        )
+      )
+    ),
+    "relu": lambda h: np.maximum(h, 0),
+  }[activation]
+  np.testing.assert_allclose(
+    layers.mlp(params, x, cfg), _reference(params, x, act), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_mlp_bf16_keeps_dtype_and_is_close():
@@ -39,15 +51,16 @@ def test_mlp_bf16_keeps_dtype_and_is_close():
   y = layers.mlp(bf16, x.astype(jnp.bfloat16), CFG)
   assert y.dtype == jnp.bfloat16
   # bf16 inputs and hidden: ~3 significant digits.
-  np.testing.assert_allclose(np.asarray(y, np.float32),
-                             layers.mlp(params, x, CFG), rtol=5e-2, atol=5e-2)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32), layers.mlp(params, x, CFG), rtol=5e-2, atol=5e-2
+  )
 
 
 def test_init_shapes_and_scale():
   params = _init_mlp(jax.random.key(0), layers.MLPConfig(64, 256))
   assert params["w_gate"].shape == params["w_up"].shape == (64, 256)
   assert params["w_down"].shape == (256, 64)
-  np.testing.assert_allclose(np.std(params["w_gate"]), 64 ** -0.5, rtol=0.1)
+  np.testing.assert_allclose(np.std(params["w_gate"]), 64**-0.5, rtol=0.1)
 
 
 def test_bad_input():

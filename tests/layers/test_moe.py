@@ -27,21 +27,27 @@ def _params(init, cfg, seed=0):
   (no PRNG kernels to compile; `test_init_shapes` runs the real init)."""
   rng = np.random.default_rng(seed)
   shapes = jax.eval_shape(functools.partial(init, cfg=cfg), jax.random.key(0))
-  return jax.tree.map(lambda s: jnp.asarray(
-      rng.standard_normal(s.shape) * s.shape[-2] ** -0.5, s.dtype), shapes)
+  return jax.tree.map(
+    lambda s: jnp.asarray(
+      rng.standard_normal(s.shape) * s.shape[-2] ** -0.5, s.dtype
+    ),
+    shapes,
+  )
+
+
 _moe = jax.jit(layers.moe, static_argnums=2)
 _mh_moe = jax.jit(layers.mh_moe, static_argnums=2)
 
 
 def _x(seed=1, shape=(B, T, D)):
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape),
-                     jnp.float32)
+  return jnp.asarray(
+    np.random.default_rng(seed).standard_normal(shape), jnp.float32
+  )
 
 
 def test_init_shapes():
   p = _init_moe(jax.random.key(0), CFG)
-  np.testing.assert_allclose(np.std(p["experts"]["w_gate"]), D ** -0.5,
-                             rtol=0.3)
+  np.testing.assert_allclose(np.std(p["experts"]["w_gate"]), D**-0.5, rtol=0.3)
   assert p["router"].shape == (D, 4) and p["router"].dtype == jnp.float32
   assert p["experts"]["w_gate"].shape == (4, D, 12)
   assert p["experts"]["w_down"].shape == (4, 12, D)
@@ -53,15 +59,22 @@ def test_moe_matches_routing_and_expert_loop_and_reports_aux():
   y, aux = _moe(params, x, CFG)
   logits = jnp.einsum("btd,de->bte", x, params["router"])
   r = moe.route(logits, 2)
-  ref = moe.dropless_moe(x.reshape(-1, D), r.weights.reshape(-1, 2),
-                         r.experts.reshape(-1, 2),
-                         moe.GLUWeights(**params["experts"]), impl="loop")
+  ref = moe.dropless_moe(
+    x.reshape(-1, D),
+    r.weights.reshape(-1, 2),
+    r.experts.reshape(-1, 2),
+    moe.GLUWeights(**params["experts"]),
+    impl="loop",
+  )
   np.testing.assert_allclose(y, ref.reshape(B, T, D), **TOL)
   np.testing.assert_allclose(
-      aux.load_balancing_loss,
-      moe.load_balancing_loss(r.probs, r.experts, num_experts=4), rtol=1e-6)
-  np.testing.assert_allclose(aux.router_z_loss, moe.router_z_loss(logits),
-                             rtol=1e-6)
+    aux.load_balancing_loss,
+    moe.load_balancing_loss(r.probs, r.experts, num_experts=4),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    aux.router_z_loss, moe.router_z_loss(logits), rtol=1e-6
+  )
   counts = np.bincount(np.asarray(r.experts).ravel(), minlength=4)
   np.testing.assert_array_equal(aux.lbl_pieces.expert_counts, counts)
   np.testing.assert_allclose(aux.load.expert_load, counts / counts.sum())
@@ -84,7 +97,7 @@ def test_capacity_layer_without_overflow_equals_dropless_and_reports_drops():
 
 def test_router_bias_changes_selection():
   params = _params(layers.init_moe, CFG)
-  bias = jnp.array([0., 0., 0., 100.])
+  bias = jnp.array([0.0, 0.0, 0.0, 100.0])
   _, aux = layers.moe(params, _x(), CFG, router_bias=bias)
   assert float(aux.load.expert_load[3]) == 0.5  # every token picks expert 3
 
@@ -103,10 +116,16 @@ def test_mh_moe_with_one_head_and_identity_projections_is_moe():
   def both(params, x, cot):
     def value_and_input_grad(layer):
       (y, aux), vjp = jax.vjp(layer, x)
-      return y, aux.load_balancing_loss, vjp(
-          (cot, jax.tree.map(jnp.zeros_like, aux)))[0]
-    return (value_and_input_grad(lambda x: layers.mh_moe(params, x, cfg)),
-            value_and_input_grad(lambda x: layers.moe(params["moe"], x, CFG)))
+      return (
+        y,
+        aux.load_balancing_loss,
+        vjp((cot, jax.tree.map(jnp.zeros_like, aux)))[0],
+      )
+
+    return (
+      value_and_input_grad(lambda x: layers.mh_moe(params, x, cfg)),
+      value_and_input_grad(lambda x: layers.moe(params["moe"], x, CFG)),
+    )
 
   (y, lbl, dx), (y_ref, lbl_ref, dx_ref) = both(params, x, cot)
   np.testing.assert_allclose(y, y_ref, **TOL)
@@ -123,17 +142,21 @@ def test_mh_moe_routes_each_sub_token_independently():
   @jax.jit
   def reference(params, x):
     heads = (x @ params["head_proj"]).reshape(B, T, 2, D // 2)
-    per_head = [layers.moe(params["moe"], heads[:, :, j], cfg.sub_token_moe)[0]
-                for j in range(2)]
+    per_head = [
+      layers.moe(params["moe"], heads[:, :, j], cfg.sub_token_moe)[0]
+      for j in range(2)
+    ]
     merged = jnp.stack(per_head, axis=2).reshape(B, T, D)
     return merged @ params["merge_proj"]
+
   np.testing.assert_allclose(y, reference(params, x), **TOL)
   assert float(aux.lbl_pieces.num_tokens) == B * T * 2
   assert params["moe"]["experts"]["w_gate"].shape == (4, D // 2, 12)
 
 
-MESH = jax.make_mesh((4, 2), ("data", "expert"),
-                     axis_types=(AxisType.Explicit,) * 2)
+MESH = jax.make_mesh(
+  (4, 2), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2
+)
 AXES = ("data", "expert")
 GLOBAL_CFG = dataclasses.replace(CFG, lbl_scope="global")
 
@@ -147,18 +170,26 @@ def _one_device(params, x, cot):
   def f(params, x):
     y, aux = layers.moe(params, x, CFG)  # whole batch: micro == global
     return _objective(y, aux, cot), y
+
   return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
 
 
 def _sharded_step():
-  param_specs = {"router": P(), "experts": jax.tree.map(
-      lambda _: P("expert"), {"w_gate": 0, "w_up": 0, "w_down": 0})}
+  param_specs = {
+    "router": P(),
+    "experts": jax.tree.map(
+      lambda _: P("expert"), {"w_gate": 0, "w_up": 0, "w_down": 0}
+    ),
+  }
   layer = jax.shard_map(
-      lambda p, x: jax.tree.map(
-          lambda a: a[None] if a.ndim == 0 else a,
-          layers.moe(p, x, GLOBAL_CFG, lbl_axis=AXES, expert_axis="expert")),
-      mesh=MESH, in_specs=(param_specs, P(AXES)),
-      out_specs=(P(AXES), P(AXES)))
+    lambda p, x: jax.tree.map(
+      lambda a: a[None] if a.ndim == 0 else a,
+      layers.moe(p, x, GLOBAL_CFG, lbl_axis=AXES, expert_axis="expert"),
+    ),
+    mesh=MESH,
+    in_specs=(param_specs, P(AXES)),
+    out_specs=(P(AXES), P(AXES)),
+  )
 
   def f(params, x, cot):
     y, aux = layer(params, x)
@@ -173,6 +204,7 @@ def _sharded_step():
     params = jax.tree.map(put, params, param_specs)
     with jax.set_mesh(MESH):
       return run(params, put(x, P(AXES)), put(cot, P(AXES)))
+
   return call
 
 
@@ -190,7 +222,9 @@ def test_expert_parallel_global_lbl_layer_equals_one_device(seed):
   (v_ref, y_ref), grads_ref = _one_device(params, x, cot)
   np.testing.assert_allclose(v, v_ref, **TOL)
   np.testing.assert_allclose(y, y_ref, **TOL)
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
+  for a, b in zip(
+    jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True
+  ):
     np.testing.assert_allclose(a, b, **TOL)
 
 
@@ -202,7 +236,7 @@ def test_bad_config_and_input():
   with pytest.raises(ValueError, match="dispatch"):
     layers.MoEConfig(d_model=8, d_ff=8, num_experts=2, dispatch="sparse")
   with pytest.raises(ValueError, match="capacity_factor"):
-    layers.MoEConfig(d_model=8, d_ff=8, num_experts=2, capacity_factor=0.)
+    layers.MoEConfig(d_model=8, d_ff=8, num_experts=2, capacity_factor=0.0)
   with pytest.raises(ValueError, match="num_heads"):
     layers.MHMoEConfig(3, CFG)
   params = _params(layers.init_moe, CFG)

@@ -14,10 +14,10 @@ KINDS = layers.recurrent_kinds()
 
 
 def _setup(kind, conv_size, impl="chunked"):
-  cfg = layers.RecurrentConfig(kind, 16, 2, 4, value_dim=6,
-                               conv_size=conv_size, chunk_size=4, impl=impl)
-  params = layers.init_recurrent(jax.random.key(0), cfg, layer=1,
-                                 num_layers=3)
+  cfg = layers.RecurrentConfig(
+    kind, 16, 2, 4, value_dim=6, conv_size=conv_size, chunk_size=4, impl=impl
+  )
+  params = layers.init_recurrent(jax.random.key(0), cfg, layer=1, num_layers=3)
   x = jax.random.normal(jax.random.key(1), (2, 11, 16))
   return cfg, params, x
 
@@ -31,11 +31,16 @@ def test_chunked_matches_recurrent_outputs_and_grads():
   def loss(c):
     def f(p, x):
       y, state = layers.recurrent_layer(p, x, c)
-      return jnp.sum(jnp.sin(y)) + jnp.sum(state.ssm ** 2)
+      return jnp.sum(jnp.sin(y)) + jnp.sum(state.ssm**2)
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
-  rt.assert_trees_close(loss(cfg)(params, x), loss(ref_cfg)(params, x),
-                        rt.FP32_TOL, "chunked vs recurrent")
+  rt.assert_trees_close(
+    loss(cfg)(params, x),
+    loss(ref_cfg)(params, x),
+    rt.FP32_TOL,
+    "chunked vs recurrent",
+  )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -45,16 +50,16 @@ def test_carried_state_equals_one_call(kind):
   y, state = layer(params, x, cfg)
   y1, s1 = layer(params, x[:, :6], cfg)
   y2, s2 = layer(params, x[:, 6:], cfg, s1)
-  np.testing.assert_allclose(jnp.concatenate([y1, y2], 1), y, rtol=1e-5,
-                             atol=1e-5)
-  rt.assert_trees_close(s2, state, dict(rtol=1e-5, atol=1e-5),
-                        "carried state")
+  np.testing.assert_allclose(
+    jnp.concatenate([y1, y2], 1), y, rtol=1e-5, atol=1e-5
+  )
+  rt.assert_trees_close(s2, state, dict(rtol=1e-5, atol=1e-5), "carried state")
   # Token by token with the reference scan, as a decoder runs it.
   ref_cfg = layers.RecurrentConfig(**{**cfg.__dict__, "impl": "recurrent"})
   step = jax.jit(lambda s, xt: layers.recurrent_layer(params, xt, ref_cfg, s))
   s, ys = layers.init_recurrent_state(cfg, 2), []
   for t in range(x.shape[1]):
-    yt, s = step(s, x[:, t:t + 1])
+    yt, s = step(s, x[:, t : t + 1])
     ys.append(yt)
   np.testing.assert_allclose(jnp.concatenate(ys, 1), y, rtol=1e-5, atol=1e-5)
 
@@ -70,8 +75,9 @@ def test_short_conv_is_causal_convolution():
 
 def test_per_layer_constants_take_no_gradient():
   cfg, params, x = _setup("lightning", 0)
-  grads = jax.jit(jax.grad(
-      lambda p: jnp.sum(layers.recurrent_layer(p, x, cfg)[0])))(params)
+  grads = jax.jit(
+    jax.grad(lambda p: jnp.sum(layers.recurrent_layer(p, x, cfg)[0]))
+  )(params)
   np.testing.assert_array_equal(grads["log_decay"], 0.0)
   np.testing.assert_allclose(params["log_decay"], ops.tnl_log_decay(1, 3, 2))
 

@@ -27,8 +27,11 @@ def _brute_force(costs, dens, budget, max_rules):
   return best, best_choice
 
 
-@hypothesis.given(seed=st.integers(0, 2**16), budget=st.floats(0.3, 0.9),
-                  max_rules=st.sampled_from([None, 1, 2]))
+@hypothesis.given(
+  seed=st.integers(0, 2**16),
+  budget=st.floats(0.3, 0.9),
+  max_rules=st.sampled_from([None, 1, 2]),
+)
 def test_milp_equals_brute_force(seed, budget, max_rules):
   rng = np.random.default_rng(seed)
   costs = rng.normal(size=(2, 2, 3, 3))  # 2 lengths, 2 layers, 3 heads, 3 rules
@@ -45,8 +48,12 @@ def test_milp_equals_brute_force(seed, budget, max_rules):
   np.testing.assert_array_equal(got, want)  # continuous costs: unique optimum
 
 
-@hypothesis.given(window=st.integers(1, 30), seq=st.integers(1, 30),
-                  block=st.sampled_from([1, 4, 7]), sink=st.integers(0, 6))
+@hypothesis.given(
+  window=st.integers(1, 30),
+  seq=st.integers(1, 30),
+  block=st.sampled_from([1, 4, 7]),
+  sink=st.integers(0, 6),
+)
 def test_dropped_fraction_matches_the_mask(window, seq, block, sink):
   dropped = search.dropped_block_fraction(window, seq, block, sink)
   kept = np.asarray(ops.moa_mask(jnp.asarray([window]), seq, sink))[0]
@@ -54,8 +61,9 @@ def test_dropped_fraction_matches_the_mask(window, seq, block, sink):
   n = -(-seq // block)
   pad = ((0, n * block - seq),) * 2
   blocks = lambda m: np.pad(m, pad).reshape(n, block, n, block).sum((1, 3))
-  np.testing.assert_allclose(dropped * blocks(causal),
-                             blocks(causal & ~kept), atol=1e-9)
+  np.testing.assert_allclose(
+    dropped * blocks(causal), blocks(causal & ~kept), atol=1e-9
+  )
 
 
 def test_candidate_costs_sum_the_dropped_influence():

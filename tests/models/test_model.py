@@ -13,8 +13,16 @@ from lightning_jax import layers
 from lightning_jax import models
 from tests import mixer_testing as mt
 
-SMALL = dict(vocab_size=32, d_model=16, num_heads=2, head_dim=8, d_ff=24,
-             moe_d_ff=8, num_experts=4, chunk_size=4)
+SMALL = dict(
+  vocab_size=32,
+  d_model=16,
+  num_heads=2,
+  head_dim=8,
+  d_ff=24,
+  moe_d_ff=8,
+  num_experts=4,
+  chunk_size=4,
+)
 
 
 def _small(name="tiny-hybrid", **overrides):
@@ -22,15 +30,20 @@ def _small(name="tiny-hybrid", **overrides):
 
 
 # Every registered mixer, the channel mixers cycled over them.
-MIXER_FFNS = [(kind, models.FFNS[i % len(models.FFNS)])
-              for i, kind in enumerate(mt.kinds())]
+MIXER_FFNS = [
+  (kind, models.FFNS[i % len(models.FFNS)]) for i, kind in enumerate(mt.kinds())
+]
 
 
 @pytest.mark.parametrize("mixer,ffn", MIXER_FFNS)
 def test_every_mixer_is_causal(mixer, ffn):
   """d logits[:, t] / d inputs[:, s] is exactly 0 for every s > t."""
-  cfg = _small(pattern=(mixer,), ffn_pattern=(ffn,), num_layers=1,
-               **mt.overrides(mixer, 1, 2))
+  cfg = _small(
+    pattern=(mixer,),
+    ffn_pattern=(ffn,),
+    num_layers=1,
+    **mt.overrides(mixer, 1, 2),
+  )
   params = models.init(jax.random.key(0), cfg)
   block = models.block_configs(cfg)[0]
   t = 6
@@ -40,18 +53,24 @@ def test_every_mixer_is_causal(mixer, ffn):
     def logit_sum(h):
       out, _, _ = models.apply_block(params["layers"][0], h, block)
       return jnp.sum(models.head(params, out, cfg)[:, t])
+
     return jax.grad(logit_sum)(h)
 
   h = jax.random.normal(jax.random.key(1), (2, 13, cfg.d_model))
   g = grad_wrt_inputs(h)
-  assert np.all(g[:, t + 1:] == 0.0), f"{mixer}: future leaks into t={t}"
-  assert np.any(g[:, :t + 1] != 0.0)
+  assert np.all(g[:, t + 1 :] == 0.0), f"{mixer}: future leaks into t={t}"
+  assert np.any(g[:, : t + 1] != 0.0)
 
 
 def test_pattern_repeats_and_layerwise_scaling_grows_widths():
-  cfg = _small(pattern=("deltanet", "deltanet", "attention"), num_layers=6,
-               d_model=32, num_heads=4, layerwise_heads=(0.5, 1.0),
-               layerwise_ffn=(0.5, 4.0))
+  cfg = _small(
+    pattern=("deltanet", "deltanet", "attention"),
+    num_layers=6,
+    d_model=32,
+    num_heads=4,
+    layerwise_heads=(0.5, 1.0),
+    layerwise_ffn=(0.5, 4.0),
+  )
   assert cfg.mixers == ("deltanet", "deltanet", "attention") * 2
   widths = models.layer_widths(cfg)
   heads = [w[0] for w in widths]
@@ -63,8 +82,9 @@ def test_pattern_repeats_and_layerwise_scaling_grows_widths():
   assert params["layers"][5]["mixer"]["wq"].shape == (32, 4, 8)
   assert params["layers"][2]["mixer"]["wk"].shape == (32, 3, 8)
   assert params["layers"][0]["ffn"]["w_up"].shape == (32, 16)
-  logits, _ = jax.eval_shape(lambda p, x: models.forward(p, x, cfg), params,
-                             jnp.zeros((1, 5), jnp.int32))
+  logits, _ = jax.eval_shape(
+    lambda p, x: models.forward(p, x, cfg), params, jnp.zeros((1, 5), jnp.int32)
+  )
   assert logits.shape == (1, 5, 32)
 
 
@@ -76,8 +96,9 @@ def test_moe_aux_per_layer_and_parallel_block():
   logits, aux = jax.jit(models.forward, static_argnums=2)(params, tokens, cfg)
   assert len(aux.moe) == 2
   assert aux.moe[0].lbl_pieces.expert_counts.shape == (4,)
-  np.testing.assert_allclose(jnp.sum(aux.moe[0].lbl_pieces.expert_counts),
-                             2 * 8 * cfg.top_k)
+  np.testing.assert_allclose(
+    jnp.sum(aux.moe[0].lbl_pieces.expert_counts), 2 * 8 * cfg.top_k
+  )
   assert logits.dtype == jnp.float32
 
 
@@ -113,13 +134,17 @@ def test_presets_exist_and_errors_name_the_field():
 
 
 def test_config_round_trips_through_json():
-  cfg = _small("moe-hybrid", layerwise_heads=(0.5, 1.0),
-               mixer_options=("deltanet.value_dim=8",))
+  cfg = _small(
+    "moe-hybrid",
+    layerwise_heads=(0.5, 1.0),
+    mixer_options=("deltanet.value_dim=8",),
+  )
   text = json.dumps(cfg.to_dict())
   assert models.ModelConfig.from_dict(json.loads(text)) == cfg
   moa = _small("transformer", pattern=("moa",), **mt.overrides("moa", 4, 2))
-  assert models.ModelConfig.from_dict(json.loads(json.dumps(
-      moa.to_dict()))) == moa
+  assert (
+    models.ModelConfig.from_dict(json.loads(json.dumps(moa.to_dict()))) == moa
+  )
   with pytest.raises(ValueError, match="colour"):
     models.ModelConfig.from_dict({"colour": 1})
 

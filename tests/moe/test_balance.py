@@ -21,11 +21,16 @@ from lightning_jax import moe
 
 B, T, D, E = 8, 6, 5, 4  # batch divides 8 devices; one sequence per device
 MESHES = {
-    "data4_expert2": (jax.make_mesh((4, 2), ("data", "expert"),
-                                    axis_types=(AxisType.Explicit,) * 2),
-                      ("data", "expert")),
-    "data8": (jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
-              "data"),
+  "data4_expert2": (
+    jax.make_mesh(
+      (4, 2), ("data", "expert"), axis_types=(AxisType.Explicit,) * 2
+    ),
+    ("data", "expert"),
+  ),
+  "data8": (
+    jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,)),
+    "data",
+  ),
 }
 # fp32: the mesh reassociates two float32 sums of B*T terms.
 RTOL, ATOL = 1e-5, 1e-7
@@ -45,16 +50,18 @@ def _skewed_logits(seed, skew):
 
 def _loss(logits, top_k, scope, axis_name=None):
   r = moe.route(logits, top_k)
-  return moe.load_balancing_loss(r.probs, r.experts, num_experts=E,
-                                 scope=scope, axis_name=axis_name)
+  return moe.load_balancing_loss(
+    r.probs, r.experts, num_experts=E, scope=scope, axis_name=axis_name
+  )
 
 
 _jit_loss = jax.jit(_loss, static_argnums=(1, 2))
 
 
 def _router_loss(w_DxE, x_BxTxD, top_k, scope, axis_name=None):
-  return _loss(jnp.einsum("btd,de->bte", x_BxTxD, w_DxE), top_k, scope,
-               axis_name)
+  return _loss(
+    jnp.einsum("btd,de->bte", x_BxTxD, w_DxE), top_k, scope, axis_name
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("top_k",))
@@ -79,13 +86,17 @@ def _sharded(mesh_name, top_k, microbatches=1):
       probs.append(r.probs)
       experts.append(r.experts)
     pieces = jax.tree.map(
-        lambda *p: jnp.stack(p),
-        *[moe.load_balancing_pieces(p, e, num_experts=E)
-          for p, e in zip(probs, experts, strict=True)])
+      lambda *p: jnp.stack(p),
+      *[
+        moe.load_balancing_pieces(p, e, num_experts=E)
+        for p, e in zip(probs, experts, strict=True)
+      ],
+    )
     return moe.load_balancing_loss_from_pieces(pieces, axis_name=axes)
 
-  per_device = jax.shard_map(lambda x: local_loss(x)[None], mesh=mesh,
-                             in_specs=batch, out_specs=batch)
+  per_device = jax.shard_map(
+    lambda x: local_loss(x)[None], mesh=mesh, in_specs=batch, out_specs=batch
+  )
 
   def ddp_router_grad(w, x):
     # Each device differentiates its own loss w.r.t. its own copy of the
@@ -94,8 +105,10 @@ def _sharded(mesh_name, top_k, microbatches=1):
       w = jax.lax.pcast(w, axes, to="varying")
       g = jax.grad(lambda w: local_loss(jnp.einsum("btd,de->bte", x, w)))(w)
       return jax.lax.pmean(g, axes)
-    return jax.shard_map(body, mesh=mesh, in_specs=(P(), batch),
-                         out_specs=P())(w, x)
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(P(), batch), out_specs=P())(
+      w, x
+    )
 
   @jax.jit
   def run(logits, w, x):
@@ -107,6 +120,7 @@ def _sharded(mesh_name, top_k, microbatches=1):
     put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
     with jax.set_mesh(mesh):
       return run(put(logits, batch), put(w, P()), put(x, batch))
+
   return call
 
 
@@ -115,48 +129,63 @@ def test_micro_hand_computed():
   top1 = jnp.array([[[0], [1]]])
   # f = [1/2, 1/2, 0], p = [0.3, 0.45, 0.25]: 3 * (0.15 + 0.225).
   np.testing.assert_allclose(
-      moe.load_balancing_loss(probs, top1, num_experts=3), 1.125, rtol=1e-6)
+    moe.load_balancing_loss(probs, top1, num_experts=3), 1.125, rtol=1e-6
+  )
   top2 = jnp.array([[[0, 1], [1, 2]]])
   # f = [1/4, 1/2, 1/4]: 3 * (0.075 + 0.225 + 0.0625).
   np.testing.assert_allclose(
-      moe.load_balancing_loss(probs, top2, num_experts=3), 1.0875, rtol=1e-6)
+    moe.load_balancing_loss(probs, top2, num_experts=3), 1.0875, rtol=1e-6
+  )
 
 
-_jit_lbl = jax.jit(functools.partial(moe.load_balancing_loss, num_experts=E),
-                   static_argnames="scope")
+_jit_lbl = jax.jit(
+  functools.partial(moe.load_balancing_loss, num_experts=E),
+  static_argnames="scope",
+)
 UNIFORM_MESH, AXES = MESHES["data4_expert2"]
-_global_uniform = jax.jit(jax.shard_map(
+_global_uniform = jax.jit(
+  jax.shard_map(
     lambda p, e: moe.load_balancing_loss(
-        p, e, num_experts=E, scope="global", axis_name=AXES)[None],
-    mesh=UNIFORM_MESH, in_specs=P(AXES), out_specs=P(AXES)))
+      p, e, num_experts=E, scope="global", axis_name=AXES
+    )[None],
+    mesh=UNIFORM_MESH,
+    in_specs=P(AXES),
+    out_specs=P(AXES),
+  )
+)
 
 
 @hypothesis.given(seed=st.integers(0, 2**16), top_k=st.sampled_from((1, 3)))
 def test_uniform_router_gives_one_for_every_scope(seed, top_k):
   probs = jnp.full((B, T, E), 1 / E)
-  experts = jnp.asarray(np.random.default_rng(seed).integers(
-      0, E, (B, T, top_k)), jnp.int32)
+  experts = jnp.asarray(
+    np.random.default_rng(seed).integers(0, E, (B, T, top_k)), jnp.int32
+  )
   for scope in ("sequence", "micro"):
-    np.testing.assert_allclose(_jit_lbl(probs, experts, scope=scope), 1.0,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      _jit_lbl(probs, experts, scope=scope), 1.0, rtol=1e-6
+    )
   put = lambda a: jax.device_put(a, NamedSharding(UNIFORM_MESH, P(AXES)))
-  np.testing.assert_allclose(_global_uniform(put(probs), put(experts)),
-                             np.ones(8), rtol=1e-6)
+  np.testing.assert_allclose(
+    _global_uniform(put(probs), put(experts)), np.ones(8), rtol=1e-6
+  )
 
 
 @hypothesis.given(seed=st.integers(0, 2**16), skew=st.floats(0, 4))
 def test_sequence_scope_is_mean_of_per_sequence_losses(seed, skew):
   logits = _skewed_logits(seed, skew)
-  per_sequence = [_jit_loss(logits[b:b + 1], 2, "micro") for b in range(B)]
-  np.testing.assert_allclose(_jit_loss(logits, 2, "sequence"),
-                             np.mean(per_sequence), rtol=1e-6)
+  per_sequence = [_jit_loss(logits[b : b + 1], 2, "micro") for b in range(B)]
+  np.testing.assert_allclose(
+    _jit_loss(logits, 2, "sequence"), np.mean(per_sequence), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("top_k", [1, 2])
 @hypothesis.given(seed=st.integers(0, 2**16), skew=st.floats(0, 4))
-def test_global_scope_equals_one_device_loss_and_grads(mesh_name, top_k, seed,
-                                                       skew):
+def test_global_scope_equals_one_device_loss_and_grads(
+  mesh_name, top_k, seed, skew
+):
   logits = _skewed_logits(seed, skew)
   rng = np.random.default_rng(seed + 1)
   x, w = _normal(rng, (B, T, D)), _normal(rng, (D, E))
@@ -189,11 +218,14 @@ def test_micro_scope_differs_from_global_on_domain_skewed_batch():
 
   def per_device(scope):
     kwargs = {"axis_name": axes} if scope == "global" else {}
-    f = jax.shard_map(lambda x: _loss(x, 2, scope, **kwargs)[None],
-                      mesh=mesh, in_specs=P(axes), out_specs=P(axes))
+    f = jax.shard_map(
+      lambda x: _loss(x, 2, scope, **kwargs)[None],
+      mesh=mesh,
+      in_specs=P(axes),
+      out_specs=P(axes),
+    )
     with jax.set_mesh(mesh):
-      return jax.jit(jax.value_and_grad(lambda x: jnp.mean(f(x))))(
-          put(logits))
+      return jax.jit(jax.value_and_grad(lambda x: jnp.mean(f(x))))(put(logits))
 
   micro, g_micro = per_device("micro")
   glob, g_glob = per_device("global")
@@ -226,11 +258,14 @@ def test_replicated_global_loss_under_ddp_is_1_over_d_too_small():
     def body(w, x):
       w = jax.lax.pcast(w, axes, to="varying")
       return jax.lax.pmean(jax.grad(loss)(w, x), axes)
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axes)),
-                                 out_specs=P()))
 
-  true = jax.grad(lambda w: moe.load_balancing_loss_from_pieces(
-      pieces(w, x)))(w)
+    return jax.jit(
+      jax.shard_map(body, mesh=mesh, in_specs=(P(), P(axes)), out_specs=P())
+    )
+
+  true = jax.grad(lambda w: moe.load_balancing_loss_from_pieces(pieces(w, x)))(
+    w
+  )
   put = lambda a, s: jax.device_put(a, NamedSharding(mesh, s))
   with jax.set_mesh(mesh):
     g_ours = ddp_grad(ours)(put(w, P()), put(x, P(axes)))
@@ -250,8 +285,9 @@ def test_sequential_accumulation_exact_only_with_known_counts():
   with a running count buffer the early microbatches use a partial f."""
   logits = _skewed_logits(3, 3.0)
   exact, g_exact = jax.value_and_grad(_loss)(logits, 2, "micro")
-  total_counts = sum(_microbatch_pieces(logits, m).expert_counts
-                     for m in range(4))
+  total_counts = sum(
+    _microbatch_pieces(logits, m).expert_counts for m in range(4)
+  )
 
   @functools.partial(jax.jit, static_argnums=0)
   def sequential(counts_for):
@@ -260,8 +296,12 @@ def test_sequential_accumulation_exact_only_with_known_counts():
       running = running + _microbatch_pieces(logits, m).expert_counts
 
       def loss_m(x, m=m, running=running):
-        return moe.load_balancing_loss_from_pieces(
-            _microbatch_pieces(x, m), expert_counts=counts_for(running)) / 4
+        return (
+          moe.load_balancing_loss_from_pieces(
+            _microbatch_pieces(x, m), expert_counts=counts_for(running)
+          )
+          / 4
+        )
 
       v, g = jax.value_and_grad(loss_m)(logits)
       value, grad = value + v, grad + g
@@ -276,16 +316,19 @@ def test_sequential_accumulation_exact_only_with_known_counts():
 
 
 def test_load_stats():
-  counts = jnp.array([[3., 1.], [3., 1.]])
+  counts = jnp.array([[3.0, 1.0], [3.0, 1.0]])
   stats = moe.load_stats(counts, kept=jnp.array([[True, False], [True, True]]))
   np.testing.assert_allclose(stats.expert_load, [0.75, 0.25])
   np.testing.assert_allclose(stats.max_over_mean, 1.5)
   np.testing.assert_allclose(stats.dropped_fraction, 1 / 8)
   mesh, axes = MESHES["data8"]
-  local = jnp.zeros((8, E)).at[jnp.arange(8), jnp.arange(8) % E].set(1.)
-  glob = jax.shard_map(lambda c: moe.load_stats(c, axis_name=axes),
-                       mesh=mesh, in_specs=P(axes), out_specs=P())(
-                           jax.device_put(local, NamedSharding(mesh, P(axes))))
+  local = jnp.zeros((8, E)).at[jnp.arange(8), jnp.arange(8) % E].set(1.0)
+  glob = jax.shard_map(
+    lambda c: moe.load_stats(c, axis_name=axes),
+    mesh=mesh,
+    in_specs=P(axes),
+    out_specs=P(),
+  )(jax.device_put(local, NamedSharding(mesh, P(axes))))
   np.testing.assert_allclose(glob.max_over_mean, 1.0)
   np.testing.assert_allclose(glob.dropped_fraction, 0.0)
 

@@ -14,17 +14,21 @@ from lightning_jax import moe
 D, F, E = 8, 12, 4
 # fp32: same products, different summation order; bf16: inputs rounded to
 # bf16 and the hidden cast to bf16 before the down projection.
-TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-5),
-       jnp.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+TOL = {
+  jnp.float32: dict(rtol=1e-5, atol=1e-5),
+  jnp.bfloat16: dict(rtol=5e-2, atol=5e-2),
+}
 
 
 def _problem(seed, num_tokens, top_k, dtype, skew=0.0):
   rng = np.random.default_rng(seed)
   normal = lambda *shape: rng.standard_normal(shape, np.float32)
   x = jnp.asarray(normal(num_tokens, D), dtype)
-  glu_weights = moe.GLUWeights(jnp.asarray(normal(E, D, F) / 3, dtype),
-                               jnp.asarray(normal(E, D, F) / 3, dtype),
-                               jnp.asarray(normal(E, F, D) / 4, dtype))
+  glu_weights = moe.GLUWeights(
+    jnp.asarray(normal(E, D, F) / 3, dtype),
+    jnp.asarray(normal(E, D, F) / 3, dtype),
+    jnp.asarray(normal(E, F, D) / 4, dtype),
+  )
   logits = normal(num_tokens, E)
   logits[:, 0] += skew
   r = moe.route(jnp.asarray(logits), top_k)
@@ -37,13 +41,16 @@ def _dropless_vjp(x, weights, experts, glu_weights, cot, impl):
   def f(x, weights, glu_weights):
     y = moe.dropless_moe(x, weights, experts, glu_weights, impl=impl)
     return jnp.sum(y.astype(jnp.float32) * cot), y
+
   (_, y), grads = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)(
-      x, weights, glu_weights)
+    x, weights, glu_weights
+  )
   return y, grads
 
 
-@pytest.mark.parametrize("dtype,top_k", [(jnp.float32, 1), (jnp.float32, 2),
-                                         (jnp.bfloat16, 2)])
+@pytest.mark.parametrize(
+  "dtype,top_k", [(jnp.float32, 1), (jnp.float32, 2), (jnp.bfloat16, 2)]
+)
 @hypothesis.given(seed=st.integers(0, 2**16), skew=st.floats(0, 6))
 def test_dropless_ragged_equals_expert_loop(dtype, top_k, seed, skew):
   x, r, w, cot = _problem(seed, 16, top_k, dtype, skew)
@@ -51,8 +58,9 @@ def test_dropless_ragged_equals_expert_loop(dtype, top_k, seed, skew):
   ref = _dropless_vjp(x, r.weights, r.experts, w, cot, "loop")
   assert out[0].dtype == dtype
   for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
-    np.testing.assert_allclose(np.asarray(a, np.float32),
-                               np.asarray(b, np.float32), **TOL[dtype])
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32), np.asarray(b, np.float32), **TOL[dtype]
+    )
 
 
 def _expected_kept(weights, experts, capacity, drop_policy):
@@ -74,40 +82,58 @@ def _expected_kept(weights, experts, capacity, drop_policy):
 
 
 @functools.partial(jax.jit, static_argnames=("capacity_factor", "drop_policy"))
-def _capacity_vjp(x, weights, experts, glu_weights, cot, capacity_factor,
-                  drop_policy):
+def _capacity_vjp(
+  x, weights, experts, glu_weights, cot, capacity_factor, drop_policy
+):
   def f(x, weights, glu_weights):
-    y, kept = moe.capacity_moe(x, weights, experts, glu_weights,
-                               capacity_factor=capacity_factor,
-                               drop_policy=drop_policy)
+    y, kept = moe.capacity_moe(
+      x,
+      weights,
+      experts,
+      glu_weights,
+      capacity_factor=capacity_factor,
+      drop_policy=drop_policy,
+    )
     return jnp.sum(y * cot), (y, kept)
+
   (_, (y, kept)), grads = jax.value_and_grad(
-      f, argnums=(0, 1, 2), has_aux=True)(x, weights, glu_weights)
+    f, argnums=(0, 1, 2), has_aux=True
+  )(x, weights, glu_weights)
   return y, kept, grads
 
 
 @pytest.mark.parametrize("drop_policy", moe.DROP_POLICIES)
-@hypothesis.given(seed=st.integers(0, 2**16),
-                  capacity_factor=st.sampled_from((0.5, 1.5)),
-                  skew=st.floats(0, 3))
-def test_capacity_drops_exactly_expected_slots(drop_policy, seed,
-                                               capacity_factor, skew):
+@hypothesis.given(
+  seed=st.integers(0, 2**16),
+  capacity_factor=st.sampled_from((0.5, 1.5)),
+  skew=st.floats(0, 3),
+)
+def test_capacity_drops_exactly_expected_slots(
+  drop_policy, seed, capacity_factor, skew
+):
   num_tokens, top_k = 16, 2
   x, r, w, cot = _problem(seed, num_tokens, top_k, jnp.float32, skew)
-  y, kept, grads = _capacity_vjp(x, r.weights, r.experts, w, cot,
-                                 capacity_factor, drop_policy)
+  y, kept, grads = _capacity_vjp(
+    x, r.weights, r.experts, w, cot, capacity_factor, drop_policy
+  )
   capacity = moe.expert_capacity(num_tokens, top_k, E, capacity_factor)
-  expected = _expected_kept(np.asarray(r.weights), np.asarray(r.experts),
-                            capacity, drop_policy)
+  expected = _expected_kept(
+    np.asarray(r.weights), np.asarray(r.experts), capacity, drop_policy
+  )
   np.testing.assert_array_equal(kept, expected)
   # Kept slots are computed as dropless ones; dropped slots contribute 0.
-  masked = jnp.where(expected, r.weights, 0.)
+  masked = jnp.where(expected, r.weights, 0.0)
   y_ref, ref_grads = _dropless_vjp(x, masked, r.experts, w, cot, "loop")
   np.testing.assert_allclose(y, y_ref, **TOL[jnp.float32])
   # A dropped slot's router weight gets no gradient.
-  ref_grads = (ref_grads[0], jnp.where(expected, ref_grads[1], 0.),
-               ref_grads[2])
-  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+  ref_grads = (
+    ref_grads[0],
+    jnp.where(expected, ref_grads[1], 0.0),
+    ref_grads[2],
+  )
+  for a, b in zip(
+    jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True
+  ):
     np.testing.assert_allclose(a, b, **TOL[jnp.float32])
 
 
@@ -115,7 +141,8 @@ def test_fully_dropped_token_outputs_zero():
   x, _, w, _ = _problem(0, 5, 1, jnp.float32)
   experts = jnp.zeros((5, 1), jnp.int32)  # all on expert 0; capacity 2
   y, kept = jax.jit(functools.partial(moe.capacity_moe, capacity_factor=1.6))(
-      x, jnp.ones((5, 1)), experts, w)
+    x, jnp.ones((5, 1)), experts, w
+  )
   np.testing.assert_array_equal(kept[:, 0], [True, True, False, False, False])
   np.testing.assert_array_equal(y[2:], np.zeros((3, D)))
   assert np.all(np.abs(np.asarray(y[:2])) > 0)
@@ -137,8 +164,9 @@ def test_grouped_glu_equals_per_group_glu_and_pads_with_zeros():
   for e in range(E):
     rows = slice(bounds[e], bounds[e + 1])
     w_e = jax.tree.map(lambda a, e=e: a[e], w)
-    np.testing.assert_allclose(y[rows], jax.jit(moe.glu)(x[rows], w_e),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      y[rows], jax.jit(moe.glu)(x[rows], w_e), rtol=1e-5, atol=1e-6
+    )
   np.testing.assert_array_equal(y[8:], np.zeros((1, D)))
 
 
@@ -157,13 +185,16 @@ def test_bad_input():
   with pytest.raises(ValueError, match="impl"):
     moe.dropless_moe(x, r.weights, r.experts, w, impl="dense")
   with pytest.raises(ValueError, match="single-device"):
-    moe.dropless_moe(x, r.weights, r.experts, w, impl="loop",
-                     expert_axis="expert")
+    moe.dropless_moe(
+      x, r.weights, r.experts, w, impl="loop", expert_axis="expert"
+    )
   with pytest.raises(ValueError, match="activation"):
     moe.dropless_moe(x, r.weights, r.experts, w, activation="tanh")
   with pytest.raises(ValueError, match="drop_policy"):
-    moe.capacity_moe(x, r.weights, r.experts, w, capacity_factor=1.0,
-                     drop_policy="random")
+    moe.capacity_moe(
+      x, r.weights, r.experts, w, capacity_factor=1.0, drop_policy="random"
+    )
   with pytest.raises(ValueError, match="not bound"):
-    moe.capacity_moe(x, r.weights, r.experts, w, capacity_factor=1.0,
-                     expert_axis="expert")
+    moe.capacity_moe(
+      x, r.weights, r.experts, w, capacity_factor=1.0, expert_axis="expert"
+    )

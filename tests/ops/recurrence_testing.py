@@ -24,10 +24,14 @@ def unit_norm(x):
 @functools.partial(jax.jit, static_argnums=(0,))
 def outputs_and_grads(fn, args, cotangents):
   """`fn(*args) -> (o, state)`; returns them and d<o.co_o + s.co_s>/d(args)."""
+
   def loss(args):
     o, state = fn(*args)
-    return (jnp.sum(o.astype(jnp.float32) * cotangents[0])
-            + jnp.sum(state * cotangents[1])), (o, state)
+    return (
+      jnp.sum(o.astype(jnp.float32) * cotangents[0])
+      + jnp.sum(state * cotangents[1])
+    ), (o, state)
+
   grads, (o, state) = jax.grad(loss, has_aux=True)(args)
   return o, state, grads
 
@@ -37,9 +41,12 @@ def assert_trees_close(actual, expected, tol, what):
   leaves_e, tree_e = jax.tree.flatten(expected)
   assert tree_a == tree_e, what
   for i, (a, e) in enumerate(zip(leaves_a, leaves_e, strict=True)):
-    np.testing.assert_allclose(np.asarray(a, np.float32),
-                               np.asarray(e, np.float32),
-                               err_msg=f"{what} (leaf {i})", **tol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float32),
+      np.asarray(e, np.float32),
+      err_msg=f"{what} (leaf {i})",
+      **tol,
+    )
 
 
 def assert_bf16_close(got, ref):
@@ -54,5 +61,6 @@ def assert_bf16_close(got, ref):
   tol = dict(rtol=BF16_TOL["rtol"], atol=BF16_TOL["atol"] * scale)
   assert_trees_close((o, state), ref[:2], tol, "bf16 outputs")
   gscale = max(float(jnp.abs(ref[2][0]).max()), 1.0)
-  assert_trees_close(grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale),
-                     "bf16 grads")
+  assert_trees_close(
+    grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale), "bf16 grads"
+  )

@@ -21,15 +21,15 @@ from tests.ops import recurrence_testing as rt
 @st.composite
 def cases(draw):
   return dict(
-      batch=draw(st.sampled_from([1, 2])),
-      seq=draw(st.integers(1, 40)),
-      heads=draw(st.sampled_from([1, 3])),
-      dk=draw(st.sampled_from([4, 8])),
-      dv=draw(st.sampled_from([3, 8])),
-      chunk=draw(st.sampled_from([2, 4, 5, 8, 16, 32])),
-      with_state=draw(st.booleans()),
-      gated=draw(st.booleans()),
-      seed=draw(st.integers(0, 2**16)),
+    batch=draw(st.sampled_from([1, 2])),
+    seq=draw(st.integers(1, 40)),
+    heads=draw(st.sampled_from([1, 3])),
+    dk=draw(st.sampled_from([4, 8])),
+    dv=draw(st.sampled_from([3, 8])),
+    chunk=draw(st.sampled_from([2, 4, 5, 8, 16, 32])),
+    with_state=draw(st.booleans()),
+    gated=draw(st.booleans()),
+    seed=draw(st.integers(0, 2**16)),
   )
 
 
@@ -40,8 +40,11 @@ def make_inputs(case, dtype=jnp.float32):
   k = rt.unit_norm(rt.normal(ks[1], (b, t, h, dk))).astype(dtype)
   v = rt.normal(ks[2], (b, t, h, dv), dtype)
   beta = jax.nn.sigmoid(rt.normal(ks[3], (b, t, h)))
-  gate = (jax.nn.log_sigmoid(2 * rt.normal(ks[4], (b, t, h)) + 2)
-          if case["gated"] else None)
+  gate = (
+    jax.nn.log_sigmoid(2 * rt.normal(ks[4], (b, t, h)) + 2)
+    if case["gated"]
+    else None
+  )
   s0 = rt.normal(ks[5], (b, h, dk, dv)) if case["with_state"] else None
   return q, k, v, beta, gate, s0
 
@@ -49,9 +52,20 @@ def make_inputs(case, dtype=jnp.float32):
 @functools.cache
 def op_fn(impl, chunk):
   """`(q, k, v, beta, gate, s0) -> (o, state)`, one object per config."""
+
   def call(q, k, v, beta, gate, s0):
-    return ops.delta_rule(q, k, v, beta, gate, initial_state=s0, impl=impl,
-                          chunk_size=chunk, output_final_state=True)
+    return ops.delta_rule(
+      q,
+      k,
+      v,
+      beta,
+      gate,
+      initial_state=s0,
+      impl=impl,
+      chunk_size=chunk,
+      output_final_state=True,
+    )
+
   return jax.jit(call)
 
 
@@ -59,23 +73,61 @@ def run(impl, chunk, *inputs):
   q, _, v, _, _, _ = inputs
   b, t, h, dk = q.shape
   keys = jax.random.split(jax.random.key(7), 2)
-  cot = (rt.normal(keys[0], (b, t, h, v.shape[-1])),
-         rt.normal(keys[1], (b, h, dk, v.shape[-1])))
+  cot = (
+    rt.normal(keys[0], (b, t, h, v.shape[-1])),
+    rt.normal(keys[1], (b, h, dk, v.shape[-1])),
+  )
   return rt.outputs_and_grads(op_fn(impl, chunk), inputs, cot)
 
 
 @hypothesis.given(case=cases())
-@hypothesis.example(case=dict(batch=1, seq=3, heads=1, dk=4, dv=3, chunk=32,
-                              with_state=True, gated=True, seed=0))
-@hypothesis.example(case=dict(batch=2, seq=40, heads=3, dk=8, dv=8, chunk=16,
-                              with_state=False, gated=False, seed=1))
-@hypothesis.example(case=dict(batch=1, seq=39, heads=1, dk=4, dv=3, chunk=2,
-                              with_state=True, gated=True, seed=5))
+@hypothesis.example(
+  case=dict(
+    batch=1,
+    seq=3,
+    heads=1,
+    dk=4,
+    dv=3,
+    chunk=32,
+    with_state=True,
+    gated=True,
+    seed=0,
+  )
+)
+@hypothesis.example(
+  case=dict(
+    batch=2,
+    seq=40,
+    heads=3,
+    dk=8,
+    dv=8,
+    chunk=16,
+    with_state=False,
+    gated=False,
+    seed=1,
+  )
+)
+@hypothesis.example(
+  case=dict(
+    batch=1,
+    seq=39,
+    heads=1,
+    dk=4,
+    dv=3,
+    chunk=2,
+    with_state=True,
+    gated=True,
+    seed=5,
+  )
+)
 def test_chunked_equals_recurrent(case):
   inputs = make_inputs(case)
-  rt.assert_trees_close(run("chunked", case["chunk"], *inputs),
-                        run("recurrent", case["chunk"], *inputs),
-                        rt.FP32_TOL, "chunked vs recurrent")
+  rt.assert_trees_close(
+    run("chunked", case["chunk"], *inputs),
+    run("recurrent", case["chunk"], *inputs),
+    rt.FP32_TOL,
+    "chunked vs recurrent",
+  )
 
 
 @hypothesis.settings(max_examples=3)
@@ -99,22 +151,44 @@ def test_split_sequence_carrying_state_equals_one_call(case, split):
   whole, whole_state = fn(q, k, v, beta, gate, s0)
   first, mid = fn(*(part(x, first_half) for x in (q, k, v, beta, gate)), s0)
   second, end = fn(*(part(x, second_half) for x in (q, k, v, beta, gate)), mid)
-  rt.assert_trees_close((jnp.concatenate([first, second], 1), end),
-                        (whole, whole_state), rt.FP32_TOL, "split")
+  rt.assert_trees_close(
+    (jnp.concatenate([first, second], 1), end),
+    (whole, whole_state),
+    rt.FP32_TOL,
+    "split",
+  )
 
 
-CASE = dict(batch=2, seq=21, heads=2, dk=8, dv=3, chunk=8, with_state=True,
-            gated=True, seed=3)
+CASE = dict(
+  batch=2,
+  seq=21,
+  heads=2,
+  dk=8,
+  dv=3,
+  chunk=8,
+  with_state=True,
+  gated=True,
+  seed=3,
+)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
 def test_beta_zero_leaves_the_state_unchanged(impl):
   q, k, v, beta, _, s0 = make_inputs(CASE)
-  o, state = ops.delta_rule(q, k, v, jnp.zeros_like(beta), initial_state=s0,
-                            output_final_state=True, chunk_size=8, impl=impl)
+  o, state = ops.delta_rule(
+    q,
+    k,
+    v,
+    jnp.zeros_like(beta),
+    initial_state=s0,
+    output_final_state=True,
+    chunk_size=8,
+    impl=impl,
+  )
   np.testing.assert_allclose(state, s0, **rt.FP32_TOL)
-  np.testing.assert_allclose(o, jnp.einsum("bthd,bhdv->bthv", q, s0) * 8**-0.5,
-                             **rt.FP32_TOL)
+  np.testing.assert_allclose(
+    o, jnp.einsum("bthd,bhdv->bthv", q, s0) * 8**-0.5, **rt.FP32_TOL
+  )
 
 
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
@@ -123,8 +197,15 @@ def test_beta_one_with_orthonormal_keys_stores_values_exactly(impl):
   basis = jnp.linalg.qr(rt.normal(jax.random.key(0), (dk, dk)))[0]
   k = basis[:t][None, :, None, :]  # t orthonormal keys
   v = rt.normal(jax.random.key(1), (1, t, 1, 5))
-  _, state = ops.delta_rule(k, k, v, jnp.ones((1, t, 1)), chunk_size=4,
-                            output_final_state=True, impl=impl)
+  _, state = ops.delta_rule(
+    k,
+    k,
+    v,
+    jnp.ones((1, t, 1)),
+    chunk_size=4,
+    output_final_state=True,
+    impl=impl,
+  )
   retrieved = jnp.einsum("btd,dv->btv", k[:, :, 0], state[0, 0])
   np.testing.assert_allclose(retrieved, v[:, :, 0], **rt.FP32_TOL)
 
@@ -132,8 +213,16 @@ def test_beta_one_with_orthonormal_keys_stores_values_exactly(impl):
 @pytest.mark.parametrize("impl", ["chunked", "recurrent"])
 def test_huge_decay_keeps_only_the_current_token(impl):
   q, k, v, beta, _, s0 = make_inputs(CASE)
-  o = ops.delta_rule(q, k, v, beta, jnp.full(beta.shape, -1e4),
-                     initial_state=s0, chunk_size=8, impl=impl)
+  o = ops.delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    jnp.full(beta.shape, -1e4),
+    initial_state=s0,
+    chunk_size=8,
+    impl=impl,
+  )
   expected = (jnp.einsum("bthd,bthd->bth", q, k) * beta)[..., None] * v
   np.testing.assert_allclose(o, expected * 8**-0.5, **rt.FP32_TOL)
 
@@ -142,8 +231,16 @@ def test_constant_per_head_decay_equals_broadcast_gate():
   q, k, v, beta, _, s0 = make_inputs(CASE)
   per_head = ops.tnl_log_decay(1, 3, 2)
   a = ops.delta_rule(q, k, v, beta, per_head, initial_state=s0, chunk_size=8)
-  b = ops.delta_rule(q, k, v, beta, jnp.broadcast_to(per_head, beta.shape),
-                     initial_state=s0, chunk_size=8, impl="recurrent")
+  b = ops.delta_rule(
+    q,
+    k,
+    v,
+    beta,
+    jnp.broadcast_to(per_head, beta.shape),
+    initial_state=s0,
+    chunk_size=8,
+    impl="recurrent",
+  )
   np.testing.assert_allclose(a, b, **rt.FP32_TOL)
 
 
@@ -152,8 +249,9 @@ def test_unit_lower_inverse_inverts(n, seed):
   strict = jnp.tril(0.5 * rt.normal(jax.random.key(seed), (2, n, n)), -1)
   lower = strict + jnp.eye(n)[None]
   inv = ops.unit_lower_inverse(lower)
-  np.testing.assert_allclose(inv @ lower, jnp.broadcast_to(jnp.eye(n), (2, n, n)),
-                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+    inv @ lower, jnp.broadcast_to(jnp.eye(n), (2, n, n)), rtol=1e-4, atol=1e-4
+  )
   np.testing.assert_array_equal(jnp.triu(inv, 1), 0.0)
 
 

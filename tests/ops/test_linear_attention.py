@@ -25,14 +25,14 @@ IMPLS = ("chunked", "recurrent", "quadratic")
 @st.composite
 def cases(draw):
   return dict(
-      batch=draw(st.sampled_from([1, 2])),
-      seq=draw(st.integers(1, 40)),
-      heads=draw(st.sampled_from([1, 3])),
-      dk=draw(st.sampled_from([4, 8])),
-      dv=draw(st.sampled_from([3, 8])),
-      chunk=draw(st.sampled_from([2, 4, 5, 8, 16])),
-      with_state=draw(st.booleans()),
-      seed=draw(st.integers(0, 2**16)),
+    batch=draw(st.sampled_from([1, 2])),
+    seq=draw(st.integers(1, 40)),
+    heads=draw(st.sampled_from([1, 3])),
+    dk=draw(st.sampled_from([4, 8])),
+    dv=draw(st.sampled_from([3, 8])),
+    chunk=draw(st.sampled_from([2, 4, 5, 8, 16])),
+    with_state=draw(st.booleans()),
+    seed=draw(st.integers(0, 2**16)),
   )
 
 
@@ -44,11 +44,11 @@ def make_inputs(case, decay, dtype=jnp.float32):
   k = rt.normal(ks[1], (b, t, h, dk), dtype)
   v = rt.normal(ks[2], (b, t, h, dv), dtype)
   gate = {
-      "none": None,
-      "head": ops.tnl_log_decay(0, 3, h),
-      "data": jax.nn.log_sigmoid(2 * rt.normal(ks[3], (b, t, h)) + 1),
-      "vector": jax.nn.log_sigmoid(2 * rt.normal(ks[3], (b, t, h, dk)) + 1),
-      "strong": -20.0 * jax.nn.sigmoid(rt.normal(ks[3], (b, t, h, dk))),
+    "none": None,
+    "head": ops.tnl_log_decay(0, 3, h),
+    "data": jax.nn.log_sigmoid(2 * rt.normal(ks[3], (b, t, h)) + 1),
+    "vector": jax.nn.log_sigmoid(2 * rt.normal(ks[3], (b, t, h, dk)) + 1),
+    "strong": -20.0 * jax.nn.sigmoid(rt.normal(ks[3], (b, t, h, dk))),
   }[decay]
   s0 = rt.normal(ks[4], (b, h, dk, dv)) if case["with_state"] else None
   return q, k, v, gate, s0
@@ -58,9 +58,19 @@ def make_inputs(case, decay, dtype=jnp.float32):
 def op_fn(op, impl, chunk):
   """`(q, k, v, gate, s0) -> (o, state)`, one object per static config so that
   jit caches hit across hypothesis examples of the same shapes."""
+
   def call(q, k, v, gate, s0):
-    return op(q, k, v, gate, initial_state=s0, impl=impl, chunk_size=chunk,
-              output_final_state=True)
+    return op(
+      q,
+      k,
+      v,
+      gate,
+      initial_state=s0,
+      impl=impl,
+      chunk_size=chunk,
+      output_final_state=True,
+    )
+
   return jax.jit(call)
 
 
@@ -68,8 +78,10 @@ def run(op, impl, chunk, q, k, v, gate, s0):
   """Outputs, final state and gradients of a fixed random projection."""
   b, t, h, _ = q.shape
   keys = jax.random.split(jax.random.key(7), 2)
-  cot = (rt.normal(keys[0], (b, t, h, v.shape[-1])),
-         rt.normal(keys[1], (b, h, k.shape[-1], v.shape[-1])))
+  cot = (
+    rt.normal(keys[0], (b, t, h, v.shape[-1])),
+    rt.normal(keys[1], (b, h, k.shape[-1], v.shape[-1])),
+  )
   return rt.outputs_and_grads(op_fn(op, impl, chunk), (q, k, v, gate, s0), cot)
 
 
@@ -81,70 +93,99 @@ def assert_impls_agree(op, case, decay):
     rt.assert_trees_close(got, ref, rt.FP32_TOL, f"{impl} vs recurrent")
 
 
-@hypothesis.given(case=cases(),
-                  decay=st.sampled_from(["none", "head", "data"]))
-@hypothesis.example(case=dict(batch=1, seq=3, heads=1, dk=4, dv=3, chunk=16,
-                              with_state=True, seed=0), decay="data")
-@hypothesis.example(case=dict(batch=2, seq=32, heads=3, dk=8, dv=8, chunk=16,
-                              with_state=False, seed=1), decay="head")
+@hypothesis.given(case=cases(), decay=st.sampled_from(["none", "head", "data"]))
+@hypothesis.example(
+  case=dict(
+    batch=1, seq=3, heads=1, dk=4, dv=3, chunk=16, with_state=True, seed=0
+  ),
+  decay="data",
+)
+@hypothesis.example(
+  case=dict(
+    batch=2, seq=32, heads=3, dk=8, dv=8, chunk=16, with_state=False, seed=1
+  ),
+  decay="head",
+)
 def test_linear_attention_impls_agree(case, decay):
   assert_impls_agree(ops.linear_attention, case, decay)
 
 
 @hypothesis.given(case=cases(), decay=st.sampled_from(["vector", "strong"]))
-@hypothesis.example(case=dict(batch=1, seq=37, heads=1, dk=8, dv=3, chunk=16,
-                              with_state=True, seed=2), decay="strong")
-@hypothesis.example(case=dict(batch=1, seq=40, heads=1, dk=8, dv=3, chunk=2,
-                              with_state=True, seed=4), decay="vector")
+@hypothesis.example(
+  case=dict(
+    batch=1, seq=37, heads=1, dk=8, dv=3, chunk=16, with_state=True, seed=2
+  ),
+  decay="strong",
+)
+@hypothesis.example(
+  case=dict(
+    batch=1, seq=40, heads=1, dk=8, dv=3, chunk=2, with_state=True, seed=4
+  ),
+  decay="vector",
+)
 def test_gated_linear_attention_impls_agree(case, decay):
   assert_impls_agree(ops.gated_linear_attention, case, decay)
 
 
 @hypothesis.settings(max_examples=3)
-@hypothesis.given(case=cases(),
-                  op_decay=st.sampled_from([("la", "data"), ("gla", "vector")]))
+@hypothesis.given(
+  case=cases(), op_decay=st.sampled_from([("la", "data"), ("gla", "vector")])
+)
 def test_bf16_inputs_close_to_fp32_reference(case, op_decay):
   op = {"la": ops.linear_attention, "gla": ops.gated_linear_attention}[
-      op_decay[0]]
+    op_decay[0]
+  ]
   q, k, v, gate, s0 = make_inputs(case, op_decay[1], jnp.bfloat16)
   got = run(op, "chunked", case["chunk"], q, k, v, gate, s0)
   upcast = lambda x: x.astype(jnp.float32)
-  ref = run(op, "recurrent", case["chunk"], upcast(q), upcast(k), upcast(v),
-            gate, s0)
+  ref = run(
+    op, "recurrent", case["chunk"], upcast(q), upcast(k), upcast(v), gate, s0
+  )
   rt.assert_bf16_close(got, ref)
 
 
 @hypothesis.settings(max_examples=4)
-@hypothesis.given(case=cases(), split=st.integers(1, 39),
-                  impl=st.sampled_from(["chunked", "recurrent"]))
+@hypothesis.given(
+  case=cases(),
+  split=st.integers(1, 39),
+  impl=st.sampled_from(["chunked", "recurrent"]),
+)
 def test_split_sequence_carrying_state_equals_one_call(case, split, impl):
   hypothesis.assume(split < case["seq"])
   q, k, v, gate, s0 = make_inputs(case, "vector")
   fn = op_fn(ops.gated_linear_attention, impl, case["chunk"])
   whole, whole_state = fn(q, k, v, gate, s0)
-  first, mid = fn(q[:, :split], k[:, :split], v[:, :split], gate[:, :split],
-                  s0)
-  second, end = fn(q[:, split:], k[:, split:], v[:, split:], gate[:, split:],
-                   mid)
-  rt.assert_trees_close((jnp.concatenate([first, second], 1), end),
-                        (whole, whole_state), rt.FP32_TOL, "split")
+  first, mid = fn(q[:, :split], k[:, :split], v[:, :split], gate[:, :split], s0)
+  second, end = fn(
+    q[:, split:], k[:, split:], v[:, split:], gate[:, split:], mid
+  )
+  rt.assert_trees_close(
+    (jnp.concatenate([first, second], 1), end),
+    (whole, whole_state),
+    rt.FP32_TOL,
+    "split",
+  )
 
 
-CASE = dict(batch=2, seq=21, heads=2, dk=4, dv=3, chunk=8, with_state=True,
-            seed=3)
+CASE = dict(
+  batch=2, seq=21, heads=2, dk=4, dv=3, chunk=8, with_state=True, seed=3
+)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_zero_decay_is_plain_linear_attention(impl):
   q, k, v, _, s0 = make_inputs(CASE, "none")
-  plain = ops.linear_attention(q, k, v, initial_state=s0, chunk_size=8,
-                               impl=impl)
+  plain = ops.linear_attention(
+    q, k, v, initial_state=s0, chunk_size=8, impl=impl
+  )
   for gate in (jnp.zeros((2,)), jnp.zeros((2, 21, 2))):
-    zero = ops.linear_attention(q, k, v, gate, initial_state=s0, chunk_size=8,
-                                impl=impl)
+    zero = ops.linear_attention(
+      q, k, v, gate, initial_state=s0, chunk_size=8, impl=impl
+    )
     np.testing.assert_allclose(zero, plain, **rt.FP32_TOL)
-  gla = ops.gated_linear_attention(q, k, v, jnp.zeros_like(q), chunk_size=8,
-                                   initial_state=s0, impl=impl)
+  gla = ops.gated_linear_attention(
+    q, k, v, jnp.zeros_like(q), chunk_size=8, initial_state=s0, impl=impl
+  )
   np.testing.assert_allclose(gla, plain, **rt.FP32_TOL)
 
 
@@ -152,10 +193,18 @@ def test_zero_decay_is_plain_linear_attention(impl):
 def test_huge_decay_keeps_only_the_current_token(impl):
   q, k, v, _, s0 = make_inputs(CASE, "none")
   only_current = jnp.einsum("bthd,bthd->bth", q, k)[..., None] * v * 4**-0.5
-  la = ops.linear_attention(q, k, v, jnp.full((2, 21, 2), -1e4),
-                            initial_state=s0, chunk_size=8, impl=impl)
-  gla = ops.gated_linear_attention(q, k, v, jnp.full(q.shape, -1e4),
-                                   initial_state=s0, chunk_size=8, impl=impl)
+  la = ops.linear_attention(
+    q,
+    k,
+    v,
+    jnp.full((2, 21, 2), -1e4),
+    initial_state=s0,
+    chunk_size=8,
+    impl=impl,
+  )
+  gla = ops.gated_linear_attention(
+    q, k, v, jnp.full(q.shape, -1e4), initial_state=s0, chunk_size=8, impl=impl
+  )
   np.testing.assert_allclose(la, only_current, **rt.FP32_TOL)
   np.testing.assert_allclose(gla, only_current, **rt.FP32_TOL)
 
@@ -164,8 +213,9 @@ def test_strong_gates_stay_finite_with_finite_gradients():
   """log_forget = -20 on whole chunks overflows a naive exp(-cumsum) form."""
   q, k, v, _, s0 = make_inputs(dict(CASE, seq=64, chunk=64), "none")
   gate = jnp.full(q.shape, -20.0).at[:, 10:20].set(-0.01)
-  o, _, grads = run(ops.gated_linear_attention, "chunked", 64, q, k, v, gate,
-                    s0)
+  o, _, grads = run(
+    ops.gated_linear_attention, "chunked", 64, q, k, v, gate, s0
+  )
   assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves((o, grads)))
   ref = run(ops.gated_linear_attention, "recurrent", 64, q, k, v, gate, s0)
   rt.assert_trees_close((o, grads), (ref[0], ref[2]), rt.FP32_TOL, "strong")
@@ -181,24 +231,30 @@ def test_hgrn2_is_gla_with_input_gate_one_minus_forget():
     h = f_t[..., None] * h + (1 - f_t)[..., None] * i_t[..., None, :]
     return h, jnp.einsum("bhd,bhdv->bhv", q_t, h)
 
-  _, expected = jax.lax.scan(step, jnp.zeros((2, 2, 4, 3)),
-                             (q.swapaxes(0, 1), forget.swapaxes(0, 1),
-                              v.swapaxes(0, 1)))
-  got = ops.gated_linear_attention(q, 1 - forget, v, gate, scale=1.0,
-                                   chunk_size=8)
+  _, expected = jax.lax.scan(
+    step,
+    jnp.zeros((2, 2, 4, 3)),
+    (q.swapaxes(0, 1), forget.swapaxes(0, 1), v.swapaxes(0, 1)),
+  )
+  got = ops.gated_linear_attention(
+    q, 1 - forget, v, gate, scale=1.0, chunk_size=8
+  )
   np.testing.assert_allclose(got, expected.swapaxes(0, 1), **rt.FP32_TOL)
 
 
 def test_tnl_log_decay_matches_alibi_slopes_and_depth_rule():
   slopes8 = 2.0 ** -np.arange(1, 9)
-  np.testing.assert_allclose(ops.tnl_log_decay(0, 4, 8), -slopes8 * (1 + 1e-5),
-                             rtol=1e-6)
-  np.testing.assert_allclose(ops.tnl_log_decay(3, 4, 8), -slopes8 * 1e-5,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ops.tnl_log_decay(0, 4, 8), -slopes8 * (1 + 1e-5), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    ops.tnl_log_decay(3, 4, 8), -slopes8 * 1e-5, rtol=1e-6
+  )
   # Non-power-of-two heads: 4 slopes of H=4 then every other one of H=8.
   slopes6 = np.array([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3])
-  np.testing.assert_allclose(ops.tnl_log_decay(1, 3, 6), -slopes6 * (0.5 + 1e-5),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    ops.tnl_log_decay(1, 3, 6), -slopes6 * (0.5 + 1e-5), rtol=1e-6
+  )
   with pytest.raises(ValueError, match="layer_idx"):
     ops.tnl_log_decay(4, 4, 8)
 
@@ -216,16 +272,20 @@ def test_chunked_backward_keeps_no_per_step_states():
 
   def temp_bytes(impl):
     loss = lambda q, k, v, g: ops.linear_attention(q, k, v, g, impl=impl).sum()
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(
-        x, x, x, gate).compile()
+    compiled = (
+      jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+      .lower(x, x, x, gate)
+      .compile()
+    )
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes("chunked") < per_step_states / 2
   assert temp_bytes("recurrent") >= per_step_states
 
 
-@pytest.mark.parametrize("op", [ops.linear_attention,
-                                ops.gated_linear_attention])
+@pytest.mark.parametrize(
+  "op", [ops.linear_attention, ops.gated_linear_attention]
+)
 def test_bad_input_names_the_argument(op):
   q, k, v, _, _ = make_inputs(CASE, "none")
   gate = None if op is ops.linear_attention else jnp.zeros_like(q)

@@ -22,8 +22,9 @@ BF16_TOL = dict(atol=2e-2, rtol=2e-2)
 
 @functools.partial(jax.jit, static_argnames=("window", "sink", "impl"))
 def _value_and_vjp(q, k, v, dout, *, window, sink, impl):
-  fn = lambda q, k, v: ops.moa_attention(q, k, v, list(window), sink=sink,
-                                         block_size=8, impl=impl)
+  fn = lambda q, k, v: ops.moa_attention(
+    q, k, v, list(window), sink=sink, block_size=8, impl=impl
+  )
   out, vjp = jax.vjp(fn, q, k, v)
   return out, vjp(dout)
 
@@ -31,14 +32,20 @@ def _value_and_vjp(q, k, v, dout, *, window, sink, impl):
 @functools.partial(jax.jit, static_argnames=("window", "sink"))
 def _blocked_and_dense(q, k, v, dout, *, window, sink):
   """Both impls in one program (one compilation per test example)."""
-  return [_value_and_vjp(q, k, v, dout, window=window, sink=sink, impl=impl)
-          for impl in ("blocked", "dense")]
+  return [
+    _value_and_vjp(q, k, v, dout, window=window, sink=sink, impl=impl)
+    for impl in ("blocked", "dense")
+  ]
 
 
 def _inputs(seed, seq, heads, kv_heads, dtype=jnp.float32):
   rng = np.random.default_rng(seed)  # numpy: no compilation per shape
-  shapes = [(2, seq, heads, 8), (2, seq, kv_heads, 8), (2, seq, kv_heads, 6),
-            (2, seq, heads, 6)]
+  shapes = [
+    (2, seq, heads, 8),
+    (2, seq, kv_heads, 8),
+    (2, seq, kv_heads, 6),
+    (2, seq, heads, 6),
+  ]
   return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
 
 
@@ -48,9 +55,15 @@ def _configs(draw):
   kv_heads = draw(st.sampled_from([1, 2]))
   heads = kv_heads * draw(st.sampled_from([1, 2]))
   # Windows of 1, inside the sequence, and >= seq (dense heads).
-  window = tuple(draw(st.lists(
-      st.one_of(st.just(1), st.integers(1, seq + 4)),
-      min_size=heads, max_size=heads)))
+  window = tuple(
+    draw(
+      st.lists(
+        st.one_of(st.just(1), st.integers(1, seq + 4)),
+        min_size=heads,
+        max_size=heads,
+      )
+    )
+  )
   sink = draw(st.sampled_from([0, 1, 3, 9]))
   return seq, heads, kv_heads, window, sink
 
@@ -60,55 +73,88 @@ def test_blocked_matches_dense(config, seed):
   seq, heads, kv_heads, window, sink = config
   args = _inputs(seed, seq, heads, kv_heads)
   (got, got_grads), (want, want_grads) = _blocked_and_dense(
-      *args, window=window, sink=sink)
+    *args, window=window, sink=sink
+  )
   np.testing.assert_allclose(got, want, **F32_TOL)
   for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, **F32_TOL)
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sink",
-                                             "tile_elements", "lanes"))
-def _split_tiles_and_dense(q, k, v, dout, *, window, sink, tile_elements,
-                           lanes):
+@functools.partial(
+  jax.jit, static_argnames=("window", "sink", "tile_elements", "lanes")
+)
+def _split_tiles_and_dense(
+  q, k, v, dout, *, window, sink, tile_elements, lanes
+):
   """The kernel with tiles of at most `tile_elements` scores and `lanes`
   tiles per loop iteration vs the dense impl (windows sorted, one kv head
   per q head, as `moa_attention` passes)."""
   blocked = lambda q, k, v: _blocked.blocked_attention(
-      q, k, v, windows=window, sink=sink, causal=True, offset=0, block=8,
-      tile_elements=tile_elements, lanes=lanes)
-  dense = lambda q, k, v: ops.moa_attention(q, k, v, list(window), sink=sink,
-                                            scale=1.0, impl="dense")
-  return [(lambda out, vjp: (out, vjp(dout)))(*jax.vjp(fn, q, k, v))
-          for fn in (blocked, dense)]
+    q,
+    k,
+    v,
+    windows=window,
+    sink=sink,
+    causal=True,
+    offset=0,
+    block=8,
+    tile_elements=tile_elements,
+    lanes=lanes,
+  )
+  dense = lambda q, k, v: ops.moa_attention(
+    q, k, v, list(window), sink=sink, scale=1.0, impl="dense"
+  )
+  return [
+    (lambda out, vjp: (out, vjp(dout)))(*jax.vjp(fn, q, k, v))
+    for fn in (blocked, dense)
+  ]
 
 
-def _assert_split_tiles_match_dense(seq, heads, window, sink, tile_elements,
-                                    lanes, seed):
+def _assert_split_tiles_match_dense(
+  seq, heads, window, sink, tile_elements, lanes, seed
+):
   args = _inputs(seed, seq, heads, heads)
   (got, got_grads), (want, want_grads) = _split_tiles_and_dense(
-      *args, window=tuple(sorted(window, reverse=True)), sink=sink,
-      tile_elements=tile_elements, lanes=lanes)
+    *args,
+    window=tuple(sorted(window, reverse=True)),
+    sink=sink,
+    tile_elements=tile_elements,
+    lanes=lanes,
+  )
   np.testing.assert_allclose(got, want, **F32_TOL)
   for g, w in zip(got_grads, want_grads, strict=True):
     np.testing.assert_allclose(g, w, **F32_TOL)
 
 
-@hypothesis.given(config=_configs(), seed=st.integers(0, 2**16),
-                  tile_elements=st.sampled_from([1, 40, 300]),
-                  lanes=st.sampled_from([1, 3, 8]))
-def test_heads_split_across_tiles_match_dense(config, seed, tile_elements,
-                                              lanes):
+@hypothesis.given(
+  config=_configs(),
+  seed=st.integers(0, 2**16),
+  tile_elements=st.sampled_from([1, 40, 300]),
+  lanes=st.sampled_from([1, 3, 8]),
+)
+def test_heads_split_across_tiles_match_dense(
+  config, seed, tile_elements, lanes
+):
   # Small tiles split a window group's heads over several tiles; few lanes
   # turn runs of two or more chunks into loops.
   seq, heads, _, window, sink = config
-  _assert_split_tiles_match_dense(seq, heads, window, sink, tile_elements,
-                                  lanes, seed)
+  _assert_split_tiles_match_dense(
+    seq, heads, window, sink, tile_elements, lanes, seed
+  )
 
 
 def _pattern(seq, window, sink, tile_elements, lanes):
   return _blocked.make_pattern(
-      seq, seq, windows=sorted(window, reverse=True), sink=sink, causal=True,
-      offset=0, block=8, tile_elements=tile_elements, lanes=lanes)
+    seq,
+    seq,
+    windows=sorted(window, reverse=True),
+    sink=sink,
+    causal=True,
+    offset=0,
+    block=8,
+    tile_elements=tile_elements,
+    lanes=lanes,
+  )
 
 
 def _has_loop(plan):
@@ -124,27 +170,28 @@ def test_band_chunks_run_as_loops(sink):
   seq, window = 64, [9, 9]
   plan = _blocked._plan(_pattern(seq, window, sink, 8 * 16, lanes=4))
   loops = [item for item in plan if isinstance(item, _blocked._Loop)]
-  assert [(len(lp.tiles), lp.steps, lp.stride) for lp in loops] == [
-      (4, 3, 16)]
+  assert [(len(lp.tiles), lp.steps, lp.stride) for lp in loops] == [(4, 3, 16)]
   assert sum(isinstance(item, _blocked._Tile) for item in plan) == 2 * 2
   # The loop visits exactly the tiles of the all-static plan.
   all_static = _pattern(seq, window, sink, 8 * 16, lanes=64)
   assert not _has_loop(_blocked._plan(all_static))
   assert _blocked.visited_pairs(_pattern(seq, window, sink, 8 * 16, 4)) == (
-      _blocked.visited_pairs(all_static))
+    _blocked.visited_pairs(all_static)
+  )
   _assert_split_tiles_match_dense(seq, 2, window, sink, 8 * 16, 4, seed=0)
   # Dense heads (keys from 0, growing) never form a loop.
-  assert not _has_loop(_blocked._plan(_pattern(seq, [seq, seq], sink,
-                                               8 * 16, lanes=1)))
+  assert not _has_loop(
+    _blocked._plan(_pattern(seq, [seq, seq], sink, 8 * 16, lanes=1))
+  )
 
 
 def test_bf16_inputs():
   window = (30, 5, 1, 12)
   args = _inputs(3, 30, 4, 2, jnp.bfloat16)
-  got, got_grads = _value_and_vjp(*args, window=window, sink=2,
-                                  impl="blocked")
-  want, want_grads = _value_and_vjp(*[x.astype(jnp.float32) for x in args],
-                                    window=window, sink=2, impl="dense")
+  got, got_grads = _value_and_vjp(*args, window=window, sink=2, impl="blocked")
+  want, want_grads = _value_and_vjp(
+    *[x.astype(jnp.float32) for x in args], window=window, sink=2, impl="dense"
+  )
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, **BF16_TOL)
   for g, w in zip(got_grads, want_grads, strict=True):
@@ -167,16 +214,25 @@ def test_window_one_without_sink_returns_own_value():
 
 def _compiled(seq, window, impl, sink=0):
   x = jax.ShapeDtypeStruct((1, seq, len(window), 16), jnp.float32)
-  fn = lambda q, k, v: ops.moa_attention(q, k, v, window, sink=sink,
-                                         block_size=16, impl=impl)
+  fn = lambda q, k, v: ops.moa_attention(
+    q, k, v, window, sink=sink, block_size=16, impl=impl
+  )
   return jax.jit(fn).lower(x, x, x).compile()
 
 
 def _visited(seq, window, sink=0):
   """Score entries the tiles visit (heads sorted by window, as the op does)."""
-  return _blocked.visited_pairs(_blocked.make_pattern(
-      seq, seq, windows=sorted(window, reverse=True), sink=sink, causal=True,
-      offset=0, block=16))
+  return _blocked.visited_pairs(
+    _blocked.make_pattern(
+      seq,
+      seq,
+      windows=sorted(window, reverse=True),
+      sink=sink,
+      causal=True,
+      offset=0,
+      block=16,
+    )
+  )
 
 
 def test_blocked_work_and_memory_fall_with_density():
@@ -206,13 +262,17 @@ def test_blocked_work_and_memory_fall_with_density():
   assert temp(_compiled(long_seq, [20] * 2, "dense")) >= score_bytes
 
 
-@hypothesis.given(window=st.lists(st.integers(1, 40), min_size=1, max_size=3),
-                  seq=st.integers(1, 33), sink=st.integers(0, 40))
+@hypothesis.given(
+  window=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+  seq=st.integers(1, 33),
+  sink=st.integers(0, 40),
+)
 def test_density_counts_the_mask(window, seq, sink):
   mask = ops.moa_mask(jnp.asarray(window), seq, sink)
   want = np.asarray(mask).sum((1, 2)) / (seq * (seq + 1) / 2)
-  np.testing.assert_allclose(ops.moa_density(window, seq, sink), want,
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    ops.moa_density(window, seq, sink), want, rtol=1e-12
+  )
 
 
 def test_moa_windows_elastic_rule():
@@ -223,13 +283,15 @@ def test_moa_windows_elastic_rule():
     assert w.dtype == np.int64
     want = np.clip(np.round(alpha + beta * n), 1, n)
     np.testing.assert_array_equal(w, want)
-  np.testing.assert_array_equal(ops.moa_windows(alpha, beta, 1024),
-                                [64, 512, 266, 1, 1024])
+  np.testing.assert_array_equal(
+    ops.moa_windows(alpha, beta, 1024), [64, 512, 266, 1, 1024]
+  )
 
 
 def test_plan_json_in_the_authors_format(tmp_path):
-  text = json.dumps({"alphas": [[64, 1024], [8, 0]],
-                     "betas": [[0.0, 0.25], [0.5, 1.0]]})
+  text = json.dumps(
+    {"alphas": [[64, 1024], [8, 0]], "betas": [[0.0, 0.25], [0.5, 1.0]]}
+  )
   plan = ops.MoAPlan.from_json(text)
   assert plan.num_layers == 2
   np.testing.assert_array_equal(plan.windows(0, 4096), [64, 2048])
@@ -253,13 +315,15 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match="`window`.*integers"):
     ops.moa_attention(q, kv, kv, [4.5, 1.0, 4.0, 4.0])
   with pytest.raises(ValueError, match="`k`"):
-    ops.moa_attention(q, jnp.zeros((1, 8, 3, 4)), jnp.zeros((1, 8, 3, 4)),
-                      [4, 4, 4, 4])
+    ops.moa_attention(
+      q, jnp.zeros((1, 8, 3, 4)), jnp.zeros((1, 8, 3, 4)), [4, 4, 4, 4]
+    )
   with pytest.raises(ValueError, match="`sink`"):
     ops.moa_attention(q, kv, kv, [4, 4, 4, 4], sink=-1)
   with pytest.raises(ValueError, match="`window` must be concrete"):
     jax.jit(lambda w: ops.moa_attention(q, kv, kv, w))(jnp.ones(4, jnp.int32))
   # A traced window is fine for the dense reference.
   out = jax.jit(lambda w: ops.moa_attention(q, kv, kv, w, impl="dense"))(
-      jnp.ones(4, jnp.int32))
+    jnp.ones(4, jnp.int32)
+  )
   assert out.shape == (1, 8, 4, 4)

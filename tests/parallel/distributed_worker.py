@@ -24,14 +24,17 @@ D, F, BATCH = 16, 32, 8
 
 def _init(key):
   k1, k2 = jax.random.split(key)
-  return {"w_up": jax.random.normal(k1, (D, F)) / D**0.5,
-          "w_down": jax.random.normal(k2, (F, D)) / F**0.5}
+  return {
+    "w_up": jax.random.normal(k1, (D, F)) / D**0.5,
+    "w_down": jax.random.normal(k2, (F, D)) / F**0.5,
+  }
 
 
 def _step(params, batch):
   def loss_fn(p):
     h = jax.nn.relu(batch["x"] @ p["w_up"]) @ p["w_down"]
     return jnp.mean((h - batch["y"]) ** 2)
+
   loss, grads = jax.value_and_grad(loss_fn)(params)
   return jax.tree.map(lambda w, g: w - 0.2 * g, params, grads), {"loss": loss}
 
@@ -39,20 +42,26 @@ def _step(params, batch):
 def _batch(step, sharding):
   """The global batch of `step`; each process builds only its own shards."""
   rng = np.random.default_rng(step)
-  arrays = {"x": rng.normal(size=(BATCH, D)).astype(np.float32),
-            "y": rng.normal(size=(BATCH, D)).astype(np.float32)}
-  return {k: jax.make_array_from_callback(a.shape, sharding, a.__getitem__)
-          for k, a in arrays.items()}
+  arrays = {
+    "x": rng.normal(size=(BATCH, D)).astype(np.float32),
+    "y": rng.normal(size=(BATCH, D)).astype(np.float32),
+  }
+  return {
+    k: jax.make_array_from_callback(a.shape, sharding, a.__getitem__)
+    for k, a in arrays.items()
+  }
 
 
-def train(steps: int, die_after_step: int | None = None,
-          report=lambda step, loss: None) -> list[float]:
+def train(
+  steps: int, die_after_step: int | None = None, report=lambda step, loss: None
+) -> list[float]:
   """Losses of `steps` sharded steps over all devices of all processes."""
   mesh = parallel.make_mesh(MESH)
   params = parallel.init_sharded(_init, jax.random.key(0), mesh)
   shardings = jax.tree.map(lambda x: x.sharding, params)
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-      ("data", "fsdp")))
+  rows = jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec(("data", "fsdp"))
+  )
   step = parallel.shard_step(_step, mesh, shardings, rows)
   losses = []
   for i in range(steps):
@@ -74,12 +83,25 @@ def main(argv):
   parser.add_argument("--heartbeat_timeout", type=int, default=30)
   args = parser.parse_args(argv)
   parallel.initialize_distributed(
-      args.coordinator, args.num_processes, args.process_id,
-      local_cpu_devices=4, heartbeat_timeout_seconds=args.heartbeat_timeout,
-      initialization_timeout=60, shutdown_timeout_seconds=10)
-  report = lambda step, loss: print(json.dumps(
-      {"process": jax.process_index(), "devices": jax.device_count(),
-       "step": step, "loss": loss}), flush=True)
+    args.coordinator,
+    args.num_processes,
+    args.process_id,
+    local_cpu_devices=4,
+    heartbeat_timeout_seconds=args.heartbeat_timeout,
+    initialization_timeout=60,
+    shutdown_timeout_seconds=10,
+  )
+  report = lambda step, loss: print(
+    json.dumps(
+      {
+        "process": jax.process_index(),
+        "devices": jax.device_count(),
+        "step": step,
+        "loss": loss,
+      }
+    ),
+    flush=True,
+  )
   train(args.steps, args.die_after_step, report)
 
 

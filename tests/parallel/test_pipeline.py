@@ -27,10 +27,20 @@ _LOSS_CFG = training.LossConfig(lbl_coef=0.1, z_coef=0.01)
 
 def _model(num_layers, **overrides):
   """One attention + MoE block per layer, 16 wide (cheap to compile)."""
-  fields = dict(vocab_size=_VOCAB, d_model=16, num_layers=num_layers,
-                pattern=("attention",), ffn_pattern=("moe",), num_heads=2,
-                head_dim=8, num_experts=4, top_k=2, moe_d_ff=16,
-                attention_impl="reference", tie_embeddings=False)
+  fields = dict(
+    vocab_size=_VOCAB,
+    d_model=16,
+    num_layers=num_layers,
+    pattern=("attention",),
+    ffn_pattern=("moe",),
+    num_heads=2,
+    head_dim=8,
+    num_experts=4,
+    top_k=2,
+    moe_d_ff=16,
+    attention_impl="reference",
+    tie_embeddings=False,
+  )
   fields.update(overrides)
   return models.get_preset("moe-hybrid", **fields)
 
@@ -38,9 +48,11 @@ def _model(num_layers, **overrides):
 def _batch():
   k1, k2 = jax.random.split(jax.random.key(1))
   positions = jnp.arange(_BATCH * _SEQ).reshape(_BATCH, _SEQ)
-  return {"inputs": jax.random.randint(k1, (_BATCH, _SEQ), 0, _VOCAB),
-          "targets": jax.random.randint(k2, (_BATCH, _SEQ), 0, _VOCAB),
-          "mask": (positions % 5 != 0).astype(jnp.float32)}
+  return {
+    "inputs": jax.random.randint(k1, (_BATCH, _SEQ), 0, _VOCAB),
+    "targets": jax.random.randint(k2, (_BATCH, _SEQ), 0, _VOCAB),
+    "mask": (positions % 5 != 0).astype(jnp.float32),
+  }
 
 
 @functools.cache
@@ -50,10 +62,10 @@ def _reference(num_layers, **overrides):
   params = models.init(jax.random.key(num_layers), cfg)
   batch = _batch()
   grad_fn = jax.value_and_grad(
-      functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=_LOSS_CFG),
-      has_aux=True)
-  return cfg, params, batch, jax.jit(grad_fn)(params, batch,
-                                              jax.random.key(0))
+    functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=_LOSS_CFG),
+    has_aux=True,
+  )
+  return cfg, params, batch, jax.jit(grad_fn)(params, batch, jax.random.key(0))
 
 
 def _assert_same(got, want, grad_atol=2e-5):
@@ -62,63 +74,95 @@ def _assert_same(got, want, grad_atol=2e-5):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   assert set(metrics) == set(want_metrics)
   for name in want_metrics:
-    np.testing.assert_allclose(metrics[name], want_metrics[name], rtol=1e-5,
-                               atol=1e-6, err_msg=name)
-  for path, g, w in zip(jax.tree_util.tree_leaves_with_path(want_grads),
-                        jax.tree.leaves(grads), jax.tree.leaves(want_grads),
-                        strict=True):
+    np.testing.assert_allclose(
+      metrics[name], want_metrics[name], rtol=1e-5, atol=1e-6, err_msg=name
+    )
+  for path, g, w in zip(
+    jax.tree_util.tree_leaves_with_path(want_grads),
+    jax.tree.leaves(grads),
+    jax.tree.leaves(want_grads),
+    strict=True,
+  ):
     scale = float(jnp.max(jnp.abs(w))) + 1e-12
-    np.testing.assert_allclose(g, w, rtol=0, atol=grad_atol * scale,
-                               err_msg=jax.tree_util.keystr(path[0]))
+    np.testing.assert_allclose(
+      g,
+      w,
+      rtol=0,
+      atol=grad_atol * scale,
+      err_msg=jax.tree_util.keystr(path[0]),
+    )
 
 
 def _pipe_mesh(num_stages):
   """`pipe` alone (compiles faster; mixed meshes are tested below)."""
-  return parallel.make_mesh({"pipe": num_stages},
-                            devices=jax.devices()[:num_stages])
+  return parallel.make_mesh(
+    {"pipe": num_stages}, devices=jax.devices()[:num_stages]
+  )
 
 
-@pytest.mark.parametrize("schedule,repeats", [
-    ("gpipe", 1), ("circular", 2), ("1f1b", 1)])
+@pytest.mark.parametrize(
+  "schedule,repeats", [("gpipe", 1), ("circular", 2), ("1f1b", 1)]
+)
 @pytest.mark.parametrize("num_stages", [2, 4])
 @pytest.mark.parametrize("microbatches_per_stage", [1, 2, 3])
-def test_pipelined_equals_sequential(schedule, repeats, num_stages,
-                                     microbatches_per_stage):
+def test_pipelined_equals_sequential(
+  schedule, repeats, num_stages, microbatches_per_stage
+):
   num_layers = num_stages * repeats  # one layer per virtual stage
   cfg, params, batch, want = _reference(num_layers)
   grad_fn = pipeline.pipeline_grad_fn(
-      cfg, _LOSS_CFG, _pipe_mesh(num_stages), schedule=schedule,
-      num_microbatches=microbatches_per_stage * num_stages, repeats=repeats)
+    cfg,
+    _LOSS_CFG,
+    _pipe_mesh(num_stages),
+    schedule=schedule,
+    num_microbatches=microbatches_per_stage * num_stages,
+    repeats=repeats,
+  )
   stacked = pipeline.to_pipeline_params(params, num_stages, repeats)
   (loss, metrics), grads = jax.jit(grad_fn)(stacked, batch, jax.random.key(0))
   assert jax.tree.structure(grads) == jax.tree.structure(stacked)
   _assert_same(((loss, metrics), pipeline.from_pipeline_params(grads)), want)
 
 
-@pytest.mark.parametrize("schedule,repeats,grad_atol", [
-    ("gpipe", 1, 5e-4), ("circular", 2, 1e-3), ("1f1b", 1, 5e-4)])
-def test_recurrent_mixers_pipelined_equal_sequential(schedule, repeats,
-                                                     grad_atol):
+@pytest.mark.parametrize(
+  "schedule,repeats,grad_atol",
+  [("gpipe", 1, 5e-4), ("circular", 2, 1e-3), ("1f1b", 1, 5e-4)],
+)
+def test_recurrent_mixers_pipelined_equal_sequential(
+  schedule, repeats, grad_atol
+):
   # Stages of Lightning + Gated DeltaNet (+ MoE): their ops scan a zero
   # state, which must vary over `pipe` like the activations. Gradients
   # differ by float reassociation, more in the 8-layer circular model: on an
   # AVX2 machine one `embed` entry of 512 was off by 5.4e-4 of the largest.
   pattern = ("lightning", "gated_deltanet")
-  cfg, params, batch, want = _reference(2 * len(pattern) * repeats,
-                                        pattern=pattern, chunk_size=4)
-  grad_fn = pipeline.pipeline_grad_fn(cfg, _LOSS_CFG, _pipe_mesh(2),
-                                      schedule=schedule, num_microbatches=4,
-                                      repeats=repeats)
+  cfg, params, batch, want = _reference(
+    2 * len(pattern) * repeats, pattern=pattern, chunk_size=4
+  )
+  grad_fn = pipeline.pipeline_grad_fn(
+    cfg,
+    _LOSS_CFG,
+    _pipe_mesh(2),
+    schedule=schedule,
+    num_microbatches=4,
+    repeats=repeats,
+  )
   stacked = pipeline.to_pipeline_params(params, 2, repeats)
   (loss, metrics), grads = jax.jit(grad_fn)(stacked, batch, jax.random.key(0))
-  _assert_same(((loss, metrics), pipeline.from_pipeline_params(grads)), want,
-               grad_atol=grad_atol)
+  _assert_same(
+    ((loss, metrics), pipeline.from_pipeline_params(grads)),
+    want,
+    grad_atol=grad_atol,
+  )
 
 
-@pytest.mark.parametrize("spec,schedule", [
+@pytest.mark.parametrize(
+  "spec,schedule",
+  [
     ("data=2,pipe=2,expert=2", "1f1b"),
     ("fsdp=2,pipe=2,tensor=2", "gpipe"),
-])
+  ],
+)
 def test_mixed_mesh_equals_single_device(spec, schedule):
   cfg, params, batch, want = _reference(2)
   mesh = parallel.make_mesh(spec)
@@ -126,18 +170,24 @@ def test_mixed_mesh_equals_single_device(spec, schedule):
   shardings = parallel.param_shardings(stacked, mesh, stage_axis=1)
   stacked = jax.device_put(stacked, shardings)
   batch = jax.device_put(batch, parallel.batch_sharding(mesh))
-  grad_fn = pipeline.pipeline_grad_fn(cfg, _LOSS_CFG, mesh, schedule=schedule,
-                                      num_microbatches=4)
+  grad_fn = pipeline.pipeline_grad_fn(
+    cfg, _LOSS_CFG, mesh, schedule=schedule, num_microbatches=4
+  )
   got = jax.jit(grad_fn, out_shardings=(None, shardings))(
-      stacked, batch, jax.random.key(0))
-  assert got[1]["stages"][0]["ffn"]["experts"]["w_up"].sharding == (
-      shardings["stages"][0]["ffn"]["experts"]["w_up"])
+    stacked, batch, jax.random.key(0)
+  )
+  assert (
+    got[1]["stages"][0]["ffn"]["experts"]["w_up"].sharding
+    == (shardings["stages"][0]["ffn"]["experts"]["w_up"])
+  )
   _assert_same((got[0], pipeline.from_pipeline_params(got[1])), want)
 
 
 def test_stack_unstack_round_trip():
-  layers = tuple({"w": jnp.full((3,), float(i)), "b": {"c": jnp.ones(2) * i}}
-                 for i in range(8))
+  layers = tuple(
+    {"w": jnp.full((3,), float(i)), "b": {"c": jnp.ones(2) * i}}
+    for i in range(8)
+  )
   stacked = pipeline.stack_stages(layers, num_stages=2, repeats=2)
   assert len(stacked) == 2  # two layers per virtual stage
   assert stacked[0]["w"].shape == (2, 2, 3)  # [repeats, stages, ...]
@@ -161,9 +211,11 @@ def test_bad_input():
   with pytest.raises(ValueError, match="structurally identical"):
     pipeline.stage_block_configs(models.block_configs(hybrid), 2)
   with pytest.raises(ValueError, match="'pipe' axis"):
-    pipeline.pipeline_grad_fn(cfg, _LOSS_CFG, parallel.make_mesh("data=8"),
-                              num_microbatches=2)
-  grad_fn = pipeline.pipeline_grad_fn(cfg, _LOSS_CFG, _pipe_mesh(2),
-                                      num_microbatches=5)
+    pipeline.pipeline_grad_fn(
+      cfg, _LOSS_CFG, parallel.make_mesh("data=8"), num_microbatches=2
+    )
+  grad_fn = pipeline.pipeline_grad_fn(
+    cfg, _LOSS_CFG, _pipe_mesh(2), num_microbatches=5
+  )
   with pytest.raises(ValueError, match="divisible by num_microbatches"):
     grad_fn(pipeline.to_pipeline_params(params, 2), _batch(), None)

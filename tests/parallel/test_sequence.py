@@ -1,4 +1,5 @@
-"""Sequence-parallel recurrences == the single-device ops (outputs, states, grads).
+"""Sequence-parallel recurrences == the single-device ops (outputs, states,
+grads).
 
 The sequence-parallel path runs the chunked kernels on each device; the
 reference is the single-device recurrent impl (a scan over time).
@@ -36,17 +37,24 @@ def _inputs(key, kind, t=T):
 
 
 OPS = {
-    "tnl": (parallel.sp_linear_attention, ops.linear_attention),
-    "gated_linear_attention": (parallel.sp_gated_linear_attention,
-                               ops.gated_linear_attention),
-    "delta_rule": (parallel.sp_delta_rule, ops.delta_rule),
-    "gated_delta_rule": (parallel.sp_delta_rule, ops.delta_rule),
+  "tnl": (parallel.sp_linear_attention, ops.linear_attention),
+  "gated_linear_attention": (
+    parallel.sp_gated_linear_attention,
+    ops.gated_linear_attention,
+  ),
+  "delta_rule": (parallel.sp_delta_rule, ops.delta_rule),
+  "gated_delta_rule": (parallel.sp_delta_rule, ops.delta_rule),
 }
 
 
 def _with_state(fn, **kwargs):
-  return lambda *a: fn(*a[:-1], initial_state=a[-1], output_final_state=True,
-                       chunk_size=CHUNK, **kwargs)
+  return lambda *a: fn(
+    *a[:-1],
+    initial_state=a[-1],
+    output_final_state=True,
+    chunk_size=CHUNK,
+    **kwargs,
+  )
 
 
 @functools.cache
@@ -64,8 +72,12 @@ def _single_device(kind):
 # Devices per op: every op once (two compiles each), every P in {2, 4, 8}.
 # Lightning / TNL decays are a constant per head (replicated over devices);
 # the data-dependent scalar gate shares their code after `scalar_log_decay`.
-DEVICES = {"tnl": 8, "gated_linear_attention": 2, "delta_rule": 4,
-           "gated_delta_rule": 8}
+DEVICES = {
+  "tnl": 8,
+  "gated_linear_attention": 2,
+  "delta_rule": 4,
+  "gated_delta_rule": 8,
+}
 
 
 @hypothesis.settings(max_examples=6)
@@ -73,16 +85,21 @@ DEVICES = {"tnl": 8, "gated_linear_attention": 2, "delta_rule": 4,
 def test_sequence_parallel_matches_single_device(kind, seed):
   devices = DEVICES[kind]
   args, state = _inputs(jax.random.key(seed), kind)
-  cotangents = (rt.normal(jax.random.key(seed + 1), (B, T, H, DV)),
-                rt.normal(jax.random.key(seed + 2), (B, H, DK, DV)))
-  got = rt.outputs_and_grads(_sequence_parallel(kind, devices),
-                             (*args, state), cotangents)
+  cotangents = (
+    rt.normal(jax.random.key(seed + 1), (B, T, H, DV)),
+    rt.normal(jax.random.key(seed + 2), (B, H, DK, DV)),
+  )
+  got = rt.outputs_and_grads(
+    _sequence_parallel(kind, devices), (*args, state), cotangents
+  )
   want = rt.outputs_and_grads(_single_device(kind), (*args, state), cotangents)
   rt.assert_trees_close(got, want, rt.FP32_TOL, f"{kind} over {devices}")
 
 
-_COLLECTIVE = re.compile(r"= (\w+)\[([\d,]*)\]\S* (all-gather|reduce-scatter|"
-                         r"all-reduce|collective-permute|all-to-all)\(")
+_COLLECTIVE = re.compile(
+  r"= (\w+)\[([\d,]*)\]\S* (all-gather|reduce-scatter|"
+  r"all-reduce|collective-permute|all-to-all)\("
+)
 
 
 def _collectives(kind, t, mesh):
@@ -103,8 +120,10 @@ def test_communication_independent_of_seq_len():
   mesh = parallel.make_mesh("seq=4", jax.devices()[:4])
   short = _collectives("delta_rule", T, mesh)
   summary = f"{B},{H},{DK},{DV + DK}"
-  assert short == [("all-gather", "f32", f"4,{summary}"),
-                   ("reduce-scatter", "f32", f"1,{summary}")]
+  assert short == [
+    ("all-gather", "f32", f"4,{summary}"),
+    ("reduce-scatter", "f32", f"1,{summary}"),
+  ]
   assert _collectives("delta_rule", 2 * T, mesh) == short
 
 
@@ -117,5 +136,6 @@ def test_errors_name_the_argument():
   with pytest.raises(ValueError, match="log_decay"):
     fn(q, k, v, log_decay=g[..., 0])
   with pytest.raises(ValueError, match="batch_axes"):
-    parallel.sequence_parallel(parallel.sp_delta_rule, mesh,
-                               batch_axes=("data",))
+    parallel.sequence_parallel(
+      parallel.sp_delta_rule, mesh, batch_axes=("data",)
+    )

@@ -1,4 +1,5 @@
-"""Checkpoints: bitwise roundtrip, atomic commit, keep-N, corruption, reshard."""
+"""Checkpoints: bitwise roundtrip, atomic commit, keep-N, corruption,
+reshard."""
 
 import json
 import logging
@@ -33,34 +34,44 @@ def _mesh(shape, names):
 
 
 def _tree(step=0):
-  """Leaves of every kind: sharded fp32 with NaN/inf, bf16, ints, scalars, keys."""
+  """Leaves of every kind: sharded fp32 with NaN/inf, bf16, ints, scalars,
+  keys."""
   mesh = _mesh((8,), ("data",))
   w = np.arange(64, dtype=np.float32).reshape(16, 4) + step
   w[0, :3] = [np.nan, np.inf, -0.0]
   return {
-      "params": {"w": jax.device_put(w, NamedSharding(mesh, P("data"))),
-                 "b": jnp.linspace(-1, 1, 6, dtype=jnp.bfloat16) + step},
-      "layers": ({"scale": jnp.full((3,), step, jnp.int32)},
-                 {"scale": np.arange(4, dtype=np.int8)}),
-      "step": jnp.asarray(step, jnp.int32),
-      "count": step,  # a Python scalar
-      "rng": jax.random.key(step),
-      "raw_rng": jax.random.PRNGKey(7),
-      "empty": jnp.zeros((0, 3), jnp.float32),
+    "params": {
+      "w": jax.device_put(w, NamedSharding(mesh, P("data"))),
+      "b": jnp.linspace(-1, 1, 6, dtype=jnp.bfloat16) + step,
+    },
+    "layers": (
+      {"scale": jnp.full((3,), step, jnp.int32)},
+      {"scale": np.arange(4, dtype=np.int8)},
+    ),
+    "step": jnp.asarray(step, jnp.int32),
+    "count": step,  # a Python scalar
+    "rng": jax.random.key(step),
+    "raw_rng": jax.random.PRNGKey(7),
+    "empty": jnp.zeros((0, 3), jnp.float32),
   }
 
 
 def _abstract(tree, sharding_for=lambda leaf: getattr(leaf, "sharding", None)):
   def leaf_struct(leaf):
-    dtype = leaf.dtype if isinstance(leaf, jax.Array) else np.asarray(leaf).dtype
-    return jax.ShapeDtypeStruct(np.shape(leaf), dtype,
-                                sharding=sharding_for(leaf))
+    dtype = (
+      leaf.dtype if isinstance(leaf, jax.Array) else np.asarray(leaf).dtype
+    )
+    return jax.ShapeDtypeStruct(
+      np.shape(leaf), dtype, sharding=sharding_for(leaf)
+    )
+
   return jax.tree.map(leaf_struct, tree)
 
 
 def _bits(x):
-  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype,
-                                                        jax.dtypes.prng_key):
+  if isinstance(x, jax.Array) and jax.dtypes.issubdtype(
+    x.dtype, jax.dtypes.prng_key
+  ):
     x = jax.random.key_data(x)
   x = np.asarray(x)
   return x.dtype, x.shape, x.tobytes()
@@ -83,13 +94,15 @@ def test_roundtrip_is_bitwise_with_the_same_shardings(tmp_path):
   assert restored["params"]["w"].sharding == tree["params"]["w"].sharding
   assert jax.dtypes.issubdtype(restored["rng"].dtype, jax.dtypes.prng_key)
   assert str(jax.random.key_impl(restored["rng"])) == str(
-      jax.random.key_impl(tree["rng"]))
+    jax.random.key_impl(tree["rng"])
+  )
   # Leaves with no sharding in the target come back as numpy arrays.
   assert isinstance(restored["layers"][1]["scale"], np.ndarray)
   # The same key stream continues after restore.
   np.testing.assert_array_equal(
-      jax.random.uniform(restored["rng"], (4,)),
-      jax.random.uniform(tree["rng"], (4,)))
+    jax.random.uniform(restored["rng"], (4,)),
+    jax.random.uniform(tree["rng"], (4,)),
+  )
 
 
 def test_restore_without_target_gives_a_numpy_tree(tmp_path):
@@ -108,12 +121,14 @@ def test_restore_without_target_gives_a_numpy_tree(tmp_path):
 
 def test_replicated_leaf_is_written_once_and_shards_are_chunks(tmp_path):
   mesh = _mesh((2, 4), ("data", "fsdp"))
-  tree = {"rep": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P())),
-          "half": jax.device_put(jnp.arange(8.0), NamedSharding(mesh,
-                                                                  P("data")))}
+  tree = {
+    "rep": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P())),
+    "half": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P("data"))),
+  }
   path = training.CheckpointManager(tmp_path).save(0, tree)
   chunks = lambda name: sorted(
-      p.name for p in (path / checkpoint.ARRAYS_DIR / name).glob("c.*"))
+    p.name for p in (path / checkpoint.ARRAYS_DIR / name).glob("c.*")
+  )
   assert chunks("rep") == ["c.0"]
   assert chunks("half") == ["c.0", "c.1"]
 
@@ -126,7 +141,9 @@ def test_keeps_the_last_n_steps(tmp_path):
     mgr.save(step, tree)
   assert mgr.all_steps() == [20, 30] and mgr.latest_step() == 30
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "step_00000020", "step_00000030"]
+    "step_00000020",
+    "step_00000030",
+  ]
   with pytest.raises(ValueError, match="keep"):
     training.CheckpointManager(tmp_path, keep=0)
 
@@ -149,7 +166,9 @@ def test_incomplete_checkpoints_are_ignored_and_cleaned(tmp_path, caplog):
     mgr.restore(2, _abstract(_tree(2)))
   mgr.save(4, _tree(4))  # process 0 cleans up at the next save
   assert sorted(p.name for p in tmp_path.iterdir()) == [
-      "step_00000001", "step_00000004"]
+    "step_00000001",
+    "step_00000004",
+  ]
 
 
 def test_corrupt_array_names_it_and_restore_falls_back(tmp_path, caplog):
@@ -161,14 +180,16 @@ def test_corrupt_array_names_it_and_restore_falls_back(tmp_path, caplog):
   data[5] ^= 0x40  # one flipped bit: caught by the crc32c codec
   chunk.write_bytes(bytes(data))
   target = _abstract(_tree(2))
-  with pytest.raises(training.CheckpointError,
-                     match=r"step_00000002.*'params/w'"):
+  with pytest.raises(
+    training.CheckpointError, match=r"step_00000002.*'params/w'"
+  ):
     mgr.restore(2, target)
   with caplog.at_level(logging.ERROR):
     restored, _ = mgr.restore(None, target)
   _assert_bitwise(restored, _tree(1))
-  errors = " ".join(r.getMessage() for r in caplog.records
-                    if r.levelno >= logging.ERROR)
+  errors = " ".join(
+    r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
+  )
   assert "step_00000002" in errors and "params/w" in errors
   # A missing chunk file is an error too, not silently the fill value.
   chunk.unlink()
@@ -176,12 +197,15 @@ def test_corrupt_array_names_it_and_restore_falls_back(tmp_path, caplog):
     mgr.restore(2, target)
 
 
-@pytest.mark.parametrize("shape,names,spec", [
+@pytest.mark.parametrize(
+  "shape,names,spec",
+  [
     ((2, 4), ("data", "fsdp"), P(("data", "fsdp"))),
     ((2, 4), ("data", "fsdp"), P("fsdp", "data")),
     ((2, 4), ("data", "fsdp"), P()),
     ((4, 2), ("data", "tensor"), P(None, "tensor")),
-])
+  ],
+)
 def test_reshard_on_read(tmp_path, shape, names, spec):
   tree = _tree(5)
   training.CheckpointManager(tmp_path).save(5, tree)
@@ -195,7 +219,8 @@ def test_reshard_on_read(tmp_path, shape, names, spec):
     return NamedSharding(mesh, P())  # keys and scalars: replicated
 
   restored, _ = training.CheckpointManager(tmp_path).restore(
-      None, _abstract(tree, sharding_for))
+    None, _abstract(tree, sharding_for)
+  )
   w = restored["params"]["w"]
   assert w.sharding == NamedSharding(mesh, spec)
   _assert_bitwise(restored, tree)
@@ -215,7 +240,7 @@ def _spec(draw, shape):
     if len(free) == 2 and dim % 8 == 0:
       options.append(("a", "b"))
     choice = draw(st.sampled_from(options))
-    for name in (choice if isinstance(choice, tuple) else (choice,)):
+    for name in choice if isinstance(choice, tuple) else (choice,):
       free.pop(name, None)
     spec.append(choice)
   return P(*spec)
@@ -225,20 +250,29 @@ def _spec(draw, shape):
 @hypothesis.given(data=st.data())
 def test_any_layout_roundtrips_onto_any_layout(tmp_path_factory, data):
   """Property: random shape / dtype / save sharding / restore sharding."""
-  shape = tuple(data.draw(st.lists(st.sampled_from([1, 2, 4, 8, 16]),
-                                   max_size=3), label="shape"))
-  dtype = data.draw(st.sampled_from(["float32", "bfloat16", "int8", "uint32",
-                                     "bool"]), label="dtype")
+  shape = tuple(
+    data.draw(
+      st.lists(st.sampled_from([1, 2, 4, 8, 16]), max_size=3), label="shape"
+    )
+  )
+  dtype = data.draw(
+    st.sampled_from(["float32", "bfloat16", "int8", "uint32", "bool"]),
+    label="dtype",
+  )
   grid = _mesh((2, 4), ("a", "b"))
   save_spec = _spec(data.draw, shape)
   load_spec = _spec(data.draw, shape)
   host = np.random.default_rng(len(shape)).standard_normal(shape) * 100
-  x = jax.device_put(jnp.asarray(host.astype(dtype)),
-                     NamedSharding(grid, save_spec))
+  x = jax.device_put(
+    jnp.asarray(host.astype(dtype)), NamedSharding(grid, save_spec)
+  )
   mgr = training.CheckpointManager(tmp_path_factory.mktemp("prop"))
   mgr.save(0, {"x": x})
-  target = {"x": jax.ShapeDtypeStruct(shape, x.dtype,
-                                      sharding=NamedSharding(grid, load_spec))}
+  target = {
+    "x": jax.ShapeDtypeStruct(
+      shape, x.dtype, sharding=NamedSharding(grid, load_spec)
+    )
+  }
   restored, _ = mgr.restore(0, target)
   assert restored["x"].sharding == NamedSharding(grid, load_spec)
   assert _bits(restored["x"]) == _bits(x)
@@ -249,8 +283,9 @@ def test_partial_restore_reads_a_subtree(tmp_path):
   tree = _tree(2)
   mgr = training.CheckpointManager(tmp_path)
   mgr.save(2, tree)
-  (mgr.step_path(2) / checkpoint.ARRAYS_DIR / "layers" / "0" / "scale" /
-   "c.0").unlink()  # not read by a partial restore of "params"
+  (
+    mgr.step_path(2) / checkpoint.ARRAYS_DIR / "layers" / "0" / "scale" / "c.0"
+  ).unlink()  # not read by a partial restore of "params"
   params = _abstract({"params": tree["params"]})
   restored, _ = mgr.restore(2, params, partial=True)
   _assert_bitwise(restored, {"params": tree["params"]})
@@ -261,8 +296,10 @@ def test_partial_restore_reads_a_subtree(tmp_path):
 def test_target_mismatch_names_the_leaf(tmp_path):
   mgr = training.CheckpointManager(tmp_path)
   mgr.save(0, {"a": jnp.zeros((2, 3)), "b": jnp.zeros(4)})
-  bad_shape = {"a": jax.ShapeDtypeStruct((3, 2), jnp.float32),
-               "b": jax.ShapeDtypeStruct((4,), jnp.float32)}
+  bad_shape = {
+    "a": jax.ShapeDtypeStruct((3, 2), jnp.float32),
+    "b": jax.ShapeDtypeStruct((4,), jnp.float32),
+  }
   with pytest.raises(ValueError, match="`target` leaf 'a'"):
     mgr.restore(0, bad_shape)
   with pytest.raises(ValueError, match="`target` leaf 'c'"):
@@ -305,8 +342,11 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   rng = random.Random(0)
   for _ in range(3):
-    proc = subprocess.Popen([sys.executable, str(script), str(directory)],
-                            stdout=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+      [sys.executable, str(script), str(directory)],
+      stdout=subprocess.PIPE,
+      env=env,
+    )
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     first = proc.stdout.readline() if ready else b""  # one save done
     if not first:
@@ -320,9 +360,12 @@ def test_sigkill_during_saves_leaves_only_complete_checkpoints(tmp_path):
   steps = mgr.all_steps()
   assert steps and len(steps) <= 2
   mesh = _mesh((4,), ("data",))
-  target = {f"w{i}": jax.ShapeDtypeStruct((64, 256), jnp.float32,
-                                          sharding=NamedSharding(mesh, P()))
-            for i in range(8)}
+  target = {
+    f"w{i}": jax.ShapeDtypeStruct(
+      (64, 256), jnp.float32, sharding=NamedSharding(mesh, P())
+    )
+    for i in range(8)
+  }
   for step in steps:
     tree, metadata = mgr.restore(step, target)
     assert metadata == {"step": step}
@@ -362,7 +405,8 @@ if process == 0:  # corrupt a chunk that only process 1 reads back
 multihost_utils.sync_global_devices("corrupted")
 key = jax.random.key(0).dtype
 target = {"x": jax.ShapeDtypeStruct((8, 2), jnp.float32, sharding=rows),
-          "rng": jax.ShapeDtypeStruct((), key, sharding=NamedSharding(mesh, P()))}
+          "rng": jax.ShapeDtypeStruct((), key,
+                                      sharding=NamedSharding(mesh, P()))}
 _, fallback = mgr.restore(None, target)
 try:
   mgr.restore(2, target)
@@ -370,8 +414,8 @@ try:
 except training.CheckpointError:
   explicit = "raised"
 grid = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-target["x"] = jax.ShapeDtypeStruct((8, 2), jnp.float32,
-                                   sharding=NamedSharding(grid, P("fsdp", "data")))
+target["x"] = jax.ShapeDtypeStruct(
+    (8, 2), jnp.float32, sharding=NamedSharding(grid, P("fsdp", "data")))
 tree, _ = mgr.restore(1, target)
 shards = [[str(s.index), bool(np.array_equal(s.data, value(1)[s.index]))]
           for s in tree["x"].addressable_shards]
@@ -395,10 +439,16 @@ def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
   script.write_text(_WORKER)
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   port = str(_free_port())
-  procs = [subprocess.Popen(
+  procs = [
+    subprocess.Popen(
       [sys.executable, str(script), str(i), port, str(tmp_path / "ckpt")],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-           for i in range(2)]
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
+    for i in range(2)
+  ]
   outputs = []
   for proc in procs:
     try:
@@ -418,4 +468,5 @@ def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
   host, metadata = training.CheckpointManager(tmp_path / "ckpt").restore(1)
   assert metadata == {"step": 1}
   np.testing.assert_array_equal(
-      host["x"], np.arange(16, dtype=np.float32).reshape(8, 2) + 100)
+    host["x"], np.arange(16, dtype=np.float32).reshape(8, 2) + 100
+  )

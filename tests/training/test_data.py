@@ -29,7 +29,7 @@ def _windows_of(ds, step, stream):
   batch = ds.batch(step)
   starts = ds.window_starts(step)[ds.sharding.rows]
   for row, s in enumerate(starts):
-    window = np.asarray(stream[s:s + ds.seq_len + 1], np.int64)
+    window = np.asarray(stream[s : s + ds.seq_len + 1], np.int64)
     np.testing.assert_array_equal(batch["inputs"][row], window[:-1])
     np.testing.assert_array_equal(batch["targets"][row], window[1:])
   return batch
@@ -38,7 +38,7 @@ def _windows_of(ds, step, stream):
 def test_corpus_is_embedded_bytes_of_real_text():
   text = data.load_corpus()
   assert 300_000 < len(text) < 2_000_000
-  assert b"The \"assert\" statement" in text
+  assert b'The "assert" statement' in text
   ds = _corpus()
   assert ds.vocab_size == 256
   batch = ds.batch(0)
@@ -51,8 +51,9 @@ def test_corpus_is_embedded_bytes_of_real_text():
 
 def test_targets_are_inputs_shifted_by_one():
   batch = _corpus().batch(11)
-  np.testing.assert_array_equal(batch["inputs"][:, 1:],
-                                batch["targets"][:, :-1])
+  np.testing.assert_array_equal(
+    batch["inputs"][:, 1:], batch["targets"][:, :-1]
+  )
 
 
 def test_deterministic_and_resumable():
@@ -62,25 +63,33 @@ def test_deterministic_and_resumable():
   # A fresh dataset (a restarted job) gives batch k without replaying 0..k-1.
   _assert_same(_corpus(seed=3).batch(7), history[2])
   assert not np.array_equal(ds.batch(0)["inputs"], ds.batch(1)["inputs"])
-  assert not np.array_equal(_corpus(seed=4).batch(0)["inputs"],
-                            ds.batch(0)["inputs"])
+  assert not np.array_equal(
+    _corpus(seed=4).batch(0)["inputs"], ds.batch(0)["inputs"]
+  )
 
 
 @hypothesis.settings(max_examples=6)
-@hypothesis.given(spec=st.sampled_from(["corpus", "mqar"]),
-                  process_count=st.sampled_from([1, 2, 4, 8]),
-                  step=st.integers(0, 2**40))
-def test_process_rows_concatenate_to_the_global_batch(spec, process_count,
-                                                       step):
+@hypothesis.given(
+  spec=st.sampled_from(["corpus", "mqar"]),
+  process_count=st.sampled_from([1, 2, 4, 8]),
+  step=st.integers(0, 2**40),
+)
+def test_process_rows_concatenate_to_the_global_batch(
+  spec, process_count, step
+):
   args = dict(seq_len=40, global_batch_size=8, seed=1)
   whole = training.make_dataset(spec, **args).batch(step)
-  parts = [training.make_dataset(spec, process_index=i,
-                                 process_count=process_count, **args).batch(step)
-           for i in range(process_count)]
+  parts = [
+    training.make_dataset(
+      spec, process_index=i, process_count=process_count, **args
+    ).batch(step)
+    for i in range(process_count)
+  ]
   for k in whole:
     assert parts[0][k].shape[0] == 8 // process_count
-    np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]),
-                                  whole[k])
+    np.testing.assert_array_equal(
+      np.concatenate([p[k] for p in parts]), whole[k]
+    )
 
 
 def test_validation_split_is_held_out():
@@ -122,14 +131,21 @@ def test_npy_token_array_is_memory_mapped(tmp_path):
   assert isinstance(ds.tokens, np.memmap)
   assert ds.vocab_size == 1235  # max + 1
   _windows_of(ds, 9, tokens)
-  assert training.make_dataset(tmp_path / "tok.npy", vocab_size=4096,
-                               **args).vocab_size == 4096
+  assert (
+    training.make_dataset(
+      tmp_path / "tok.npy", vocab_size=4096, **args
+    ).vocab_size
+    == 4096
+  )
 
 
-@pytest.mark.parametrize("driver,attributes,vocab", [
+@pytest.mark.parametrize(
+  "driver,attributes,vocab",
+  [
     ("zarr", None, 500),  # zarr v2, vocab = max + 1
     ("zarr3", {"vocab_size": 512}, 512),  # the attribute wins
-])
+  ],
+)
 def test_tensorstore_token_array(tmp_path, driver, attributes, vocab):
   tokens = np.random.default_rng(1).integers(0, 500, 3000).astype(np.int32)
   tokens[5] = 499
@@ -137,8 +153,13 @@ def test_tensorstore_token_array(tmp_path, driver, attributes, vocab):
   spec = {"driver": driver, "kvstore": {"driver": "file", "path": str(path)}}
   if attributes:
     spec["metadata"] = {"attributes": attributes}
-  store = ts.open(spec, create=True, dtype=ts.int32, shape=[len(tokens)],
-                  chunk_layout=ts.ChunkLayout(chunk_shape=[256])).result()
+  store = ts.open(
+    spec,
+    create=True,
+    dtype=ts.int32,
+    shape=[len(tokens)],
+    chunk_layout=ts.ChunkLayout(chunk_shape=[256]),
+  ).result()
   store.write(tokens).result()
   ds = training.make_dataset(path, seq_len=16, global_batch_size=4, seed=0)
   assert isinstance(ds.tokens, ts.TensorStore)
@@ -151,7 +172,7 @@ def _check_mqar(batch, cfg, seq_len):
   inputs, targets, mask = batch["inputs"], batch["targets"], batch["mask"]
   assert inputs.shape == targets.shape == mask.shape
   for row in range(inputs.shape[0]):
-    keys, values = inputs[row, 0:2 * k:2], inputs[row, 1:2 * k:2]
+    keys, values = inputs[row, 0 : 2 * k : 2], inputs[row, 1 : 2 * k : 2]
     assert len(set(keys.tolist())) == k
     assert np.all((keys >= 1) & (keys < v // 2))
     assert np.all((values >= v // 2) & (values < v))
@@ -168,31 +189,37 @@ def _check_mqar(batch, cfg, seq_len):
   np.testing.assert_array_equal(np.unique(mask), [0.0, 1.0])
 
 
-@pytest.mark.parametrize("spec,k,q,v", [
+@pytest.mark.parametrize(
+  "spec,k,q,v",
+  [
     ("mqar", 8, 8, 256),
     ("mqar:vocab_size=64,num_kv_pairs=4,num_queries=2", 4, 2, 64),
     ("mqar:num_kv_pairs=31,vocab_size=64", 31, 31, 64),
-])
+  ],
+)
 def test_mqar_every_query_targets_its_value(spec, k, q, v):
   ds = training.make_dataset(spec, seq_len=96, global_batch_size=6, seed=0)
   assert ds.vocab_size == v
   assert (ds.config.num_kv_pairs, ds.config.queries) == (k, q)
   for step in range(3):
     _check_mqar(ds.batch(step), ds.config, 96)
-  val = training.make_dataset(spec, seq_len=96, global_batch_size=6, seed=0,
-                              split="validation")
+  val = training.make_dataset(
+    spec, seq_len=96, global_batch_size=6, seed=0, split="validation"
+  )
   assert not np.array_equal(val.batch(0)["inputs"], ds.batch(0)["inputs"])
 
 
 def test_mqar_accuracy_of_perfect_wrong_and_half_predictors():
-  ds = training.make_dataset("mqar:vocab_size=32,num_kv_pairs=4",
-                             seq_len=24, global_batch_size=4, seed=5)
+  ds = training.make_dataset(
+    "mqar:vocab_size=32,num_kv_pairs=4", seq_len=24, global_batch_size=4, seed=5
+  )
   batch = ds.batch(0)
   eye = np.eye(32, dtype=np.float32)
   perfect = eye[batch["targets"]]
   # Wrong exactly where it counts: right everywhere the mask is 0.
-  wrong = eye[np.where(batch["mask"] > 0, (batch["targets"] + 1) % 32,
-                       batch["targets"])]
+  wrong = eye[
+    np.where(batch["mask"] > 0, (batch["targets"] + 1) % 32, batch["targets"])
+  ]
   assert float(training.mqar_accuracy(perfect, batch)) == 1.0
   assert float(training.mqar_accuracy(wrong, batch)) == 0.0
   half = perfect.copy()
@@ -212,10 +239,16 @@ def test_bytes_roundtrip():
     training.decode_bytes([300])
 
 
-@pytest.mark.parametrize("spec", [
-    "/no/such/file", "mqar:num_kv_pairs", "mqar:colour=3", "mqar:vocab_size=x",
+@pytest.mark.parametrize(
+  "spec",
+  [
+    "/no/such/file",
+    "mqar:num_kv_pairs",
+    "mqar:colour=3",
+    "mqar:vocab_size=x",
     None,
-])
+  ],
+)
 def test_bad_spec_names_data_and_the_accepted_forms(spec):
   with pytest.raises(ValueError, match="`data` must be 'corpus'.*mqar.*npy"):
     training.make_dataset(spec, seq_len=8, global_batch_size=2, seed=0)
@@ -232,13 +265,13 @@ def test_bad_arrays_and_arguments(tmp_path):
   with pytest.raises(ValueError, match="`data`.*no files"):
     training.make_dataset(tmp_path / "empty", **args)
   with pytest.raises(ValueError, match="global_batch_size"):
-    training.make_dataset("corpus", seq_len=8, global_batch_size=6, seed=0,
-                          process_count=4)
+    training.make_dataset(
+      "corpus", seq_len=8, global_batch_size=6, seed=0, process_count=4
+    )
   with pytest.raises(ValueError, match="process_index"):
     training.make_dataset("corpus", process_index=2, process_count=2, **args)
   with pytest.raises(ValueError, match="seq_len"):
-    training.make_dataset("corpus", seq_len=10**7, global_batch_size=2,
-                          seed=0)
+    training.make_dataset("corpus", seq_len=10**7, global_batch_size=2, seed=0)
   with pytest.raises(ValueError, match="seq_len"):
     training.make_dataset("mqar", seq_len=20, global_batch_size=2, seed=0)
   with pytest.raises(ValueError, match="num_kv_pairs"):

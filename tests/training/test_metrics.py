@@ -1,4 +1,5 @@
-"""Metric writers: JSONL rows, process 0 only, progress line, TensorBoard extra."""
+"""Metric writers: JSONL rows, process 0 only, progress line,
+TensorBoard extra."""
 
 import importlib.util
 import io
@@ -12,24 +13,34 @@ from lightning_jax.training import metrics as metrics_lib
 
 
 class _Terminal(io.StringIO):
-
   def isatty(self):
     return True
 
 
 def test_jsonl_rows_and_progress_line(tmp_path):
   terminal = _Terminal()
-  writer = training.MetricWriter(str(tmp_path), total_steps=10,
-                                 tokens_per_step=64, stream=terminal,
-                                 process_index=0)
-  host = metrics_lib.fetch({"loss": jnp.float32(2.5), "lr": jnp.float32(0.1),
-                            "grad_norm": jnp.float32(1.0),
-                            "moe/1/expert_load": jnp.array([0.25, 0.75])})
+  writer = training.MetricWriter(
+    str(tmp_path),
+    total_steps=10,
+    tokens_per_step=64,
+    stream=terminal,
+    process_index=0,
+  )
+  host = metrics_lib.fetch(
+    {
+      "loss": jnp.float32(2.5),
+      "lr": jnp.float32(0.1),
+      "grad_norm": jnp.float32(1.0),
+      "moe/1/expert_load": jnp.array([0.25, 0.75]),
+    }
+  )
   writer.write(2, host)
   writer.write(4, dict(host, loss=2.0))
   writer.close()
-  rows = [json.loads(line) for line in
-          (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  rows = [
+    json.loads(line)
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in rows] == [2, 4]
   assert [r["loss"] for r in rows] == [2.5, 2.0]
   assert rows[0]["moe/1/expert_load"] == [0.25, 0.75]
@@ -42,17 +53,25 @@ def test_jsonl_rows_and_progress_line(tmp_path):
 
 
 def test_only_process_zero_writes(tmp_path):
-  writer = training.MetricWriter(str(tmp_path), total_steps=1,
-                                 tokens_per_step=1, process_index=1)
+  writer = training.MetricWriter(
+    str(tmp_path), total_steps=1, tokens_per_step=1, process_index=1
+  )
   row = writer.write(1, {"loss": 1.0})
   writer.close()
   assert row["loss"] == 1.0
   assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorboardX") is not None,
-                    reason="tensorboardX is installed")
+@pytest.mark.skipif(
+  importlib.util.find_spec("tensorboardX") is not None,
+  reason="tensorboardX is installed",
+)
 def test_tensorboard_without_the_extra_is_a_clear_error(tmp_path):
   with pytest.raises(ImportError, match=r"pip install -e '\.\[tensorboard\]'"):
-    training.MetricWriter(str(tmp_path), total_steps=1, tokens_per_step=1,
-                          tensorboard=True, process_index=0)
+    training.MetricWriter(
+      str(tmp_path),
+      total_steps=1,
+      tokens_per_step=1,
+      tensorboard=True,
+      process_index=0,
+    )

@@ -21,10 +21,16 @@ from lightning_jax import training
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 STEPS, EVERY, KILL_AT = 6, 2, 4
-FLAGS = ["--model=tiny-hybrid",
-         "--override=d_model=16,num_layers=1,num_heads=2,head_dim=8,d_ff=32",
-         f"--steps={STEPS}", "--batch_size=4", "--seq_len=16",
-         f"--checkpoint_every={EVERY}", "--log_every=1", "--lr=1e-2"]
+FLAGS = [
+  "--model=tiny-hybrid",
+  "--override=d_model=16,num_layers=1,num_heads=2,head_dim=8,d_ff=32",
+  f"--steps={STEPS}",
+  "--batch_size=4",
+  "--seq_len=16",
+  f"--checkpoint_every={EVERY}",
+  "--log_every=1",
+  "--lr=1e-2",
+]
 
 # Runs tools/train.py, but hangs inside the checkpoint save of step KILL_AT
 # once its arrays are in the temporary directory (the commit never happens).
@@ -49,14 +55,23 @@ app.run(train.main, argv=["train", *sys.argv[3:]])
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2",
-              PYTHONPATH=str(REPO))
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    JAX_NUM_CPU_DEVICES="2",
+    PYTHONPATH=str(REPO),
+  )
 
 
 def _train(workdir):
-  subprocess.run([sys.executable, "-m", "tools.train", *FLAGS,
-                  f"--workdir={workdir}"], cwd=REPO, env=_env(), check=True,
-                 capture_output=True, timeout=300)
+  subprocess.run(
+    [sys.executable, "-m", "tools.train", *FLAGS, f"--workdir={workdir}"],
+    cwd=REPO,
+    env=_env(),
+    check=True,
+    capture_output=True,
+    timeout=300,
+  )
 
 
 def _rows(workdir) -> list[dict]:
@@ -76,16 +91,25 @@ def _final_state(workdir):
   return state
 
 
-def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(
-    tmp_path):
+def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(tmp_path):
   reference, killed = tmp_path / "reference", tmp_path / "killed"
   marker = tmp_path / "marker"
   driver = tmp_path / "driver.py"
   driver.write_text(_DRIVER)
   proc = subprocess.Popen(
-      [sys.executable, str(driver), str(KILL_AT), str(marker), *FLAGS,
-       f"--workdir={killed}"], cwd=REPO, env=_env(),
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      str(driver),
+      str(KILL_AT),
+      str(marker),
+      *FLAGS,
+      f"--workdir={killed}",
+    ],
+    cwd=REPO,
+    env=_env(),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   try:
     _train(reference)  # meanwhile, the uninterrupted run
     deadline = time.monotonic() + 300
@@ -99,13 +123,18 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(
     proc.kill()
   manager = training.CheckpointManager(killed / "checkpoints")
   assert manager.all_steps() == [EVERY]
-  assert any(p.name.startswith(f"tmp-{KILL_AT}-")
-             for p in (killed / "checkpoints").iterdir())
+  assert any(
+    p.name.startswith(f"tmp-{KILL_AT}-")
+    for p in (killed / "checkpoints").iterdir()
+  )
   _train(killed)  # resumes from step 2, ignoring the half-written step 4
   resumed_from = EVERY
   assert [r["step"] for r in _rows(killed)] == [
-      *range(1, KILL_AT + 1), *range(resumed_from + 1, STEPS + 1)]
+    *range(1, KILL_AT + 1),
+    *range(resumed_from + 1, STEPS + 1),
+  ]
   assert _losses(killed) == _losses(reference)
   assert sorted(_losses(reference)) == list(range(1, STEPS + 1))
-  jax.tree.map(np.testing.assert_array_equal, _final_state(killed),
-               _final_state(reference))
+  jax.tree.map(
+    np.testing.assert_array_equal, _final_state(killed), _final_state(reference)
+  )

@@ -9,27 +9,38 @@ from lightning_jax import models
 from lightning_jax import training
 from lightning_jax.training import runner as runner_lib
 
-MODEL = models.get_preset("transformer", d_model=16, num_layers=4,
-                          num_heads=2, head_dim=8, d_ff=32)
+MODEL = models.get_preset(
+  "transformer", d_model=16, num_layers=4, num_heads=2, head_dim=8, d_ff=32
+)
 # (mesh, microbatches, schedule, repeats) -> the runner kind.
 VARIANTS = {
-    "sequential": ("data=8", 1, "gpipe", 1),
-    "accumulation": ("data=8", 2, "gpipe", 1),
-    "gpipe": ("data=4,pipe=2", 2, "gpipe", 1),
-    "circular": ("data=4,pipe=2", 2, "circular", 2),
-    "1f1b": ("data=4,pipe=2", 2, "1f1b", 1),
+  "sequential": ("data=8", 1, "gpipe", 1),
+  "accumulation": ("data=8", 2, "gpipe", 1),
+  "gpipe": ("data=4,pipe=2", 2, "gpipe", 1),
+  "circular": ("data=4,pipe=2", 2, "circular", 2),
+  "1f1b": ("data=4,pipe=2", 2, "1f1b", 1),
 }
 
 
 def _config(workdir, kind, steps, **kwargs):
   mesh, micro, schedule, repeats = VARIANTS[kind]
   defaults = dict(
-      batch_size=16, seq_len=16, checkpoint_every=0, log_every=1,
-      optim=training.OptimConfig(lr=1e-2, total_steps=steps, warmup_steps=0))
+    batch_size=16,
+    seq_len=16,
+    checkpoint_every=0,
+    log_every=1,
+    optim=training.OptimConfig(lr=1e-2, total_steps=steps, warmup_steps=0),
+  )
   return training.TrainConfig(
-      model=MODEL, workdir=str(workdir), steps=steps, mesh=mesh,
-      microbatches=micro, pipeline_schedule=schedule,
-      pipeline_repeats=repeats, **{**defaults, **kwargs})
+    model=MODEL,
+    workdir=str(workdir),
+    steps=steps,
+    mesh=mesh,
+    microbatches=micro,
+    pipeline_schedule=schedule,
+    pipeline_repeats=repeats,
+    **{**defaults, **kwargs},
+  )
 
 
 @pytest.mark.parametrize("kind", VARIANTS)
@@ -37,7 +48,8 @@ def test_make_runner_chooses_the_variant_and_its_layout(kind):
   config = _config("", kind, steps=1)
   axes = training.validate(config, num_devices=8)
   runner = runner_lib.make_runner(
-      config, jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes)))
+    config, jax.sharding.AbstractMesh(tuple(axes.values()), tuple(axes))
+  )
   assert runner.kind == runner.metadata["kind"] == kind
   assert runner.metadata["microbatches"] == config.microbatches
   params = models.init(jax.random.key(0), MODEL)
@@ -47,27 +59,35 @@ def test_make_runner_chooses_the_variant_and_its_layout(kind):
   else:
     assert "stages" in laid_out and "layers" not in laid_out
     assert (runner.metadata["stages"], runner.metadata["repeats"]) == (
-        2, config.pipeline_repeats)
-  jax.tree.map(np.testing.assert_array_equal, runner.from_layout(laid_out),
-               params)
+      2,
+      config.pipeline_repeats,
+    )
+  jax.tree.map(
+    np.testing.assert_array_equal, runner.from_layout(laid_out), params
+  )
 
 
 def test_loop_takes_a_step_with_each_runner(tmp_path):
   """Step 1's loss (at the initial params) agrees across runners."""
-  losses = {kind: training.train(_config(tmp_path / kind, kind, 1))
-            .history[0]["loss"] for kind in VARIANTS}
-  np.testing.assert_allclose(list(losses.values()),
-                             [losses["sequential"]] * len(losses), rtol=1e-5)
+  losses = {
+    kind: training.train(_config(tmp_path / kind, kind, 1)).history[0]["loss"]
+    for kind in VARIANTS
+  }
+  np.testing.assert_allclose(
+    list(losses.values()), [losses["sequential"]] * len(losses), rtol=1e-5
+  )
 
 
 def test_pipeline_checkpoint_is_in_the_init_layout_and_resumes_elsewhere(
-    tmp_path):
+  tmp_path,
+):
   """A 1F1B run checkpoints the models.init layout (params and Adam
   moments); a data=8 run resumes from it and continues as an uninterrupted
   data=8 run (rtol 1e-4). Weight decay is off: its ndim >= 2 mask differs
   between stage-stacked and per-layer params."""
-  optim = training.OptimConfig(lr=1e-2, total_steps=3, warmup_steps=0,
-                               weight_decay=0.0)
+  optim = training.OptimConfig(
+    lr=1e-2, total_steps=3, warmup_steps=0, weight_decay=0.0
+  )
 
   def run(workdir, kind, steps):
     config = _config(workdir, kind, steps, checkpoint_every=1, optim=optim)
@@ -75,11 +95,13 @@ def test_pipeline_checkpoint_is_in_the_init_layout_and_resumes_elsewhere(
 
   piped = run(tmp_path / "resumed", "1f1b", 2)
   state, metadata = training.CheckpointManager(
-      tmp_path / "resumed" / "checkpoints").restore(2)
+    tmp_path / "resumed" / "checkpoints"
+  ).restore(2)
   init = models.init(jax.random.key(0), MODEL)
   assert state["params"].keys() == init.keys()
   assert [np.shape(x) for x in jax.tree.leaves(state["params"])] == [
-      x.shape for x in jax.tree.leaves(init)]
+    x.shape for x in jax.tree.leaves(init)
+  ]
   assert metadata["runner"]["kind"] == "1f1b"
   resumed = run(tmp_path / "resumed", "sequential", 3)
   reference = run(tmp_path / "reference", "sequential", 3)

@@ -19,27 +19,52 @@ import pytest
 from lightning_jax import models
 from lightning_jax import training
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))
-TINY = dict(d_model=16, num_layers=2, num_heads=2, head_dim=8, d_ff=32,
-            moe_d_ff=16, num_experts=4, chunk_size=8)
+REPO = os.path.dirname(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)
+TINY = dict(
+  d_model=16,
+  num_layers=2,
+  num_heads=2,
+  head_dim=8,
+  d_ff=32,
+  moe_d_ff=16,
+  num_experts=4,
+  chunk_size=8,
+)
 
 
 def _config(tmp_path, model="tiny-hybrid", num_layers=2, **kwargs):
   steps = kwargs.pop("steps", 4)
-  optim = training.OptimConfig(lr=kwargs.pop("lr", 1e-2), total_steps=steps,
-                               warmup_steps=kwargs.pop("warmup_steps", 1))
-  defaults = dict(steps=steps, batch_size=8, seq_len=16, checkpoint_every=0,
-                  log_every=1, optim=optim)
+  optim = training.OptimConfig(
+    lr=kwargs.pop("lr", 1e-2),
+    total_steps=steps,
+    warmup_steps=kwargs.pop("warmup_steps", 1),
+  )
+  defaults = dict(
+    steps=steps,
+    batch_size=8,
+    seq_len=16,
+    checkpoint_every=0,
+    log_every=1,
+    optim=optim,
+  )
   return training.TrainConfig(
-      model=models.get_preset(model, **dict(TINY, num_layers=num_layers)),
-      workdir=str(tmp_path),
-      **{**defaults, **kwargs})
+    model=models.get_preset(model, **dict(TINY, num_layers=num_layers)),
+    workdir=str(tmp_path),
+    **{**defaults, **kwargs},
+  )
 
 
 def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
-  config = _config(tmp_path, steps=20, checkpoint_every=10, log_every=5,
-                   batch_size=16, seq_len=32)
+  config = _config(
+    tmp_path,
+    steps=20,
+    checkpoint_every=10,
+    log_every=5,
+    batch_size=16,
+    seq_len=32,
+  )
   result = training.train(config)
   losses = [row["loss"] for row in result.history]
   assert [row["step"] for row in result.history] == [1, 5, 10, 15, 20]
@@ -50,23 +75,23 @@ def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
   for key in ("step", "loss", "lr", "tokens_per_sec", "grad_norm"):
     assert all(np.isfinite(r[key]) for r in rows), key
   assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-2, 0.2)
-  manager = training.checkpoint.CheckpointManager(
-      str(tmp_path / "checkpoints"))
+  manager = training.checkpoint.CheckpointManager(str(tmp_path / "checkpoints"))
   assert manager.all_steps() == [10, 20]
   assert int(result.state.step) == 20 == int(result.state.data_position)
 
 
 def _batch(key, cfg, batch_size=8, seq_len=16):
-  tokens = jax.random.randint(key, (batch_size, seq_len + 1), 0,
-                              cfg.vocab_size)
-  mask = (jax.random.uniform(jax.random.fold_in(key, 1), (batch_size, seq_len))
-          < 0.9).astype(jnp.float32)
+  tokens = jax.random.randint(key, (batch_size, seq_len + 1), 0, cfg.vocab_size)
+  mask = (
+    jax.random.uniform(jax.random.fold_in(key, 1), (batch_size, seq_len)) < 0.9
+  ).astype(jnp.float32)
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
 
 
 # tiny-hybrid and moe-hybrid train in the loop tests (end to end, meshes).
-@pytest.mark.parametrize("preset", sorted(set(models.preset_names())
-                                          - {"tiny-hybrid", "moe-hybrid"}))
+@pytest.mark.parametrize(
+  "preset", sorted(set(models.preset_names()) - {"tiny-hybrid", "moe-hybrid"})
+)
 def test_each_preset_initialises_and_takes_a_step(preset):
   cfg = models.get_preset(preset, **TINY)
   if len(cfg.pattern) == 1 and len(cfg.ffn_pattern) == 1:
@@ -75,14 +100,19 @@ def test_each_preset_initialises_and_takes_a_step(preset):
   optim = training.OptimConfig(total_steps=10, warmup_steps=0)
   optimizer = training.make_optimizer(optim)
   state = training.init_train_state(params, optimizer, jax.random.key(1))
-  step = jax.jit(training.make_train_step(
-      optimizer, training.learning_rate(optim),
-      training.default_grad_fn(cfg, training.LossConfig())))
+  step = jax.jit(
+    training.make_train_step(
+      optimizer,
+      training.learning_rate(optim),
+      training.default_grad_fn(cfg, training.LossConfig()),
+    )
+  )
   new_state, metrics = step(state, _batch(jax.random.key(2), cfg))
   assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])
   assert int(new_state.step) == 1 == int(new_state.data_position)
-  moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params,
-                       new_state.params)
+  moved = jax.tree.map(
+    lambda a, b: bool(jnp.any(a != b)), params, new_state.params
+  )
   assert any(jax.tree.leaves(moved)), preset
 
 
@@ -95,20 +125,29 @@ def test_grad_accumulation_equals_one_batch_with_exact_global_lbl():
   loss_cfg = training.LossConfig(lbl_coef=1.0, z_coef=0.1)
   key = jax.random.key(2)
   (l1, m1), g1 = jax.jit(training.default_grad_fn(cfg, loss_cfg, 1))(
-      params, batch, key)
+    params, batch, key
+  )
   (l2, m2), g2 = jax.jit(training.default_grad_fn(cfg, loss_cfg, 2))(
-      params, batch, key)
+    params, batch, key
+  )
   for name in ("loss", "ce_loss", "lbl_loss", "z_loss", "num_targets"):
     np.testing.assert_allclose(m2[name], m1[name], rtol=2e-6, err_msg=name)
   np.testing.assert_allclose(l2, l1, rtol=2e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                       atol=1e-6), g2, g1)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g2, g1
+  )
   # The test has teeth: per-microbatch f (a plain accumulation loop) differs.
   halves = training.split_microbatches(batch, 2)
   loss = jax.jit(training.loss_fn, static_argnums=(3, 4))
-  naive = np.mean([loss(params, half, key, cfg, loss_cfg)[1]["lbl_loss"]
-                   for half in (jax.tree.map(lambda x: x[0], halves),
-                                jax.tree.map(lambda x: x[1], halves))])
+  naive = np.mean(
+    [
+      loss(params, half, key, cfg, loss_cfg)[1]["lbl_loss"]
+      for half in (
+        jax.tree.map(lambda x: x[0], halves),
+        jax.tree.map(lambda x: x[1], halves),
+      )
+    ]
+  )
   assert abs(naive - m1["lbl_loss"]) > 1e-4
 
 
@@ -137,22 +176,30 @@ def test_pipeline_mesh_gives_the_same_loss_curve(tmp_path):
   grad_fn hook) == data=8 without microbatches, rtol 1e-4 over 3 steps."""
   curves = []
   for i, (mesh, micro) in enumerate((("data=8", 1), ("data=4,pipe=2", 2))):
-    config = _config(tmp_path / str(i), model="transformer", steps=3,
-                     mesh=mesh, microbatches=micro, pipeline_schedule="1f1b")
+    config = _config(
+      tmp_path / str(i),
+      model="transformer",
+      steps=3,
+      mesh=mesh,
+      microbatches=micro,
+      pipeline_schedule="1f1b",
+    )
     curves.append([r["loss"] for r in training.train(config).history])
   np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   # lr 1e30: Adam moves every weight by ~1e30 in step 1, so step 2 overflows.
-  config = _config(tmp_path, num_layers=1, steps=4, lr=1e30,
-                   warmup_steps=0, checkpoint_every=1)
-  with pytest.raises(training.NonFiniteLossError,
-                     match=r"at step 2: training stopped; the last good "
-                           r"checkpoint \(step 1\) is intact"):
+  config = _config(
+    tmp_path, num_layers=1, steps=4, lr=1e30, warmup_steps=0, checkpoint_every=1
+  )
+  with pytest.raises(
+    training.NonFiniteLossError,
+    match=r"at step 2: training stopped; the last good "
+    r"checkpoint \(step 1\) is intact",
+  ):
     training.train(config)
-  manager = training.checkpoint.CheckpointManager(
-      str(tmp_path / "checkpoints"))
+  manager = training.checkpoint.CheckpointManager(str(tmp_path / "checkpoints"))
   assert manager.all_steps() == [1]
 
 
@@ -160,19 +207,32 @@ def _bad(tmp_path, **kwargs):
   return dataclasses.replace(_config(tmp_path), **kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(mesh="data=3"), r"--mesh='data=3' multiplies to 3 devices, but "
-                          r"there are 8"),
-    (dict(mesh="data=2,fsdp=2,tensor=2", batch_size=6),
-     r"--batch_size=6 must be divisible by the data-parallel size .* = 4"),
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    (
+      dict(mesh="data=3"),
+      r"--mesh='data=3' multiplies to 3 devices, but "
+      r"there are 8",
+    ),
+    (
+      dict(mesh="data=2,fsdp=2,tensor=2", batch_size=6),
+      r"--batch_size=6 must be divisible by the data-parallel size .* = 4",
+    ),
     (dict(microbatches=3), r"--microbatches=3 = 24"),
-    (dict(mesh="data=2,pipe=4"), r"num_layers=2 must be divisible by the "
-                                 r"pipeline stages \(mesh pipe=4 x "),
-    (dict(mesh="data=4,pipe=2", microbatches=2, pipeline_schedule="circular"),
-     r"pipeline.*repeats"),
+    (
+      dict(mesh="data=2,pipe=4"),
+      r"num_layers=2 must be divisible by the "
+      r"pipeline stages \(mesh pipe=4 x ",
+    ),
+    (
+      dict(mesh="data=4,pipe=2", microbatches=2, pipeline_schedule="circular"),
+      r"pipeline.*repeats",
+    ),
     (dict(steps=0), r"--steps must be a positive integer"),
     (dict(mesh="data=8,model=1"), r"axis in"),
-])
+  ],
+)
 def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
     training.validate(_bad(tmp_path, **kwargs), num_devices=8)
@@ -180,27 +240,45 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
 
 def test_train_binary_unknown_preset_is_one_error_line():
   result = subprocess.run(
-      [sys.executable, "-m", "tools.train", "--model=nope", "--steps=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [sys.executable, "-m", "tools.train", "--model=nope", "--steps=1"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert result.returncode != 0
-  errors = [line for line in result.stderr.splitlines()
-            if line.startswith("error:")]
+  errors = [
+    line for line in result.stderr.splitlines() if line.startswith("error:")
+  ]
   assert len(errors) == 1 and "nope" in errors[0], result.stderr
 
 
 def test_overrides_parse_by_field_type():
-  items = ["d_model=64,pattern=deltanet,attention", "window=none",
-           "layerwise_ffn=0.5,4", "tie_embeddings=false,rope_theta=500"]
-  cfg = training.apply_overrides(models.get_preset("tiny-hybrid"),
-                                 training.parse_overrides(items))
-  assert (cfg.d_model, cfg.pattern, cfg.window, cfg.layerwise_ffn,
-          cfg.tie_embeddings, cfg.rope_theta) == (
-              64, ("deltanet", "attention"), None, (0.5, 4.0), False, 500.0)
-  for bad, match in ((["width=3"], r"unknown field\(s\) \['width'\]"),
-                     (["d_model=x"], "d_model='x': expected int"),
-                     (["layerwise_ffn=1,2,3"], "layerwise_ffn"),
-                     (["=3"], "empty field name")):
+  items = [
+    "d_model=64,pattern=deltanet,attention",
+    "window=none",
+    "layerwise_ffn=0.5,4",
+    "tie_embeddings=false,rope_theta=500",
+  ]
+  cfg = training.apply_overrides(
+    models.get_preset("tiny-hybrid"), training.parse_overrides(items)
+  )
+  assert (
+    cfg.d_model,
+    cfg.pattern,
+    cfg.window,
+    cfg.layerwise_ffn,
+    cfg.tie_embeddings,
+    cfg.rope_theta,
+  ) == (64, ("deltanet", "attention"), None, (0.5, 4.0), False, 500.0)
+  for bad, match in (
+    (["width=3"], r"unknown field\(s\) \['width'\]"),
+    (["d_model=x"], "d_model='x': expected int"),
+    (["layerwise_ffn=1,2,3"], "layerwise_ffn"),
+    (["=3"], "empty field name"),
+  ):
     with pytest.raises(ValueError, match=match):
-      training.apply_overrides(models.get_preset("tiny-hybrid"),
-                               training.parse_overrides(bad))
+      training.apply_overrides(
+        models.get_preset("tiny-hybrid"), training.parse_overrides(bad)
+      )
