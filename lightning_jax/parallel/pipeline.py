@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec as P
 
 from lightning_jax import layers
 from lightning_jax import models
-from lightning_jax import moe as moe_lib
 from lightning_jax.parallel import schedules
 
 PIPE_AXIS = "pipe"
@@ -419,45 +418,42 @@ def _stage_shapes(plan: _Plan, params, tokens_BxT):
 
 
 def _stat_cotangents(plan: _Plan, loss_cfg, params, tokens_MxBxT):
-  """d loss / d `models.MoEStats` of one (MoE layer, microbatch) on each stage.
+  """d loss / d `models.MoEStats` of every (MoE layer, microbatch).
 
-  A tuple over the MoE positions of a stage of `models.MoEStats` with a leading
-  stage axis `[S, ...]`. The loss is linear in every statistic but the
-  global LBL's `f` (a constant: no gradient), so these are constants:
-  `d/d prob_sums = lbl_coef * E * f / N` with `f`, `N` over all microbatches
-  (from a forward-only counting pass), `d/d lbl = lbl_coef / M` for the
-  other scopes, `d/d z = z_coef / M`.
+  `jax.grad` of `total_loss`, the loss the other schedules differentiate, so
+  no formula of the gradient is written twice. The loss is linear in every
+  statistic except through the global LBL's `f` (counts, no gradient): the
+  gradient is taken at the statistics of a forward-only counting pass when
+  the global LBL is on, and at ones (any value) otherwise.
+
+  Returns:
+    A tuple over the MoE positions of a stage of `models.MoEStats` with
+    leading `[S, M]` (stage, microbatch).
   """
   num_stages, num_mb = plan.table.num_stages, plan.table.num_microbatches
   cfg = plan.model_cfg
-  global_lbl = cfg.lbl_scope == "global"
   _, shapes = _stage_shapes(plan, params, tokens_MxBxT[0])
-  if global_lbl and loss_cfg.lbl_coef != 0:
+  if not shapes:
+    return ()
+  if cfg.lbl_scope == "global" and loss_cfg.lbl_coef != 0:
     _, counted = _forward_pipeline(
       plan, jax.lax.stop_gradient(params), tokens_MxBxT, want_outputs=False
     )
   else:
-    counted = (None,) * len(shapes)
-  full = lambda value: jnp.full((num_stages,), value, jnp.float32)
-  cts = []
-  for shape, st in zip(shapes, counted, strict=True):
-    prob_ct = jnp.zeros(
-      (num_stages,) + shape.pieces.prob_sums.shape, jnp.float32
+    counted = jax.tree.map(
+      lambda a: jnp.ones((num_stages, num_mb) + a.shape, a.dtype), shapes
     )
-    if st is not None:  # [S, M, ...]: R = 1
-      counts = jax.lax.stop_gradient(jnp.sum(st.pieces.expert_counts, 1))
-      f = counts / jnp.sum(counts, axis=-1, keepdims=True)
-      num_tokens = jnp.sum(st.pieces.num_tokens, axis=1)[:, None]
-      prob_ct = loss_cfg.lbl_coef * counts.shape[-1] * f / num_tokens
-    cts.append(
-      models.MoEStats(
-        moe_lib.LBLPieces(jnp.zeros_like(prob_ct), prob_ct, full(0.0)),
-        full(0.0 if global_lbl else loss_cfg.lbl_coef / num_mb),
-        full(loss_cfg.z_coef / num_mb),
-        full(0.0),
-      )
+  grads = jax.grad(lambda st: total_loss(0.0, 1.0, st, cfg, loss_cfg)[0])(
+    _flatten_stats(counted)
+  )
+  # [S * n, M, ...] in layer order -> per stage position [S, M, ...].
+  n = len(shapes)
+  return tuple(
+    jax.tree.map(
+      lambda g, i=i: g.reshape((num_stages, n) + g.shape[1:])[:, i], grads
     )
-  return tuple(cts)
+    for i in range(n)
+  )
 
 
 def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
@@ -493,7 +489,7 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
     # Varying copies: their vjps then give per-device (unsummed) cotangents.
     rest = jax.lax.pcast(rest, (PIPE_AXIS,), to="varying")
     stage_params = jax.tree.map(lambda a: a[0, 0], stages)
-    stat_cts = jax.tree.map(lambda c: c[0], stat_cts)
+    stat_cts = jax.tree.map(lambda c: c[0], stat_cts)  # [M, ...]
     # Constant outputs (token counts) marked varying like their cotangents.
     stage_fn = lambda p, h: _varying(_apply_stage(p, h, plan.block_cfgs))
 
@@ -531,9 +527,8 @@ def _one_f_one_b(plan: _Plan, loss_cfg, params, batch):
       h_saved = ring[jnp.maximum(m, 0) % slots]
       _, stage_vjp = jax.vjp(stage_fn, stage_params, h_saved)
       masked = lambda x: jnp.where(valid, x, jnp.zeros_like(x))
-      d_params, d_h = stage_vjp(
-        (masked(g_recv), jax.tree.map(masked, stat_cts))
-      )
+      stat_ct = jax.tree.map(lambda c: c[jnp.maximum(m, 0)], stat_cts)
+      d_params, d_h = stage_vjp((masked(g_recv), jax.tree.map(masked, stat_ct)))
       d_stage = jax.tree.map(jnp.add, d_stage, d_params)
       _, embed_vjp = jax.vjp(lambda p: _embed(p, tokens, cfg), rest)
       (d_embed,) = embed_vjp(jnp.where(is_first & valid, d_h, 0))

@@ -157,6 +157,34 @@ def test_recurrent_mixers_pipelined_equal_sequential(
 
 
 @pytest.mark.parametrize(
+  "lbl_scope,loss_cfg",
+  [
+    ("sequence", _LOSS_CFG),
+    ("global", training.LossConfig(lbl_coef=0.0, z_coef=0.01)),
+  ],
+)
+def test_1f1b_statistics_gradient_of_every_lbl_scope(lbl_scope, loss_cfg):
+  # 1F1B takes d loss / d MoE statistics from `jax.grad` of the one loss:
+  # here at statistics it does not count (the LBL is linear in them).
+  cfg = _model(2, lbl_scope=lbl_scope)
+  params = models.init(jax.random.key(2), cfg)
+  batch = _batch()
+  want = jax.jit(
+    jax.value_and_grad(
+      functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=loss_cfg),
+      has_aux=True,
+    )
+  )(params, batch, jax.random.key(0))
+  grad_fn = pipeline.pipeline_grad_fn(
+    cfg, loss_cfg, _pipe_mesh(2), schedule="1f1b", num_microbatches=4
+  )
+  (loss, metrics), grads = jax.jit(grad_fn)(
+    pipeline.to_pipeline_params(params, 2), batch, jax.random.key(0)
+  )
+  _assert_same(((loss, metrics), pipeline.from_pipeline_params(grads)), want)
+
+
+@pytest.mark.parametrize(
   "spec,schedule",
   [
     ("data=2,pipe=2,expert=2", "1f1b"),
