@@ -246,7 +246,7 @@ def main(argv):
     )
   try:
     result = training.train(config)
-  except training.NonFiniteLossError as e:
+  except (training.NonFiniteLossError, training.WorkdirError) as e:
     _fail(str(e), 1)
   if jax.process_index() == 0 and result.history:
     last = result.history[-1]

@@ -13,9 +13,12 @@ checkpoints hold the state in the `models.init` param layout whichever runner
 wrote it, so a run resumes on any mesh.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import math
 import os
+import socket
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -37,10 +40,50 @@ from lightning_jax.training import state as state_lib
 from lightning_jax.training import step as step_lib
 
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "run.lock"
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm of a step is NaN or Inf."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir is in use by another run, or cannot be written."""
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str):
+  """Holds `<workdir>/run.lock` exclusively while the block runs.
+
+  An advisory `flock`, released by the kernel when the holder exits (also on
+  kill -9), so a dead run never leaves a stale lock. The file names the
+  holder (`host pid`).
+
+  Raises:
+    WorkdirError: another run holds the lock, or the workdir cannot be
+      created or written (found before anything compiles).
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise WorkdirError(f"--workdir={workdir!r} cannot be written: {e}") from e
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+      raise WorkdirError(
+        f"--workdir={workdir!r} is in use by another run "
+        f"({holder or 'unknown holder'}); wait for it or use another "
+        "--workdir."
+      ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,8 +283,18 @@ def train(config: TrainConfig) -> TrainResult:
     ValueError: invalid configuration (before anything compiles).
     NonFiniteLossError: a step's loss or gradient norm is NaN / Inf; the
       offending state is not saved.
+    WorkdirError: another run holds `config.workdir`, or it cannot be
+      written.
   """
   validate(config, jax.device_count(), jax.process_count())
+  if jax.process_index() != 0:  # process 0 holds the lock for the run
+    return _train(config)
+  with lock_workdir(config.workdir):
+    return _train(config)
+
+
+def _train(config: TrainConfig) -> TrainResult:
+  """`train` of a validated config (under the workdir lock on process 0)."""
   mesh = parallel.make_mesh(config.mesh or None)
   dataset = data_lib.make_dataset(
     config.data,

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -282,3 +283,62 @@ def test_overrides_parse_by_field_type():
       training.apply_overrides(
         models.get_preset("tiny-hybrid"), training.parse_overrides(bad)
       )
+
+
+def test_a_held_or_unwritable_workdir_fails_before_compiling(tmp_path):
+  config = _config(tmp_path)
+  with training.lock_workdir(str(tmp_path)):
+    with pytest.raises(training.WorkdirError, match=r"in use by .* pid \d+"):
+      training.train(config)
+  with training.lock_workdir(str(tmp_path)):  # released with its holder
+    pass
+  not_a_dir = tmp_path / "file"
+  not_a_dir.write_text("")
+  with pytest.raises(training.WorkdirError, match="cannot be written"):
+    training.train(dataclasses.replace(config, workdir=str(not_a_dir / "w")))
+
+
+def test_a_second_run_on_a_workdir_is_one_error_line_and_the_first_finishes(
+  tmp_path,
+):
+  run = [
+    sys.executable,
+    "-m",
+    "tools.train",
+    f"--workdir={tmp_path}",
+    "--batch_size=4",
+    "--seq_len=16",
+    "--checkpoint_every=0",
+    "--log_every=50",
+  ]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  first = subprocess.Popen(
+    run + ["--steps=200"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  lock = tmp_path / training.loop.LOCK_FILE
+  while f"pid {first.pid}" not in (lock.read_text() if lock.exists() else ""):
+    assert first.poll() is None, first.communicate()
+    time.sleep(0.05)
+  second = subprocess.run(
+    run + ["--steps=3"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err
+  errors = [
+    line for line in second.stderr.splitlines() if line.startswith("error:")
+  ]
+  assert second.returncode != 0 and len(errors) == 1, second.stderr
+  assert "in use by another run" in errors[0]
+  rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  steps = [json.loads(row)["step"] for row in rows]
+  assert steps == [1, 50, 100, 150, 200]
