@@ -41,6 +41,7 @@ import pathlib
 import re
 import secrets
 import shutil
+from typing import NamedTuple
 import urllib.parse
 
 from absl import logging
@@ -63,6 +64,30 @@ _CODECS = [
 
 class CheckpointError(Exception):
   """A checkpoint cannot be read: missing, incomplete or corrupted data."""
+
+
+class Snapshot(NamedTuple):
+  """A host copy of the pieces of a pytree this process saves (`snapshot`).
+
+  Attributes:
+    leaves: the flattened leaves, their data on the host.
+  """
+
+  leaves: list
+
+
+def snapshot(tree) -> Snapshot:
+  """Copies this process's pieces of `tree` to the host, for a later `save`.
+
+  The device buffers may then change or be donated; saving the snapshot
+  writes the values they had here (e.g. a train state kept until the next
+  step has shown that its params give a finite loss).
+  """
+  leaves = _flatten(tree)
+  primary = jax.process_index() == 0
+  for leaf in leaves:
+    leaf.to_host(primary)
+  return Snapshot(leaves)
 
 
 class CheckpointManager:
@@ -121,7 +146,8 @@ class CheckpointManager:
     Args:
       step: non-negative int.
       tree: pytree of jax.Arrays (any sharding, possibly spanning processes),
-        numpy arrays or Python scalars (written by process 0).
+        numpy arrays or Python scalars (written by process 0), or a
+        `Snapshot` of one taken earlier.
       metadata: JSON-serialisable dict stored beside the arrays.
 
     Returns:
@@ -139,7 +165,7 @@ class CheckpointManager:
       user_json = json.dumps(metadata)
     except TypeError as err:
       raise ValueError(f"`metadata` must be JSON-serialisable: {err}") from err
-    leaves = _flatten(tree)
+    leaves = tree.leaves if isinstance(tree, Snapshot) else _flatten(tree)
     primary = jax.process_index() == 0
     self.directory.mkdir(parents=True, exist_ok=True)
     tmp = self.directory / f"{_TMP_PREFIX}{step}-{_shared_nonce()}"
@@ -284,6 +310,20 @@ class _Leaf:
     self.value = value
     self.shape = tuple(value.shape)
     self.dtype = np.dtype(value.dtype)
+    self.chunks = [
+      max(1, d)
+      for d in (
+        value.sharding.shard_shape(self.shape)
+        if isinstance(value, jax.Array)
+        else self.shape
+      )
+    ]
+    self.host_pieces = None
+
+  def to_host(self, primary: bool) -> None:
+    """Keeps host copies of the pieces and drops the array."""
+    self.host_pieces = [(i, np.array(d)) for i, d in self.pieces(primary)]
+    self.value = None
 
   def record(self) -> dict:
     out = {
@@ -297,15 +337,10 @@ class _Leaf:
       out["impl"] = self.impl
     return out
 
-  def chunk_shape(self) -> list[int]:
-    if isinstance(self.value, jax.Array):
-      shape = self.value.sharding.shard_shape(self.shape)
-    else:
-      shape = self.shape
-    return [max(1, d) for d in shape]
-
   def pieces(self, primary: bool):
     """(index, host array) pairs this process writes."""
+    if self.host_pieces is not None:
+      return self.host_pieces
     if not isinstance(self.value, jax.Array):
       return [((), self.value)] if primary else []
     return [
@@ -375,7 +410,7 @@ def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
   # Process 0 creates each array's zarr.json; the others assume it.
   opened = [
     ts.open(
-      _zarr_spec(root / leaf.name, leaf.shape, leaf.dtype, leaf.chunk_shape()),
+      _zarr_spec(root / leaf.name, leaf.shape, leaf.dtype, leaf.chunks),
       create=primary,
       open=not primary,
       assume_metadata=not primary,

@@ -4,8 +4,9 @@
 `t` on the host (a pure function of the seed and the data position), dispatch
 the jitted step, then fetch step t-1's metrics (the device already has step t
 queued, so logging never stalls it). Every `checkpoint_every` steps the state
-is saved, after checking that the step's loss and gradient are finite, so a
-NaN step never overwrites a good checkpoint.
+is copied to the host and saved once the next step's loss and gradient
+(computed from its params) are finite, the run's last state once its params
+are: a checkpoint never holds params whose loss is NaN or Inf.
 
 How the step runs on the mesh (sequential, gradient accumulation or a
 pipeline schedule) is one `training.runner.StepRunner`, chosen once;
@@ -256,18 +257,27 @@ def _init_or_restore(
   return state, shardings
 
 
+def _kept(last_checkpoint) -> str:
+  if last_checkpoint is None:
+    return "no checkpoint was written"
+  return f"the last good checkpoint (step {last_checkpoint}) is intact"
+
+
 def _check_finite(step: int, values: dict, last_checkpoint) -> None:
   """Raises NonFiniteLossError if the loss or gradient norm is not finite."""
   for name in ("loss", "grad_norm"):
     if not math.isfinite(values[name]):
-      kept = (
-        "no checkpoint was written"
-        if last_checkpoint is None
-        else f"the last good checkpoint (step {last_checkpoint}) is intact"
-      )
       raise NonFiniteLossError(
-        f"{name} is {values[name]} at step {step}: training stopped; {kept}."
+        f"{name} is {values[name]} at step {step}: training stopped; "
+        f"{_kept(last_checkpoint)}."
       )
+
+
+@jax.jit
+def _params_finite(params):
+  return jnp.all(
+    jnp.asarray([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)])
+  )
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -359,7 +369,17 @@ def _train(config: TrainConfig) -> TrainResult:
     "flags": config.flags,
     "runner": runner.metadata,
   }
-  pending = None
+  pending = None  # (step, device metrics) dispatched, not yet checked
+  to_save = None  # (step, host snapshot, data position) awaiting its check
+
+  def save_checked(step_checked):
+    """Saves the snapshot once `step_checked` (its successor) is finite."""
+    nonlocal to_save, last_checkpoint
+    if to_save is not None and to_save[0] == step_checked - 1:
+      step, snap, at = to_save
+      manager.save(step, snap, dict(metadata, data_position=at))
+      last_checkpoint, to_save = step, None
+
   try:
     for step in range(start + 1, config.steps + 1):
       batch = jax.tree.map(
@@ -370,20 +390,33 @@ def _train(config: TrainConfig) -> TrainResult:
       state, device_metrics = train_step(state, batch)
       if pending is not None:
         finish(*pending)
+        save_checked(pending[0])
       pending = (step, device_metrics)
       if manager is not None and (
         step % config.checkpoint_every == 0 or step == config.steps
       ):
+        # The state after `step` is saved once step + 1 (its loss and
+        # gradient) is finite; the last one once its params are finite.
         finish(*pending)
+        save_checked(step)
         pending = None
-        manager.save(
+        to_save = (
           step,
-          runner_lib.relayout_state(runner.from_layout, state),
-          dict(metadata, data_position=position),
+          checkpoint.snapshot(
+            runner_lib.relayout_state(runner.from_layout, state)
+          ),
+          position,
         )
-        last_checkpoint = step
     if pending is not None:
       finish(*pending)
+      save_checked(pending[0])
+    if to_save is not None:
+      if not bool(_params_finite(state.params)):
+        raise NonFiniteLossError(
+          f"the params after step {to_save[0]} are not finite: training "
+          f"stopped; {_kept(last_checkpoint)}."
+        )
+      save_checked(to_save[0] + 1)
   finally:
     writer.close()
   return TrainResult(state=state, history=history)

@@ -190,18 +190,24 @@ def test_pipeline_mesh_gives_the_same_loss_curve(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-  # lr 1e30: Adam moves every weight by ~1e30 in step 1, so step 2 overflows.
-  config = _config(
-    tmp_path, num_layers=1, steps=4, lr=1e30, warmup_steps=0, checkpoint_every=1
-  )
+  sane = dict(num_layers=1, warmup_steps=0, checkpoint_every=1)
+  training.train(_config(tmp_path, steps=2, **sane))
+  # lr 1e30: Adam moves every weight by ~1e30 in step 3 (its loss and
+  # gradient, from step 2's params, are finite), so step 4 overflows. The
+  # state after step 3 is never saved.
   with pytest.raises(
     training.NonFiniteLossError,
-    match=r"at step 2: training stopped; the last good "
-    r"checkpoint \(step 1\) is intact",
+    match=r"at step 4: training stopped; the last good "
+    r"checkpoint \(step 2\) is intact",
   ):
-    training.train(config)
+    training.train(_config(tmp_path, steps=6, lr=1e30, **sane))
   manager = training.checkpoint.CheckpointManager(str(tmp_path / "checkpoints"))
-  assert manager.all_steps() == [1]
+  assert manager.all_steps() == [1, 2]
+  kept, _ = manager.restore(2, None)
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(kept["params"]))
+  resumed = training.train(_config(tmp_path, steps=4, **sane))
+  assert [r["step"] for r in resumed.history] == [3, 4]
+  assert all(np.isfinite(r["loss"]) for r in resumed.history)
 
 
 def _bad(tmp_path, **kwargs):
