@@ -284,6 +284,7 @@ class CheckpointManager:
       raise CheckpointError(
         f"{path}: unreadable {METADATA_FILE}: {err}"
       ) from err
+    _check_record(path, record)
     saved = record["leaves"]
     if target is None:  # Raw numpy, keys included (as their key data).
       arrays = _read_leaves(path, saved, [None] * len(saved))
@@ -292,6 +293,27 @@ class CheckpointManager:
     records = _check_target(path, saved, flat, partial)
     arrays = _read_leaves(path, records, [leaf for _, leaf in flat])
     return jax.tree_util.tree_unflatten(treedef, arrays), record["metadata"]
+
+
+def _check_record(path: pathlib.Path, record) -> None:
+  """CheckpointError unless `record` is a metadata.json of this format."""
+  if not isinstance(record, dict) or record.get("format") != FORMAT:
+    found = record.get("format") if isinstance(record, dict) else record
+    raise CheckpointError(
+      f"{path}: {METADATA_FILE} is not a {FORMAT!r} record (format {found!r})."
+    )
+  leaves = record.get("leaves")
+  if not isinstance(leaves, list) or not isinstance(
+    record.get("metadata"), dict
+  ):
+    raise CheckpointError(
+      f"{path}: {METADATA_FILE} lacks its 'leaves' list or 'metadata' dict."
+    )
+  for leaf in leaves:
+    if not isinstance(leaf, dict) or not {"path", "shape", "dtype"} <= set(
+      leaf
+    ):
+      raise CheckpointError(f"{path}: {METADATA_FILE} has a bad leaf {leaf!r}.")
 
 
 # ------------------------------------------------------------------- leaves

@@ -198,6 +198,21 @@ def test_corrupt_array_names_it_and_restore_falls_back(tmp_path, caplog):
 
 
 @pytest.mark.parametrize(
+  "record",
+  [{}, [], {"format": "other/1"}, {"format": checkpoint.FORMAT}],
+)
+def test_metadata_of_the_wrong_layout_falls_back(tmp_path, record):
+  mgr = training.CheckpointManager(tmp_path)
+  for step in (1, 2):
+    mgr.save(step, _tree(step))
+  (mgr.step_path(2) / checkpoint.METADATA_FILE).write_text(json.dumps(record))
+  with pytest.raises(training.CheckpointError, match="step_00000002"):
+    mgr.restore(2, None)
+  restored, _ = mgr.restore(None, _abstract(_tree(2)))
+  _assert_bitwise(restored, _tree(1))
+
+
+@pytest.mark.parametrize(
   "shape,names,spec",
   [
     ((2, 4), ("data", "fsdp"), P(("data", "fsdp"))),
