@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lightning_jax import _checks
 from lightning_jax import layers
@@ -49,6 +50,30 @@ def check_prompt(tokens_BxT, lengths_B, max_len: int):
     raise ValueError(
       f"`max_len` ({max_len}) must be >= the prompt length "
       f"{tokens_BxT.shape[1]}."
+    )
+
+
+def _check_prompt_values(tokens_BxT, lengths_B, vocab_size: int) -> None:
+  """Host-side checks of concrete prompts: ids in `[0, vocab_size)`, each
+  row's length in `[1, seq]`."""
+  _checks.check_rank("tokens_BxT", tokens_BxT, 2, "[batch, seq]")
+  tokens, lengths = np.asarray(tokens_BxT), np.asarray(lengths_B)
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f"`tokens_BxT` must be integer ids, got {tokens.dtype}.")
+  bad = (tokens < 0) | (tokens >= vocab_size)
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(
+      f"`tokens_BxT` ids must be in [0, {vocab_size}), got "
+      f"{tokens[row, col]} at [{row}, {col}]."
+    )
+  if (
+    lengths.shape != tokens.shape[:1]
+    or not ((lengths >= 1) & (lengths <= tokens.shape[1])).all()
+  ):
+    raise ValueError(
+      f"`lengths_B` must be `[batch]` = {tokens.shape[:1]} lengths in "
+      f"[1, {tokens.shape[1]}], got {lengths.tolist()}."
     )
 
 
@@ -174,6 +199,7 @@ def generate_stream(
     ...   print(tokens)
   """
   max_new_tokens = _checks.check_positive_int("max_new_tokens", max_new_tokens)
+  _check_prompt_values(tokens_BxT, lengths_B, cfg.vocab_size)
   sampling_cfg = sampling_cfg or sampling.SamplingConfig()
   logits, state = prefill_jit(
     params,

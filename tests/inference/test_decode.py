@@ -210,6 +210,24 @@ def test_bad_prompt():
     inference.prefill(
       params, jnp.zeros((1, 8), jnp.int32), jnp.array([8, 8]), cfg, 8
     )
+  # generate checks the concrete prompt's values before compiling.
+  generate = lambda tokens, lengths: inference.generate(
+    params, tokens, lengths, cfg, max_new_tokens=2, key=jax.random.key(0)
+  )
+  ok = jnp.ones((2, 4), jnp.int32)
+  for tokens, lengths, match in [
+    (
+      ok.at[1, 2].set(cfg.vocab_size),
+      [4, 4],
+      r"\[0, \d+\), got \d+ at \[1, 2\]",
+    ),
+    (ok.at[0, 0].set(-1), [4, 4], r"got -1 at \[0, 0\]"),
+    (ok, [5, 4], r"lengths_B.*\[1, 4\]"),
+    (ok, [0, 4], r"lengths_B.*\[1, 4\]"),
+    (ok[0], [4], "tokens_BxT"),
+  ]:
+    with pytest.raises(ValueError, match=match):
+      generate(tokens, jnp.asarray(lengths))
 
 
 def test_config_fields_used_here_exist():
