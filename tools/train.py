@@ -246,6 +246,8 @@ def main(argv):
     )
   try:
     result = training.train(config)
+  except ValueError as e:  # a configuration error, found before compiling
+    _fail(str(e).splitlines()[0], 2)
   except (training.NonFiniteLossError, training.WorkdirError) as e:
     _fail(str(e), 1)
   if jax.process_index() == 0 and result.history:

@@ -174,6 +174,10 @@ def validate(
       f"--checkpoint_every must be >= 0 (0 disables), got "
       f"{config.checkpoint_every}."
     )
+  if config.checkpoint_every and config.keep_checkpoints < 1:
+    raise ValueError(
+      f"--keep_checkpoints must be >= 1, got {config.keep_checkpoints}."
+    )
   axes = parallel.parse_mesh_spec(config.mesh) if config.mesh else {}
   axes = axes or {mesh_lib.DATA: num_devices}
   size = math.prod(axes.values())

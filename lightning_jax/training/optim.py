@@ -5,6 +5,7 @@ the warmup + cosine schedule of Radford et al. / Hoffmann et al. (2022).
 """
 
 import dataclasses
+import math
 
 import jax
 import optax
@@ -48,15 +49,17 @@ class OptimConfig:
         f"`warmup_steps` must be in [0, total_steps = "
         f"{self.total_steps}], got {self.warmup_steps}."
       )
-    if not self.lr > 0:
-      raise ValueError(f"`lr` must be > 0, got {self.lr}.")
+    if not 0 < self.lr < math.inf:
+      raise ValueError(f"`lr` must be finite and > 0, got {self.lr}.")
     if not 0 <= self.min_lr_ratio <= 1:
       raise ValueError(
         f"`min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}."
       )
     for name in ("weight_decay", "clip_norm"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+      if not 0 <= getattr(self, name) < math.inf:
+        raise ValueError(
+          f"`{name}` must be finite and >= 0, got {getattr(self, name)}."
+        )
 
 
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:

@@ -8,6 +8,7 @@ exact equivalences, not model quality.
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -237,6 +238,10 @@ def _bad(tmp_path, **kwargs):
       r"pipeline.*repeats",
     ),
     (dict(steps=0), r"--steps must be a positive integer"),
+    (
+      dict(checkpoint_every=1, keep_checkpoints=0),
+      r"--keep_checkpoints must be >= 1, got 0",
+    ),
     (dict(mesh="data=8,model=1"), r"axis in"),
   ],
 )
@@ -245,9 +250,18 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
     training.validate(_bad(tmp_path, **kwargs), num_devices=8)
 
 
-def test_train_binary_unknown_preset_is_one_error_line():
+@pytest.mark.parametrize(
+  "flags,match",
+  [
+    (["--model=nope"], "nope"),
+    (["--override=vocab_size=10"], r"vocab_size 256 > the model's .* 10"),
+    (["--lr=inf"], r"`lr` must be finite and > 0, got inf"),
+  ],
+)
+def test_train_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
   result = subprocess.run(
-    [sys.executable, "-m", "tools.train", "--model=nope", "--steps=1"],
+    [sys.executable, "-m", "tools.train", "--steps=1", f"--workdir={tmp_path}"]
+    + flags,
     cwd=REPO,
     capture_output=True,
     text=True,
@@ -258,7 +272,8 @@ def test_train_binary_unknown_preset_is_one_error_line():
   errors = [
     line for line in result.stderr.splitlines() if line.startswith("error:")
   ]
-  assert len(errors) == 1 and "nope" in errors[0], result.stderr
+  assert len(errors) == 1 and re.search(match, errors[0]), result.stderr
+  assert "Traceback" not in result.stderr
 
 
 def test_overrides_parse_by_field_type():
