@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from lightning_jax import _checks
 from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax.parallel import schedules
@@ -239,24 +240,36 @@ def _rotate(x, num_stages, shift):
   return jax.lax.ppermute(x, PIPE_AXIS, perm)
 
 
-def _microbatch(batch, num_microbatches):
-  """`[B, T]` arrays -> `[M, B / M, T]`; microbatch m takes rows m, m+M, ...
+def split_microbatches(batch, num_microbatches: int):
+  """`[batch, ...]` -> `[num_microbatches, batch / num_microbatches, ...]`.
 
-  Strided rows keep every microbatch spread over the data-parallel shards.
+  Microbatch `m` takes rows `m, m + k, m + 2k, ...`: with the batch sharded
+  over devices in contiguous blocks, every microbatch keeps rows on every
+  device.
+
+  Raises:
+    ValueError: `num_microbatches` does not divide the batch.
   """
-  out = {}
-  for name in ("inputs", "targets", "mask"):
-    x = batch[name]
-    if x.ndim != 2 or x.shape[0] % num_microbatches:
+  k = _checks.check_positive_int("num_microbatches", num_microbatches)
+
+  def split(x):
+    if x.shape[0] % k:
       raise ValueError(
-        f"batch[{name!r}] must be [batch, seq] with batch "
-        f"divisible by num_microbatches = {num_microbatches}, "
-        f"got {x.shape}."
+        f"`num_microbatches` = {k} must divide the batch size {x.shape[0]}."
       )
-    out[name] = x.reshape(
-      x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:]
-    ).swapaxes(0, 1)
-  return out
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+  return jax.tree.map(split, batch)
+
+
+def _microbatch(batch, num_microbatches):
+  """The `[B, T]` inputs, targets and mask -> `[M, B / M, T]`."""
+  for name in ("inputs", "targets", "mask"):
+    _checks.check_rank(f"batch[{name!r}]", batch[name], 2, "[batch, seq]")
+  return split_microbatches(
+    {name: batch[name] for name in ("inputs", "targets", "mask")},
+    num_microbatches,
+  )
 
 
 class _Plan(NamedTuple):

@@ -23,33 +23,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lightning_jax import _checks
+from lightning_jax.parallel.pipeline import split_microbatches
 from lightning_jax.training import loss as loss_lib
 from lightning_jax.training.state import TrainState
 
 GradFn = Callable  # (params, batch, rng) -> ((loss, metrics), grads)
-
-
-def split_microbatches(batch, num_microbatches: int):
-  """`[batch, ...]` -> `[num_microbatches, batch / num_microbatches, ...]`.
-
-  Microbatch `m` takes rows `m, m + k, m + 2k, ...`: with the batch sharded
-  over devices in contiguous blocks, every microbatch keeps rows on every
-  device.
-
-  Raises:
-    ValueError: `num_microbatches` does not divide the batch.
-  """
-  k = _checks.check_positive_int("num_microbatches", num_microbatches)
-
-  def split(x):
-    if x.shape[0] % k:
-      raise ValueError(
-        f"`num_microbatches` = {k} must divide the batch size {x.shape[0]}."
-      )
-    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
-
-  return jax.tree.map(split, batch)
 
 
 def microbatched_loss(

@@ -255,5 +255,5 @@ def test_bad_input():
   grad_fn = pipeline.pipeline_grad_fn(
     cfg, _LOSS_CFG, _pipe_mesh(2), num_microbatches=5
   )
-  with pytest.raises(ValueError, match="divisible by num_microbatches"):
+  with pytest.raises(ValueError, match="must divide the batch size"):
     grad_fn(pipeline.to_pipeline_params(params, 2), _batch(), None)
