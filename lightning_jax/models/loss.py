@@ -7,12 +7,31 @@ over the MoE layers `l`, from statistics summed or stacked over the
 microbatches of a step; docs/moe.md and `training.loss` explain the terms.
 """
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lightning_jax import moe
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Coefficients of the auxiliary losses.
+
+  Attributes:
+    lbl_coef: weight of each MoE layer's load-balancing loss.
+    z_coef: weight of each MoE layer's router z-loss.
+  """
+
+  lbl_coef: float = 0.01
+  z_coef: float = 1e-3
+
+  def __post_init__(self):
+    for name in ("lbl_coef", "z_coef"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
 
 
 class MoEStats(NamedTuple):
@@ -67,7 +86,7 @@ def lm_loss(ce_sum, num_targets, moe_stats, model_cfg, loss_cfg):
     moe_stats: dict from MoE layer index `i` to its `MoEStats` with a leading
       `[microbatches]` axis (empty without MoE layers).
     model_cfg: the `models.ModelConfig` (its `lbl_scope`).
-    loss_cfg: has `lbl_coef` and `z_coef` (`training.LossConfig`).
+    loss_cfg: the `LossConfig`.
 
   Returns:
     `(loss, metrics)`: metrics `loss`, `ce_loss`, `lbl_loss`, `z_loss`,

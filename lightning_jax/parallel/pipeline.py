@@ -647,7 +647,7 @@ def pipeline_grad_fn(
   Args:
     model_cfg: the `models.ModelConfig`; its blocks must repeat every
       virtual stage (`stage_block_configs`).
-    loss_cfg: has `lbl_coef` and `z_coef` (`training.LossConfig`).
+    loss_cfg: the `models.LossConfig` (also `training.LossConfig`).
     mesh: a `jax.sharding.Mesh` with a `pipe` axis (S = its size); other
       axes (data, fsdp, tensor, expert) are left to automatic sharding.
     schedule: "gpipe", "circular" or "1f1b".

@@ -16,31 +16,13 @@ microbatches exactly: `loss_from_stats` takes statistics stacked on a
 leading microbatch axis.
 """
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from lightning_jax import models
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-  """Coefficients of the auxiliary losses.
-
-  Attributes:
-    lbl_coef: weight of each MoE layer's load-balancing loss.
-    z_coef: weight of each MoE layer's router z-loss.
-  """
-
-  lbl_coef: float = 0.01
-  z_coef: float = 1e-3
-
-  def __post_init__(self):
-    for name in ("lbl_coef", "z_coef"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+from lightning_jax.models import LossConfig
 
 
 class LossStats(NamedTuple):
@@ -99,7 +81,7 @@ def loss_stats(params, batch, rng, model_cfg) -> LossStats:
   )
 
 
-def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
+def loss_from_stats(stats: LossStats, model_cfg, loss_cfg: LossConfig):
   """The loss (`models.lm_loss`) of the union of microbatches from their
   stacked statistics.
 
@@ -107,7 +89,7 @@ def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
     stats: `LossStats` with a leading `[num_microbatches]` axis on every leaf
       (equal-sized microbatches).
     model_cfg: the `models.ModelConfig` (its `lbl_scope`).
-    train_cfg: `LossConfig`.
+    loss_cfg: `LossConfig`.
 
   Returns:
     `(loss, metrics)`: scalar float32 loss and a dict of scalars (`loss`,
@@ -125,11 +107,11 @@ def loss_from_stats(stats: LossStats, model_cfg, train_cfg: LossConfig):
     jnp.sum(stats.num_targets),
     moe_stats,
     model_cfg,
-    train_cfg,
+    loss_cfg,
   )
 
 
-def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):
+def loss_fn(params, batch, rng, model_cfg, loss_cfg: LossConfig):
   """Loss of one batch: `loss_from_stats` of a single microbatch.
 
   Args:
@@ -138,7 +120,7 @@ def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):
       `[batch, seq]`.
     rng: typed PRNG key (see `loss_stats`).
     model_cfg: the `models.ModelConfig`.
-    train_cfg: `LossConfig`.
+    loss_cfg: `LossConfig`.
 
   Returns:
     `(loss, metrics)` as `loss_from_stats`.
@@ -149,5 +131,5 @@ def loss_fn(params, batch, rng, model_cfg, train_cfg: LossConfig):
   """
   stats = loss_stats(params, batch, rng, model_cfg)
   return loss_from_stats(
-    jax.tree.map(lambda x: x[None], stats), model_cfg, train_cfg
+    jax.tree.map(lambda x: x[None], stats), model_cfg, loss_cfg
   )

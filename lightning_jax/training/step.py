@@ -35,7 +35,7 @@ def microbatched_loss(
   batch,
   rng,
   model_cfg,
-  train_cfg: loss_lib.LossConfig,
+  loss_cfg: loss_lib.LossConfig,
   *,
   num_microbatches: int = 1,
 ):
@@ -46,7 +46,7 @@ def microbatched_loss(
     batch: dict of `[batch, seq]` arrays (see `training.loss_fn`).
     rng: typed PRNG key, split over microbatches.
     model_cfg: the `models.ModelConfig`.
-    train_cfg: `LossConfig`.
+    loss_cfg: `LossConfig`.
     num_microbatches: k; must divide the batch.
 
   Returns:
@@ -55,7 +55,7 @@ def microbatched_loss(
     definition per microbatch.
   """
   if num_microbatches == 1:
-    return loss_lib.loss_fn(params, batch, rng, model_cfg, train_cfg)
+    return loss_lib.loss_fn(params, batch, rng, model_cfg, loss_cfg)
   micro = split_microbatches(batch, num_microbatches)
   rngs = jax.random.split(rng, num_microbatches)
 
@@ -66,18 +66,18 @@ def microbatched_loss(
   _, stats = jax.lax.scan(
     lambda c, xs: (c, one(params, *xs)), None, (micro, rngs)
   )
-  return loss_lib.loss_from_stats(stats, model_cfg, train_cfg)
+  return loss_lib.loss_from_stats(stats, model_cfg, loss_cfg)
 
 
 def default_grad_fn(
-  model_cfg, train_cfg: loss_lib.LossConfig, num_microbatches: int = 1
+  model_cfg, loss_cfg: loss_lib.LossConfig, num_microbatches: int = 1
 ) -> GradFn:
   """`jax.value_and_grad` of `microbatched_loss` (the pipe == 1 `grad_fn`)."""
   return jax.value_and_grad(
     functools.partial(
       microbatched_loss,
       model_cfg=model_cfg,
-      train_cfg=train_cfg,
+      loss_cfg=loss_cfg,
       num_microbatches=num_microbatches,
     ),
     has_aux=True,

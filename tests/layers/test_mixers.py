@@ -140,7 +140,7 @@ def test_toy_mixer_pipelines_like_the_sequential_model():
   loss_cfg = training.LossConfig()
   want = jax.jit(
     jax.value_and_grad(
-      functools.partial(training.loss_fn, model_cfg=CFG, train_cfg=loss_cfg),
+      functools.partial(training.loss_fn, model_cfg=CFG, loss_cfg=loss_cfg),
       has_aux=True,
     )
   )(params, batch, jax.random.key(0))

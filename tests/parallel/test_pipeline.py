@@ -64,7 +64,7 @@ def _reference(num_layers, **overrides):
   params = models.init(jax.random.key(num_layers), cfg)
   batch = _batch()
   grad_fn = jax.value_and_grad(
-    functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=_LOSS_CFG),
+    functools.partial(training.loss_fn, model_cfg=cfg, loss_cfg=_LOSS_CFG),
     has_aux=True,
   )
   return cfg, params, batch, jax.jit(grad_fn)(params, batch, jax.random.key(0))
@@ -181,7 +181,7 @@ def test_1f1b_statistics_gradient_of_every_lbl_scope(lbl_scope, loss_cfg):
   batch = _batch()
   want = jax.jit(
     jax.value_and_grad(
-      functools.partial(training.loss_fn, model_cfg=cfg, train_cfg=loss_cfg),
+      functools.partial(training.loss_fn, model_cfg=cfg, loss_cfg=loss_cfg),
       has_aux=True,
     )
   )(params, batch, jax.random.key(0))
