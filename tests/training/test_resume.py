@@ -2,8 +2,9 @@
 continues exactly (bitwise) as an uninterrupted run with the same flags.
 
 Three `tools/train.py` processes: uninterrupted; killed inside the save of
-step `KILL_AT` (after its arrays are written, before the commit), via a
-driver that wraps the checkpoint writer; restarted with the plain binary.
+step `KILL_AT` (after its arrays are written, before the commit; the loop
+writes it after step `KILL_AT + 1`), via a driver that wraps the checkpoint
+writer; restarted with the plain binary.
 """
 
 import json
@@ -129,8 +130,10 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(tmp_path):
   )
   _train(killed)  # resumes from step 2, ignoring the half-written step 4
   resumed_from = EVERY
+  # Step KILL_AT's state is saved once step KILL_AT + 1 (its loss, from
+  # those params) is checked, so that step was logged before the kill.
   assert [r["step"] for r in _rows(killed)] == [
-    *range(1, KILL_AT + 1),
+    *range(1, KILL_AT + 2),
     *range(resumed_from + 1, STEPS + 1),
   ]
   assert _losses(killed) == _losses(reference)
