@@ -5,6 +5,7 @@ from lightning_jax.models.config import BlockConfig
 from lightning_jax.models.config import FFNS
 from lightning_jax.models.config import layer_widths
 from lightning_jax.models.config import ModelConfig
+from lightning_jax.models.config import moe_lbl_scope
 from lightning_jax.models.loss import lm_loss
 from lightning_jax.models.loss import LossConfig
 from lightning_jax.models.loss import masked_ce_sum

@@ -218,6 +218,8 @@ class BlockConfig:
     ffn: `MLPConfig`, `MoEConfig` or `MHMoEConfig`.
     parallel: the parallel-block form.
     norm_eps: RMSNorm epsilon.
+    lbl_scope: the model's `lbl_scope` (`moe_lbl_scope` maps it to the MoE
+      layer's).
   """
 
   kind: str
@@ -225,6 +227,7 @@ class BlockConfig:
   ffn: layers.MLPConfig | layers.MoEConfig | layers.MHMoEConfig
   parallel: bool = False
   norm_eps: float = 1e-6
+  lbl_scope: str = "global"
 
 
 def _linear(bounds, layer: int, num_layers: int) -> float:
@@ -256,6 +259,29 @@ def layer_widths(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   return widths
 
 
+def moe_lbl_scope(model_scope: str, lbl_axis=None) -> str:
+  """The scope at which each MoE layer computes its own LBL: the one place
+  that maps a model's `lbl_scope` to its layers'.
+
+  "sequence" and "micro" are the layer's own. A model's "global" LBL is the
+  loss of the whole batch: inside `shard_map` over the batch (`lbl_axis`
+  given) each layer counts experts over those axes itself ("global");
+  otherwise a layer call sees one microbatch ("micro"), and `lm_loss`
+  combines the layers' `lbl_pieces` over every microbatch.
+
+  Raises:
+    ValueError: `lbl_axis` with a model scope other than "global".
+  """
+  if lbl_axis is None:
+    return "micro" if model_scope == "global" else model_scope
+  if model_scope != "global":
+    raise ValueError(
+      f"`lbl_axis` ({lbl_axis!r}) counts a global LBL, but the model's "
+      f"`lbl_scope` is {model_scope!r}."
+    )
+  return "global"
+
+
 def _ffn_config(cfg: ModelConfig, ffn: str, d_ff: int):
   if ffn == "mlp":
     return layers.MLPConfig(cfg.d_model, d_ff)
@@ -265,7 +291,7 @@ def _ffn_config(cfg: ModelConfig, ffn: str, d_ff: int):
     cfg.num_experts,
     top_k=cfg.top_k,
     score=cfg.router_score,
-    lbl_scope="sequence" if cfg.lbl_scope == "sequence" else "micro",
+    lbl_scope=moe_lbl_scope(cfg.lbl_scope),
   )
   if ffn == "moe":
     return moe
@@ -289,6 +315,7 @@ def block_configs(cfg: ModelConfig) -> tuple[BlockConfig, ...]:
       _ffn_config(cfg, ffn, d_ff),
       cfg.parallel_block,
       cfg.norm_eps,
+      cfg.lbl_scope,
     )
     for layer, (kind, ffn, (heads, kv, d_ff)) in enumerate(
       zip(cfg.mixers, cfg.ffns, layer_widths(cfg), strict=True)

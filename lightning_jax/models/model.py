@@ -22,6 +22,7 @@ from lightning_jax.layers import mixers
 from lightning_jax.models.config import BlockConfig
 from lightning_jax.models.config import block_configs
 from lightning_jax.models.config import ModelConfig
+from lightning_jax.models.config import moe_lbl_scope
 
 
 class ModelAux(NamedTuple):
@@ -144,12 +145,15 @@ def head(params, h_BxTxD, cfg: ModelConfig):
   )
 
 
-def _apply_ffn(params, x_BxTxD, ffn_cfg, lbl_axis, expert_axis):
+def _apply_ffn(params, x_BxTxD, block: BlockConfig, lbl_axis, expert_axis):
+  ffn_cfg = block.ffn
   if isinstance(ffn_cfg, layers.MLPConfig):
     return layers.mlp(params, x_BxTxD, ffn_cfg), None
   moe_cfg = ffn_cfg if isinstance(ffn_cfg, layers.MoEConfig) else (ffn_cfg.moe)
   if lbl_axis is not None:
-    moe_cfg = dataclasses.replace(moe_cfg, lbl_scope="global")
+    moe_cfg = dataclasses.replace(
+      moe_cfg, lbl_scope=moe_lbl_scope(block.lbl_scope, lbl_axis)
+    )
   kw = dict(lbl_axis=lbl_axis, expert_axis=expert_axis)
   if isinstance(ffn_cfg, layers.MoEConfig):
     return layers.moe(params, x_BxTxD, moe_cfg, **kw)
@@ -178,13 +182,13 @@ def block_with_mixer(
   x = layers.rms_norm(params["mixer_norm"], h_BxTxD, block.norm_eps)
   mixed, extra = mixer_fn(x)
   if block.parallel:
-    y, aux = _apply_ffn(params["ffn"], x, block.ffn, lbl_axis, expert_axis)
+    y, aux = _apply_ffn(params["ffn"], x, block, lbl_axis, expert_axis)
     return h_BxTxD + mixed + y, aux, extra
   h = h_BxTxD + mixed
   y, aux = _apply_ffn(
     params["ffn"],
     layers.rms_norm(params["ffn_norm"], h, block.norm_eps),
-    block.ffn,
+    block,
     lbl_axis,
     expert_axis,
   )

@@ -102,6 +102,26 @@ def test_moe_aux_per_layer_and_parallel_block():
   assert logits.dtype == jnp.float32
 
 
+def test_one_function_maps_the_model_lbl_scope_to_the_layers():
+  assert [models.moe_lbl_scope(s) for s in ("global", "micro", "sequence")] == [
+    "micro",
+    "micro",
+    "sequence",
+  ]
+  assert models.moe_lbl_scope("global", "data") == "global"
+  for scope in ("micro", "sequence"):
+    cfg = _small("moe-hybrid", num_layers=1, lbl_scope=scope)
+    assert models.block_configs(cfg)[0].ffn.lbl_scope == scope
+    # A global count over mesh axes only makes sense for a global loss.
+    with pytest.raises(ValueError, match="lbl_axis"):
+      models.forward(
+        models.init(jax.random.key(0), cfg),
+        jnp.zeros((2, 4), jnp.int32),
+        cfg,
+        lbl_axis="data",
+      )
+
+
 def test_bf16_compute_close_to_fp32_and_untied_head():
   cfg = _small("transformer", num_layers=2, tie_embeddings=False)
   params = models.init(jax.random.key(0), cfg)
