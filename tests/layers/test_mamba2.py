@@ -13,6 +13,7 @@ import pytest
 
 from lightning_jax import layers
 from lightning_jax.layers import mamba2
+from tests import mixer_testing as mt
 
 TOL = dict(rtol=2e-5, atol=2e-5)
 
@@ -68,16 +69,13 @@ def test_layer_matches_the_step_by_step_reference(seed, groups, seq):
   params = mamba2.init_mamba2(jax.random.key(seed), cfg)
   params["conv1d"]["bias"] = 0.1 * jnp.ones_like(params["conv1d"]["bias"])
   x = jax.random.normal(jax.random.key(seed + 1), (2, seq, 8))
-  loss = lambda f: lambda p, x: jnp.sum(jnp.sin(f(p, x)))
-  got = jax.jit(
-    jax.value_and_grad(
-      loss(lambda p, x: mamba2.mamba2_layer(p, x, cfg)[0]), (0, 1)
-    )
-  )(params, x)
-  want = jax.jit(
-    jax.value_and_grad(loss(lambda p, x: _reference(p, x, cfg)), (0, 1))
-  )(params, x)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL), got, want)
+  mt.assert_layer_matches_reference(
+    lambda p, x: mamba2.mamba2_layer(p, x, cfg)[0],
+    lambda p, x: _reference(p, x, cfg),
+    params,
+    x,
+    TOL,
+  )
 
 
 def test_chunked_equals_recurrent_and_a_carried_state_equals_one_call():
