@@ -54,9 +54,8 @@ def check_prompt(tokens_BxT, lengths_B, max_len: int):
 
 
 def _check_prompt_values(tokens_BxT, lengths_B, vocab_size: int) -> None:
-  """Host-side checks of concrete prompts: ids in `[0, vocab_size)`, each
-  row's length in `[1, seq]`."""
-  _checks.check_rank("tokens_BxT", tokens_BxT, 2, "[batch, seq]")
+  """Host-side checks of a concrete prompt that passed `check_prompt`: ids
+  in `[0, vocab_size)`, each row's length in `[1, seq]`."""
   tokens, lengths = np.asarray(tokens_BxT), np.asarray(lengths_B)
   if not np.issubdtype(tokens.dtype, np.integer):
     raise ValueError(f"`tokens_BxT` must be integer ids, got {tokens.dtype}.")
@@ -67,13 +66,9 @@ def _check_prompt_values(tokens_BxT, lengths_B, vocab_size: int) -> None:
       f"`tokens_BxT` ids must be in [0, {vocab_size}), got "
       f"{tokens[row, col]} at [{row}, {col}]."
     )
-  if (
-    lengths.shape != tokens.shape[:1]
-    or not ((lengths >= 1) & (lengths <= tokens.shape[1])).all()
-  ):
+  if not ((lengths >= 1) & (lengths <= tokens.shape[1])).all():
     raise ValueError(
-      f"`lengths_B` must be `[batch]` = {tokens.shape[:1]} lengths in "
-      f"[1, {tokens.shape[1]}], got {lengths.tolist()}."
+      f"`lengths_B` must be in [1, {tokens.shape[1]}], got {lengths.tolist()}."
     )
 
 
@@ -199,15 +194,12 @@ def generate_stream(
     ...   print(tokens)
   """
   max_new_tokens = _checks.check_positive_int("max_new_tokens", max_new_tokens)
+  max_len = tokens_BxT.shape[-1] + max_new_tokens  # rank checked next
+  check_prompt(tokens_BxT, lengths_B, max_len)
   _check_prompt_values(tokens_BxT, lengths_B, cfg.vocab_size)
   sampling_cfg = sampling_cfg or sampling.SamplingConfig()
   logits, state = prefill_jit(
-    params,
-    tokens_BxT,
-    lengths_B,
-    cfg,
-    tokens_BxT.shape[1] + max_new_tokens,
-    snapkv=snapkv,
+    params, tokens_BxT, lengths_B, cfg, max_len, snapkv=snapkv
   )
   for i in range(max_new_tokens):
     tokens = _sample(jax.random.fold_in(key, i), logits, sampling_cfg)
