@@ -5,10 +5,14 @@
       --override=d_model=256,num_layers=8 --workdir=/tmp/moe
   JAX_NUM_CPU_DEVICES=8 python -m tools.train --mesh=data=2,fsdp=2,tensor=2
 
-Writes `<workdir>/checkpoints/` (resumed from automatically) and
-`<workdir>/metrics.jsonl`; `python -m tools.plot --workdir=...` draws the loss
-curve. Flags are checked before anything compiles: a bad one prints one
-`error:` line and exits with status 2. docs/training.md lists every flag.
+Writes `<workdir>/config.json`, `<workdir>/checkpoints/` (resumed from
+automatically) and `<workdir>/metrics.jsonl`; `python -m tools.plot
+--workdir=...` draws the loss curve. Rerunning on a workdir resumes it: flags
+not given take the workdir's values (`config.json`), and changing one that
+changes what is trained is refused unless --allow_config_change (--steps may
+grow). SIGTERM saves at the next step boundary and exits with status 0.
+Flags are checked before anything compiles: a bad one prints one `error:`
+line and exits with status 2. docs/training.md lists every flag.
 """
 
 import sys
@@ -96,6 +100,37 @@ _KEEP_CHECKPOINTS = flags.DEFINE_integer(
 _LOG_EVERY = flags.DEFINE_integer(
   "log_every", 10, "Write metrics every N steps (and at the first and last)."
 )
+_EVAL_EVERY = flags.DEFINE_integer(
+  "eval_every",
+  100,
+  "Evaluate on the validation split every N steps and at the last; 0 disables.",
+)
+_EVAL_BATCHES = flags.DEFINE_integer(
+  "eval_batches", 4, "Validation batches per evaluation."
+)
+_PROFILE_STEPS = flags.DEFINE_string(
+  "profile_steps",
+  None,
+  "START,COUNT: trace steps START..START+COUNT-1 with jax.profiler into "
+  "<workdir>/profile (TensorBoard's profile plugin, Perfetto).",
+)
+_PEAK_TFLOPS = flags.DEFINE_float(
+  "peak_tflops",
+  None,
+  "Peak TFLOP/s of one device, for the mfu metric; default from the "
+  "device kind (GPUs, TPUs), none on CPU.",
+)
+_COMPILATION_CACHE_DIR = flags.DEFINE_string(
+  "compilation_cache_dir",
+  None,
+  "Persistent XLA compilation cache: a rerun of the same program loads it "
+  "instead of compiling.",
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+  "allow_config_change",
+  False,
+  "Resume a workdir with training flags changed from its config.json.",
+)
 _TENSORBOARD = flags.DEFINE_bool(
   "tensorboard",
   False,
@@ -141,11 +176,44 @@ _FLAG_NAMES = (
   "checkpoint_every",
   "keep_checkpoints",
   "log_every",
+  "eval_every",
+  "eval_batches",
+  "profile_steps",
+  "peak_tflops",
+  "compilation_cache_dir",
   "tensorboard",
   "coordinator_address",
   "num_processes",
   "process_id",
   "distributed",
+)
+# What a rerun on a workdir takes from its config.json when not given, and
+# which of those change what is trained (refused unless
+# --allow_config_change; --steps may grow).
+_RESUMED = frozenset(_FLAG_NAMES) - {
+  "workdir",
+  "profile_steps",
+  "coordinator_address",
+  "num_processes",
+  "process_id",
+  "distributed",
+}
+_FROZEN = frozenset(
+  {
+    "model",
+    "override",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "warmup_steps",
+    "weight_decay",
+    "clip_norm",
+    "lbl_coef",
+    "z_coef",
+    "seed",
+    "data",
+  }
 )
 
 
@@ -166,6 +234,49 @@ def _data_vocab_size() -> int:
   ).vocab_size
 
 
+def _workdir() -> str:
+  return _WORKDIR.value or f"/tmp/lightning_jax/{_MODEL.value}"
+
+
+def resume_from_workdir() -> None:
+  """Fills the flags not given from the workdir's config.json, if any.
+
+  Raises:
+    ValueError: a frozen flag is given with another value than the saved
+      one (without --allow_config_change).
+    WorkdirError: config.json is unreadable.
+  """
+  record = training.read_run_config(_workdir())
+  if record is None:
+    return
+  saved = {k: v for k, v in record["flags"].items() if k in _RESUMED}
+  explicit = {name for name in _RESUMED if flags.FLAGS[name].present}
+  values = training.resume_flags(
+    saved,
+    {name: flags.FLAGS[name].value for name in _RESUMED},
+    explicit,
+    frozen=_FROZEN,
+    growing={"steps"},
+    allow_change=_ALLOW_CONFIG_CHANGE.value,
+  )
+  for name, value in values.items():
+    if name not in explicit:
+      flags.FLAGS[name].value = value
+
+
+def _profile_steps() -> tuple[int, int] | None:
+  """--profile_steps as (start, count)."""
+  if _PROFILE_STEPS.value is None:
+    return None
+  try:
+    start, count = (int(v) for v in _PROFILE_STEPS.value.split(","))
+  except ValueError:
+    raise ValueError(
+      f"--profile_steps must be START,COUNT, got {_PROFILE_STEPS.value!r}."
+    ) from None
+  return start, count
+
+
 def build_config() -> training.TrainConfig:
   """The `TrainConfig` of the flags, validated; ValueError on a bad flag."""
   for name, flag in (
@@ -179,11 +290,11 @@ def build_config() -> training.TrainConfig:
     _MODEL.value, training.parse_overrides(_OVERRIDE.value), _data_vocab_size()
   )
   warmup = _WARMUP_STEPS.value
-  if warmup is None:
-    warmup = min(100, _STEPS.value // 10)
+  if warmup is None:  # recorded, so that a resume with more steps keeps it
+    warmup = flags.FLAGS.warmup_steps = min(100, _STEPS.value // 10)
   config = training.TrainConfig(
     model=model,
-    workdir=_WORKDIR.value or f"/tmp/lightning_jax/{_MODEL.value}",
+    workdir=_workdir(),
     steps=_STEPS.value,
     batch_size=_BATCH_SIZE.value,
     seq_len=_SEQ_LEN.value,
@@ -204,6 +315,10 @@ def build_config() -> training.TrainConfig:
       clip_norm=_CLIP_NORM.value,
     ),
     loss=training.LossConfig(lbl_coef=_LBL_COEF.value, z_coef=_Z_COEF.value),
+    eval_every=_EVAL_EVERY.value,
+    eval_batches=_EVAL_BATCHES.value,
+    profile_steps=_profile_steps(),
+    peak_tflops=_PEAK_TFLOPS.value,
     tensorboard=_TENSORBOARD.value,
     flags={name: flags.FLAGS[name].value for name in _FLAG_NAMES},
   )
@@ -231,10 +346,16 @@ def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}", 2)
   _initialize_distributed()
+  if _COMPILATION_CACHE_DIR.value:
+    jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE_DIR.value)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
+    resume_from_workdir()
     config = build_config()
   except ValueError as e:
     _fail(str(e).splitlines()[0], 2)
+  except training.WorkdirError as e:
+    _fail(str(e), 2)
   if jax.process_index() == 0:
     mesh = parallel.make_mesh(config.mesh or None)
     print(
@@ -250,7 +371,16 @@ def main(argv):
     _fail(str(e).splitlines()[0], 2)
   except (training.NonFiniteLossError, training.WorkdirError) as e:
     _fail(str(e), 1)
-  if jax.process_index() == 0 and result.history:
+  if jax.process_index() == 0 and result.preempted:
+    saved = (
+      f"the state is saved in {config.workdir}; rerun to resume"
+      if config.checkpoint_every
+      else "nothing saved (--checkpoint_every=0)"
+    )
+    print(
+      f"preempted after step {int(result.state.step)}: {saved}.", flush=True
+    )
+  elif jax.process_index() == 0 and result.history:
     last = result.history[-1]
     print(
       f"step {last['step']}: loss {last['loss']:.4f} (first logged "

@@ -6,6 +6,7 @@ from lightning_jax.training import checkpoint
 from lightning_jax.training import data
 from lightning_jax.training.checkpoint import CheckpointError
 from lightning_jax.training.checkpoint import CheckpointManager
+from lightning_jax.training.data import Dataset
 from lightning_jax.training.data import decode_bytes
 from lightning_jax.training.data import encode_bytes
 from lightning_jax.training.data import make_dataset
@@ -18,8 +19,6 @@ from lightning_jax.training.loop import CHECKPOINT_DIR
 from lightning_jax.training.loop import load_model
 from lightning_jax.training.loop import model_config_from_metadata
 from lightning_jax.training.loop import NonFiniteLossError
-from lightning_jax.training.loop import lock_workdir
-from lightning_jax.training.loop import WorkdirError
 from lightning_jax.training.loop import train
 from lightning_jax.training.loop import TrainConfig
 from lightning_jax.training.loop import TrainResult
@@ -44,4 +43,8 @@ from lightning_jax.training.step import default_grad_fn
 from lightning_jax.training.step import make_train_step
 from lightning_jax.training.step import microbatched_loss
 from lightning_jax.training.step import split_microbatches
+from lightning_jax.training.workdir import lock_workdir
+from lightning_jax.training.workdir import read_run_config
+from lightning_jax.training.workdir import resume_flags
+from lightning_jax.training.workdir import WorkdirError
 # --- end traincore ---

@@ -35,6 +35,7 @@ import importlib.resources
 import json
 import os
 import pathlib
+import typing
 
 import jax.numpy as jnp
 import numpy as np
@@ -252,15 +253,15 @@ def mqar_batch(
   return {"inputs": inputs, "targets": targets, "mask": mask}
 
 
-def mqar_accuracy(logits, batch: Batch):
-  """Fraction of masked positions whose argmax equals the target.
+def masked_hits(logits, batch: Batch):
+  """Number of masked positions whose argmax equals the target.
 
   Args:
     logits: `[batch, seq, vocab]`.
     batch: dict with "targets" int `[batch, seq]` and "mask" `[batch, seq]`.
 
   Returns:
-    fp32 scalar in [0, 1] (0 when the mask is empty).
+    `(hits, count)`: fp32 scalars, the mask-weighted hits and the mask sum.
   """
   _checks.check_rank("logits", logits, 3, "[batch, seq, vocab]")
   _checks.check_shape(
@@ -271,10 +272,81 @@ def mqar_accuracy(logits, batch: Batch):
   )
   hit = jnp.argmax(logits, axis=-1) == jnp.asarray(batch["targets"])
   mask = jnp.asarray(batch["mask"], jnp.float32)
-  return jnp.sum(hit * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return jnp.sum(hit * mask), jnp.sum(mask)
 
 
-Dataset = TokenStreamDataset | MQARDataset
+def mqar_accuracy(logits, batch: Batch):
+  """Fraction of masked positions whose argmax equals the target.
+
+  Args:
+    logits: `[batch, seq, vocab]`.
+    batch: dict with "targets" int `[batch, seq]` and "mask" `[batch, seq]`.
+
+  Returns:
+    fp32 scalar in [0, 1] (0 when the mask is empty).
+  """
+  hits, count = masked_hits(logits, batch)
+  return hits / jnp.maximum(count, 1.0)
+
+
+@typing.runtime_checkable
+class Dataset(typing.Protocol):
+  """What `training.train` reads batches from (bring your own data).
+
+  Attributes:
+    vocab_size: token ids lie in `[0, vocab_size)`; at most the model's.
+
+  `batch(step)` returns this process's rows of global batch `step` (a pure
+  function of `step`, so a resumed run asks for `batch(saved_position)`):
+  `{"inputs": int [b, seq_len], "targets": int [b, seq_len], "mask": float
+  [b, seq_len]}` with `b = global_batch_size // process_count`; the loss is
+  scored where the mask is 1. `make_dataset`'s datasets follow it; a
+  validation split is a second object whose batches `0, 1, ...` are the
+  held-out set.
+  """
+
+  vocab_size: int
+
+  def batch(self, step: int) -> Batch: ...
+
+
+def check_dataset(
+  dataset, name: str, local_batch_size: int, seq_len: int
+) -> None:
+  """ValueError unless `dataset` follows `Dataset` with batches of this run.
+
+  Reads `dataset.batch(0)` once and checks its keys, shapes and dtypes.
+
+  Args:
+    dataset: the object to check.
+    name: the argument's name, for the message.
+    local_batch_size: rows this process reads per step.
+    seq_len: tokens per row.
+  """
+  if not isinstance(dataset, Dataset):
+    raise ValueError(
+      f"`{name}` must have `vocab_size` and `batch(step)` "
+      f"(training.data.Dataset), got {type(dataset).__name__}."
+    )
+  vocab = dataset.vocab_size
+  if isinstance(vocab, bool) or not isinstance(vocab, (int, np.integer)):
+    raise ValueError(f"`{name}.vocab_size` must be an int, got {vocab!r}.")
+  batch = dataset.batch(0)
+  want = (local_batch_size, seq_len)
+  for key in ("inputs", "targets", "mask"):
+    value = batch.get(key) if isinstance(batch, dict) else None
+    if value is None or np.shape(value) != want:
+      raise ValueError(
+        f"`{name}.batch(0)['{key}']` must have shape [local batch, seq_len] "
+        f"= {list(want)}, got "
+        f"{None if value is None else list(np.shape(value))}."
+      )
+  for key in ("inputs", "targets"):
+    if not np.issubdtype(np.asarray(batch[key]).dtype, np.integer):
+      raise ValueError(
+        f"`{name}.batch(0)['{key}']` must hold integer token ids, got "
+        f"{np.asarray(batch[key]).dtype}."
+      )
 
 
 def make_dataset(

@@ -12,18 +12,27 @@ How the step runs on the mesh (sequential, gradient accumulation or a
 pipeline schedule) is one `training.runner.StepRunner`, chosen once;
 checkpoints hold the state in the `models.init` param layout whichever runner
 wrote it, so a run resumes on any mesh.
+
+Around the steps: the step is compiled ahead of time (its compile time is
+logged once, as `compile_s` of the first row, and left out of `step_time`);
+every `eval_every` steps and at the last step the params are evaluated on
+the validation split (`eval/loss`, `eval/perplexity`, `eval/accuracy` in that
+step's row); `profile_steps` wraps steps in a `jax.profiler` trace; SIGTERM
+(or, multi-process, jax's preemption sync point) stops the run at the next
+step boundary with a checkpoint (`TrainResult.preempted`).
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import math
 import os
-import socket
+import signal
+import threading
+import time
 from typing import Any, NamedTuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,52 +48,25 @@ from lightning_jax.training import optim as optim_lib
 from lightning_jax.training import runner as runner_lib
 from lightning_jax.training import state as state_lib
 from lightning_jax.training import step as step_lib
+from lightning_jax.training import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"
-LOCK_FILE = "run.lock"
+PROFILE_DIR = "profile"
+# Dense bf16 peak TFLOP/s per device, for MFU (vendors' data sheets).
+PEAK_TFLOPS = {
+  "NVIDIA H100 80GB HBM3": 989.0,
+  "NVIDIA H200": 989.0,
+  "NVIDIA A100-SXM4-80GB": 312.0,
+  "NVIDIA A100-SXM4-40GB": 312.0,
+  "TPU v4": 275.0,
+  "TPU v5 lite": 197.0,
+  "TPU v5": 459.0,
+  "TPU v6 lite": 918.0,
+}
 
 
 class NonFiniteLossError(RuntimeError):
   """The loss or gradient norm of a step is NaN or Inf."""
-
-
-class WorkdirError(RuntimeError):
-  """The workdir is in use by another run, or cannot be written."""
-
-
-@contextlib.contextmanager
-def lock_workdir(workdir: str):
-  """Holds `<workdir>/run.lock` exclusively while the block runs.
-
-  An advisory `flock`, released by the kernel when the holder exits (also on
-  kill -9), so a dead run never leaves a stale lock. The file names the
-  holder (`host pid`).
-
-  Raises:
-    WorkdirError: another run holds the lock, or the workdir cannot be
-      created or written (found before anything compiles).
-  """
-  path = os.path.join(workdir, LOCK_FILE)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  except OSError as e:
-    raise WorkdirError(f"--workdir={workdir!r} cannot be written: {e}") from e
-  try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
-      raise WorkdirError(
-        f"--workdir={workdir!r} is in use by another run "
-        f"({holder or 'unknown holder'}); wait for it or use another "
-        "--workdir."
-      ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
-    yield
-  finally:
-    os.close(fd)  # releases the lock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +93,18 @@ class TrainConfig:
     log_every: write metrics every this many steps (and at steps 1 and last).
     optim: `OptimConfig`.
     loss: `LossConfig`.
-    tensorboard: also write TensorBoard scalars (needs tensorboardX).
+    eval_every: evaluate on the validation split every this many steps
+      and at the last step; 0 disables.
+    eval_batches: validation batches per evaluation (the same batches
+      `0 .. eval_batches - 1` each time).
+    profile_steps: `(first, count)`: trace steps `first .. first + count -
+      1` with `jax.profiler` into `<workdir>/profile`; None: no trace.
+    peak_tflops: peak TFLOP/s of one device, for `mfu`; None: from
+      `PEAK_TFLOPS` by device kind, else no `mfu`.
+    tensorboard: also write TensorBoard scalars and histograms (needs
+      tensorboardX).
     flags: JSON-serialisable record of how the run was launched, saved in
-      the checkpoint metadata.
+      the checkpoint metadata and `config.json`.
   """
 
   model: Any
@@ -132,6 +123,10 @@ class TrainConfig:
   log_every: int = 10
   optim: optim_lib.OptimConfig = optim_lib.OptimConfig()
   loss: loss_lib.LossConfig = loss_lib.LossConfig()
+  eval_every: int = 0
+  eval_batches: int = 4
+  profile_steps: tuple[int, int] | None = None
+  peak_tflops: float | None = None
   tensorboard: bool = False
   flags: dict = dataclasses.field(default_factory=dict)
 
@@ -142,10 +137,13 @@ class TrainResult(NamedTuple):
   Attributes:
     state: the final `TrainState` (sharded over the mesh).
     history: the metric rows logged this run (written by process 0 only).
+    preempted: the run stopped early on SIGTERM (or a preemption sync point)
+      after saving its state; rerunning resumes it.
   """
 
   state: state_lib.TrainState
   history: list
+  preempted: bool = False
 
 
 def validate(
@@ -178,6 +176,23 @@ def validate(
     raise ValueError(
       f"--keep_checkpoints must be >= 1, got {config.keep_checkpoints}."
     )
+  if config.eval_every < 0:
+    raise ValueError(
+      f"--eval_every must be >= 0 (0 disables), got {config.eval_every}."
+    )
+  if config.eval_every and config.eval_batches < 1:
+    raise ValueError(f"--eval_batches must be >= 1, got {config.eval_batches}.")
+  profile = config.profile_steps
+  if profile is not None and (
+    len(profile) != 2 or not all(isinstance(v, int) and v >= 1 for v in profile)
+  ):
+    raise ValueError(
+      f"--profile_steps must be START,COUNT with positive integers, got "
+      f"{profile!r}."
+    )
+  peak = config.peak_tflops
+  if peak is not None and not (math.isfinite(peak) and peak > 0):
+    raise ValueError(f"--peak_tflops must be finite and > 0, got {peak}.")
   axes = parallel.parse_mesh_spec(config.mesh) if config.mesh else {}
   axes = axes or {mesh_lib.DATA: num_devices}
   size = math.prod(axes.values())
@@ -284,46 +299,178 @@ def _params_finite(params):
   )
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train(
+  config: TrainConfig,
+  *,
+  dataset: data_lib.Dataset | None = None,
+  eval_dataset: data_lib.Dataset | None = None,
+) -> TrainResult:
   """Runs (or resumes) training to `config.steps`.
 
   Args:
     config: the run; validated with `validate` first.
+    dataset: where the training batches come from (`training.data.Dataset`:
+      `vocab_size` and `batch(step)` of this process's rows); default
+      `make_dataset(config.data)`.
+    eval_dataset: the validation batches (the same protocol) when
+      `config.eval_every` > 0; default the validation split of
+      `config.data`, required with a custom `dataset`.
 
   Returns:
     `TrainResult` with the final state and the metric rows written.
 
   Raises:
-    ValueError: invalid configuration (before anything compiles).
+    ValueError: invalid configuration or dataset (before anything
+      compiles).
     NonFiniteLossError: a step's loss or gradient norm is NaN / Inf; the
       offending state is not saved.
     WorkdirError: another run holds `config.workdir`, or it cannot be
       written.
+
+  Example:
+    >>> class Zeros:  # any object with this protocol
+    ...   vocab_size = 256
+    ...   def batch(self, step):
+    ...     x = np.zeros((8, 64), np.int32)
+    ...     return {"inputs": x, "targets": x, "mask": np.ones((8, 64))}
+    >>> train(config, dataset=Zeros(), eval_dataset=Zeros())
   """
   validate(config, jax.device_count(), jax.process_count())
+  dataset, eval_dataset = _datasets(config, dataset, eval_dataset)
   if jax.process_index() != 0:  # process 0 holds the lock for the run
-    return _train(config)
-  with lock_workdir(config.workdir):
-    return _train(config)
+    return _train(config, dataset, eval_dataset)
+  with workdir_lib.lock_workdir(config.workdir):
+    workdir_lib.write_run_config(config)
+    return _train(config, dataset, eval_dataset)
 
 
-def _train(config: TrainConfig) -> TrainResult:
+def _datasets(config: TrainConfig, dataset, eval_dataset):
+  """The run's train and validation datasets, checked against the config."""
+  local_batch = config.batch_size // jax.process_count()
+
+  def make(split):
+    return data_lib.make_dataset(
+      config.data,
+      seq_len=config.seq_len,
+      global_batch_size=config.batch_size,
+      seed=config.seed,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      split=split,
+    )
+
+  if dataset is None:
+    dataset = make("train")
+    if config.eval_every and eval_dataset is None:
+      eval_dataset = make("validation")
+  elif config.eval_every and eval_dataset is None:
+    raise ValueError(
+      "`eval_dataset` is required with a custom `dataset` when "
+      f"eval_every={config.eval_every} (or set eval_every=0)."
+    )
+  checked = [("dataset", dataset)]
+  if config.eval_every:
+    checked.append(("eval_dataset", eval_dataset))
+  for name, ds in checked:
+    data_lib.check_dataset(ds, name, local_batch, config.seq_len)
+    if ds.vocab_size > config.model.vocab_size:
+      raise ValueError(
+        f"--data={config.data!r} ({name}) has vocab_size {ds.vocab_size} > "
+        f"the model's vocab_size {config.model.vocab_size}."
+      )
+  return dataset, eval_dataset
+
+
+class _StopSignal:
+  """Asks the loop to stop at a step boundary on SIGTERM (preemption).
+
+  One process: a SIGTERM handler sets a flag (installed from the main thread
+  only; the previous handler comes back on exit). Several processes must
+  stop at the same step: jax's preemption sync point decides, when the
+  distributed runtime runs its preemption service; otherwise SIGTERM keeps
+  its default action.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    if (
+      jax.process_count() == 1
+      and threading.current_thread() is threading.main_thread()
+    ):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving and stopping at the next step boundary.")
+    self.requested = True
+
+  def due(self, step: int) -> bool:
+    """Whether the run stops after `step` (call at every step)."""
+    if jax.process_count() == 1:
+      return self.requested
+    try:
+      return multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # no preemption service: SIGTERM ends the process
+      return False
+
+
+def _peak_flops(config: TrainConfig) -> float | None:
+  """FLOP/s of all devices together, or None when the peak is unknown."""
+  per_device = config.peak_tflops
+  if per_device is None:
+    per_device = PEAK_TFLOPS.get(jax.devices()[0].device_kind)
+  if per_device is None:
+    logging.info(
+      "Peak FLOP/s of %r unknown: no mfu (set --peak_tflops).",
+      jax.devices()[0].device_kind,
+    )
+    return None
+  return per_device * 1e12 * jax.device_count()
+
+
+def _eval_step(config: TrainConfig, runner, state_shardings, batch_sharding):
+  """Jitted `(params, batch) -> sums` of one validation batch."""
+
+  def sums(params, batch):
+    params = runner.from_layout(params)
+    logits, _ = models.forward(params, batch["inputs"], config.model)
+    hits, count = data_lib.masked_hits(logits, batch)
+    ce = models.masked_ce_sum(logits, batch["targets"], batch["mask"])
+    return {"ce_sum": ce, "num_targets": count, "hits": hits}
+
+  return jax.jit(
+    sums,
+    in_shardings=(state_shardings.params, batch_sharding),
+    out_shardings=jax.sharding.NamedSharding(
+      batch_sharding.mesh, jax.sharding.PartitionSpec()
+    ),
+  )
+
+
+def _evaluate(eval_step, params, batches) -> dict:
+  """`eval/loss`, `eval/perplexity`, `eval/accuracy` over `batches`."""
+  totals = [eval_step(params, b) for b in batches]
+  host = metrics_lib.fetch(jax.tree.map(lambda *x: sum(x), *totals))
+  count = max(host["num_targets"], 1.0)
+  loss = host["ce_sum"] / count
+  return {
+    "eval/loss": loss,
+    "eval/perplexity": math.exp(min(loss, 700.0)),
+    "eval/accuracy": host["hits"] / count,
+  }
+
+
+def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   """`train` of a validated config (under the workdir lock on process 0)."""
   mesh = parallel.make_mesh(config.mesh or None)
-  dataset = data_lib.make_dataset(
-    config.data,
-    seq_len=config.seq_len,
-    global_batch_size=config.batch_size,
-    seed=config.seed,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  if dataset.vocab_size > config.model.vocab_size:
-    raise ValueError(
-      f"--data={config.data!r} has vocab_size "
-      f"{dataset.vocab_size} > the model's vocab_size "
-      f"{config.model.vocab_size}."
-    )
   optimizer = optim_lib.make_optimizer(config.optim)
   manager = None
   if config.checkpoint_every:
@@ -334,30 +481,72 @@ def _train(config: TrainConfig) -> TrainResult:
   logging.info("Step runner: %s", runner.metadata)
   state, shardings = _init_or_restore(config, optimizer, mesh, manager, runner)
   batch_sharding = parallel.batch_sharding(mesh)
-  train_step = parallel.shard_step(
-    step_lib.make_train_step(
-      optimizer, optim_lib.learning_rate(config.optim), runner.grad_fn
-    ),
-    mesh,
-    shardings,
-    batch_sharding,
-  )
+
+  def device_batch(ds, position):
+    return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
+      ds.batch(position),
+    )
 
   start = int(jax.device_get(state.step))
   position = int(jax.device_get(state.data_position))
+  batch = device_batch(dataset, position)
+  compile_start = time.perf_counter()
+  train_step = (
+    parallel.shard_step(
+      step_lib.make_train_step(
+        optimizer, optim_lib.learning_rate(config.optim), runner.grad_fn
+      ),
+      mesh,
+      shardings,
+      batch_sharding,
+    )
+    .lower(state, batch)
+    .compile()
+  )
+  compile_s = time.perf_counter() - compile_start
+  flops_per_token = models.flops_per_token(config.model, config.seq_len)
+  logging.info(
+    "Compiled the train step in %.1f s; %.3g model FLOPs per token.",
+    compile_s,
+    flops_per_token,
+  )
+  first_row = {"compile_s": compile_s, "flops_per_token": flops_per_token}
+  eval_step = eval_batches = None
+  if config.eval_every:
+    eval_step = _eval_step(config, runner, shardings, batch_sharding)
+    eval_batches = [
+      device_batch(eval_dataset, i) for i in range(config.eval_batches)
+    ]
+
   last_checkpoint = start if manager is not None and start else None
   writer = metrics_lib.MetricWriter(
     config.workdir,
     total_steps=config.steps,
     tokens_per_step=config.batch_size * config.seq_len,
     start_step=start,
+    flops_per_token=flops_per_token,
+    peak_flops=_peak_flops(config),
     tensorboard=config.tensorboard,
   )
   history = []
 
-  def finish(step, device_metrics):
+  def paused(fn, *args):
+    """Runs `fn(*args)`, leaving its time out of the interval's step_time."""
+    begin = time.perf_counter()
+    try:
+      return fn(*args)
+    finally:
+      writer.exclude(time.perf_counter() - begin)
+
+  def finish(step, device_metrics, extra):
     """Fetches a dispatched step's metrics, checks them, logs when due."""
-    logged = step % config.log_every == 0 or step in (start + 1, config.steps)
+    nonlocal first_row
+    logged = (
+      step % config.log_every == 0
+      or step in (start + 1, config.steps)
+      or bool(extra)
+    )
     if logged:
       values = metrics_lib.fetch(device_metrics)
     else:
@@ -366,14 +555,15 @@ def _train(config: TrainConfig) -> TrainResult:
       )
     _check_finite(step, values, last_checkpoint)
     if logged:
-      history.append(writer.write(step, values))
+      history.append(writer.write(step, {**values, **extra, **first_row}))
+      first_row = {}
 
   metadata = {
     "model_config": config.model.to_dict(),
     "flags": config.flags,
     "runner": runner.metadata,
   }
-  pending = None  # (step, device metrics) dispatched, not yet checked
+  pending = None  # (step, device metrics, eval values) not yet checked
   to_save = None  # (step, host snapshot, data position) awaiting its check
 
   def save_checked(step_checked):
@@ -381,36 +571,56 @@ def _train(config: TrainConfig) -> TrainResult:
     nonlocal to_save, last_checkpoint
     if to_save is not None and to_save[0] == step_checked - 1:
       step, snap, at = to_save
-      manager.save(step, snap, dict(metadata, data_position=at))
+      paused(manager.save, step, snap, dict(metadata, data_position=at))
       last_checkpoint, to_save = step, None
 
+  profile = config.profile_steps
+  profile_stop = profile and profile[0] + profile[1] - 1
+  tracing = False
+  preempted = False
   try:
-    for step in range(start + 1, config.steps + 1):
-      batch = jax.tree.map(
-        lambda x: jax.make_array_from_process_local_data(batch_sharding, x),
-        dataset.batch(position),
-      )
-      position += 1
-      state, device_metrics = train_step(state, batch)
-      if pending is not None:
-        finish(*pending)
-        save_checked(pending[0])
-      pending = (step, device_metrics)
-      if manager is not None and (
-        step % config.checkpoint_every == 0 or step == config.steps
-      ):
-        # The state after `step` is saved once step + 1 (its loss and
-        # gradient) is finite; the last one once its params are finite.
-        finish(*pending)
-        save_checked(step)
-        pending = None
-        to_save = (
-          step,
-          checkpoint.snapshot(
-            runner_lib.relayout_state(runner.from_layout, state)
-          ),
-          position,
-        )
+    with _StopSignal() as stop:
+      for step in range(start + 1, config.steps + 1):
+        if profile and step == profile[0]:
+          jax.profiler.start_trace(os.path.join(config.workdir, PROFILE_DIR))
+          tracing = True
+        state, device_metrics = train_step(state, batch)
+        position += 1
+        if tracing and step == profile_stop:
+          paused(jax.block_until_ready, device_metrics)
+          paused(jax.profiler.stop_trace)
+          tracing = False
+        if pending is not None:
+          finish(*pending)
+          save_checked(pending[0])
+        preempted = stop.due(step) and step < config.steps
+        last = step == config.steps or preempted
+        extra = {}
+        if eval_step is not None and (
+          step % config.eval_every == 0 or step == config.steps
+        ):
+          extra = paused(_evaluate, eval_step, state.params, eval_batches)
+        pending = (step, device_metrics, extra)
+        if manager is not None and (
+          step % config.checkpoint_every == 0 or last
+        ):
+          # The state after `step` is saved once step + 1 (its loss and
+          # gradient) is finite; the last one once its params are finite.
+          finish(*pending)
+          save_checked(step)
+          pending = None
+          to_save = (
+            step,
+            paused(
+              checkpoint.snapshot,
+              runner_lib.relayout_state(runner.from_layout, state),
+            ),
+            position,
+          )
+        if preempted:
+          logging.warning("Preempted: stopping after step %d.", step)
+          break
+        batch = device_batch(dataset, position)
     if pending is not None:
       finish(*pending)
       save_checked(pending[0])
@@ -422,8 +632,10 @@ def _train(config: TrainConfig) -> TrainResult:
         )
       save_checked(to_save[0] + 1)
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     writer.close()
-  return TrainResult(state=state, history=history)
+  return TrainResult(state=state, history=history, preempted=preempted)
 
 
 def model_config_from_metadata(metadata: dict) -> models.ModelConfig:

@@ -2,11 +2,20 @@
 
 Only process 0 writes. The loop hands over host values; to keep the device
 busy it fetches step t-1's metrics after dispatching step t (`fetch`).
+
+Per logged interval the writer adds what it measures itself: `step_time`
+(wall seconds per step, without the pauses the loop reports through
+`exclude`: compilation, evaluation, checkpoint stalls, profiling),
+`tokens_per_sec`, `mfu` when the peak is known (`models.flops_per_token`
+times tokens per second over the devices' peak), and the memory in use
+(`host_memory_gb`, the process's resident set; `device_memory_gb`, the
+largest `bytes_in_use` of the local devices, where the backend reports it).
 """
 
 import json
 import math
 import os
+import resource
 import sys
 import time
 
@@ -27,6 +36,24 @@ def fetch(metrics) -> dict:
     k: (float(v) if np.ndim(v) == 0 else np.asarray(v).tolist())
     for k, v in host.items()
   }
+
+
+def host_memory_bytes() -> int:
+  """This process's resident set size (its peak where /proc is missing)."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except OSError:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory_bytes() -> int | None:
+  """Largest `bytes_in_use` over the local devices; None if not reported."""
+  used = [
+    (d.memory_stats() or {}).get("bytes_in_use") for d in jax.local_devices()
+  ]
+  used = [u for u in used if u is not None]
+  return max(used) if used else None
 
 
 def _duration(seconds: float) -> str:
@@ -53,11 +80,10 @@ class MetricWriter:
   """Writes one JSON object per logged step, and shows progress.
 
   `workdir/metrics.jsonl` gets `{"step", "loss", "lr", "grad_norm",
-  "tokens_per_sec", ...}` per `write`; vectors (expert loads) as lists.
-  `tokens_per_sec` is measured between consecutive writes (the first
-  interval includes compilation, so its rate is low and no ETA is shown).
-  On a terminal a single progress line (step/total, loss, tokens/s, ETA) is
-  redrawn; otherwise each write is also
+  "step_time", "tokens_per_sec", ...}` per `write` (the measured fields are
+  listed in the module docstring); vectors (expert loads) as lists, which
+  TensorBoard gets as histograms. On a terminal a single progress line
+  (step/total, loss, tokens/s, ETA) is redrawn; otherwise each write is also
   an absl log line.
 
   Args:
@@ -65,8 +91,11 @@ class MetricWriter:
     total_steps: the run's last step, for the progress display.
     tokens_per_step: tokens in one global batch.
     start_step: step the run starts (or resumes) from.
-    tensorboard: also write scalars with tensorboardX (the `tensorboard`
-      extra); ImportError if it is not installed.
+    flops_per_token: model FLOPs per trained token, for `mfu`.
+    peak_flops: FLOP/s of all the run's devices together; None leaves `mfu`
+      out.
+    tensorboard: also write scalars and histograms with tensorboardX (the
+      `tensorboard` extra); ImportError if it is not installed.
     process_index: writes only when 0; default `jax.process_index()`.
     stream: where the progress line goes (default stdout).
   """
@@ -78,6 +107,8 @@ class MetricWriter:
     total_steps: int,
     tokens_per_step: int,
     start_step: int = 0,
+    flops_per_token: float | None = None,
+    peak_flops: float | None = None,
     tensorboard: bool = False,
     process_index: int | None = None,
     stream=None,
@@ -87,8 +118,10 @@ class MetricWriter:
     self._active = process_index == 0
     self._total = total_steps
     self._tokens_per_step = tokens_per_step
-    self._start = start_step
+    self._flops_per_token = flops_per_token
+    self._peak_flops = peak_flops
     self._last = (start_step, time.perf_counter())
+    self._excluded = 0.0
     self._stream = sys.stdout if stream is None else stream
     self._tty = self._stream.isatty()
     self._file = self._tb = None
@@ -100,31 +133,48 @@ class MetricWriter:
         os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8"
       )
 
-  def write(self, step: int, metrics: dict) -> dict:
-    """Records `metrics` (host values, `fetch`) of `step`; returns the row."""
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of the current interval out of its `step_time`."""
+    self._excluded += seconds
+
+  def _measured(self, step: int) -> dict:
+    """The interval's timing, throughput and memory fields."""
     now = time.perf_counter()
     last_step, last_time = self._last
     self._last = (step, now)
-    seconds_per_step = (now - last_time) / max(step - last_step, 1)
+    busy = max(now - last_time - self._excluded, 1e-9)
+    self._excluded = 0.0
+    step_time = busy / max(step - last_step, 1)
     row = {
-      "step": step,
-      **metrics,
-      "tokens_per_sec": self._tokens_per_step / seconds_per_step,
+      "step_time": step_time,
+      "tokens_per_sec": self._tokens_per_step / step_time,
     }
+    if self._flops_per_token is not None and self._peak_flops:
+      row["mfu"] = (
+        self._flops_per_token * row["tokens_per_sec"] / self._peak_flops
+      )
+    row["host_memory_gb"] = host_memory_bytes() / 2**30
+    device = device_memory_bytes()
+    if device is not None:
+      row["device_memory_gb"] = device / 2**30
+    return row
+
+  def write(self, step: int, metrics: dict) -> dict:
+    """Records `metrics` (host values, `fetch`) of `step`; returns the row."""
+    row = {"step": step, **metrics, **self._measured(step)}
     if not self._active:
       return row
     self._file.write(json.dumps(row) + "\n")
     self._file.flush()
     if self._tb is not None:
       for k, v in row.items():
-        if k != "step" and np.ndim(v) == 0:
+        if k == "step":
+          continue
+        if np.ndim(v) == 0:
           self._tb.add_scalar(k, v, step)
-    # The first interval includes compilation: no ETA from it.
-    eta = (
-      "?"
-      if last_step == self._start
-      else _duration((self._total - step) * seconds_per_step)
-    )
+        else:
+          self._tb.add_histogram(k, np.asarray(v), step)
+    eta = _duration((self._total - step) * row["step_time"])
     line = (
       f"step {step}/{self._total} | loss {row['loss']:.4f} | "
       f"{row['tokens_per_sec']:,.0f} tok/s | ETA {eta}"

@@ -1,10 +1,12 @@
-"""Kill-and-resume: a run SIGKILLed while writing a checkpoint and restarted
-continues exactly (bitwise) as an uninterrupted run with the same flags.
+"""Kill-and-resume: a run SIGKILLed while writing a checkpoint, or stopped by
+SIGTERM, and restarted continues exactly (bitwise) as an uninterrupted run
+with the same flags.
 
-Three `tools/train.py` processes: uninterrupted; killed inside the save of
-step `KILL_AT` (after its arrays are written, before the commit; the loop
-writes it after step `KILL_AT + 1`), via a driver that wraps the checkpoint
-writer; restarted with the plain binary.
+`tools/train.py` processes: uninterrupted (shared by the tests); killed
+inside the save of step `KILL_AT` (after its arrays are written, before the
+commit; the loop writes it after step `KILL_AT + 1`), via a driver that wraps
+the checkpoint writer; sent SIGTERM while it reads a batch; restarted with
+the plain binary.
 """
 
 import json
@@ -17,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from lightning_jax import training
 
@@ -52,6 +55,27 @@ def write_then_hang(root, leaves, primary):
 
 checkpoint._write_leaves = write_then_hang
 app.run(train.main, argv=["train", *sys.argv[3:]])
+"""
+
+
+# Runs tools/train.py and sends itself SIGTERM while reading the batch of
+# data position sys.argv[1] (after dispatching that step).
+_TERM_DRIVER = """
+import os, signal, sys
+from absl import app
+from lightning_jax.training import data
+from tools import train
+
+term_at = int(sys.argv[1])
+batch = data.TokenStreamDataset.batch
+
+def batch_then_term(self, step):
+  if step == term_at and self.split == "train":
+    os.kill(os.getpid(), signal.SIGTERM)
+  return batch(self, step)
+
+data.TokenStreamDataset.batch = batch_then_term
+app.run(train.main, argv=["train", *sys.argv[2:]])
 """
 
 
@@ -92,8 +116,45 @@ def _final_state(workdir):
   return state
 
 
-def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(tmp_path):
-  reference, killed = tmp_path / "reference", tmp_path / "killed"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The workdir of the uninterrupted run."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _train(workdir)
+  return workdir
+
+
+def test_sigterm_saves_exits_0_and_resumes_bitwise_exact(tmp_path, reference):
+  driver = tmp_path / "driver.py"
+  driver.write_text(_TERM_DRIVER)
+  # SIGTERM arrives while the loop reads the batch of position 2, after
+  # step 2: step 3 runs, then the run stops and saves.
+  stopped = subprocess.run(
+    [sys.executable, str(driver), "2", *FLAGS, f"--workdir={tmp_path}"],
+    cwd=REPO,
+    env=_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert stopped.returncode == 0, stopped.stderr
+  assert "preempted after step 3: the state is saved" in stopped.stdout
+  manager = training.CheckpointManager(tmp_path / "checkpoints")
+  assert manager.all_steps() == [EVERY, 3]
+  _train(tmp_path)
+  assert [r["step"] for r in _rows(tmp_path)] == list(range(1, STEPS + 1))
+  assert _losses(tmp_path) == _losses(reference)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    _final_state(tmp_path),
+    _final_state(reference),
+  )
+
+
+def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(
+  tmp_path, reference
+):
+  killed = tmp_path / "killed"
   marker = tmp_path / "marker"
   driver = tmp_path / "driver.py"
   driver.write_text(_DRIVER)
@@ -112,7 +173,6 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bitwise_exact(tmp_path):
     stderr=subprocess.DEVNULL,
   )
   try:
-    _train(reference)  # meanwhile, the uninterrupted run
     deadline = time.monotonic() + 300
     while not marker.exists():
       assert proc.poll() is None, "the driver exited before the kill"

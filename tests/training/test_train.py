@@ -66,6 +66,9 @@ def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
     log_every=5,
     batch_size=16,
     seq_len=32,
+    eval_every=10,
+    eval_batches=2,
+    profile_steps=(6, 2),
   )
   result = training.train(config)
   losses = [row["loss"] for row in result.history]
@@ -80,6 +83,90 @@ def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
   manager = training.checkpoint.CheckpointManager(str(tmp_path / "checkpoints"))
   assert manager.all_steps() == [10, 20]
   assert int(result.state.step) == 20 == int(result.state.data_position)
+  # Compile time and model FLOPs once; evaluations at 10 and the last step.
+  assert [("compile_s" in r, "flops_per_token" in r) for r in rows] == [
+    (True, True)
+  ] + [(False, False)] * 4
+  assert rows[0]["flops_per_token"] == models.flops_per_token(config.model, 32)
+  assert [r["step"] for r in rows if "eval/loss" in r] == [10, 20]
+  assert rows[-1]["eval/loss"] < rows[2]["eval/loss"]
+  # The last evaluation, recomputed: the first 2 validation batches under
+  # the final params.
+  ce = hits = count = 0.0
+  for i in range(2):
+    batch = training.make_dataset(
+      "corpus", seq_len=32, global_batch_size=16, seed=0, split="validation"
+    ).batch(i)
+    logits, _ = models.forward(
+      result.state.params, batch["inputs"], config.model
+    )
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    target = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    ce -= float(np.sum(target * batch["mask"]))
+    hits += float(
+      np.sum((np.argmax(logits, -1) == batch["targets"]) * batch["mask"])
+    )
+    count += float(np.sum(batch["mask"]))
+  assert rows[-1]["eval/loss"] == pytest.approx(ce / count, rel=1e-5)
+  assert rows[-1]["eval/perplexity"] == pytest.approx(np.exp(ce / count), 1e-5)
+  assert rows[-1]["eval/accuracy"] == hits / count
+  traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1, traces
+
+
+# Timing and memory fields: they differ between any two runs.
+_MEASURED = (
+  "compile_s",
+  "step_time",
+  "tokens_per_sec",
+  "host_memory_gb",
+  "device_memory_gb",
+)
+
+
+def _computed(history):
+  return [{k: v for k, v in r.items() if k not in _MEASURED} for r in history]
+
+
+class _Plain:
+  """A dataset of the protocol only: not one of the library's classes."""
+
+  def __init__(self, dataset):
+    self.vocab_size = dataset.vocab_size
+    self._dataset = dataset
+
+  def batch(self, step):
+    return dict(self._dataset.batch(step))
+
+
+def test_train_takes_any_dataset_of_the_protocol(tmp_path):
+  config = _config(tmp_path / "a", num_layers=1, steps=2, eval_every=2)
+  split = dict(seq_len=16, global_batch_size=8, seed=0)
+  own = training.train(
+    config,
+    dataset=_Plain(training.make_dataset("corpus", **split)),
+    eval_dataset=_Plain(
+      training.make_dataset("corpus", split="validation", **split)
+    ),
+  )
+  default = training.train(
+    dataclasses.replace(config, workdir=str(tmp_path / "b"))
+  )
+  assert _computed(own.history) == _computed(default.history)
+  assert [r["step"] for r in own.history if "eval/loss" in r] == [2]
+  with pytest.raises(ValueError, match="`eval_dataset` is required"):
+    training.train(
+      config, dataset=_Plain(training.make_dataset("corpus", **split))
+    )
+  short = training.make_dataset("corpus", **dict(split, seq_len=8))
+  with pytest.raises(
+    ValueError,
+    match=r"`dataset.batch\(0\)\['inputs'\]` must have shape .* \[8, 16\], "
+    r"got \[8, 8\]",
+  ):
+    training.train(dataclasses.replace(config, eval_every=0), dataset=short)
+  with pytest.raises(ValueError, match="`dataset` must have `vocab_size`"):
+    training.train(config, dataset=object(), eval_dataset=object())
 
 
 def _batch(key, cfg, batch_size=8, seq_len=16):
@@ -341,7 +428,7 @@ def test_a_second_run_on_a_workdir_is_one_error_line_and_the_first_finishes(
     stderr=subprocess.PIPE,
     text=True,
   )
-  lock = tmp_path / training.loop.LOCK_FILE
+  lock = tmp_path / training.workdir.LOCK_FILE
   while f"pid {first.pid}" not in (lock.read_text() if lock.exists() else ""):
     assert first.poll() is None, first.communicate()
     time.sleep(0.05)
@@ -363,3 +450,64 @@ def test_a_second_run_on_a_workdir_is_one_error_line_and_the_first_finishes(
   rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(row)["step"] for row in rows]
   assert steps == [1, 50, 100, 150, 200]
+
+
+def test_resume_flags_take_saved_values_and_refuse_frozen_changes():
+  saved = {"seed": 3, "lr": 0.02, "steps": 4, "log_every": 1, "override": []}
+  given = {"seed": 0, "lr": 0.003, "steps": 8, "log_every": 5, "override": []}
+  frozen = {"seed", "lr", "steps", "override"}
+  kwargs = dict(frozen=frozen, growing={"steps"})
+  values = training.resume_flags(saved, given, {"steps", "log_every"}, **kwargs)
+  assert values == {**saved, "steps": 8, "log_every": 5}
+  explicit = {"seed", "lr", "steps"}
+  shrink = dict(given, steps=2)
+  with pytest.raises(
+    ValueError, match=r"--seed=3 -> 0, --lr=0.02 -> 0.003, --steps=4 -> 2; "
+  ):
+    training.resume_flags(saved, shrink, explicit, **kwargs)
+  assert training.resume_flags(
+    saved, shrink, explicit, allow_change=True, **kwargs
+  ) == dict(shrink, log_every=1)
+
+
+def test_rerun_on_a_workdir_takes_its_config_and_refuses_changes(tmp_path):
+  def run(*flags):
+    return subprocess.run(
+      [sys.executable, "-m", "tools.train", f"--workdir={tmp_path}", *flags],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+  first = run(
+    "--override=d_model=16,num_layers=1,num_heads=2,head_dim=8,d_ff=32",
+    "--steps=2",
+    "--batch_size=4",
+    "--seq_len=16",
+    "--seed=3",
+    "--lr=0.02",
+    "--eval_every=0",
+    "--log_every=1",
+    "--checkpoint_every=1",
+  )
+  assert first.returncode == 0, first.stderr
+  assert run("--steps=3").returncode == 0  # the rest from config.json
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert {k: saved["flags"][k] for k in ("steps", "seed", "lr", "seq_len")} == {
+    "steps": 3,
+    "seed": 3,
+    "lr": 0.02,
+    "seq_len": 16,
+  }
+  assert saved["train"]["optim"]["lr"] == 0.02
+  rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["step"] for r in rows] == [1, 2, 3]
+  changed = run("--steps=4", "--seed=4", "--seq_len=32")
+  assert changed.returncode == 2
+  assert changed.stderr.strip().splitlines() == [
+    "error: this workdir's run was started with other values: --seq_len=16 "
+    "-> 32, --seed=3 -> 4; rerun without them, pass --allow_config_change, "
+    "or use a fresh --workdir."
+  ]
