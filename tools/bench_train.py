@@ -1,9 +1,11 @@
 r"""Training-step benchmark: tokens/s of one forward + backward + AdamW step
-per model preset, and as a fraction of a same-run fp32 matmul's GFLOP/s.
+per model preset, and its MFU against a same-run fp32 matmul's FLOP/s.
 
-It uses only `models.get_preset / init / forward` and optax, so the same
-command measures any version of the library (e.g. before and after a
-refactor, with `PYTHONPATH` pointing at each checkout, interleaved).
+MFU = `models.flops_per_token` (matmul FLOPs counted on the forward's
+jaxpr, x3 for the backward) x tokens/s / the matmul rate: the fraction of
+what this machine's matmul reaches that the model's matmuls reach inside a
+training step. Besides `models.flops_per_token` it uses only
+`models.get_preset / init / forward` and optax.
 
 Usage (from the repository root):
   python -m tools.bench_train --presets=tiny-hybrid,tnl --batch=8 --seq=256
@@ -80,7 +82,10 @@ def main(argv):
         preset=name,
         step_ms=seconds * 1e3,
         tokens_per_s=tokens_per_s,
-        per_matmul_gflop=tokens_per_s / matmul,
+        gflop_per_token=models.flops_per_token(cfg, _SEQ.value) / 1e9,
+        mfu=models.flops_per_token(cfg, _SEQ.value)
+        * tokens_per_s
+        / (matmul * 1e9),
       )
     )
   print(f"# {' '.join(sys.argv)}; matmul {matmul:.1f} GFLOP/s")
