@@ -474,8 +474,11 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   optimizer = optim_lib.make_optimizer(config.optim)
   manager = None
   if config.checkpoint_every:
+    directory = os.path.join(config.workdir, CHECKPOINT_DIR)
+    if jax.process_index() == 0:  # found now, not at the first save
+      workdir_lib.check_writable(directory, "--checkpoint_every")
     manager = checkpoint.CheckpointManager(
-      os.path.join(config.workdir, CHECKPOINT_DIR), keep=config.keep_checkpoints
+      directory, keep=config.keep_checkpoints
     )
   runner = runner_lib.make_runner(config, mesh)
   logging.info("Step runner: %s", runner.metadata)

@@ -62,6 +62,23 @@ def lock_workdir(workdir: str):
     os.close(fd)  # releases the lock
 
 
+def check_writable(directory: str, flag: str = "--workdir") -> None:
+  """Creates `directory` and writes a probe file in it.
+
+  Raises:
+    WorkdirError: it cannot be created or written (e.g. a file is in the
+      way, or the file system is read-only), naming `flag`.
+  """
+  probe = os.path.join(directory, f".probe-{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "w", encoding="utf-8") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"{flag}: {directory!r} cannot be written: {e}") from e
+
+
 def run_config_record(config) -> dict:
   """The JSON record of a `TrainConfig` that `config.json` holds."""
   train = {

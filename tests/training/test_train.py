@@ -404,6 +404,15 @@ def test_a_held_or_unwritable_workdir_fails_before_compiling(tmp_path):
   not_a_dir.write_text("")
   with pytest.raises(training.WorkdirError, match="cannot be written"):
     training.train(dataclasses.replace(config, workdir=str(not_a_dir / "w")))
+  blocked = tmp_path / "blocked"
+  blocked.mkdir()
+  (blocked / training.CHECKPOINT_DIR).write_text("")  # in the way
+  with pytest.raises(
+    training.WorkdirError, match=r"--checkpoint_every: .* cannot be written"
+  ):
+    training.train(
+      dataclasses.replace(config, workdir=str(blocked), checkpoint_every=1)
+    )
 
 
 def test_a_second_run_on_a_workdir_is_one_error_line_and_the_first_finishes(
