@@ -300,8 +300,8 @@ class CheckpointManager:
     `background`; records and logs its `SaveStats`.
 
     Args:
-      job: from `_prepare`, which blocked the caller for `prepare_s` seconds.
-      prepare_s: the caller's stall before this write.
+      job: from `_prepare`.
+      prepare_s: seconds the caller was blocked in `_prepare`.
       background: whether the caller was released before this write.
     """
     start = time.perf_counter()
@@ -843,11 +843,15 @@ class _LocalDir:
     _fsync_dir(self.root)
 
   def discard(self, name: str) -> None:
-    """Renamed to a temporary first (atomic), then deleted."""
-    doomed = f"{_TMP_PREFIX}deleted-{name}-{secrets.token_hex(4)}"
-    os.rename(self.root / name, self.root / doomed)
-    _fsync_dir(self.root)
-    shutil.rmtree(self.root / doomed, ignore_errors=True)
+    """Deletes an entry; a `step_*` one is renamed to a temporary first
+    (atomic), so a kill while deleting never leaves a step with missing
+    arrays."""
+    doomed = self.root / name
+    if not name.startswith(_TMP_PREFIX):
+      doomed = self.root / f"{_TMP_PREFIX}deleted-{name}-{secrets.token_hex(4)}"
+      os.rename(self.root / name, doomed)
+      _fsync_dir(self.root)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class _KvStore:
