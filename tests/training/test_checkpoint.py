@@ -413,9 +413,10 @@ def value(step):
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 rows = NamedSharding(mesh, P("data"))  # process 0: rows 0-3, process 1: 4-7
 mgr = training.CheckpointManager(directory)
-for step in (1, 2):
+for step in (1, 2):  # in the background, with host-only barriers
   x = jax.make_array_from_callback((8, 2), rows, lambda i: value(step)[i])
-  mgr.save(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
+  mgr.save_async(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
+mgr.wait()
 if process == 0:  # corrupt a chunk that only process 1 reads back
   chunk = mgr.step_path(2) / "arrays" / "x" / "c.3.0"
   chunk.write_bytes(chunk.read_bytes()[:-1] + b"?")
@@ -449,7 +450,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
-  """2 processes (gloo): save, a chunk only process 1 reads is corrupt ->
+  """2 processes (gloo): save_async, a chunk only process 1 reads is corrupt ->
   both fall back to the same step (or both raise for an explicit step); a
   resharded restore across processes."""
   script = tmp_path / "worker.py"
