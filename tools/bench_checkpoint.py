@@ -1,15 +1,22 @@
-r"""Checkpoint save / restore and data-batch throughput.
+r"""Checkpoint save / restore, the caller's stall of a save, data batches.
 
 Checkpoint figures are also given relative to a plain `np.save` + fsync
 (save) and `np.load` (restore) of the same bytes in the same run, so a noisy
-or slow disk can still be compared. Data figures are given relative to raw
-numpy slicing of the same windows from an in-memory array.
+or slow disk can still be compared. The stall table times how long the
+caller is blocked by `save` vs `save_async` for train states (params + two
+Adam moments, fp32) of the default model and multiples of it, with the work
+of the steps until the next checkpoint overlapping the background write.
+Data figures are given relative to raw numpy slicing of the same windows
+from an in-memory array.
 
 Usage (from the repository root):
   JAX_NUM_CPU_DEVICES=8 python -m tools.bench_checkpoint
   python -m tools.bench_checkpoint --size_mb=256 --leaves=64
+  JAX_NUM_CPU_DEVICES=8 python -m tools.bench_checkpoint --tables=stall
 """
 
+import functools
+import math
 import os
 import pathlib
 import shutil
@@ -19,11 +26,15 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from lightning_jax import models
 from lightning_jax import training
 from tools import benchlib
+
+_TABLES = ("checkpoint", "stall", "data")
 
 _SIZE_MB = flags.DEFINE_integer("size_mb", 64, "Checkpoint size (fp32 MB).")
 _LEAVES = flags.DEFINE_integer("leaves", 32, "Number of leaves (equal size).")
@@ -31,6 +42,24 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch of the data table.")
 _SEQ = flags.DEFINE_integer(
   "seq_len", 256, "Sequence length of the data table."
+)
+_TABLES_FLAG = flags.DEFINE_multi_enum(
+  "tables", list(_TABLES), list(_TABLES), "Tables to print (repeatable)."
+)
+_STALL_SCALES = flags.DEFINE_list(
+  "stall_scales",
+  ["1", "10"],
+  "Train-state sizes of the stall table, in multiples of the tiny-hybrid "
+  "state (params + two Adam moments, fp32).",
+)
+_WORK_FACTOR = flags.DEFINE_float(
+  "work_factor",
+  4.0,
+  "Stall table: the steps' work between two checkpoints lasts this many "
+  "sync saves (the background write shares this machine's cores with it).",
+)
+_STALL_PRESET = flags.DEFINE_string(
+  "stall_preset", "tiny-hybrid", "Model preset whose train state is saved."
 )
 _DIR = flags.DEFINE_string(
   "dir",
@@ -48,12 +77,11 @@ def _median_seconds(fn, repeats: int) -> float:
   return float(np.median(times))
 
 
-def _tree(mesh, size_mb: int, leaves: int):
-  """`leaves` fp32 [rows, 256] arrays, rows sharded over every device."""
+def _tree(mesh, nbytes: int, leaves: int):
+  """`leaves` fp32 [rows, 256] arrays (about `nbytes` in all), rows sharded
+  over every device."""
   devices = mesh.devices.size
-  rows = max(
-    devices, size_mb * 2**20 // (4 * 256 * leaves) // devices * devices
-  )
+  rows = max(devices, nbytes // (4 * 256 * leaves) // devices * devices)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
   make = jax.jit(
     lambda k: jax.random.normal(k, (rows, 256)), out_shardings=sharding
@@ -74,7 +102,7 @@ def checkpoint_rows(scratch: pathlib.Path) -> list[dict]:
   mesh = jax.make_mesh(
     (jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,)
   )
-  tree = _tree(mesh, _SIZE_MB.value, _LEAVES.value)
+  tree = _tree(mesh, _SIZE_MB.value * 2**20, _LEAVES.value)
   mb = sum(x.nbytes for x in tree.values()) / 2**20
   host = {k: np.asarray(v) for k, v in tree.items()}
   ref = scratch / "npy"
@@ -147,6 +175,98 @@ def checkpoint_rows(scratch: pathlib.Path) -> list[dict]:
   return rows
 
 
+def _train_state_shape(preset: str) -> tuple[int, int]:
+  """(fp32 bytes, leaves) of params + two Adam moments of `preset`."""
+  cfg = models.get_preset(preset)
+  params = jax.eval_shape(
+    functools.partial(models.init, cfg=cfg), jax.random.key(0)
+  )
+  return 3 * 4 * models.num_params(cfg), 3 * len(jax.tree.leaves(params))
+
+
+def _step_work(seconds: float):
+  """A function running jitted matmuls for about `seconds` (the training
+  steps until the next checkpoint)."""
+  x = jnp.ones((512, 512), jnp.float32)
+  matmul = jax.jit(lambda a: jnp.tanh(a @ a) * 0.5)
+  calls = math.ceil(seconds / benchlib.time_fn(matmul, x, repeats=5))
+
+  def work():
+    y = x
+    for _ in range(calls):
+      y = matmul(y)
+    jax.block_until_ready(y)
+
+  return work
+
+
+def _stalls(save, work, repeats: int) -> tuple[list, list]:
+  """Caller seconds in each `save()` and in the `work()` after it."""
+  stalls, works = [], []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    save()
+    stalls.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    work()
+    works.append(time.perf_counter() - start)
+  return stalls, works
+
+
+def _stall_row(tree, directory: pathlib.Path) -> dict:
+  """Stalls of `save` and of `save_async` + the steps' work for `tree`."""
+  mgr = training.CheckpointManager(directory, keep=2)
+  steps = iter(range(10**6))
+  mgr.save(next(steps), tree)  # warm-up
+  sync, _ = _stalls(
+    lambda: mgr.save(next(steps), tree), lambda: None, _REPEATS.value
+  )
+  work = _step_work(_WORK_FACTOR.value * float(np.median(sync)))
+  _, alone = _stalls(lambda: None, work, _REPEATS.value)
+  writes, waits = [], []
+
+  def save_async():
+    start = time.perf_counter()
+    stats = mgr.wait()  # save_async would wait for it too: part of the stall
+    waits.append(time.perf_counter() - start)
+    mgr.save_async(next(steps), tree)
+    writes.extend([stats.write_s] if stats else [])
+
+  async_, overlapped = _stalls(save_async, work, _REPEATS.value)
+  writes.append(mgr.wait().write_s)
+  mgr.close()
+  return dict(
+    mb=sum(x.nbytes for x in tree.values()) / 2**20,
+    leaves=len(tree),
+    save_stall_s=float(np.median(sync)),
+    save_async_stall_s=float(np.median(async_)),
+    stall_ratio=float(np.median(sync) / np.median(async_)),
+    of_which_wait_s=float(np.median(waits)),
+    background_write_s=float(np.median(writes)),
+    work_s=float(np.median(alone)),
+    work_s_overlapped=float(np.median(overlapped)),
+  )
+
+
+def stall_rows(scratch: pathlib.Path) -> list[dict]:
+  """The caller's stall of `save` vs `save_async` (then the steps' work,
+  overlapping the background write), per train-state size."""
+  mesh = jax.make_mesh(
+    (jax.device_count(),), ("d",), axis_types=(jax.sharding.AxisType.Auto,)
+  )
+  nbytes, leaves = _train_state_shape(_STALL_PRESET.value)
+  return [
+    dict(
+      state=f"{scale}x {_STALL_PRESET.value}",
+      **_stall_row(
+        _tree(mesh, int(float(scale) * nbytes), leaves),
+        scratch / f"stall_{scale}",
+      ),
+    )
+    for scale in _STALL_SCALES.value
+  ]
+
+
 def data_rows(scratch: pathlib.Path) -> list[dict]:
   """batch() per second for each source, vs raw numpy window slicing."""
   tokens = np.frombuffer(training.data.load_corpus(), np.uint8).astype(
@@ -204,14 +324,19 @@ def main(argv):
     _DIR.value or tempfile.mkdtemp(prefix="bench_checkpoint_")
   )
   scratch_root.mkdir(parents=True, exist_ok=True)
+  tables = {
+    "checkpoint": checkpoint_rows,
+    "stall": stall_rows,
+    "data": data_rows,
+  }
   try:
     print(
       f"{jax.device_count()} devices, {_LEAVES.value} leaves; data: "
       f"batch {_BATCH.value} x seq {_SEQ.value}"
     )
-    print(benchlib.markdown_table(checkpoint_rows(scratch_root)))
-    print()
-    print(benchlib.markdown_table(data_rows(scratch_root)))
+    for name in _TABLES_FLAG.value:
+      print(benchlib.markdown_table(tables[name](scratch_root)))
+      print()
   finally:
     if _DIR.value is None:
       shutil.rmtree(scratch_root, ignore_errors=True)

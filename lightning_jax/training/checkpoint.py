@@ -9,13 +9,21 @@ On disk (`docs/checkpoints_and_data.md` has the details):
                             crc32c checksum per chunk)
       COMMIT                written last; a step without it is incomplete
 
-Protocol of `save`: every process writes the chunks of its addressable
-shards (replica 0 only) into `<directory>/tmp-<step>-<nonce>/`; a barrier;
-process 0 writes `metadata.json` and `COMMIT`, fsyncs, and renames the
-directory to `step_<step:08d>` (one atomic rename), then prunes to the last
-`keep` steps and removes leftovers of interrupted saves; a second barrier.
-A kill at any point leaves either the previous complete steps or the new
-complete step, never a half-written `step_*` directory that looks complete.
+Protocol of `save` on a local directory: every process writes the chunks of
+its addressable shards (replica 0 only) into `<directory>/tmp-<step>-<nonce>/`;
+a barrier; process 0 writes `metadata.json` and `COMMIT`, fsyncs, and renames
+the directory to `step_<step:08d>` (one atomic rename), then prunes to the
+last `keep` steps and removes leftovers of interrupted saves; a second
+barrier. On a tensorstore kvstore URL (`gs://`, `file://`, `memory://`: no
+atomic rename) the files go straight to `step_<step:08d>/` and `COMMIT` is
+written last. A kill at any point leaves either the previous complete steps
+or the new complete step, never a half-written `step_*` directory that looks
+complete.
+
+`save_async` copies this process's shards to the host and returns; the
+writing and the commit run in a background thread (at most one save in
+flight), coordinated across processes by the jax distributed client's
+key-value store only, never by device collectives.
 
 `restore` reads each leaf with the target's sharding: every process reads
 only the index domains its devices hold (`jax.make_array_from_callback`), so
@@ -33,19 +41,24 @@ Example:
   >>> abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
   ...     x.shape, x.dtype, sharding=x.sharding), tree)  # or another mesh's
   >>> tree, metadata = mgr.restore(None, abstract)   # latest complete step
+  >>> mgr.save_async(200, tree)   # returns once the tree is on the host
+  >>> stats = mgr.wait()          # committed; SaveStats(step, path, ...)
 """
 
+import concurrent.futures
 import json
 import os
 import pathlib
 import re
 import secrets
 import shutil
+import time
 from typing import NamedTuple
 import urllib.parse
 
 from absl import logging
 import jax
+from jax._src import distributed
 from jax.experimental import multihost_utils
 import numpy as np
 import tensorstore as ts
@@ -60,6 +73,10 @@ _CODECS = [
   {"name": "bytes", "configuration": {"endian": "little"}},
   {"name": "crc32c"},
 ]
+_BARRIER_TIMEOUT_MS = 60 * 60 * 1000
+# The tensorstore context of every checkpoint read and write: a `memory://`
+# store lives in it, shared by every manager, for the process's lifetime.
+CONTEXT = ts.Context()
 
 
 class CheckpointError(Exception):
@@ -90,38 +107,81 @@ def snapshot(tree) -> Snapshot:
   return Snapshot(leaves)
 
 
+class SaveStats(NamedTuple):
+  """Timings of one committed save (`CheckpointManager.last_save`).
+
+  Attributes:
+    step: the saved step.
+    path: its committed directory, `step_path(step)`.
+    stall_s: seconds the caller was blocked in `save` / `save_async`, the
+      wait for the previous save and the host copy included.
+    write_s: seconds from the start of the write to the commit (in the
+      background thread for `save_async`).
+  """
+
+  step: int
+  path: pathlib.Path | str
+  stall_s: float
+  write_s: float
+
+
+class _Job(NamedTuple):
+  """A save prepared on the caller's thread, ready to write."""
+
+  step: int
+  leaves: list
+  record: str  # the metadata.json text
+  nonce: str  # the same on every process
+
+
 class CheckpointManager:
   """Saves and restores pytrees of arrays as numbered, atomic checkpoints.
 
+  `save_async` overlaps the writing with the caller's work; `wait()` (or
+  `close()`, or leaving a `with` block) blocks until it has committed.
+
   Args:
-    directory: where `step_<n>` directories live (created if missing).
+    directory: where `step_<n>` directories live: a local path (created if
+      missing) or a tensorstore kvstore URL (`gs://bucket/run/`,
+      `file:///abs/dir/`, `memory://name/`).
     keep: how many most recent complete steps to keep (>= 1).
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
       raise ValueError(f"`keep` must be an int >= 1, got {keep!r}.")
-    self.directory = pathlib.Path(directory).expanduser().resolve()
+    self._store = _open_store(directory)
+    self.directory = self._store.path("")
     self.keep = keep
+    self.last_save: SaveStats | None = None
     self._warned: set[str] = set()
+    self._pending: concurrent.futures.Future | None = None
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+      max_workers=1, thread_name_prefix="lightning_jax_checkpoint"
+    )
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
   # ----------------------------------------------------------------- listing
-  def step_path(self, step: int) -> pathlib.Path:
-    """The directory of complete step `step` (whether or not it exists)."""
-    return self.directory / f"step_{step:08d}"
+  def step_path(self, step: int) -> pathlib.Path | str:
+    """The directory of complete step `step` (whether or not it exists): a
+    `pathlib.Path` in a local directory, a URL string in a kvstore."""
+    return self._store.path(_step_name(step))
 
   def all_steps(self) -> list[int]:
     """Complete steps in increasing order; warns about incomplete ones."""
-    if not self.directory.is_dir():
-      return []
     steps = []
-    for entry in sorted(self.directory.iterdir()):
-      match = _STEP_RE.match(entry.name)
-      if match and (entry / COMMIT_FILE).is_file():
+    for name, complete in sorted(self._store.entries().items()):
+      match = _STEP_RE.match(name)
+      if match and complete:
         steps.append(int(match.group(1)))
-      elif match or entry.name.startswith(_TMP_PREFIX):
+      elif match or name.startswith(_TMP_PREFIX):
         self._warn_once(
-          entry,
+          self._store.path(name),
           "incomplete checkpoint ignored (no COMMIT "
           "marker; an interrupted save?)",
         )
@@ -132,16 +192,20 @@ class CheckpointManager:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def _warn_once(self, path: pathlib.Path, message: str) -> None:
+  def _warn_once(self, path, message: str) -> None:
     if str(path) not in self._warned:
       self._warned.add(str(path))
       logging.warning("%s: %s", path, message)
 
   # -------------------------------------------------------------------- save
-  def save(self, step: int, tree, metadata: dict | None = None) -> pathlib.Path:
+  def save(
+    self, step: int, tree, metadata: dict | None = None
+  ) -> pathlib.Path | str:
     """Writes `tree` as complete step `step`, atomically; collective.
 
-    Every process must call it with the same step and tree structure.
+    Every process must call it with the same step and tree structure. A
+    pending `save_async` is waited for first (its error, if any, is raised
+    here).
 
     Args:
       step: non-negative int.
@@ -151,8 +215,61 @@ class CheckpointManager:
       metadata: JSON-serialisable dict stored beside the arrays.
 
     Returns:
-      The committed step directory.
+      The committed step directory, `step_path(step)`.
     """
+    start = time.perf_counter()
+    job = self._prepare(step, tree, metadata, copy=False)
+    return self._write(job, time.perf_counter() - start, background=False).path
+
+  def save_async(self, step: int, tree, metadata: dict | None = None) -> None:
+    """Starts saving `tree` as step `step` and returns; collective.
+
+    On the caller's thread: waits for the previous save (raising its error,
+    if any, instead of starting this one), checks the arguments, copies this
+    process's shards of `tree` to the host (`snapshot`; a `Snapshot` is used
+    as is) and agrees on a nonce. The caller may then change or donate the
+    arrays of `tree`. A background thread writes the arrays, metadata.json
+    and COMMIT, commits and prunes, like `save`; `wait()` returns its
+    `SaveStats` or raises its error.
+
+    Args:
+      step: non-negative int.
+      tree: as for `save`.
+      metadata: JSON-serialisable dict stored beside the arrays.
+
+    Example:
+      >>> mgr.save_async(step, state)
+      >>> state, metrics = train_step(state, batch)  # overlaps the write
+      >>> mgr.wait().stall_s                          # or the next save_async
+    """
+    start = time.perf_counter()
+    job = self._prepare(step, tree, metadata, copy=True)
+    self._pending = self._executor.submit(
+      self._write, job, time.perf_counter() - start, background=True
+    )
+
+  def wait(self) -> SaveStats | None:
+    """Blocks until the pending `save_async` has committed.
+
+    Returns:
+      Its `SaveStats`, or None when no save was pending.
+
+    Raises:
+      Whatever the background save raised (once; the save is then dropped).
+    """
+    pending, self._pending = self._pending, None
+    return None if pending is None else pending.result()
+
+  def close(self) -> None:
+    """Waits for the pending save (raising its error) and ends the thread."""
+    try:
+      self.wait()
+    finally:
+      self._executor.shutdown()
+
+  def _prepare(self, step, tree, metadata, copy: bool) -> _Job:
+    """The caller's part of a save: checks, waits for the previous save,
+    takes a host copy (`copy`) and the shared nonce."""
     if (
       isinstance(step, bool)
       or not isinstance(step, (int, np.integer))
@@ -165,52 +282,85 @@ class CheckpointManager:
       user_json = json.dumps(metadata)
     except TypeError as err:
       raise ValueError(f"`metadata` must be JSON-serialisable: {err}") from err
-    leaves = tree.leaves if isinstance(tree, Snapshot) else _flatten(tree)
+    self.wait()
+    if isinstance(tree, Snapshot):
+      leaves = tree.leaves
+    else:
+      leaves = snapshot(tree).leaves if copy else _flatten(tree)
+    record = {
+      "format": FORMAT,
+      "step": step,
+      "leaves": [leaf.record() for leaf in leaves],
+      "metadata": json.loads(user_json),
+    }
+    return _Job(step, leaves, json.dumps(record, indent=1), _shared_nonce())
+
+  def _write(self, job: _Job, prepare_s: float, background: bool) -> SaveStats:
+    """Writes and commits a prepared save, in the background thread if
+    `background`; records and logs its `SaveStats`.
+
+    Args:
+      job: from `_prepare`.
+      prepare_s: seconds the caller was blocked in `_prepare`.
+      background: whether the caller was released before this write.
+    """
+    start = time.perf_counter()
     primary = jax.process_index() == 0
-    self.directory.mkdir(parents=True, exist_ok=True)
-    tmp = self.directory / f"{_TMP_PREFIX}{step}-{_shared_nonce()}"
-    if primary:
-      self._remove_leftovers(keep_tmp=tmp)
-      tmp.mkdir()
-    _barrier(f"lightning_jax_ckpt_mkdir_{step}")
-    _write_leaves(tmp / ARRAYS_DIR, leaves, primary)
-    _barrier(f"lightning_jax_ckpt_written_{step}")
-    final = self.step_path(step)
-    if primary:
-      record = {
-        "format": FORMAT,
-        "step": step,
-        "leaves": [leaf.record() for leaf in leaves],
-        "metadata": json.loads(user_json),
-      }
-      _write_synced(tmp / METADATA_FILE, json.dumps(record, indent=1))
-      _write_synced(tmp / COMMIT_FILE, f"{step}\n")
-      _fsync_tree(tmp)
-      if final.exists():
-        logging.warning("%s exists; replacing it with the new save.", final)
-        _discard(final)
-      os.rename(tmp, final)
-      _fsync_dir(self.directory)
-      self._prune()
-    _barrier(f"lightning_jax_ckpt_committed_{step}")
-    return final
-
-  def _remove_leftovers(self, keep_tmp: pathlib.Path) -> None:
-    """Process 0: deletes temporaries and step dirs without COMMIT."""
-    for entry in self.directory.iterdir():
-      incomplete = (
-        _STEP_RE.match(entry.name) and not (entry / COMMIT_FILE).is_file()
+    staging = self._store.staging_name(job.step, job.nonce)
+    barrier = f"lightning_jax_ckpt_{job.step}_{job.nonce}"
+    try:
+      _on_every_process(
+        f"{barrier}_begun", lambda: primary and self._begin(staging)
       )
-      if entry != keep_tmp and (
-        entry.name.startswith(_TMP_PREFIX) or incomplete
-      ):
-        logging.warning("%s: removing an incomplete checkpoint.", entry)
-        shutil.rmtree(entry, ignore_errors=True)
+      _on_every_process(
+        f"{barrier}_written",
+        lambda: _write_leaves(
+          self._store.location(staging) / ARRAYS_DIR, job.leaves, primary
+        ),
+      )
+      _on_every_process(
+        f"{barrier}_committed",
+        lambda: primary and self._commit(job.step, staging, job.record),
+      )
+    except Exception:
+      if background:  # raised again by the caller's next wait / save
+        logging.exception("Checkpoint step %d failed.", job.step)
+      raise
+    write_s = time.perf_counter() - start
+    stats = SaveStats(
+      job.step,
+      self.step_path(job.step),
+      prepare_s if background else prepare_s + write_s,
+      write_s,
+    )
+    logging.info(
+      "Checkpoint %s committed: written in %.3f s, caller stalled %.3f s.",
+      stats.path,
+      stats.write_s,
+      stats.stall_s,
+    )
+    self.last_save = stats
+    return stats
 
-  def _prune(self) -> None:
-    """Process 0: keeps the newest `keep` complete steps."""
-    for step in self.all_steps()[: -self.keep]:
-      _discard(self.step_path(step))
+  def _begin(self, staging: str) -> None:
+    """Process 0: removes leftovers of interrupted saves, opens `staging`."""
+    for name, complete in self._store.entries().items():
+      incomplete = _STEP_RE.match(name) and not complete
+      if name != staging and (name.startswith(_TMP_PREFIX) or incomplete):
+        logging.warning(
+          "%s: removing an incomplete checkpoint.", self._store.path(name)
+        )
+        self._store.discard(name)
+    self._store.begin(staging)
+
+  def _commit(self, step: int, staging: str, record: str) -> None:
+    """Process 0: metadata.json, then COMMIT, publish; keeps the newest
+    `keep` complete steps."""
+    self._store.write(staging, METADATA_FILE, record)
+    self._store.write(staging, COMMIT_FILE, f"{step}\n")
+    self._store.publish(staging, _step_name(step))
+    for old in self.all_steps()[: -self.keep]:
+      self._store.discard(_step_name(old))
 
   # ----------------------------------------------------------------- restore
   def restore(self, step: int | None, target=None, *, partial: bool = False):
@@ -260,14 +410,15 @@ class CheckpointManager:
   def _agreed_restore(self, step: int, target, partial: bool):
     """(result, None) if every process read `step`, else (None, error).
 
-    The processes agree (an all-gather of success flags), so that all of them
-    fall back or raise together, even when only one read a corrupt chunk.
+    The processes agree (`_all_processes_ok`), so that all of them fall back
+    or raise together, even when only one read a corrupt chunk.
     """
+    agreement = f"lightning_jax_ckpt_restore_{step}_{_shared_nonce()}"
     try:
       result, error = self._restore_step(step, target, partial), None
     except CheckpointError as err:
       result, error = None, err
-    if _all_processes_ok(error is None):
+    if _all_processes_ok(agreement, error is None):
       logging.info("Restored checkpoint %s.", self.step_path(step))
       return result, None
     return None, error or CheckpointError(
@@ -275,23 +426,23 @@ class CheckpointManager:
     )
 
   def _restore_step(self, step: int, target, partial: bool):
-    path = self.step_path(step)
-    if not (path / COMMIT_FILE).is_file():
+    name, path = _step_name(step), self.step_path(step)
+    if not self._store.exists(name, COMMIT_FILE):
       raise CheckpointError(f"{path}: no complete checkpoint for step {step}.")
     try:
-      record = json.loads((path / METADATA_FILE).read_text())
+      record = json.loads(self._store.read(name, METADATA_FILE))
     except (OSError, ValueError) as err:
       raise CheckpointError(
         f"{path}: unreadable {METADATA_FILE}: {err}"
       ) from err
     _check_record(path, record)
-    saved = record["leaves"]
+    saved, location = record["leaves"], self._store.location(name)
     if target is None:  # Raw numpy, keys included (as their key data).
-      arrays = _read_leaves(path, saved, [None] * len(saved))
+      arrays = _read_leaves(location, saved, [None] * len(saved))
       return _unflatten_paths(saved, arrays), record["metadata"]
     flat, treedef = jax.tree_util.tree_flatten_with_path(target)
     records = _check_target(path, saved, flat, partial)
-    arrays = _read_leaves(path, records, [leaf for _, leaf in flat])
+    arrays = _read_leaves(location, records, [leaf for _, leaf in flat])
     return jax.tree_util.tree_unflatten(treedef, arrays), record["metadata"]
 
 
@@ -407,8 +558,10 @@ def _flatten(tree) -> list[_Leaf]:
   return leaves
 
 
-def _zarr_spec(path: pathlib.Path, shape=None, dtype=None, chunks=None) -> dict:
-  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+def _zarr_spec(location, shape=None, dtype=None, chunks=None) -> dict:
+  """Spec of the zarr3 array in `location` (a local path or a kvstore spec);
+  to create it when `shape` is given."""
+  spec = {"driver": "zarr3", "kvstore": _kvstore(location)}
   if shape is None:
     spec["fill_missing_data_reads"] = False
     return spec
@@ -427,8 +580,9 @@ def _zarr_spec(path: pathlib.Path, shape=None, dtype=None, chunks=None) -> dict:
   return spec
 
 
-def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
-  """Writes this process's pieces of every leaf; waits for all writes."""
+def _write_leaves(root, leaves: list[_Leaf], primary: bool):
+  """Writes this process's pieces of every leaf under `root` (a local path
+  or a kvstore spec); waits for all writes."""
   # Process 0 creates each array's zarr.json; the others assume it.
   opened = [
     ts.open(
@@ -436,6 +590,7 @@ def _write_leaves(root: pathlib.Path, leaves: list[_Leaf], primary: bool):
       create=primary,
       open=not primary,
       assume_metadata=not primary,
+      context=CONTEXT,
     )
     for leaf in leaves
   ]
@@ -509,14 +664,21 @@ def _slices(bounds: tuple) -> tuple:
   return tuple(slice(lo, hi) for lo, hi in bounds)
 
 
-def _read_leaves(path: pathlib.Path, records: list[dict], targets: list):
-  """Reads leaves `records[i]` onto `targets[i]` (None -> a numpy array).
+def _read_leaves(location, records: list[dict], targets: list):
+  """Reads leaves `records[i]` of the step in `location` (a local path or a
+  kvstore spec) onto `targets[i]` (None -> a numpy array).
 
   All reads are issued before any is awaited; each process reads only the
   index domains of its addressable devices (each domain once).
   """
+  path = _display(location)
   opened = [
-    ts.open(_zarr_spec(path / ARRAYS_DIR / leaf["path"]), open=True, read=True)
+    ts.open(
+      _zarr_spec(location / ARRAYS_DIR / leaf["path"]),
+      open=True,
+      read=True,
+      context=CONTEXT,
+    )
     for leaf in records
   ]
   requests = []
@@ -609,6 +771,149 @@ def _lists_for_sequences(root: dict, saved: list[dict]):
   return convert(root, ())
 
 
+# ------------------------------------------------------------------ stores
+def _step_name(step: int) -> str:
+  return f"step_{step:08d}"
+
+
+def _open_store(directory):
+  """A `_KvStore` for a URL string ('scheme://...'), else a `_LocalDir`."""
+  if isinstance(directory, str) and "://" in directory:
+    return _KvStore(directory)
+  return _LocalDir(pathlib.Path(directory).expanduser().resolve())
+
+
+def _kvstore(location) -> dict:
+  """The tensorstore kvstore spec of a local path or a `ts.KvStore.Spec`."""
+  if isinstance(location, pathlib.Path):
+    return {"driver": "file", "path": str(location)}
+  return location.to_json()
+
+
+def _display(location) -> str:
+  """A local path as is, a `ts.KvStore.Spec` as its URL."""
+  return str(location) if isinstance(location, pathlib.Path) else location.url
+
+
+class _LocalDir:
+  """A local directory: a save is written to `tmp-<step>-<nonce>/`, fsynced
+  and committed by one atomic rename(2) to `step_<n>`.
+
+  Entries are named by their name in the directory; `location(name)` is the
+  `pathlib.Path` that the array reads and writes use.
+  """
+
+  def __init__(self, root: pathlib.Path):
+    self.root = root
+
+  def path(self, name: str) -> pathlib.Path:
+    return self.root / name
+
+  location = path
+
+  def entries(self) -> dict[str, bool]:
+    """name -> whether it holds COMMIT, for every entry of the directory."""
+    if not self.root.is_dir():
+      return {}
+    return {e.name: (e / COMMIT_FILE).is_file() for e in self.root.iterdir()}
+
+  def exists(self, name: str, file: str) -> bool:
+    return (self.root / name / file).is_file()
+
+  def read(self, name: str, file: str) -> bytes:
+    return (self.root / name / file).read_bytes()
+
+  def write(self, name: str, file: str, text: str) -> None:
+    _write_synced(self.root / name / file, text)
+
+  def staging_name(self, step: int, nonce: str) -> str:
+    return f"{_TMP_PREFIX}{step}-{nonce}"
+
+  def begin(self, staging: str) -> None:
+    (self.root / staging).mkdir(parents=True)
+
+  def publish(self, staging: str, final: str) -> None:
+    """fsyncs `staging`, renames it to `final` (replacing one), fsyncs."""
+    tmp, dest = self.root / staging, self.root / final
+    _fsync_tree(tmp)
+    if dest.exists():
+      logging.warning("%s exists; replacing it with the new save.", dest)
+      self.discard(final)
+    os.rename(tmp, dest)
+    _fsync_dir(self.root)
+
+  def discard(self, name: str) -> None:
+    """Deletes an entry; a `step_*` one is renamed to a temporary first
+    (atomic), so a kill while deleting never leaves a step with missing
+    arrays."""
+    doomed = self.root / name
+    if not name.startswith(_TMP_PREFIX):
+      doomed = self.root / f"{_TMP_PREFIX}deleted-{name}-{secrets.token_hex(4)}"
+      os.rename(self.root / name, doomed)
+      _fsync_dir(self.root)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+class _KvStore:
+  """A tensorstore kvstore URL (`gs://`, `file://`, `memory://`, ...).
+
+  No atomic directory rename: a save writes its files straight under
+  `step_<n>/` and COMMIT last, so a step without COMMIT is incomplete;
+  deleting a step removes COMMIT first, then its key range.
+  """
+
+  def __init__(self, url: str):
+    self.url = url if url.endswith("/") else url + "/"
+    self.spec = ts.KvStore.Spec(self.url)
+    self.kv = ts.KvStore.open(self.spec, context=CONTEXT).result()
+
+  def path(self, name: str) -> str:
+    return self.url + name
+
+  def location(self, name: str) -> ts.KvStore.Spec:
+    return self.spec / name
+
+  def entries(self) -> dict[str, bool]:
+    """name -> whether it holds COMMIT, for every first key component."""
+    names: dict[str, bool] = {}
+    for key in self.kv.list().result():
+      name, _, rest = key.decode().partition("/")
+      names[name] = names.get(name, False) or rest == COMMIT_FILE
+    return names
+
+  def exists(self, name: str, file: str) -> bool:
+    return self.kv.read(f"{name}/{file}").result().state == "value"
+
+  def read(self, name: str, file: str) -> bytes:
+    result = self.kv.read(f"{name}/{file}").result()
+    if result.state != "value":
+      raise FileNotFoundError(f"{self.path(name)}/{file} does not exist.")
+    return result.value
+
+  def write(self, name: str, file: str, text: str) -> None:
+    self.kv.write(f"{name}/{file}", text.encode()).result()
+
+  def staging_name(self, step: int, nonce: str) -> str:
+    del nonce  # a re-save replaces the step in place
+    return _step_name(step)
+
+  def begin(self, staging: str) -> None:
+    """Clears `staging` (a complete step of the same number, a leftover)."""
+    if self.exists(staging, COMMIT_FILE):
+      logging.warning(
+        "%s exists; replacing it with the new save.", self.path(staging)
+      )
+    self.discard(staging)
+
+  def publish(self, staging: str, final: str) -> None:
+    del staging, final  # written in place; COMMIT (written last) commits
+
+  def discard(self, name: str) -> None:
+    del self.kv[f"{name}/{COMMIT_FILE}"]
+    # Every key under "<name>/": "0" is the character after "/".
+    self.kv.delete_range(ts.KvStore.KeyRange(f"{name}/", f"{name}0")).result()
+
+
 # ------------------------------------------------------------ file helpers
 def _write_synced(path: pathlib.Path, text: str) -> None:
   with open(path, "w", encoding="utf-8") as f:
@@ -631,16 +936,6 @@ def _fsync_tree(root: pathlib.Path) -> None:
     _fsync_dir(pathlib.Path(dirpath))
 
 
-def _discard(path: pathlib.Path) -> None:
-  """Removes a step dir: first renamed to a temporary (atomic), then deleted."""
-  doomed = (
-    path.parent / f"{_TMP_PREFIX}deleted-{path.name}-{secrets.token_hex(4)}"
-  )
-  os.rename(path, doomed)
-  _fsync_dir(path.parent)
-  shutil.rmtree(doomed, ignore_errors=True)
-
-
 # --------------------------------------------------------- multi-process
 def _shared_nonce() -> str:
   """A random hex token, the same on every process."""
@@ -650,13 +945,30 @@ def _shared_nonce() -> str:
   return f"{int(np.asarray(nonce)[0]):08x}"
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+def _all_processes_ok(name: str, ok: bool) -> bool:
+  """Whether `ok` holds on every process, once all have reached `name`.
 
-
-def _all_processes_ok(ok: bool) -> bool:
+  Host-only coordination: the jax distributed client's key-value store and
+  barrier (RPCs to the coordination service, as orbax does), never a device
+  collective, because this also runs in the background save thread, where a
+  device collective could interleave with the training step's collectives
+  and deadlock. `name` must be new at every call (it carries a nonce).
+  """
   if jax.process_count() == 1:
     return ok
-  flags = multihost_utils.process_allgather(np.array([ok], np.bool_))
-  return bool(np.all(flags))
+  client = distributed.global_state.client
+  client.key_value_set(f"{name}/{jax.process_index()}", str(int(ok)))
+  client.wait_at_barrier(name, _BARRIER_TIMEOUT_MS)
+  return all(value == "1" for _, value in client.key_value_dir_get(f"{name}/"))
+
+
+def _on_every_process(name: str, fn) -> None:
+  """Runs `fn()` here, then waits for every process at `name`; raises on
+  every process when it raised on any."""
+  error = None
+  try:
+    fn()
+  except Exception as err:  # re-raised below, after the agreement
+    error = err
+  if not _all_processes_ok(name, error is None):
+    raise error or CheckpointError(f"{name}: failed on another process.")

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import hypothesis
@@ -22,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from lightning_jax import training
 from lightning_jax.training import checkpoint
@@ -411,9 +413,10 @@ def value(step):
 mesh = jax.make_mesh((4,), ("data",), axis_types=(AxisType.Auto,))
 rows = NamedSharding(mesh, P("data"))  # process 0: rows 0-3, process 1: 4-7
 mgr = training.CheckpointManager(directory)
-for step in (1, 2):
+for step in (1, 2):  # in the background, with host-only barriers
   x = jax.make_array_from_callback((8, 2), rows, lambda i: value(step)[i])
-  mgr.save(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
+  mgr.save_async(step, {"x": x, "rng": jax.random.key(step)}, {"step": step})
+mgr.wait()
 if process == 0:  # corrupt a chunk that only process 1 reads back
   chunk = mgr.step_path(2) / "arrays" / "x" / "c.3.0"
   chunk.write_bytes(chunk.read_bytes()[:-1] + b"?")
@@ -447,7 +450,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
-  """2 processes (gloo): save, a chunk only process 1 reads is corrupt ->
+  """2 processes (gloo): save_async, a chunk only process 1 reads is corrupt ->
   both fall back to the same step (or both raise for an explicit step); a
   resharded restore across processes."""
   script = tmp_path / "worker.py"
@@ -485,3 +488,270 @@ def test_two_processes_write_their_shards_and_agree_on_fallback(tmp_path):
   np.testing.assert_array_equal(
     host["x"], np.arange(16, dtype=np.float32).reshape(8, 2) + 100
   )
+
+
+# ------------------------------------------------------------ async saves
+def _gated_writes(monkeypatch):
+  """Makes every `_write_leaves` wait for the returned event (set it to let
+  the write go on); `entered` is set once a write is waiting."""
+  release, entered = threading.Event(), threading.Event()
+  write_leaves = checkpoint._write_leaves
+
+  def gated(root, leaves, primary):
+    entered.set()
+    assert release.wait(60), "the test never released the write"
+    write_leaves(root, leaves, primary)
+
+  monkeypatch.setattr(checkpoint, "_write_leaves", gated)
+  return release, entered
+
+
+def test_save_async_then_restore_is_bitwise_and_records_stats(
+  tmp_path, monkeypatch, caplog
+):
+  tree = _tree(3)
+  with training.CheckpointManager(tmp_path) as mgr:
+    mgr.save(1, _tree(1))  # sync: the caller waits for the write too
+    assert mgr.last_save.step == 1
+    assert mgr.last_save.stall_s >= mgr.last_save.write_s > 0
+    release, entered = _gated_writes(monkeypatch)
+    mgr.save_async(3, tree, metadata={"note": "async"})
+    assert entered.wait(60)  # the write runs while this thread goes on
+    held = time.perf_counter()
+    assert mgr.all_steps() == [1]
+    time.sleep(0.3)
+    held, _ = time.perf_counter() - held, release.set()
+    with caplog.at_level(logging.INFO):
+      stats = mgr.wait()
+    assert mgr.wait() is None  # nothing pending any more
+  assert stats == mgr.last_save
+  assert stats.step == 3 and stats.path == mgr.step_path(3)
+  assert stats.write_s >= held > stats.stall_s > 0
+  logged = " ".join(r.getMessage() for r in caplog.records)
+  assert "step_00000003 committed" in logged and "stalled" in logged
+  restored, metadata = mgr.restore(None, _abstract(tree))
+  assert metadata == {"note": "async"}
+  _assert_bitwise(restored, tree)
+  # A Snapshot is written as is; leaving the `with` block waits for it.
+  with training.CheckpointManager(tmp_path) as mgr:
+    mgr.save_async(4, checkpoint.snapshot(_tree(4)))
+  _assert_bitwise(mgr.restore(4, _abstract(tree))[0], _tree(4))
+
+
+def test_save_async_writes_the_values_at_call_time(tmp_path, monkeypatch):
+  """The caller may donate / change the arrays once save_async returns."""
+  w = jax.device_put(
+    jnp.arange(16.0), NamedSharding(_mesh((8,), ("d",)), P("d"))
+  )
+  host = np.arange(4, dtype=np.int32)
+  mgr = training.CheckpointManager(tmp_path)
+  release, entered = _gated_writes(monkeypatch)
+  mgr.save_async(0, {"w": w, "host": host})
+  assert entered.wait(60)  # nothing written yet
+  w = jax.jit(lambda x: x * 0 - 1, donate_argnums=0)(w)  # old buffer donated
+  host[:] = -1
+  release.set()
+  mgr.close()
+  restored, _ = mgr.restore(0)
+  np.testing.assert_array_equal(restored["w"], np.arange(16.0))
+  np.testing.assert_array_equal(restored["host"], np.arange(4))
+
+
+def test_background_error_surfaces_at_wait_or_next_save(tmp_path, monkeypatch):
+  mgr = training.CheckpointManager(tmp_path)
+  mgr.save(1, _tree(1))
+  write_leaves = checkpoint._write_leaves
+
+  def failing(root, leaves, primary):
+    if "tmp-2-" in str(root) or "tmp-3-" in str(root):
+      raise OSError(f"disk full: {root}")
+    write_leaves(root, leaves, primary)
+
+  monkeypatch.setattr(checkpoint, "_write_leaves", failing)
+  mgr.save_async(2, _tree(2))  # returns: the failure is in the background
+  with pytest.raises(OSError, match="disk full.*tmp-2-"):
+    mgr.wait()
+  assert mgr.wait() is None  # raised once
+  mgr.save_async(3, _tree(3))
+  with pytest.raises(OSError, match="disk full.*tmp-3-"):
+    mgr.save_async(4, _tree(4))  # not started
+  assert mgr.wait() is None and mgr.all_steps() == [1]
+  mgr.save(5, _tree(5))  # cleans the failed saves' leftovers
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+    "step_00000001",
+    "step_00000005",
+  ]
+
+
+def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+  """save_async of step 2 waits until step 1 has committed."""
+  mgr = training.CheckpointManager(tmp_path)
+  write_leaves = checkpoint._write_leaves
+  seen = []  # (step dir being written, complete steps) at each write
+
+  def recording(root, leaves, primary):
+    seen.append((root.parent.name.split("-")[1], mgr.all_steps()))
+    write_leaves(root, leaves, primary)
+
+  monkeypatch.setattr(checkpoint, "_write_leaves", recording)
+  release, entered = _gated_writes(monkeypatch)
+  timer = threading.Timer(0.3, release.set)
+  timer.start()
+  mgr.save_async(1, _tree(1))
+  mgr.save_async(2, _tree(2))  # blocks until step 1 has committed
+  assert release.is_set() and mgr.last_save.step == 1
+  stats = mgr.wait()
+  assert seen == [("1", []), ("2", [1])]
+  assert stats.step == 2 and mgr.all_steps() == [1, 2]
+  timer.join()
+
+
+_STORES = ("path", "file://", "memory://")
+
+
+def _store(kind, tmp_path):
+  """(CheckpointManager directory, a raw tensorstore view of its files)."""
+  if kind == "memory://":
+    url = f"memory://{tmp_path.name}/"
+    return url, ts.KvStore.open(url, context=checkpoint.CONTEXT).result()
+  raw = ts.KvStore.open({"driver": "file", "path": f"{tmp_path}/"}).result()
+  return (str(tmp_path) if kind == "path" else f"file://{tmp_path}/"), raw
+
+
+def _top_level(raw) -> list[str]:
+  return sorted({k.decode().split("/")[0] for k in raw.list().result()})
+
+
+@pytest.mark.parametrize("kind", _STORES)
+def test_stores_save_restore_prune_clean_and_fall_back(tmp_path, kind, caplog):
+  """The same observable protocol on a local path, file:// and memory://."""
+  directory, raw = _store(kind, tmp_path)
+  mgr = training.CheckpointManager(directory, keep=2)
+  mgr.save(1, _tree(1))
+  mgr.save_async(2, _tree(2), {"step": 2})
+  mgr.save(3, _tree(3))
+  assert mgr.all_steps() == [2, 3]
+  assert _top_level(raw) == ["step_00000002", "step_00000003"]
+  assert str(mgr.step_path(3)).endswith("step_00000003")
+  restored, metadata = training.CheckpointManager(directory).restore(
+    2, _abstract(_tree(2))
+  )
+  assert metadata == {"step": 2}
+  _assert_bitwise(restored, _tree(2))
+  # Interrupted saves: a step without COMMIT, a local-protocol temporary.
+  raw["step_00000004/arrays/x/zarr.json"] = b"{}"
+  raw["step_00000004/metadata.json"] = b"{}"
+  raw["tmp-5-deadbeef/arrays/x/c.0"] = b"?"
+  with caplog.at_level(logging.WARNING):
+    assert mgr.all_steps() == [2, 3]
+  warned = " ".join(r.getMessage() for r in caplog.records)
+  assert "step_00000004" in warned and "tmp-5-deadbeef" in warned
+  # A corrupt chunk in step 3: an explicit restore raises, None falls back.
+  key = "step_00000003/arrays/params/w/c.3.0"
+  chunk = bytearray(raw[key])
+  chunk[5] ^= 0x40
+  raw[key] = bytes(chunk)
+  with pytest.raises(training.CheckpointError, match=r"00003.*'params/w'"):
+    mgr.restore(3, _abstract(_tree(3)))
+  restored, _ = mgr.restore(None, _abstract(_tree(3)))
+  _assert_bitwise(restored, _tree(2))
+  mgr.save(6, _tree(6))  # removes the leftovers, prunes step 2
+  assert _top_level(raw) == ["step_00000003", "step_00000006"]
+  _assert_bitwise(mgr.restore(None, _abstract(_tree(6)))[0], _tree(6))
+
+
+def test_file_url_and_plain_path_hold_the_same_checkpoints(tmp_path):
+  by_url = training.CheckpointManager(f"file://{tmp_path}/url")
+  by_path = training.CheckpointManager(tmp_path / "path")
+  for mgr in (by_url, by_path):
+    mgr.save(7, _tree(7), {"k": 1})
+  files = lambda d: sorted(
+    str(p.relative_to(d)) for p in d.rglob("*") if p.is_file()
+  )
+  assert files(tmp_path / "url") == files(tmp_path / "path")
+  # Each reads the other's directory.
+  for reader, directory in (
+    (training.CheckpointManager(tmp_path / "url"), "url"),
+    (training.CheckpointManager(f"file://{tmp_path}/path"), "path"),
+  ):
+    assert reader.all_steps() == [7], directory
+    restored, metadata = reader.restore(None, _abstract(_tree(7)))
+    assert metadata == {"k": 1}
+    _assert_bitwise(restored, _tree(7))
+
+
+_ASYNC_SAVER = """
+import sys, threading
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from lightning_jax import training
+from lightning_jax.training import checkpoint
+
+write_leaves, writes = checkpoint._write_leaves, []
+
+def write_then_hang(root, leaves, primary):  # step 2 never commits
+  write_leaves(root, leaves, primary)
+  writes.append(root)
+  if len(writes) == 2:
+    print("written", flush=True)
+    threading.Event().wait()
+
+checkpoint._write_leaves = write_then_hang
+mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,))
+sharding = NamedSharding(mesh, P("data"))
+tree = lambda step: {f"w{i}": jax.device_put(
+    jnp.arange(512.0).reshape(32, 16) * step + i, sharding) for i in range(4)}
+mgr = training.CheckpointManager(sys.argv[1])
+mgr.save(1, tree(1))
+mgr.save_async(2, tree(2))
+print("returned", flush=True)
+x = tree(3)["w0"]
+while True:  # the caller goes on computing while step 2 is being written
+  x = jnp.sin(x).block_until_ready()
+"""
+
+
+@pytest.mark.parametrize("kind", ["path", "file://"])
+def test_sigkill_during_a_background_save(tmp_path, kind):
+  """Killed while save_async's thread writes step 2 (the caller computing):
+  step 1 restores bitwise, the half-written step 2 is not complete."""
+  script = tmp_path / "saver.py"
+  script.write_text(_ASYNC_SAVER)
+  directory = tmp_path / "ckpt"
+  url = str(directory) if kind == "path" else f"file://{directory}/"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+    [sys.executable, str(script), url], stdout=subprocess.PIPE, env=env
+  )
+  lines = set()
+  try:
+    while lines != {b"returned\n", b"written\n"}:
+      ready, _, _ = select.select([proc.stdout], [], [], 120)
+      line = proc.stdout.readline() if ready else b""
+      assert line, "the saver died or hung before step 2 was half written"
+      lines.add(line)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+  complete, half = sorted(p.name for p in directory.iterdir())
+  assert complete == "step_00000001"
+  assert half.startswith("tmp-2-" if kind == "path" else "step_00000002")
+  assert (directory / half / "arrays").is_dir()
+  assert not (directory / half / checkpoint.COMMIT_FILE).exists()
+  mgr = training.CheckpointManager(url)
+  assert mgr.all_steps() == [1]
+  mesh = _mesh((2,), ("data",))
+  target = {
+    f"w{i}": jax.ShapeDtypeStruct(
+      (32, 16), jnp.float32, sharding=NamedSharding(mesh, P("data"))
+    )
+    for i in range(4)
+  }
+  restored, _ = mgr.restore(None, target)
+  for i in range(4):
+    np.testing.assert_array_equal(
+      restored[f"w{i}"], np.arange(512.0).reshape(32, 16) + i
+    )
