@@ -94,6 +94,12 @@ _PIPELINE_REPEATS = flags.DEFINE_integer(
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
   "checkpoint_every", 100, "Save every N steps and at the end; 0 disables."
 )
+_CHECKPOINT_DIR = flags.DEFINE_string(
+  "checkpoint_dir",
+  None,
+  "Checkpoint directory: a path or a tensorstore URL (gs://bucket/run/); "
+  "default <workdir>/checkpoints.",
+)
 _KEEP_CHECKPOINTS = flags.DEFINE_integer(
   "keep_checkpoints", 3, "Complete checkpoints to keep."
 )
@@ -174,6 +180,7 @@ _FLAG_NAMES = (
   "pipeline_schedule",
   "pipeline_repeats",
   "checkpoint_every",
+  "checkpoint_dir",
   "keep_checkpoints",
   "log_every",
   "eval_every",
@@ -305,6 +312,7 @@ def build_config() -> training.TrainConfig:
     pipeline_schedule=_PIPELINE_SCHEDULE.value,
     pipeline_repeats=_PIPELINE_REPEATS.value,
     checkpoint_every=_CHECKPOINT_EVERY.value,
+    checkpoint_dir=_CHECKPOINT_DIR.value,
     keep_checkpoints=_KEEP_CHECKPOINTS.value,
     log_every=_LOG_EVERY.value,
     optim=training.OptimConfig(

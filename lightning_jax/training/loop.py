@@ -89,6 +89,10 @@ class TrainConfig:
     pipeline_schedule: "gpipe", "circular" or "1f1b" (mesh pipe > 1).
     pipeline_repeats: virtual stages per pipe device ("circular" needs >= 2).
     checkpoint_every: save every this many steps and at the end; 0 disables.
+      Saves are asynchronous: the state is copied to the host and written
+      in the background while training goes on.
+    checkpoint_dir: where checkpoints go: a local path or a tensorstore
+      kvstore URL (`gs://bucket/run/ckpt/`); None: `<workdir>/checkpoints`.
     keep_checkpoints: complete checkpoints to keep.
     log_every: write metrics every this many steps (and at steps 1 and last).
     optim: `OptimConfig`.
@@ -119,6 +123,7 @@ class TrainConfig:
   pipeline_schedule: str = "gpipe"
   pipeline_repeats: int = 1
   checkpoint_every: int = 100
+  checkpoint_dir: str | None = None
   keep_checkpoints: int = 3
   log_every: int = 10
   optim: optim_lib.OptimConfig = optim_lib.OptimConfig()
@@ -274,6 +279,11 @@ def _init_or_restore(
     )
   logging.info("Resumed %s from step %d.", config.workdir, int(state.step))
   return state, shardings
+
+
+def checkpoint_dir(config: TrainConfig) -> str:
+  """The run's checkpoint directory or URL."""
+  return config.checkpoint_dir or os.path.join(config.workdir, CHECKPOINT_DIR)
 
 
 def _kept(last_checkpoint) -> str:
@@ -474,9 +484,9 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   optimizer = optim_lib.make_optimizer(config.optim)
   manager = None
   if config.checkpoint_every:
-    directory = os.path.join(config.workdir, CHECKPOINT_DIR)
-    if jax.process_index() == 0:  # found now, not at the first save
-      workdir_lib.check_writable(directory, "--checkpoint_every")
+    directory = checkpoint_dir(config)
+    if jax.process_index() == 0 and "://" not in directory:
+      workdir_lib.check_writable(directory, "--checkpoint_dir")  # not later
     manager = checkpoint.CheckpointManager(
       directory, keep=config.keep_checkpoints
     )
@@ -544,7 +554,7 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
 
   def finish(step, device_metrics, extra):
     """Fetches a dispatched step's metrics, checks them, logs when due."""
-    nonlocal first_row
+    nonlocal first_row, saved
     logged = (
       step % config.log_every == 0
       or step in (start + 1, config.steps)
@@ -558,8 +568,9 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
       )
     _check_finite(step, values, last_checkpoint)
     if logged:
-      history.append(writer.write(step, {**values, **extra, **first_row}))
-      first_row = {}
+      row = {**values, **extra, **first_row, **saved}
+      history.append(writer.write(step, row))
+      first_row = saved = {}
 
   metadata = {
     "model_config": config.model.to_dict(),
@@ -569,12 +580,18 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   pending = None  # (step, device metrics, eval values) not yet checked
   to_save = None  # (step, host snapshot, data position) awaiting its check
 
+  saved = {}  # the last save's figures, for the next metrics row
+
   def save_checked(step_checked):
     """Saves the snapshot once `step_checked` (its successor) is finite."""
-    nonlocal to_save, last_checkpoint
+    nonlocal to_save, last_checkpoint, saved
     if to_save is not None and to_save[0] == step_checked - 1:
       step, snap, at = to_save
-      paused(manager.save, step, snap, dict(metadata, data_position=at))
+      begin = time.perf_counter()
+      paused(manager.save_async, step, snap, dict(metadata, data_position=at))
+      saved = {"checkpoint/stall_s": time.perf_counter() - begin}
+      if manager.last_save is not None:  # the previous save, committed
+        saved["checkpoint/write_s"] = manager.last_save.write_s
       last_checkpoint, to_save = step, None
 
   profile = config.profile_steps
@@ -638,6 +655,8 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
     if tracing:
       jax.profiler.stop_trace()
     writer.close()
+    if manager is not None:
+      manager.close()  # the last save commits before `train` returns
   return TrainResult(state=state, history=history, preempted=preempted)
 
 
@@ -662,10 +681,17 @@ def load_model(workdir, step: int | None = None):
   holds stage-stacked params (`pipeline.to_pipeline_params`): they are
   matched in that layout and returned unstacked.
 
+  The checkpoints are read from the run's `checkpoint_dir` (its
+  `config.json`), by default `<workdir>/checkpoints`.
+
   Returns:
     `(params, cfg, step)`: params in the `models.init` layout.
   """
-  manager = checkpoint.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR))
+  record = workdir_lib.read_run_config(workdir) or {}
+  directory = record.get("train", {}).get("checkpoint_dir")
+  manager = checkpoint.CheckpointManager(
+    directory or os.path.join(workdir, CHECKPOINT_DIR)
+  )
   tree, metadata = manager.restore(step, None)
   cfg = model_config_from_metadata(metadata)
   stacking = metadata.get("pipeline")

@@ -520,3 +520,23 @@ def test_rerun_on_a_workdir_takes_its_config_and_refuses_changes(tmp_path):
     "-> 32, --seed=3 -> 4; rerun without them, pass --allow_config_change, "
     "or use a fresh --workdir."
   ]
+
+
+def test_async_checkpoints_to_a_url_store_resume_and_load(tmp_path):
+  url = "memory://test_train/ckpt/"
+  config = _config(
+    tmp_path, num_layers=1, steps=3, checkpoint_every=1, checkpoint_dir=url
+  )
+  first = training.train(config)
+  # A row reports the stall of the save before it, and the write time of
+  # the save before that.
+  assert "checkpoint/stall_s" in first.history[2]
+  assert not (tmp_path / training.CHECKPOINT_DIR).exists()
+  manager = training.CheckpointManager(url)
+  assert manager.all_steps() == [1, 2, 3]
+  resumed = training.train(dataclasses.replace(config, steps=5))
+  assert [r["step"] for r in resumed.history] == [4, 5]
+  assert manager.all_steps() == [3, 4, 5]
+  params, _, step = training.load_model(str(tmp_path))
+  assert step == 5
+  jax.tree.map(np.testing.assert_array_equal, params, resumed.state.params)
