@@ -13,3 +13,11 @@ from lightning_jax.adapt.nf4 import nf4_dequantize
 from lightning_jax.adapt.nf4 import nf4_quantize
 from lightning_jax.adapt.nf4 import NF4Tensor
 from lightning_jax.adapt.nf4 import to_nf4
+from lightning_jax.adapt.paths import ATTENTION
+from lightning_jax.adapt.paths import MatrixView
+from lightning_jax.adapt.paths import matrix_view
+from lightning_jax.adapt.paths import MIXER
+from lightning_jax.adapt.paths import MLP
+from lightning_jax.adapt import lora
+from lightning_jax.adapt import qlora
+from lightning_jax.adapt.lora import LoraConfig
