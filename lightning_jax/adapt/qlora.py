@@ -13,6 +13,7 @@ replicated.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax.adapt import nf4
@@ -50,6 +51,15 @@ def quantize(params, patterns=(paths.MIXER, paths.MLP), block_size: int = 64):
       raise ValueError(f"leaf {name!r}: {err}") from err
 
   return jax.tree_util.tree_map_with_path(one, params)
+
+
+def dequantize(params, dtype=jnp.float32):
+  """`params` with every `NF4Tensor` leaf dense in `dtype`."""
+  return jax.tree.map(
+    lambda x: nf4.from_nf4(x, dtype) if paths.is_nf4(x) else x,
+    params,
+    is_leaf=paths.is_nf4,
+  )
 
 
 def _folded_spec(spec, shape, divisor: int, sizes: dict) -> P:
