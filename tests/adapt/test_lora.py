@@ -13,13 +13,13 @@ from lightning_jax.adapt import lora
 from lightning_jax.adapt import qlora
 from lightning_jax.parallel import pipeline
 
-# Two attention layers with top-2-of-4 experts: projections `[D, H, Dh]`,
+# One attention layer with top-2-of-4 experts: projections `[D, H, Dh]`,
 # `[H, Dh, D]` and expert-stacked `[E, D, F]` targets.
 CFG = models.get_preset(
   "moe-hybrid",
   pattern=("attention",),
   d_model=64,
-  num_layers=2,
+  num_layers=1,
   num_heads=2,
   num_experts=4,
   moe_d_ff=64,
@@ -112,8 +112,8 @@ def test_pipeline_stacked_leaves_get_one_adapter_per_matrix(base):
   """A stage-stacked `[repeats, stages, experts, D, F]` leaf (as
   `pipeline.stack_stages` builds): slice `[r, s]` gets the delta of its own
   adapter, as that layer's leaf would."""
-  layers = tuple(layer["ffn"]["experts"]["w_up"] for layer in base["layers"])
-  w = jnp.stack(layers).reshape((1, 2) + layers[0].shape)
+  w_up = base["layers"][0]["ffn"]["experts"]["w_up"]
+  w = jnp.stack([w_up, -w_up]).reshape((1, 2) + w_up.shape)
   stacked = {pipeline.STAGES_KEY: ({"ffn": {"experts": {"w_up": w}}},)}
   cfg = adapt.LoraConfig(targets=(adapt.MLP,), rank=4, alpha=8.0)
   adapters = _random_b(lora.init(jax.random.key(1), stacked, cfg))

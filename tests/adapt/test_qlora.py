@@ -15,7 +15,7 @@ CFG = models.get_preset(
   "moe-hybrid",
   pattern=("attention",),
   d_model=64,
-  num_layers=2,
+  num_layers=1,
   num_heads=4,
   head_dim=16,
   num_experts=4,
