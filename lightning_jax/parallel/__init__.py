@@ -24,6 +24,7 @@ from lightning_jax.parallel.sharding import batch_sharding
 from lightning_jax.parallel.sharding import batch_spec
 from lightning_jax.parallel.sharding import init_sharded
 from lightning_jax.parallel.sharding import LOGICAL_AXES
+from lightning_jax.parallel.sharding import match_rule
 from lightning_jax.parallel.sharding import PARAM_RULES
 from lightning_jax.parallel.sharding import param_rules
 from lightning_jax.parallel.sharding import param_partition_specs

@@ -105,7 +105,15 @@ def path_names(path) -> tuple[str, ...]:
   return tuple(names)
 
 
-def _match_rule(names):
+def match_rule(names: tuple[str, ...]):
+  """`(rule name, logical name of each trailing dim)` of the first rule of
+  `param_rules()` whose suffix ends `names` (indices skipped), or
+  `(None, None)`.
+
+  Example:
+    >>> match_rule(("layers", "0", "mixer", "wo"))
+    ('mixer/wo', ('heads', 'head_dim', 'embed'))
+  """
   keys = tuple(n for n in names if not n.isdigit())
   for suffix, logical in param_rules():
     if keys[-len(suffix) :] == suffix:
@@ -132,7 +140,7 @@ def plan_leaf(
   Returns:
     A `LeafPlan`.
   """
-  rule, logical = _match_rule(names)
+  rule, logical = match_rule(names)
   notes = []
   if logical is not None and len(logical) > len(shape):
     notes.append(f"rule {rule} expects rank >= {len(logical)}")
