@@ -100,6 +100,11 @@ _CHECKPOINT_DIR = flags.DEFINE_string(
   "Checkpoint directory: a path or a tensorstore URL (gs://bucket/run/); "
   "default <workdir>/checkpoints.",
 )
+_METRICS_DIR = flags.DEFINE_string(
+  "metrics_dir",
+  None,
+  "Directory of metrics.jsonl: a path or a tensorstore URL; default <workdir>.",
+)
 _KEEP_CHECKPOINTS = flags.DEFINE_integer(
   "keep_checkpoints", 3, "Complete checkpoints to keep."
 )
@@ -181,6 +186,7 @@ _FLAG_NAMES = (
   "pipeline_repeats",
   "checkpoint_every",
   "checkpoint_dir",
+  "metrics_dir",
   "keep_checkpoints",
   "log_every",
   "eval_every",
@@ -313,6 +319,7 @@ def build_config() -> training.TrainConfig:
     pipeline_repeats=_PIPELINE_REPEATS.value,
     checkpoint_every=_CHECKPOINT_EVERY.value,
     checkpoint_dir=_CHECKPOINT_DIR.value,
+    metrics_dir=_METRICS_DIR.value,
     keep_checkpoints=_KEEP_CHECKPOINTS.value,
     log_every=_LOG_EVERY.value,
     optim=training.OptimConfig(

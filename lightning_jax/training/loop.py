@@ -75,7 +75,8 @@ class TrainConfig:
 
   Attributes:
     model: the `models.ModelConfig`; its `vocab_size` must cover the data's.
-    workdir: run directory: `checkpoints/`, `metrics.jsonl`.
+    workdir: run directory (local): `run.lock`, `config.json`,
+      `checkpoints/`, `metrics.jsonl`.
     steps: optimiser steps of the whole run (a resumed run continues to it).
     batch_size: global batch size (sequences per step, all processes).
     seq_len: tokens per sequence.
@@ -93,6 +94,8 @@ class TrainConfig:
       in the background while training goes on.
     checkpoint_dir: where checkpoints go: a local path or a tensorstore
       kvstore URL (`gs://bucket/run/ckpt/`); None: `<workdir>/checkpoints`.
+    metrics_dir: where `metrics.jsonl` goes: a local path or a kvstore URL;
+      None: the workdir.
     keep_checkpoints: complete checkpoints to keep.
     log_every: write metrics every this many steps (and at steps 1 and last).
     optim: `OptimConfig`.
@@ -124,6 +127,7 @@ class TrainConfig:
   pipeline_repeats: int = 1
   checkpoint_every: int = 100
   checkpoint_dir: str | None = None
+  metrics_dir: str | None = None
   keep_checkpoints: int = 3
   log_every: int = 10
   optim: optim_lib.OptimConfig = optim_lib.OptimConfig()
@@ -534,7 +538,7 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
 
   last_checkpoint = start if manager is not None and start else None
   writer = metrics_lib.MetricWriter(
-    config.workdir,
+    config.metrics_dir or config.workdir,
     total_steps=config.steps,
     tokens_per_step=config.batch_size * config.seq_len,
     start_step=start,

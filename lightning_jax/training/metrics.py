@@ -22,6 +22,9 @@ import time
 from absl import logging
 import jax
 import numpy as np
+import tensorstore as ts
+
+from lightning_jax.training import checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -76,6 +79,37 @@ def _tensorboard_writer(logdir: str):
   return tensorboardX.SummaryWriter(logdir)
 
 
+class _Rows:
+  """Appends lines to `<directory>/metrics.jsonl`: a local file, or a
+  tensorstore kvstore URL (no appends there: the whole file is rewritten,
+  which is cheap for metric rows)."""
+
+  def __init__(self, directory: str):
+    if "://" not in directory:
+      os.makedirs(directory, exist_ok=True)
+      self._file = open(
+        os.path.join(directory, METRICS_FILE), "a", encoding="utf-8"
+      )
+      return
+    self._file = None
+    url = directory if directory.endswith("/") else directory + "/"
+    self._kv = ts.KvStore.open(url, context=checkpoint.CONTEXT).result()
+    existing = self._kv.read(METRICS_FILE).result()
+    self._text = existing.value.decode() if existing.state == "value" else ""
+
+  def append(self, line: str) -> None:
+    if self._file is not None:
+      self._file.write(line)
+      self._file.flush()
+    else:
+      self._text += line
+      self._kv.write(METRICS_FILE, self._text.encode()).result()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+
+
 class MetricWriter:
   """Writes one JSON object per logged step, and shows progress.
 
@@ -87,7 +121,9 @@ class MetricWriter:
   an absl log line.
 
   Args:
-    workdir: directory of `metrics.jsonl` (and `tensorboard/`).
+    workdir: directory of `metrics.jsonl` (and `tensorboard/`): a local
+      path or a tensorstore kvstore URL (`gs://bucket/run/`; TensorBoard
+      needs a local path).
     total_steps: the run's last step, for the progress display.
     tokens_per_step: tokens in one global batch.
     start_step: step the run starts (or resumes) from.
@@ -124,14 +160,15 @@ class MetricWriter:
     self._excluded = 0.0
     self._stream = sys.stdout if stream is None else stream
     self._tty = self._stream.isatty()
-    self._file = self._tb = None
+    self._rows = self._tb = None
     if self._active:
-      os.makedirs(workdir, exist_ok=True)
+      if tensorboard and "://" in workdir:
+        raise ValueError(
+          f"--tensorboard needs a local metrics directory, got {workdir!r}."
+        )
       if tensorboard:
         self._tb = _tensorboard_writer(os.path.join(workdir, "tensorboard"))
-      self._file = open(
-        os.path.join(workdir, METRICS_FILE), "a", encoding="utf-8"
-      )
+      self._rows = _Rows(workdir)
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` of the current interval out of its `step_time`."""
@@ -164,8 +201,7 @@ class MetricWriter:
     row = {"step": step, **metrics, **self._measured(step)}
     if not self._active:
       return row
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    self._rows.append(json.dumps(row) + "\n")
     if self._tb is not None:
       for k, v in row.items():
         if k == "step":
@@ -192,6 +228,6 @@ class MetricWriter:
       return
     if self._tty:
       self._stream.write("\n")
-    self._file.close()
+    self._rows.close()
     if self._tb is not None:
       self._tb.close()

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from lightning_jax import models
 from lightning_jax import training
@@ -525,7 +526,12 @@ def test_rerun_on_a_workdir_takes_its_config_and_refuses_changes(tmp_path):
 def test_async_checkpoints_to_a_url_store_resume_and_load(tmp_path):
   url = "memory://test_train/ckpt/"
   config = _config(
-    tmp_path, num_layers=1, steps=3, checkpoint_every=1, checkpoint_dir=url
+    tmp_path,
+    num_layers=1,
+    steps=3,
+    checkpoint_every=1,
+    checkpoint_dir=url,
+    metrics_dir="memory://test_train/metrics",
   )
   first = training.train(config)
   # A row reports the stall of the save before it, and the write time of
@@ -539,4 +545,10 @@ def test_async_checkpoints_to_a_url_store_resume_and_load(tmp_path):
   assert manager.all_steps() == [3, 4, 5]
   params, _, step = training.load_model(str(tmp_path))
   assert step == 5
+  metrics = ts.KvStore.open(
+    "memory://test_train/metrics/", context=training.checkpoint.CONTEXT
+  ).result()
+  text = metrics.read(training.metrics.METRICS_FILE).result().value.decode()
+  assert [json.loads(r)["step"] for r in text.splitlines()] == [1, 2, 3, 4, 5]
+  assert not (tmp_path / training.metrics.METRICS_FILE).exists()
   jax.tree.map(np.testing.assert_array_equal, params, resumed.state.params)
