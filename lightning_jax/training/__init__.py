@@ -15,6 +15,7 @@ from lightning_jax.training.data import MQARConfig
 # --- end data and checkpoints (ckptdata) ---
 
 # --- state, optimiser, loss, step, metrics, loop (traincore) ---
+from lightning_jax.training.loop import Adapter
 from lightning_jax.training.loop import CHECKPOINT_DIR
 from lightning_jax.training.loop import load_model
 from lightning_jax.training.loop import model_config_from_metadata

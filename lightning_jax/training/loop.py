@@ -155,6 +155,32 @@ class TrainResult(NamedTuple):
   preempted: bool = False
 
 
+class Adapter(NamedTuple):
+  """Trains a transform of a base model instead of its params (`train`'s
+  hook for LoRA / QLoRA fine-tuning, `adapt`).
+
+  Attributes:
+    init: `key -> params`, the trained tree (e.g. `{"base": frozen base,
+      "lora": adapters}`), built on the host and placed on the mesh.
+    to_model: `params -> model params` in the `models.init` layout (the
+      merge): evaluation runs the model on it.
+    grad_fn: `GradFn -> GradFn`: the step's gradient over the trained tree
+      from the model's (`training.make_train_step`'s hook).
+    optimizer: `GradientTransformation -> GradientTransformation`, e.g.
+      `adapt.freeze_base`.
+    shardings: `(abstract params, mesh) -> NamedSharding tree` of the
+      trained tree (e.g. `adapt.qlora.shardings` for NF4 leaves).
+    metadata: JSON record saved in the checkpoints ("adapter").
+  """
+
+  init: Any
+  to_model: Any
+  grad_fn: Any
+  optimizer: Any
+  shardings: Any
+  metadata: dict
+
+
 def validate(
   config: TrainConfig, num_devices: int, process_count: int = 1
 ) -> dict:
@@ -238,38 +264,51 @@ def validate(
 
 
 def _init_or_restore(
-  config, optimizer, mesh, manager, runner: runner_lib.StepRunner
+  config, optimizer, mesh, manager, runner: runner_lib.StepRunner, adapter
 ):
   """The sharded state: restored from the latest complete checkpoint, if any.
 
-  A checkpoint holds the state in the `models.init` param layout; it is read
-  in that layout and mapped to the runner's (`runner_lib.relayout_state`).
+  A checkpoint holds the state in the `models.init` param layout (or the
+  adapter's tree); it is read in that layout and mapped to the runner's
+  (`runner_lib.relayout_state`).
 
   Returns:
     `(state, state_shardings)` in the runner's param layout; the shardings
     follow the partition rules (`parallel.param_shardings`), optimiser
-    moments like their params.
+    moments like their params, an adapter's params its `shardings`.
   """
 
   def init_state(key):
     k_params, k_train = jax.random.split(key)
-    params = models.init(k_params, config.model)
+    if adapter is None:
+      params = models.init(k_params, config.model)
+    else:
+      params = adapter.init(k_params)
     return state_lib.init_train_state(params, optimizer, k_train)
 
   def init_runner_state(key):
     return runner_lib.relayout_state(runner.to_layout, init_state(key))
 
+  def state_shardings(abstract):
+    if adapter is None:
+      return parallel.param_shardings(abstract, mesh)
+    rest = parallel.param_shardings(abstract._replace(params=None), mesh)
+    return rest._replace(params=adapter.shardings(abstract.params, mesh))
+
   key = jax.random.key(config.seed)
-  shardings = parallel.param_shardings(
-    jax.eval_shape(init_runner_state, key), mesh
-  )
-  if manager is None or manager.latest_step() is None:
-    return parallel.init_sharded(init_runner_state, key, mesh), shardings
   abstract_state = jax.eval_shape(init_state, key)
+  shardings = state_shardings(jax.eval_shape(init_runner_state, key))
+  if manager is None or manager.latest_step() is None:
+    if adapter is None:  # every leaf created in its shards
+      return parallel.init_sharded(init_runner_state, key, mesh), shardings
+    # A copy: the step donates the state, not the adapter's own arrays.
+    state = jax.tree.map(jnp.copy, init_runner_state(key))
+    state = jax.device_put(state, shardings)
+    return state, shardings
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
     abstract_state,
-    parallel.param_shardings(abstract_state, mesh),
+    state_shardings(abstract_state),
   )
   saved_state, metadata = manager.restore(None, target)
   state = jax.device_put(
@@ -318,6 +357,7 @@ def train(
   *,
   dataset: data_lib.Dataset | None = None,
   eval_dataset: data_lib.Dataset | None = None,
+  adapter: Adapter | None = None,
 ) -> TrainResult:
   """Runs (or resumes) training to `config.steps`.
 
@@ -329,6 +369,8 @@ def train(
     eval_dataset: the validation batches (the same protocol) when
       `config.eval_every` > 0; default the validation split of
       `config.data`, required with a custom `dataset`.
+    adapter: train a transform of a base model (`Adapter`: LoRA, QLoRA)
+      instead of `models.init` params; needs a mesh without `pipe`.
 
   Returns:
     `TrainResult` with the final state and the metric rows written.
@@ -349,13 +391,17 @@ def train(
     ...     return {"inputs": x, "targets": x, "mask": np.ones((8, 64))}
     >>> train(config, dataset=Zeros(), eval_dataset=Zeros())
   """
-  validate(config, jax.device_count(), jax.process_count())
+  axes = validate(config, jax.device_count(), jax.process_count())
+  if adapter is not None and axes.get(mesh_lib.PIPE, 1) > 1:
+    raise ValueError(
+      f"--mesh={config.mesh!r}: adapters train without a pipe axis."
+    )
   dataset, eval_dataset = _datasets(config, dataset, eval_dataset)
   if jax.process_index() != 0:  # process 0 holds the lock for the run
-    return _train(config, dataset, eval_dataset)
+    return _train(config, dataset, eval_dataset, adapter)
   with workdir_lib.lock_workdir(config.workdir):
     workdir_lib.write_run_config(config)
-    return _train(config, dataset, eval_dataset)
+    return _train(config, dataset, eval_dataset, adapter)
 
 
 def _datasets(config: TrainConfig, dataset, eval_dataset):
@@ -450,11 +496,12 @@ def _peak_flops(config: TrainConfig) -> float | None:
   return per_device * 1e12 * jax.device_count()
 
 
-def _eval_step(config: TrainConfig, runner, state_shardings, batch_sharding):
-  """Jitted `(params, batch) -> sums` of one validation batch."""
+def _eval_step(config: TrainConfig, to_model, state_shardings, batch_sharding):
+  """Jitted `(params, batch) -> sums` of one validation batch; `to_model`
+  maps the trained params to the `models.init` layout."""
 
   def sums(params, batch):
-    params = runner.from_layout(params)
+    params = to_model(params)
     logits, _ = models.forward(params, batch["inputs"], config.model)
     hits, count = data_lib.masked_hits(logits, batch)
     ce = models.masked_ce_sum(logits, batch["targets"], batch["mask"])
@@ -482,10 +529,12 @@ def _evaluate(eval_step, params, batches) -> dict:
   }
 
 
-def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
+def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
   """`train` of a validated config (under the workdir lock on process 0)."""
   mesh = parallel.make_mesh(config.mesh or None)
   optimizer = optim_lib.make_optimizer(config.optim)
+  if adapter is not None:
+    optimizer = adapter.optimizer(optimizer)
   manager = None
   if config.checkpoint_every:
     directory = checkpoint_dir(config)
@@ -496,7 +545,13 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
     )
   runner = runner_lib.make_runner(config, mesh)
   logging.info("Step runner: %s", runner.metadata)
-  state, shardings = _init_or_restore(config, optimizer, mesh, manager, runner)
+  state, shardings = _init_or_restore(
+    config, optimizer, mesh, manager, runner, adapter
+  )
+  grad_fn = (
+    runner.grad_fn if adapter is None else adapter.grad_fn(runner.grad_fn)
+  )
+  to_model = runner.from_layout if adapter is None else adapter.to_model
   batch_sharding = parallel.batch_sharding(mesh)
 
   def device_batch(ds, position):
@@ -512,7 +567,7 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   train_step = (
     parallel.shard_step(
       step_lib.make_train_step(
-        optimizer, optim_lib.learning_rate(config.optim), runner.grad_fn
+        optimizer, optim_lib.learning_rate(config.optim), grad_fn
       ),
       mesh,
       shardings,
@@ -531,7 +586,7 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
   first_row = {"compile_s": compile_s, "flops_per_token": flops_per_token}
   eval_step = eval_batches = None
   if config.eval_every:
-    eval_step = _eval_step(config, runner, shardings, batch_sharding)
+    eval_step = _eval_step(config, to_model, shardings, batch_sharding)
     eval_batches = [
       device_batch(eval_dataset, i) for i in range(config.eval_batches)
     ]
@@ -581,6 +636,8 @@ def _train(config: TrainConfig, dataset, eval_dataset) -> TrainResult:
     "flags": config.flags,
     "runner": runner.metadata,
   }
+  if adapter is not None:
+    metadata["adapter"] = adapter.metadata
   pending = None  # (step, device metrics, eval values) not yet checked
   to_save = None  # (step, host snapshot, data position) awaiting its check
 

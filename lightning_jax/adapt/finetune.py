@@ -1,0 +1,83 @@
+"""Fine-tuning a trained model with `training.train`: adapters and export.
+
+`lora_adapter` turns a base model's params into a `training.Adapter`: the
+loop trains `{"base": frozen base, "lora": adapters}` (QLoRA: the base as
+`NF4Tensor`s), with the optimiser state for the adapters only, and
+checkpoints, resumes, evaluates and logs like any training run.
+`export` writes the merged params as a checkpoint that `training.load_model`
+(and so `tools/generate.py`) reads.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from lightning_jax import models
+from lightning_jax import training
+from lightning_jax.adapt import lora
+from lightning_jax.adapt import paths
+from lightning_jax.adapt import qlora
+
+
+def lora_adapter(
+  base, cfg: lora.LoraConfig, model_cfg, *, quantize: bool = False
+) -> training.Adapter:
+  """The `training.Adapter` of LoRA (or QLoRA) over `base`.
+
+  Args:
+    base: the base model's params (`models.init` layout), e.g. from
+      `training.load_model`.
+    cfg: the `LoraConfig`.
+    model_cfg: the base's `models.ModelConfig` (its compute dtype is the
+      dtype NF4 weights are dequantised to).
+    quantize: store the frozen base as NF4 with double quantisation
+      (`qlora.quantize` of the mixer and MLP matrices).
+
+  Returns:
+    An `Adapter` whose params are `{"base": ..., "lora": ...}`.
+
+  Raises:
+    ValueError: a target pattern matches no matrix (listing them).
+  """
+  dtype = models.compute_dtype(model_cfg)
+  frozen = qlora.quantize(base) if quantize else base
+  paths.match(base, cfg.targets, "--lora_targets")  # fails before compiling
+
+  def init(key):
+    return {lora.BASE: frozen, lora.LORA: lora.init(key, base, cfg)}
+
+  def to_model(params):
+    return lora.apply(params[lora.BASE], params[lora.LORA], cfg, dtype=dtype)
+
+  return training.Adapter(
+    init=init,
+    to_model=to_model,
+    grad_fn=lambda grad_fn: lora.lora_grad_fn(grad_fn, cfg, dtype=dtype),
+    optimizer=lora.freeze_base,
+    shardings=qlora.shardings,
+    metadata={
+      "method": "qlora" if quantize else "lora",
+      "rank": cfg.rank,
+      "alpha": cfg.alpha,
+      "targets": list(cfg.targets),
+    },
+  )
+
+
+def export(directory: str, params, model_cfg, step: int) -> None:
+  """Writes `params` (the merged model) as a loadable run directory.
+
+  `directory/checkpoints/step_<step>` holds `{"params": params, "step":
+  step}` with the model config in its metadata: `training.load_model
+  (directory)` and `tools/generate.py --workdir=directory` read it.
+  """
+  params = jax.tree.map(jnp.asarray, params)
+  manager = training.CheckpointManager(
+    os.path.join(directory, training.CHECKPOINT_DIR), keep=1
+  )
+  manager.save(
+    step,
+    {"params": params, "step": step},
+    {"model_config": model_cfg.to_dict()},
+  )
