@@ -58,7 +58,10 @@ _EVAL_BATCHES = flags.DEFINE_integer(
   "eval_batches", 16, "Validation batches of the held-out loss."
 )
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
-  "checkpoint_every", 500, "tools/train --checkpoint_every (resumption)."
+  "checkpoint_every",
+  500,
+  "tools/train --checkpoint_every (resumption; the held-out loss reads the "
+  "final checkpoint).",
 )
 _DRY_RUN = flags.DEFINE_bool(
   "dry_run", False, "Print the grid and an estimated CPU time; run nothing."
@@ -119,6 +122,7 @@ def make_grid(vocab_size: int) -> list[Run]:
     ("batch_size", _BATCH_SIZE),
     ("seq_len", _SEQ_LEN),
     ("eval_batches", _EVAL_BATCHES),
+    ("checkpoint_every", _CHECKPOINT_EVERY),
   ):
     if flag.value < 1:
       raise ValueError(f"--{name} must be >= 1, got {flag.value}.")

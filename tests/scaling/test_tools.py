@@ -60,19 +60,20 @@ def test_sweep_writes_rows_and_skips_finished_runs(tmp_path):
   assert "running" not in again.stdout
   assert "0 of 2 runs to do" in again.stdout
   assert len(_rows(out / "runs.jsonl")) == 2
-  other = _run("sweep", *args, "--lr=1e-3")
-  assert other.returncode == 2
-  assert other.stderr.strip().splitlines()[-1].startswith("error: --out=")
 
 
-def test_sweep_bad_flag_is_one_error_line(tmp_path):
-  result = _run("sweep", "--sizes=33x1", "--dry_run", f"--out={tmp_path}")
+def _error(result):
   assert result.returncode == 2
-  assert (
-    result.stderr.strip()
-    .splitlines()[-1]
-    .startswith("error: --sizes: d_model 33")
-  )
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_sweep_bad_flags_are_one_error_line(tmp_path):
+  bad_size = _run("sweep", "--sizes=33x1", "--dry_run", f"--out={tmp_path}")
+  assert _error(bad_size).startswith("error: --sizes: d_model 33")
+  # A sweep directory of other settings is not mixed into.
+  (tmp_path / "sweep.json").write_text(json.dumps({"lr": 1.0}))
+  other = _run("sweep", "--archs=tnl", "--sizes=32x1", f"--out={tmp_path}")
+  assert _error(other).startswith(f"error: --out={tmp_path} holds a sweep")
 
 
 def test_scaling_tool_fits_synthetic_rows(tmp_path):
