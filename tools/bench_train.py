@@ -1,9 +1,9 @@
 r"""Training-step benchmark: tokens/s of one forward + backward + AdamW step
 per model preset, and its MFU against a same-run fp32 matmul's FLOP/s.
 
-MFU = `models.flops_per_token` (matmul FLOPs counted on the forward's
-jaxpr, x3 for the backward) x tokens/s / the matmul rate: the fraction of
-what this machine's matmul reaches that the model's matmuls reach inside a
+MFU = `models.flops_per_token` (model FLOPs per trained token: per-mixer
+formulas, x3 for the backward) x tokens/s / the matmul rate: the fraction
+of what this machine's matmul reaches that the model reaches inside a
 training step. Besides `models.flops_per_token` it uses only
 `models.get_preset / init / forward` and optax.
 

@@ -390,6 +390,20 @@ _RULES = (
   (("wo",), ("heads", "head_dim", "embed")),  # [H, Dh, D]
 )
 
+
+def _flops(cfg: AttentionConfig, seq_len: int) -> float:
+  """`4 H Dh ctx`: q k^T and the weighted sum of v over each head's mean
+  causal context `ctx = mean_t min(t, window)` (the MoA window per head;
+  T without a window)."""
+  t = np.arange(1, seq_len + 1)
+  if cfg.moa_alphas is not None:
+    windows = ops.moa_windows(cfg.moa_alphas, cfg.moa_betas, seq_len)
+  else:
+    windows = np.full(cfg.num_heads, cfg.window or seq_len)
+  ctx = np.minimum(t[None, :], np.asarray(windows)[:, None]).mean(axis=1)
+  return float(4 * cfg.head_dim * np.sum(ctx))
+
+
 ATTENTION = mixers.register(
   mixers.Mixer(
     name="attention",
@@ -397,6 +411,7 @@ ATTENTION = mixers.register(
     init=_init,
     apply=attention_mixer,
     empty_state=_empty_state,
+    flops=_flops,
     rules=_RULES,
     doc="Causal softmax attention with RoPE and GQA (optional sliding "
     "window + sink); KV cache as state.",
@@ -410,6 +425,7 @@ MOA = mixers.register(
     init=_init,
     apply=attention_mixer,
     empty_state=_empty_state,
+    flops=_flops,
     rules=_RULES,
     doc="MoA (arXiv 2406.14909): per-head elastic windows + sink from "
     "`ModelConfig.moa_plan`; sink + ring caches as state.",

@@ -255,6 +255,13 @@ def _config(spec: mixers.LayerSpec) -> CosFormer2Config:
   )
 
 
+def _flops(cfg, seq_len: int) -> float:
+  """`4 H (2 Dk) Dv`: a decay-free linear attention on the LRPE features of
+  width 2 Dk (O(1) in T)."""
+  del seq_len
+  return float(4 * cfg.num_heads * 2 * cfg.head_dim * cfg.head_dim)
+
+
 COSFORMER2 = mixers.register(
   mixers.Mixer(
     name="cosformer2",
@@ -262,6 +269,7 @@ COSFORMER2 = mixers.register(
     init=init_cosformer2,
     apply=cosformer2_layer,
     empty_state=init_cosformer2_state,
+    flops=_flops,
     rules=(
       (("wq",), ("embed", "heads", "head_dim")),
       (("wk",), ("embed", "heads", "head_dim")),

@@ -218,6 +218,12 @@ def _config(spec: mixers.LayerSpec) -> Mamba2Config:
   )
 
 
+def _flops(cfg, seq_len: int) -> float:
+  """`5 H N P`: decay the state, add `B x^T`, read `C^T S` (O(1) in T)."""
+  del seq_len
+  return float(5 * cfg.num_heads * cfg.state_dim * cfg.head_dim)
+
+
 MAMBA2 = mixers.register(
   mixers.Mixer(
     name="mamba2",
@@ -225,6 +231,7 @@ MAMBA2 = mixers.register(
     init=init_mamba2,
     apply=mamba2_layer,
     empty_state=init_mamba2_state,
+    flops=_flops,
     rules=(
       (("in_proj",), ("embed", None)),  # fused z / xBC / dt
       (("conv1d", "weight"), (None, None)),

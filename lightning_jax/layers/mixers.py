@@ -84,6 +84,10 @@ class Mixer:
     apply: `(params, x_BxTxD, layer_cfg, state=None, decoding=None) ->
       (y_BxTxD, state)`, see the module docstring.
     empty_state: `(layer_cfg, batch, max_len, dtype) -> state`.
+    flops: `(layer_cfg, seq_len) -> float`: forward FLOPs per token of the
+      sequence mixing, beyond the matmuls of the layer's own weights
+      (`models.flops_per_token` counts those from the param shapes); the
+      work the model defines (e.g. the recurrent form), not a kernel's.
     rules: `((param path suffix, logical dim names), ...)` for
       `parallel.sharding`; suffixes are relative to the mixer's params.
     doc: one line: what it is, with the paper.
@@ -98,6 +102,7 @@ class Mixer:
   init: Callable[..., dict]
   apply: Callable[..., tuple[jax.Array, Any]]
   empty_state: Callable[..., Any]
+  flops: Callable[[Any, int], float]
   rules: tuple[tuple[tuple[str, ...], tuple[str | None, ...]], ...]
   doc: str
   softmax: bool = False

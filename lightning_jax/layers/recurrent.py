@@ -64,12 +64,17 @@ class Recurrence(NamedTuple):
       norm and gate. `valid_BxT` (None: all valid) marks the tokens
       whose value increments count; `kw` holds the op arguments
       `initial_state`, `output_final_state`, `chunk_size`, `impl`.
+    state_flops: forward FLOPs per state entry per token of the recurrent
+      form (the mixer's `flops` is `state_flops * H * Dk * Dv`): 5 for a
+      decayed linear attention (decay 1, `k v^T` 2, `S^T q` 2), 6 for the
+      delta rule (`S^T k` 2, the rank-1 update 2, `S^T q` 2), 7 gated.
     uses_conv: the kind takes `ModelConfig.conv_size`.
   """
 
   streams: tuple[str, ...]
   init_extra: Callable[..., dict]
   mix: Callable[..., tuple[jax.Array, jax.Array]]
+  state_flops: int
   uses_conv: bool = False
 
 
@@ -334,6 +339,12 @@ def _empty_state(cfg, batch, max_len, dtype):
   return init_recurrent_state(cfg, batch, dtype)
 
 
+def _flops(cfg: RecurrentConfig, seq_len: int) -> float:
+  del seq_len  # O(1) per token
+  state_flops = _RECURRENCES[cfg.kind].state_flops
+  return float(state_flops * cfg.num_heads * cfg.head_dim * cfg.dv)
+
+
 def register_recurrence(
   name: str, recurrence: Recurrence, doc: str, preset: dict | None = None
 ) -> mixers.Mixer:
@@ -369,6 +380,7 @@ def register_recurrence(
       init=init_recurrent,
       apply=recurrent_layer,
       empty_state=_empty_state,
+      flops=_flops,
       rules=_RULES,
       doc=doc,
       preset=preset,
@@ -475,26 +487,38 @@ def _delta_mix(params, x_BxTxD, s, valid, cfg, kw):
 
 LIGHTNING = register_recurrence(
   "lightning",
-  Recurrence(("q", "k", "v"), _lightning_extra, _lightning_mix),
+  Recurrence(("q", "k", "v"), _lightning_extra, _lightning_mix, state_flops=5),
   "TransNormerLLM / Lightning Attention (arXiv 2307.14995, 2401.04658): "
   "fixed per-head decays, SRMSNorm, sigmoid gate.",
 )
 DELTANET = register_recurrence(
   "deltanet",
-  Recurrence(("q", "k", "v"), _delta_extra(False), _delta_mix, uses_conv=True),
+  Recurrence(
+    ("q", "k", "v"),
+    _delta_extra(False),
+    _delta_mix,
+    state_flops=6,
+    uses_conv=True,
+  ),
   "DeltaNet (arXiv 2406.06484): delta rule on L2-normed q, k, short conv.",
   preset={"num_layers": 4},
 )
 GATED_DELTANET = register_recurrence(
   "gated_deltanet",
-  Recurrence(("q", "k", "v"), _delta_extra(True), _delta_mix, uses_conv=True),
+  Recurrence(
+    ("q", "k", "v"),
+    _delta_extra(True),
+    _delta_mix,
+    state_flops=7,
+    uses_conv=True,
+  ),
   "Gated DeltaNet (arXiv 2412.06464): delta rule with a data-dependent "
   "decay, SiLU output gate.",
   preset={"num_layers": 4},
 )
 HGRN2 = register_recurrence(
   "hgrn2",
-  Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix),
+  Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix, state_flops=5),
   "HGRN2 (arXiv 2404.07904): gated linear attention with a lower-bounded "
   "forget gate, key 1 - f.",
   preset={"num_layers": 4},

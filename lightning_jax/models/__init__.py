@@ -7,7 +7,7 @@ from lightning_jax.models.config import layer_widths
 from lightning_jax.models.config import ModelConfig
 from lightning_jax.models.config import moe_lbl_scope
 from lightning_jax.models.flops import flops_per_token
-from lightning_jax.models.flops import matmul_flops
+from lightning_jax.models.flops import non_embedding_params
 from lightning_jax.models.loss import lm_loss
 from lightning_jax.models.loss import LossConfig
 from lightning_jax.models.loss import masked_ce_sum

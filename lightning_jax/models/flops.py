@@ -1,99 +1,87 @@
-"""Model FLOPs counted from the program: matmuls of the traced forward.
+"""Parameter and FLOP counts of a model config: scaling laws and MFU.
 
-XLA's `cost_analysis()` counts a loop body once, whatever its trip count, so
-it undercounts every scan (chunked recurrences, layer loops, MoA band loops).
-`matmul_flops` instead walks the jaxpr: each `dot_general` costs
-`2 * batch * M * K * N`, a `scan` body counts `length` times, a `cond` its
-dearest branch, and any other sub-program (`jit`, `remat`, custom
-derivatives, `shard_map` per shard) once. Elementwise work is not counted:
-the figure is the matmul FLOPs that MFU is conventionally measured in
-(PaLM, Chowdhery et al. 2022, App. B), for every mixer without a per-mixer
-formula.
+Per token, forward (multiply-add = 2 FLOPs), as Kaplan et al. (2020,
+arXiv 2001.08361, Table 1) count a transformer:
 
-`flops_per_token` is the model FLOPs of one trained token: 3x the forward
-(the backward computes two matmuls per forward matmul), without any
-rematerialisation, so MFU = flops_per_token * tokens/s / peak FLOP/s.
+    forward = 2 (weights applied to the token) + 2 d_model V (the head)
+              + sum over layers of the mixer's sequence mixing
+    training = 3 forward  (the backward pass costs twice the forward)
+
+"Weights applied to the token" are every >= 2-D block parameter (short
+convolutions included: a depthwise kernel [K, C] costs 2 K C per token),
+with MoE expert weights scaled by top_k / num_experts and MH-MoE's router
+and experts by its sub-tokens per token. Embedding lookups are free.
+
+The sequence mixing per layer is each registered mixer's own `flops`
+(`layers.mixers.Mixer`): the work the model defines, e.g. for attention
+`4 H Dh ctx` over the mean causal context and for a linear recurrence
+`c H Dk Dv` with c = 5 (decayed linear attention, HGRN2, Mamba-2), 6
+(DeltaNet), 7 (gated DeltaNet). The chunked kernels do O(chunk_size) more
+per token in dense matmuls: that is kernel overhead, not model FLOPs, so it
+lowers MFU as it should.
+
+Why not XLA's `compiled.cost_analysis()`: it counts a loop body once,
+whatever its trip count (a `lax.scan` of ten 256 x 256 matmuls reports
+3.4e7 FLOPs instead of 3.4e8), and every chunked recurrence, MoA band loop
+and scanned layer stack is such a loop.
 """
 
-import math
-
 import jax
-from jax.extend import core as jax_core
-import jax.numpy as jnp
 import numpy as np
 
+from lightning_jax import layers
+from lightning_jax.layers import mixers
+from lightning_jax.models import config as config_lib
 from lightning_jax.models import model as model_lib
 
 
-def _dot_flops(eqn) -> int:
-  """`2 * batch * M * K * N` of one `dot_general`."""
-  lhs, rhs = (v.aval.shape for v in eqn.invars)
-  (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-  rhs_free = math.prod(
-    d for i, d in enumerate(rhs) if i not in (*rhs_contract, *rhs_batch)
+def non_embedding_params(cfg: config_lib.ModelConfig) -> int:
+  """Parameters outside the embedding (and an untied head), from shapes."""
+  shapes = _shapes(cfg)
+  return int(
+    sum(
+      np.prod(x.shape)
+      for k, tree in shapes.items()
+      if k not in ("embed", "unembed")
+      for x in jax.tree.leaves(tree)
+    )
   )
-  return 2 * math.prod(lhs) * rhs_free
 
 
-def _sub_jaxprs(eqn):
-  """The jaxprs held in an equation's params (sub-programs)."""
-  for value in eqn.params.values():
-    for item in value if isinstance(value, (tuple, list)) else (value,):
-      if isinstance(item, jax_core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jax_core.Jaxpr):
-        yield item
+def _shapes(cfg) -> dict:
+  return jax.eval_shape(lambda: model_lib.init(jax.random.key(0), cfg))
 
 
-def _jaxpr_flops(jaxpr) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      total += _dot_flops(eqn)
-    elif name == "scan":
-      total += eqn.params["length"] * _jaxpr_flops(eqn.params["jaxpr"].jaxpr)
-    elif name == "cond":
-      total += max(_jaxpr_flops(b.jaxpr) for b in eqn.params["branches"])
-    else:
-      total += sum(_jaxpr_flops(sub) for sub in _sub_jaxprs(eqn))
-  return total
+def _active_fraction(path, ffn) -> float:
+  keys = [getattr(k, "key", None) for k in path]
+  fraction = 1.0
+  if "moe" in keys and isinstance(ffn, layers.MHMoEConfig):
+    fraction *= ffn.num_heads
+  moe = getattr(ffn, "moe", ffn)
+  if "experts" in keys:
+    fraction *= moe.top_k / moe.num_experts
+  return fraction
 
 
-def matmul_flops(fn, *args, **kwargs) -> int:
-  """Matmul FLOPs of `fn(*args, **kwargs)`, counted on its jaxpr.
-
-  Args:
-    fn: a JAX-traceable function.
-    *args, **kwargs: its arguments: arrays or `jax.ShapeDtypeStruct`s.
-
-  Returns:
-    The FLOPs of its `dot_general`s, scan bodies times their length.
-
-  Example:
-    >>> matmul_flops(jnp.matmul, jnp.ones((4, 8)), jnp.ones((8, 2)))
-    128
-  """
-  return _jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-  """Model FLOPs of training on one token at `seq_len` (forward + backward).
+def flops_per_token(cfg: config_lib.ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (3 x forward; the module docstring).
 
   Args:
     cfg: the `models.ModelConfig`.
-    seq_len: tokens per sequence (attention-like mixers cost more per token
-      at longer sequences).
+    seq_len: tokens per sequence (attention costs more per token at longer
+      sequences).
 
-  Returns:
-    `3 * matmul_flops(forward) / seq_len` for one sequence, the LM head
-    included, embeddings (a gather) not.
+  Example:
+    >>> from lightning_jax import models
+    >>> flops_per_token(models.get_preset("transformer"), 128) > 0
+    True
   """
-  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f"`seq_len` must be a positive int, got {seq_len!r}.")
-  params = jax.eval_shape(lambda k: model_lib.init(k, cfg), jax.random.key(0))
-  tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-  forward = matmul_flops(
-    lambda p, t: model_lib.forward(p, t, cfg)[0], params, tokens
-  )
-  return float(3 * np.float64(forward) / seq_len)
+  blocks = config_lib.block_configs(cfg)
+  shapes = _shapes(cfg)
+  forward = 2.0 * cfg.d_model * cfg.vocab_size
+  for block, layer in zip(blocks, shapes["layers"], strict=True):
+    forward += mixers.get(block.kind).flops(block.mixer, seq_len)
+    for path, x in jax.tree_util.tree_flatten_with_path(layer)[0]:
+      if len(x.shape) >= 2:
+        forward += 2.0 * np.prod(x.shape) * _active_fraction(path, block.ffn)
+  return 3.0 * forward

@@ -83,6 +83,7 @@ if TOY not in mixers.kinds():  # the module may be imported twice
       init=_toy_init,
       apply=_toy_apply,
       empty_state=_toy_empty_state,
+      flops=lambda cfg, seq_len: 3.0 * cfg.d_model,  # decay, mix, add
       rules=((("w_in",), ("embed", None)), (("w_out",), (None, "embed"))),
       doc="A toy exponential moving average, registered by a test.",
     )
