@@ -14,9 +14,10 @@ N the non-embedding parameters, M the tokens per parameter. Each run has
 its workdir `<out>/<arch>-<size>-m<M>/` (tools/train resumes a killed run
 from its checkpoint there); a finished run is one JSON row of
 `<out>/runs.jsonl` and is skipped when the sweep runs again. The held-out
-loss is the mean cross-entropy of `--eval_batches` batches of the data's
-validation split, from the final checkpoint. Bad flags print one `error:`
-line and exit with status 2. docs/scaling.md has the formulas.
+loss is tools/train's evaluation at the last step (`eval/loss`: the mean
+cross-entropy of `--eval_batches` batches of the data's validation split).
+Bad flags print one `error:` line and exit with status 2. docs/scaling.md
+has the formulas.
 """
 
 import dataclasses
@@ -30,7 +31,6 @@ import time
 
 from absl import app
 from absl import flags
-import jax
 
 from lightning_jax import models
 from lightning_jax import training
@@ -180,33 +180,17 @@ def train_command(run: Run, workdir: str) -> list[str]:
     f"--seed={_SEED.value}",
     f"--checkpoint_every={_CHECKPOINT_EVERY.value}",
     f"--log_every={max(1, run.steps // 20)}",
+    f"--eval_every={run.steps}",  # once, at the last step
+    f"--eval_batches={_EVAL_BATCHES.value}",
   ]
 
 
-def validation_loss(workdir: str) -> float:
-  """Mean cross-entropy of the final checkpoint on `--eval_batches`
-  batches of the validation split (the same batches for every run)."""
-  params, cfg, _ = training.load_model(workdir)
-  dataset = training.make_dataset(
-    _DATA.value,
-    seq_len=_SEQ_LEN.value,
-    global_batch_size=_BATCH_SIZE.value,
-    seed=_SEED.value,
-    split="validation",
-  )
-  stats = jax.jit(lambda p, b: training.loss_stats(p, b, None, cfg))
-  ce, count = 0.0, 0.0
-  for step in range(_EVAL_BATCHES.value):
-    s = stats(params, dataset.batch(step))
-    ce, count = ce + float(s.ce_sum), count + float(s.num_targets)
-  return ce / count
-
-
-def _last_train_loss(workdir: str) -> float:
+def _last_row(workdir: str) -> dict:
+  """The last row of the run's metrics.jsonl (it holds the final eval)."""
   path = os.path.join(workdir, training.metrics.METRICS_FILE)
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if line.strip()]
-  return float(rows[-1]["loss"])
+  return rows[-1]
 
 
 def _finished(out: str) -> set[str]:
@@ -272,6 +256,7 @@ def run_one(run: Run, out: str) -> dict | None:
     ).returncode
   if status:
     return None
+  last = _last_row(workdir)
   return {
     "run": run.name,
     "arch": run.arch,
@@ -284,8 +269,8 @@ def run_one(run: Run, out: str) -> dict | None:
     "steps": run.steps,
     "flops_per_token": run.flops_per_token,
     "compute": run.flops_per_token * run.n_tokens,
-    "val_loss": validation_loss(workdir),
-    "train_loss": _last_train_loss(workdir),
+    "val_loss": last["eval/loss"],
+    "train_loss": last["loss"],
     "seconds": round(time.time() - start, 1),
     "workdir": workdir,
     "command": " ".join(command[1:]),
