@@ -80,23 +80,19 @@ def delta_rule(
   _checks.check_choice("impl", impl, IMPLS)
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
-  args = (
-    qf,
-    k.astype(jnp.float32),
-    v.astype(jnp.float32),
-    jnp.asarray(beta, jnp.float32),
-    g,
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  beta = jnp.asarray(beta, jnp.float32)
+  if impl == "recurrent":
+    o, state = _recurrent(qf, kf, vf, beta, g, s0)
+    return rec.finish(o, state, q.dtype, output_final_state)
+  kf, vf, beta, g, first_bad = rec.drop_nonfinite(kf, vf, beta, g)
+  o, state = rec.scan_groups(
+    lambda *xs: _chunked(*xs, chunk_size),
+    (qf, kf, vf, beta, g),
     s0,
+    rec.GROUP_CHUNKS * chunk_size,
   )
-  if impl == "chunked":
-    o, state = rec.scan_groups(
-      lambda *xs: _chunked(*xs, chunk_size),
-      args[:-1],
-      s0,
-      rec.GROUP_CHUNKS * chunk_size,
-    )
-  else:
-    o, state = _recurrent(*args)
+  o, state = rec.poison(o, state, first_bad)
   return rec.finish(o, state, q.dtype, output_final_state)
 
 
