@@ -259,8 +259,28 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
   ],
 )
 def test_train_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
+  _assert_one_train_error_line(tmp_path, flags, match)
+
+
+@pytest.mark.parametrize(
+  "plan, match",
+  [
+    (None, r"moa_plan=.*cannot read MoA plan .*No such file"),
+    ("{", r"moa_plan=.*must be JSON"),
+    ('{"alphas": [[1, 2, 3, 4]], "betas": [[0, 0, 0, 0]]}', r"one row per"),
+  ],
+)
+def test_train_binary_bad_moa_plan_is_one_error_line(tmp_path, plan, match):
+  path = tmp_path / "plan.json"
+  if plan is not None:
+    path.write_text(plan)
+  flags = [f"--override=pattern=moa,deltanet,moa_plan={path}"]
+  _assert_one_train_error_line(tmp_path / "run", flags, match)
+
+
+def _assert_one_train_error_line(workdir, flags, match):
   result = subprocess.run(
-    [sys.executable, "-m", "tools.train", "--steps=1", f"--workdir={tmp_path}"]
+    [sys.executable, "-m", "tools.train", "--steps=1", f"--workdir={workdir}"]
     + flags,
     cwd=REPO,
     capture_output=True,
