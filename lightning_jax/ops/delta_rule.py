@@ -54,7 +54,7 @@ def delta_rule(
     v: `[batch, seq, heads, value_dim]`.
     beta: `[batch, seq, heads]` writing strengths (e.g. a sigmoid).
     log_decay: None, `[heads]` or `[batch, seq, heads]`, all <= 0: log of the
-      gate a_t of Gated DeltaNet.
+      gate a_t of Gated DeltaNet; -inf (a_t = 0) resets the state.
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
@@ -63,6 +63,8 @@ def delta_rule(
 
   Returns:
     `o: [batch, seq, heads, value_dim]` in q's dtype (and the final state).
+    A NaN / inf in k, v, beta or the gate at position t makes outputs NaN
+    from t on, never before t.
 
   Raises:
     ValueError: naming the argument, on shape / rank mismatch, a positive

@@ -97,7 +97,7 @@ def linear_attention(
     v: `[batch, seq, heads, value_dim]`.
     log_decay: g, all <= 0: None (no decay), `[heads]` (a constant per head,
       e.g. `tnl_log_decay(...)`), or `[batch, seq, heads]` (a data-dependent
-      scalar gate).
+      scalar gate). -inf (decay 0) resets the state, in every impl.
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
@@ -107,7 +107,9 @@ def linear_attention(
 
   Returns:
     `o: [batch, seq, heads, value_dim]` in q's dtype, and with
-    `output_final_state` the tuple `(o, final_state)`.
+    `output_final_state` the tuple `(o, final_state)`. A NaN / inf in k, v
+    or g at position t makes outputs NaN from t on (as the recurrence does),
+    never before t (docs/linear_attention.md).
 
   Raises:
     ValueError: naming the argument, on shape / rank mismatch, a positive
@@ -156,7 +158,8 @@ def gated_linear_attention(
     k: `[batch, seq, heads, key_dim]`.
     v: `[batch, seq, heads, value_dim]`.
     log_forget: g, `[batch, seq, heads, key_dim]`, all <= 0 (e.g.
-      `jax.nn.log_sigmoid(x)`); any magnitude is handled stably.
+      `jax.nn.log_sigmoid(x)`); any magnitude is handled stably, -inf
+      included (decay 0).
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
