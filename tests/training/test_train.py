@@ -20,6 +20,7 @@ import pytest
 
 from lightning_jax import models
 from lightning_jax import training
+from tests import tool_testing
 
 REPO = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,28 +260,8 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
   ],
 )
 def test_train_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
-  _assert_one_train_error_line(tmp_path, flags, match)
-
-
-@pytest.mark.parametrize(
-  "plan, match",
-  [
-    (None, r"moa_plan=.*cannot read MoA plan .*No such file"),
-    ("{", r"moa_plan=.*must be JSON"),
-    ('{"alphas": [[1, 2, 3, 4]], "betas": [[0, 0, 0, 0]]}', r"one row per"),
-  ],
-)
-def test_train_binary_bad_moa_plan_is_one_error_line(tmp_path, plan, match):
-  path = tmp_path / "plan.json"
-  if plan is not None:
-    path.write_text(plan)
-  flags = [f"--override=pattern=moa,deltanet,moa_plan={path}"]
-  _assert_one_train_error_line(tmp_path / "run", flags, match)
-
-
-def _assert_one_train_error_line(workdir, flags, match):
   result = subprocess.run(
-    [sys.executable, "-m", "tools.train", "--steps=1", f"--workdir={workdir}"]
+    [sys.executable, "-m", "tools.train", "--steps=1", f"--workdir={tmp_path}"]
     + flags,
     cwd=REPO,
     capture_output=True,
@@ -383,3 +364,23 @@ def test_a_second_run_on_a_workdir_is_one_error_line_and_the_first_finishes(
   rows = (tmp_path / "metrics.jsonl").read_text().splitlines()
   steps = [json.loads(row)["step"] for row in rows]
   assert steps == [1, 50, 100, 150, 200]
+
+
+def test_train_binary_bad_moa_plan_is_one_error_line(tmp_path):
+  """Missing, non-JSON, wrong row count: one error line, before compiling."""
+  (tmp_path / "bad.json").write_text("{")
+  (tmp_path / "rows.json").write_text(
+    '{"alphas": [[1, 2, 3, 4]], "betas": [[0, 0, 0, 0]]}'
+  )
+  flags = lambda plan: [
+    f"--workdir={tmp_path / 'run'}",
+    f"--override=pattern=moa,deltanet,moa_plan={tmp_path / plan}",
+  ]
+  tool_testing.assert_one_error_line_each(
+    "tools.train",
+    [
+      (flags("none.json"), r"moa_plan=.*cannot read MoA plan .*No such file"),
+      (flags("bad.json"), r"moa_plan=.*must be JSON"),
+      (flags("rows.json"), r"one row per softmax-attention layer.* has 2 "),
+    ],
+  )
