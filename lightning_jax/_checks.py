@@ -3,6 +3,7 @@
 from collections.abc import Sequence
 import math
 
+import jax
 import numpy as np
 
 
@@ -40,3 +41,30 @@ def check_choice(name: str, value, choices: Sequence[str]) -> None:
   """Raises ValueError unless `value` is one of `choices`."""
   if value not in choices:
     raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def concrete(x) -> np.ndarray | None:
+  """`x` as a numpy array, or None if it is traced (inside `jit`)."""
+  try:
+    return np.asarray(x)
+  except (
+    jax.errors.TracerArrayConversionError,
+    jax.errors.ConcretizationTypeError,
+  ):
+    return None
+
+
+def check_ids(name: str, ids, num: int, what: str) -> None:
+  """Raises ValueError if a concrete `ids` has an entry outside `[0, num)`.
+
+  Traced values (inside `jit`) cannot be inspected and pass unchecked.
+  """
+  values = concrete(ids)
+  if values is None:
+    return
+  bad = (values < 0) | (values >= num)
+  if bad.any():
+    raise ValueError(
+      f"`{name}` must hold {what} in [0, {num}): {int(bad.sum())} of "
+      f"{values.size} are outside, e.g. {values[bad][0]}."
+    )

@@ -28,6 +28,7 @@ from lightning_jax import inference
 from lightning_jax import models
 from lightning_jax import training
 from lightning_jax.inference import decode
+from tools import cli
 
 CHECKPOINT_DIR = training.CHECKPOINT_DIR
 load_model = training.load_model
@@ -76,9 +77,19 @@ def encode_prompt(prompt: str, vocab_size: int) -> np.ndarray:
   if vocab_size == BYTE_VOCAB:
     tokens = training.encode_bytes(prompt)
   else:
-    tokens = np.asarray([int(t) for t in prompt.split()], np.int32)
+    try:
+      tokens = np.asarray([int(t) for t in prompt.split()], np.int32)
+    except ValueError:
+      raise ValueError(
+        f"--prompt must be whitespace-separated token ids for a vocabulary "
+        f"of {vocab_size}, got {prompt!r}."
+      ) from None
   if tokens.size == 0:
     raise ValueError("--prompt must not be empty.")
+  if tokens.min() < 0 or tokens.max() >= vocab_size:
+    raise ValueError(
+      f"--prompt token ids must be in [0, {vocab_size}), got {prompt!r}."
+    )
   return tokens
 
 
@@ -154,35 +165,49 @@ def run(
   return np.asarray(new, np.int32), stats
 
 
-def main(argv):
-  del argv
+def _check_flags():
+  """`(sampling_cfg, snapkv)` of the flags; ValueError on a bad flag."""
   if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required.")
-  if _SNAPKV_CAPACITY.value < 0:
-    raise app.UsageError("--snapkv_capacity must be >= 0.")
-  try:
-    sampling_cfg = inference.SamplingConfig(
-      temperature=_TEMPERATURE.value,
-      top_k=_TOP_K.value or None,
-      top_p=_TOP_P.value,
+    raise ValueError("--workdir is required.")
+  cli.check_workdir(_WORKDIR.value)
+  if _MAX_NEW_TOKENS.value < 1:
+    raise ValueError(
+      f"--max_new_tokens must be >= 1, got {_MAX_NEW_TOKENS.value}."
     )
-    snapkv = None
-    if _SNAPKV_CAPACITY.value:
-      snapkv = inference.SnapKVConfig(
-        _SNAPKV_CAPACITY.value,
-        _SNAPKV_WINDOW.value,
-        _SNAPKV_KERNEL.value,
-        _SNAPKV_POOLING.value,
-      )
-  except ValueError as err:
-    raise app.UsageError(str(err)) from err
-  params, cfg, step = load_model(_WORKDIR.value, _STEP.value)
+  if _SNAPKV_CAPACITY.value < 0:
+    raise ValueError(
+      f"--snapkv_capacity must be >= 0, got {_SNAPKV_CAPACITY.value}."
+    )
+  sampling_cfg = inference.SamplingConfig(
+    temperature=_TEMPERATURE.value,
+    top_k=_TOP_K.value or None,
+    top_p=_TOP_P.value,
+  )
+  snapkv = None
+  if _SNAPKV_CAPACITY.value:
+    snapkv = inference.SnapKVConfig(
+      _SNAPKV_CAPACITY.value,
+      _SNAPKV_WINDOW.value,
+      _SNAPKV_KERNEL.value,
+      _SNAPKV_POOLING.value,
+    )
+  return sampling_cfg, snapkv
+
+
+def main(argv):
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  try:
+    sampling_cfg, snapkv = _check_flags()
+    params, cfg, step = load_model(_WORKDIR.value, _STEP.value)
+    prompt = encode_prompt(_PROMPT.value, cfg.vocab_size)
+  except cli.INPUT_ERRORS as e:
+    cli.fail(e)
   print(
     f"# {_WORKDIR.value}: step {step}, {models.num_params(cfg):,} params, "
     f"mixers {cfg.mixers}",
     file=sys.stderr,
   )
-  prompt = encode_prompt(_PROMPT.value, cfg.vocab_size)
   sys.stdout.write(_PROMPT.value)
   _, stats = run(
     params,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from lightning_jax import models
 from lightning_jax import training
 from lightning_jax import moa
+from tools import cli
 
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "Training workdir to profile (latest complete checkpoint)."
@@ -65,32 +66,48 @@ def _model():
   return models.init(jax.random.key(_SEED.value), cfg), cfg
 
 
+def _calibration(seq_len: int, cfg):
+  """`[batch, seq_len]` calibration tokens from --data."""
+  return jnp.asarray(
+    training.make_dataset(
+      _DATA.value,
+      seq_len=seq_len,
+      global_batch_size=_BATCH.value,
+      seed=_SEED.value,
+      vocab_size=None if _DATA.value == "corpus" else cfg.vocab_size,
+    ).batch(0)["inputs"]
+  )
+
+
+def _check_flags():
+  """Lengths and candidate rules of the flags; ValueError on a bad flag."""
+  if not 0.0 < _BUDGET.value <= 1.0:
+    raise ValueError(f"--budget must be in (0, 1], got {_BUDGET.value}.")
+  for name, flag, low in (
+    ("batch", _BATCH, 1),
+    ("block", _BLOCK, 1),
+    ("sink", _SINK, 0),
+    ("max_rules_per_layer", _MAX_RULES, 0),
+  ):
+    if flag.value < low:
+      raise ValueError(f"--{name} must be >= {low}, got {flag.value}.")
+  lengths = cli.parse_numbers("lengths", _LENGTHS.value, int, 2)
+  alphas = cli.parse_numbers("alphas", _ALPHAS.value, float, 0.0)
+  betas = cli.parse_numbers("betas", _BETAS.value, float, 0.0, 1.0)
+  if _WORKDIR.value:
+    cli.check_workdir(_WORKDIR.value)
+  return lengths, list(itertools.product(alphas, betas))
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  lengths = [int(n) for n in _LENGTHS.value]
-  if not lengths or min(lengths) < 2:
-    raise app.UsageError(f"--lengths must be integers >= 2, got {lengths}.")
-  if not 0.0 < _BUDGET.value <= 1.0:
-    raise app.UsageError(f"--budget must be in (0, 1], got {_BUDGET.value}.")
-  candidates = list(
-    itertools.product(
-      [float(a) for a in _ALPHAS.value], [float(b) for b in _BETAS.value]
-    )
-  )
-  params, cfg = _model()
-  calibration = {
-    n: jnp.asarray(
-      training.make_dataset(
-        _DATA.value,
-        seq_len=n,
-        global_batch_size=_BATCH.value,
-        seed=_SEED.value,
-        vocab_size=None if _DATA.value == "corpus" else cfg.vocab_size,
-      ).batch(0)["inputs"]
-    )
-    for n in lengths
-  }
+    cli.fail(f"unexpected arguments {argv[1:]}")
+  try:
+    lengths, candidates = _check_flags()
+    params, cfg = _model()
+    calibration = {n: _calibration(n, cfg) for n in lengths}
+  except cli.INPUT_ERRORS as e:
+    cli.fail(e)
   found = moa.search_plan(
     params,
     cfg,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lightning_jax import _checks
+from lightning_jax.diffusion import schedules
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -42,13 +43,7 @@ def _prepare(denoiser: Denoiser, x, sigmas, key, needs_key: bool):
       f"`sigmas` needs at least 2 values (n >= 1 steps), got {n + 1}."
     )
   if not isinstance(sigmas, jax.core.Tracer):
-    s = np.asarray(sigmas, np.float64)
-    if np.any(~np.isfinite(s)) or np.any(s[:-1] <= 0) or s[-1] < 0:
-      raise ValueError(
-        f"`sigmas` must be finite and > 0 (a final 0 allowed), got {s}."
-      )
-    if np.any(np.diff(s) >= 0):
-      raise ValueError(f"`sigmas` must be strictly decreasing, got {s}.")
+    schedules.check_schedule(sigmas)
   out = jax.eval_shape(denoiser, x, jnp.zeros((), x.dtype))
   if out.shape != x.shape:
     raise ValueError(

@@ -100,12 +100,22 @@ def check_schedule(
     )
   if not np.all(np.isfinite(s)):
     raise ValueError(f"`{name}` must be finite, got {s}.")
+  if np.all(np.diff(s) > 0):
+    raise ValueError(
+      f"`{name}` must be strictly decreasing (sigma_max first), got an "
+      f"increasing schedule {s}: reversed?"
+    )
   positive = s[:-1] if allow_final_zero else s
   if np.any(positive <= 0) or s[-1] < 0:
     what = "> 0 (a final 0 allowed)" if allow_final_zero else "> 0"
     raise ValueError(f"`{name}` must be {what}, got {s}.")
-  if np.any(np.diff(s) >= 0):
-    raise ValueError(f"`{name}` must be strictly decreasing, got {s}.")
+  i = np.flatnonzero(np.diff(s) >= 0)
+  if i.size:
+    i = i[0]
+    raise ValueError(
+      f"`{name}` must be strictly decreasing, but {name}[{i}] = {s[i]} <= "
+      f"{name}[{i + 1}] = {s[i + 1]} in {s}."
+    )
   return s
 
 

@@ -367,16 +367,16 @@ def _dense_config(spec: mixers.LayerSpec) -> AttentionConfig:
 def _moa_config(spec: mixers.LayerSpec) -> AttentionConfig:
   m = spec.model
   plan, row = m.moa_plan, m.attention_layers.index(spec.layer)
-  if (
-    plan is None
-    or row >= plan.num_layers
-    or (len(plan.alphas[row]) != spec.num_heads)
-  ):
-    shape = None if plan is None else [len(a) for a in plan.alphas]
+  if plan is None or plan.num_layers != len(m.attention_layers):
     raise ValueError(
-      f"`moa_plan` (heads per row: {shape}) must have a row of "
-      f"{spec.num_heads} heads for attention layer {row} (layer "
-      f"{spec.layer})."
+      "`moa_plan` must have one row per softmax-attention layer: the model "
+      f"has {len(m.attention_layers)} (layers {list(m.attention_layers)}), "
+      f"the plan {None if plan is None else plan.num_layers} rows."
+    )
+  if len(plan.alphas[row]) != spec.num_heads:
+    raise ValueError(
+      f"`moa_plan` row {row} has {len(plan.alphas[row])} heads, but "
+      f"attention layer {row} (layer {spec.layer}) has {spec.num_heads}."
     )
   cfg = dataclasses.replace(_dense_config(spec), window=None)
   return with_moa_plan(cfg, plan, row)

@@ -147,11 +147,13 @@ class ModelConfig:
         raise ValueError(
           f"`{name}` must be (min, max) with 0 < min <= max, got {bounds!r}."
         )
-    if "moa" in self.pattern and not isinstance(self.moa_plan, ops.MoAPlan):
-      raise ValueError(
-        '`moa_plan` (an `ops.MoAPlan`) is required by "moa" '
-        f"mixers in `pattern`, got {self.moa_plan!r}."
-      )
+    if "moa" in self.pattern:
+      if not isinstance(self.moa_plan, ops.MoAPlan):
+        raise ValueError(
+          '`moa_plan` (an `ops.MoAPlan`) is required by "moa" '
+          f"mixers in `pattern`, got {self.moa_plan!r}."
+        )
+      block_configs(self)  # the plan's rows and heads against the layers
 
   def to_dict(self) -> dict:
     """JSON-ready fields (tuples as lists), e.g. for checkpoint metadata."""

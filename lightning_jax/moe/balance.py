@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lightning_jax import _checks
+from lightning_jax.moe import routing
 
 SCOPES = ("sequence", "micro", "global")
 
@@ -83,14 +84,16 @@ def load_balancing_pieces(probs, experts, *, num_experts: int) -> LBLPieces:
   Args:
     probs: `[batch, seq, ..., num_experts]` router probabilities
       (`Routing.probs`).
-    experts: `[batch, seq, ..., top_k]` chosen expert ids.
+    experts: `[batch, seq, ..., top_k]` chosen expert ids in
+      `[0, num_experts)`; under `jit`, ids outside are not counted.
     num_experts: number of experts.
 
   Returns:
     `LBLPieces` with `[num_experts]` counts and probability sums.
 
   Raises:
-    ValueError: shapes disagree (see `load_balancing_loss`).
+    ValueError: shapes disagree (see `load_balancing_loss`), or a concrete
+      expert id is outside `[0, num_experts)`.
 
   Example:
     >>> r = route(jnp.zeros((2, 3, 4)), top_k=1)
@@ -98,6 +101,7 @@ def load_balancing_pieces(probs, experts, *, num_experts: int) -> LBLPieces:
     Array(6., dtype=float32)
   """
   _check_routing(probs, experts, num_experts)
+  experts = routing.expert_ids("experts", experts, num_experts)
   counts = jnp.bincount(experts.reshape(-1), length=num_experts)
   prob_sums = jnp.sum(
     probs.astype(jnp.float32).reshape(-1, num_experts), axis=0
@@ -138,7 +142,8 @@ def load_balancing_loss_from_pieces(
       running buffer in a sequential gradient-accumulation loop.
 
   Returns:
-    Scalar float32 loss (1.0 for a uniform router).
+    Scalar float32 loss (1.0 for a uniform router; 0.0 if no slot is
+    counted, e.g. every expert id was out of range under `jit`).
 
   Raises:
     ValueError: `axis_name` is not bound.
@@ -161,7 +166,8 @@ def load_balancing_loss_from_pieces(
     num_devices = _axis_size(axis_name)
     counts = jax.lax.psum(counts, axis_name)
     p = prob_sums * (num_devices / jax.lax.psum(num_tokens, axis_name))
-  f = jax.lax.stop_gradient(counts / jnp.sum(counts))
+  # No slot counted (every id out of range, under jit): f = 0, not 0 / 0.
+  f = jax.lax.stop_gradient(counts / jnp.maximum(jnp.sum(counts), 1.0))
   return num_experts * jnp.sum(f * p)
 
 
@@ -182,7 +188,9 @@ def load_balancing_loss(
 
   Args:
     probs: `[batch, seq, ..., num_experts]` router probabilities.
-    experts: `[batch, seq, ..., top_k]` chosen expert ids.
+    experts: `[batch, seq, ..., top_k]` chosen expert ids in
+      `[0, num_experts)`. Under `jit` the ids cannot be checked: those
+      outside are not counted in `f` (a finite loss, 0 if none is valid).
     num_experts: number of experts.
     scope: "sequence", "micro" or "global".
     axis_name: mesh axis name or tuple of names; required by, and only
@@ -192,8 +200,9 @@ def load_balancing_loss(
     Scalar float32 loss.
 
   Raises:
-    ValueError: shapes disagree, `scope` is unknown, or `axis_name` is
-      missing / unbound for "global" or given for another scope.
+    ValueError: shapes disagree, a concrete expert id is outside
+      `[0, num_experts)`, `scope` is unknown, or `axis_name` is missing /
+      unbound for "global" or given for another scope.
 
   Example:
     >>> r = route(jnp.zeros((2, 3, 4)), top_k=1)
@@ -212,6 +221,7 @@ def load_balancing_loss(
       f"scope={scope!r} with axis_name={axis_name!r}."
     )
   _check_routing(probs, experts, num_experts)
+  experts = routing.expert_ids("experts", experts, num_experts)
   if scope == "sequence":
     per_sequence = functools.partial(
       load_balancing_pieces, num_experts=num_experts

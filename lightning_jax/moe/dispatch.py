@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from lightning_jax import _checks
 from lightning_jax.moe import expert_parallel
 from lightning_jax.moe import experts as experts_lib
+from lightning_jax.moe import routing
 
 DROPLESS_IMPLS = ("ragged", "loop")
 DROP_POLICIES = ("position", "probability")
@@ -42,6 +43,14 @@ def _check_tokens(x_NxD, weights_NxK, experts_NxK, glu_weights) -> None:
       f"`glu_weights` d_model = {d_model} must match the last "
       f"dim of `x_NxD` {x_NxD.shape}."
     )
+
+
+def _num_experts(glu_weights, expert_axis) -> int:
+  """All experts: this device's times the `expert_axis` size (if any)."""
+  num_experts = glu_weights.w_gate.shape[0]
+  if expert_axis is not None:
+    num_experts *= expert_parallel.axis_size(expert_axis)
+  return num_experts
 
 
 def _combine(y_NxKxD, weights_NxK, dtype):
@@ -83,7 +92,9 @@ def dropless_moe(
   Args:
     x_NxD: `[tokens, d_model]`.
     weights_NxK: `[tokens, top_k]` combine weights (`Routing.weights`).
-    experts_NxK: `[tokens, top_k]` int expert ids (`Routing.experts`).
+    experts_NxK: `[tokens, top_k]` int expert ids (`Routing.experts`) in
+      `[0, num_experts)`; under `jit`, a slot with an id outside gets a zero
+      output.
     glu_weights: `GLUWeights` stacked `[num_experts, ...]`; with
       `expert_axis`, this device's `num_experts / axis_size` experts.
     activation: GLU activation, see `experts.glu`.
@@ -95,7 +106,8 @@ def dropless_moe(
     `[tokens, d_model]` in `x_NxD.dtype`.
 
   Raises:
-    ValueError: shapes disagree, `impl` is unknown, or `impl="loop"` with
+    ValueError: shapes disagree, a concrete expert id is outside
+      `[0, num_experts)`, `impl` is unknown, or `impl="loop"` with
       `expert_axis`.
 
   Example:
@@ -107,11 +119,14 @@ def dropless_moe(
   """
   _check_tokens(x_NxD, weights_NxK, experts_NxK, glu_weights)
   _checks.check_choice("impl", impl, DROPLESS_IMPLS)
+  if impl == "loop" and expert_axis is not None:
+    raise ValueError(
+      f"`impl='loop'` is single-device; got expert_axis={expert_axis!r}."
+    )
+  num_experts = _num_experts(glu_weights, expert_axis)
+  experts_NxK = routing.expert_ids("experts_NxK", experts_NxK, num_experts)
+  weights_NxK = jnp.where(experts_NxK < num_experts, weights_NxK, 0.0)
   if impl == "loop":
-    if expert_axis is not None:
-      raise ValueError(
-        f"`impl='loop'` is single-device; got expert_axis={expert_axis!r}."
-      )
     return _dropless_loop(
       x_NxD, weights_NxK, experts_NxK, glu_weights, activation
     )
@@ -125,7 +140,6 @@ def dropless_moe(
     )
     return _combine(y_NxKxD, weights_NxK, x_NxD.dtype)
   num_tokens, top_k = experts_NxK.shape
-  num_experts = glu_weights.w_gate.shape[0]
   slot_experts = experts_NxK.reshape(-1)
   order = jnp.argsort(slot_experts, stable=True)
   group_sizes = jnp.bincount(slot_experts, length=num_experts)
@@ -185,17 +199,19 @@ def capacity_slots(
 
   Args:
     weights_NxK: `[tokens, top_k]` router weights.
-    experts_NxK: `[tokens, top_k]` int expert ids.
+    experts_NxK: `[tokens, top_k]` int expert ids in `[0, num_experts)`;
+      under `jit`, a slot with an id outside is not kept.
     num_experts: number of experts.
     capacity: slots per expert.
     drop_policy: "position" or "probability".
 
   Returns:
     `(position_NxK, kept_NxK)`: int32 rank of each slot within its expert's
-    queue, and bool `position < capacity`.
+    queue, and bool `position < capacity` (and a valid expert id).
 
   Raises:
-    ValueError: `drop_policy` is unknown.
+    ValueError: `drop_policy` is unknown or a concrete expert id is outside
+      `[0, num_experts)`.
 
   Example:
     >>> pos, kept = capacity_slots(jnp.ones((3, 1)), jnp.zeros((3, 1), int),
@@ -204,6 +220,7 @@ def capacity_slots(
     Array([ True,  True, False], dtype=bool)
   """
   _checks.check_choice("drop_policy", drop_policy, DROP_POLICIES)
+  experts_NxK = routing.expert_ids("experts_NxK", experts_NxK, num_experts)
   num_tokens, top_k = experts_NxK.shape
   token_NxK = jnp.broadcast_to(
     jnp.arange(num_tokens)[:, None], experts_NxK.shape
@@ -225,7 +242,7 @@ def capacity_slots(
     jnp.zeros_like(rank_sorted).at[order].set(rank_sorted, unique_indices=True)
   )
   position = position.reshape(num_tokens, top_k).astype(jnp.int32)
-  return position, position < capacity
+  return position, (position < capacity) & (experts_NxK < num_experts)
 
 
 def capacity_moe(
@@ -249,7 +266,8 @@ def capacity_moe(
   Args:
     x_NxD: `[tokens, d_model]` (the tokens that share the capacity).
     weights_NxK: `[tokens, top_k]` combine weights.
-    experts_NxK: `[tokens, top_k]` int expert ids.
+    experts_NxK: `[tokens, top_k]` int expert ids in `[0, num_experts)`;
+      under `jit`, a slot with an id outside is dropped.
     glu_weights: `GLUWeights` stacked `[num_experts, ...]` (this device's
       experts with `expert_axis`).
     capacity_factor: see `expert_capacity`.
@@ -263,7 +281,8 @@ def capacity_moe(
     slots.
 
   Raises:
-    ValueError: bad shapes, `capacity_factor` or `drop_policy`.
+    ValueError: bad shapes, `capacity_factor` or `drop_policy`, or a
+      concrete expert id outside `[0, num_experts)`.
 
   Example:
     >>> w = GLUWeights(jnp.ones((4, 8, 16)), jnp.ones((4, 8, 16)),
@@ -276,9 +295,8 @@ def capacity_moe(
   """
   _check_tokens(x_NxD, weights_NxK, experts_NxK, glu_weights)
   num_tokens, top_k = experts_NxK.shape
-  num_experts = glu_weights.w_gate.shape[0]
-  if expert_axis is not None:
-    num_experts *= expert_parallel.axis_size(expert_axis)
+  num_experts = _num_experts(glu_weights, expert_axis)
+  experts_NxK = routing.expert_ids("experts_NxK", experts_NxK, num_experts)
   capacity = expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
   position, kept = capacity_slots(
     weights_NxK,

@@ -89,6 +89,30 @@ def route(
   return Routing(probs, weights, experts.astype(jnp.int32))
 
 
+def expert_ids(name: str, experts, num_experts: int):
+  """Checks expert ids; maps out-of-range traced ones to `num_experts`.
+
+  Concrete ids outside `[0, num_experts)` raise. Traced ones (inside `jit`)
+  cannot be checked: they become `num_experts`, which every consumer drops
+  (`jnp.bincount(..., length=num_experts)`, `.at[...]` with `mode="drop"`),
+  rather than letting a negative id wrap around to the last expert.
+
+  Args:
+    name: the argument's name, for the error.
+    experts: int array of expert ids.
+    num_experts: number of experts.
+
+  Returns:
+    `experts` with ids outside `[0, num_experts)` set to `num_experts`.
+
+  Raises:
+    ValueError: a concrete id is outside `[0, num_experts)`.
+  """
+  _checks.check_ids(name, experts, num_experts, "expert ids")
+  valid = (experts >= 0) & (experts < num_experts)
+  return jnp.where(valid, experts, num_experts)
+
+
 def update_router_bias(bias, expert_counts, *, rate: float):
   """One aux-loss-free balancing step: `b_i += rate * sign(mean_load - load_i)`.
 

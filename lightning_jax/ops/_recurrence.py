@@ -4,6 +4,8 @@ Internal layout of the chunked kernels is `[batch, heads, chunks, chunk, dim]`
 (`BxHxNxCxD`): the heads and chunks become batch dimensions of every matmul.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,10 @@ from lightning_jax import _checks
 # The chunked kernels run over groups of this many chunks, carrying the state
 # (`scan_groups`): time per token then stays flat in the sequence length.
 GROUP_CHUNKS = 8
+# Log decays are raised to at least this: exp(LOG_ZERO) is exactly 0 in fp32,
+# like exp(-inf) (decay 0, the state is reset), but differences of cumulated
+# log decays stay finite (-inf - -inf is NaN) and their rounding small.
+LOG_ZERO = -128.0
 
 
 def check_qkv(q, k, v) -> tuple[int, int, int, int, int]:
@@ -46,12 +52,8 @@ def check_nonpositive(name: str, x) -> None:
 
   Traced values (inside `jit`) cannot be inspected and pass unchecked.
   """
-  try:
-    values = np.asarray(x)
-  except (
-    jax.errors.TracerArrayConversionError,
-    jax.errors.ConcretizationTypeError,
-  ):
+  values = _checks.concrete(x)
+  if values is None:
     return
   bad = np.isnan(values) | (values > 0)
   if bad.any():
@@ -73,7 +75,56 @@ def scalar_log_decay(log_decay, b, t, h):
       "log_decay", log_decay, (b, t, h), "[batch, seq, heads] (or [heads])"
     )
   check_nonpositive("log_decay", log_decay)
-  return jnp.broadcast_to(jnp.asarray(log_decay, jnp.float32), (b, t, h))
+  return jnp.broadcast_to(floor_log_decay(log_decay), (b, t, h))
+
+
+def floor_log_decay(g):
+  """`g` in fp32, raised to at least `LOG_ZERO` (-inf included).
+
+  Exact in fp32: exp of either value is 0, and so is the gradient w.r.t. g.
+  """
+  return jnp.maximum(jnp.asarray(g, jnp.float32), LOG_ZERO)
+
+
+def drop_nonfinite(k, v, *per_token):
+  """Zeroes non-finite inputs; says where the recurrence would turn NaN.
+
+  In the chunked and quadratic forms a masked (zero) weight times a NaN is
+  NaN, so a NaN or inf at position t would reach every output of its chunk
+  (or sequence), earlier ones included. These forms run on the zeroed
+  inputs, then `poison` puts back the NaNs of the recurrence: from t on,
+  every value column for a bad entry of k or of `per_token`, column c for a
+  bad `v[..., c]`.
+
+  Args:
+    k: `[B, T, H, Dk]`.
+    v: `[B, T, H, Dv]`.
+    *per_token: `[B, T, H, ...]` inputs whose every entry feeds every value
+      column (gates, writing strengths).
+
+  Returns:
+    `(k, v, *per_token)` with non-finite entries zeroed, then `first_bad:
+    [B, H, Dv]` int32, the first position each column turns NaN (T: never).
+  """
+  b, t, h, dv = v.shape
+  finite = lambda x: jnp.isfinite(x).reshape(b, t, h, -1).all(-1)
+  row_ok = functools.reduce(jnp.logical_and, map(finite, (k, *per_token)))
+  ok = row_ok[..., None] & jnp.isfinite(v)  # [B, T, H, Dv]
+  position = jnp.arange(t)[None, :, None, None]
+  first_bad = jnp.min(jnp.where(ok, t, position), axis=1)
+  clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+  return (*map(clean, (k, v, *per_token)), first_bad)
+
+
+def poison(o, state, first_bad):
+  """NaN into `o: [B, T, H, Dv]` and `state: [B, H, Dk, Dv]` per `first_bad`.
+
+  `first_bad: [B, H, Dv]` from `drop_nonfinite`.
+  """
+  t = o.shape[1]
+  position = jnp.arange(t)[None, :, None, None]
+  o = jnp.where(position >= first_bad[:, None], jnp.nan, o)
+  return o, jnp.where(first_bad[:, :, None] < t, jnp.nan, state)
 
 
 def default_scale(scale, dk: int) -> float:

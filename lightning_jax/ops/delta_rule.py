@@ -54,7 +54,7 @@ def delta_rule(
     v: `[batch, seq, heads, value_dim]`.
     beta: `[batch, seq, heads]` writing strengths (e.g. a sigmoid).
     log_decay: None, `[heads]` or `[batch, seq, heads]`, all <= 0: log of the
-      gate a_t of Gated DeltaNet.
+      gate a_t of Gated DeltaNet; -inf (a_t = 0) resets the state.
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
@@ -63,6 +63,8 @@ def delta_rule(
 
   Returns:
     `o: [batch, seq, heads, value_dim]` in q's dtype (and the final state).
+    A NaN / inf in k, v, beta or the gate at position t makes outputs NaN
+    from t on, never before t.
 
   Raises:
     ValueError: naming the argument, on shape / rank mismatch, a positive
@@ -80,23 +82,19 @@ def delta_rule(
   _checks.check_choice("impl", impl, IMPLS)
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
-  args = (
-    qf,
-    k.astype(jnp.float32),
-    v.astype(jnp.float32),
-    jnp.asarray(beta, jnp.float32),
-    g,
+  kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  beta = jnp.asarray(beta, jnp.float32)
+  if impl == "recurrent":
+    o, state = _recurrent(qf, kf, vf, beta, g, s0)
+    return rec.finish(o, state, q.dtype, output_final_state)
+  kf, vf, beta, g, first_bad = rec.drop_nonfinite(kf, vf, beta, g)
+  o, state = rec.scan_groups(
+    lambda *xs: _chunked(*xs, chunk_size),
+    (qf, kf, vf, beta, g),
     s0,
+    rec.GROUP_CHUNKS * chunk_size,
   )
-  if impl == "chunked":
-    o, state = rec.scan_groups(
-      lambda *xs: _chunked(*xs, chunk_size),
-      args[:-1],
-      s0,
-      rec.GROUP_CHUNKS * chunk_size,
-    )
-  else:
-    o, state = _recurrent(*args)
+  o, state = rec.poison(o, state, first_bad)
   return rec.finish(o, state, q.dtype, output_final_state)
 
 

@@ -97,7 +97,7 @@ def linear_attention(
     v: `[batch, seq, heads, value_dim]`.
     log_decay: g, all <= 0: None (no decay), `[heads]` (a constant per head,
       e.g. `tnl_log_decay(...)`), or `[batch, seq, heads]` (a data-dependent
-      scalar gate).
+      scalar gate). -inf (decay 0) resets the state, in every impl.
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
@@ -107,7 +107,9 @@ def linear_attention(
 
   Returns:
     `o: [batch, seq, heads, value_dim]` in q's dtype, and with
-    `output_final_state` the tuple `(o, final_state)`.
+    `output_final_state` the tuple `(o, final_state)`. A NaN / inf in k, v
+    or g at position t makes outputs NaN from t on (as the recurrence does),
+    never before t (docs/linear_attention.md).
 
   Raises:
     ValueError: naming the argument, on shape / rank mismatch, a positive
@@ -156,7 +158,8 @@ def gated_linear_attention(
     k: `[batch, seq, heads, key_dim]`.
     v: `[batch, seq, heads, value_dim]`.
     log_forget: g, `[batch, seq, heads, key_dim]`, all <= 0 (e.g.
-      `jax.nn.log_sigmoid(x)`); any magnitude is handled stably.
+      `jax.nn.log_sigmoid(x)`); any magnitude is handled stably, -inf
+      included (decay 0).
     scale: multiplies q; default `key_dim ** -0.5`.
     initial_state: `[batch, heads, key_dim, value_dim]` or None (zeros).
     output_final_state: also return the fp32 final state.
@@ -178,7 +181,7 @@ def gated_linear_attention(
     q,
     k,
     v,
-    jnp.asarray(log_forget, jnp.float32),
+    rec.floor_log_decay(log_forget),
     scale,
     initial_state,
     output_final_state,
@@ -197,6 +200,10 @@ def _gated(
   s0 = rec.check_state(initial_state, b, h, dk, dv)
   qf = q.astype(jnp.float32) * rec.default_scale(scale, dk)
   kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+  if impl == "recurrent":
+    o, state = _recurrent(qf, kf, vf, g, s0)
+    return rec.finish(o, state, q.dtype, output_final_state)
+  kf, vf, g, first_bad = rec.drop_nonfinite(kf, vf, g)
   if impl == "chunked":
     o, state = rec.scan_groups(
       lambda *xs: _chunked(*xs, chunk_size),
@@ -205,8 +212,8 @@ def _gated(
       rec.GROUP_CHUNKS * chunk_size,
     )
   else:
-    fn = {"recurrent": _recurrent, "quadratic": _quadratic}[impl]
-    o, state = fn(qf, kf, vf, g, s0, chunk_size)
+    o, state = _quadratic(qf, kf, vf, g, s0)
+  o, state = rec.poison(o, state, first_bad)
   return rec.finish(o, state, q.dtype, output_final_state)
 
 
@@ -272,9 +279,7 @@ def _vector_intra_scores(q, k, cum, sub):
   return jnp.where(on_diag, diag[..., :, :, None, :], off).reshape(*lead, c, c)
 
 
-def _recurrent(q, k, v, g, s0, chunk):
-  del chunk
-
+def _recurrent(q, k, v, g, s0):
   def step(s, inputs):
     q_t, k_t, v_t, g_t = inputs  # [B, H, D]
     s = jnp.exp(g_t)[..., None] * s + k_t[..., None] * v_t[..., None, :]
@@ -286,9 +291,8 @@ def _recurrent(q, k, v, g, s0, chunk):
   return jnp.moveaxis(o, 0, 1), final
 
 
-def _quadratic(q, k, v, g, s0, chunk):
+def _quadratic(q, k, v, g, s0):
   """Masked `[T, T]` reference; decays from a global cumsum (short T only)."""
-  del chunk
   t = q.shape[1]
   cum = jnp.cumsum(g, axis=1)  # [B, T, H, Dg]
   diff = cum[:, :, None] - cum[:, None, :]  # [B, T_i, T_j, H, Dg]

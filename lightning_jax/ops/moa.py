@@ -11,6 +11,7 @@ with the elastic rule window_h = alpha_h + beta_h * N for input length N.
 
 import dataclasses
 import json
+import numbers
 import pathlib
 
 import jax
@@ -35,6 +36,9 @@ def moa_windows(alpha, beta, seq_len: int) -> np.ndarray:
   Returns:
     int64 numpy windows, the shape of `alpha`.
 
+  Raises:
+    ValueError: the shapes differ or an entry is not finite (naming it).
+
   Example:
     >>> moa_windows([64, 0], [0.0, 0.5], 1024)
     array([ 64, 512])
@@ -45,6 +49,13 @@ def moa_windows(alpha, beta, seq_len: int) -> np.ndarray:
     raise ValueError(
       f"`beta` must have the shape of `alpha` {alpha.shape}, got {beta.shape}."
     )
+  for name, x in (("alpha", alpha), ("beta", beta)):
+    if not np.isfinite(x).all():
+      where = np.argwhere(~np.isfinite(x))[0]
+      what = f"head {where[0]}" if x.ndim == 1 else f"index {tuple(where)}"
+      raise ValueError(
+        f"`{name}` must be finite, got {x[tuple(where)]} for {what}."
+      )
   return np.clip(np.round(alpha + beta * seq_len), 1, seq_len).astype(np.int64)
 
 
@@ -194,12 +205,14 @@ class MoAPlan:
   betas: tuple[tuple[float, ...], ...]
 
   def __post_init__(self):
-    shape = tuple(len(a) for a in self.alphas)
-    if shape != tuple(len(b) for b in self.betas):
+    for name in ("alphas", "betas"):
+      _check_rows(name, getattr(self, name))
+    heads = [len(a) for a in self.alphas]
+    if heads != [len(b) for b in self.betas]:
       raise ValueError(
-        "`betas` must have the layers x heads shape of "
-        f"`alphas` {shape}, got "
-        f"{tuple(len(b) for b in self.betas)}."
+        f"`betas` must have the layers of `alphas` ({len(heads)}) with as "
+        f"many heads each ({heads}), got {len(self.betas)} layers with "
+        f"{[len(b) for b in self.betas]} heads."
       )
 
   @property
@@ -220,12 +233,18 @@ class MoAPlan:
 
   @classmethod
   def from_json(cls, text: str) -> "MoAPlan":
-    data = json.loads(text)
+    """The plan of the authors' JSON; ValueError if it is not one."""
+    try:
+      data = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"A MoA plan must be JSON: {e}.") from None
     if not isinstance(data, dict) or {"alphas", "betas"} - set(data):
       raise ValueError(
         'A plan must be a JSON object with "alphas" and '
         '"betas" (lists over layers of lists over heads).'
       )
+    for name in ("alphas", "betas"):
+      _check_rows(name, data[name])
     as_rows = lambda rows: tuple(tuple(float(x) for x in r) for r in rows)
     return cls(as_rows(data["alphas"]), as_rows(data["betas"]))
 
@@ -234,4 +253,40 @@ class MoAPlan:
 
   @classmethod
   def load(cls, path) -> "MoAPlan":
-    return cls.from_json(pathlib.Path(path).read_text())
+    """The plan in the JSON file `path`.
+
+    Raises:
+      ValueError: naming the file, if it cannot be read or is not a plan.
+    """
+    try:
+      text = pathlib.Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+      reason = getattr(e, "strerror", None) or e
+      raise ValueError(
+        f"cannot read MoA plan {str(path)!r}: {reason}."
+      ) from None
+    try:
+      return cls.from_json(text)
+    except ValueError as e:
+      raise ValueError(f"MoA plan {str(path)!r}: {e}") from None
+
+
+def _check_rows(name: str, rows) -> None:
+  """Raises ValueError unless `rows` are lists over layers of lists over
+  heads of finite numbers, naming the first bad layer and head."""
+  is_list = lambda x: isinstance(x, (list, tuple))
+  if not is_list(rows) or not all(map(is_list, rows)):
+    raise ValueError(
+      f"`{name}` must be a list over layers of lists over heads, got "
+      f"{rows!r:.60}."
+    )
+  for layer, row in enumerate(rows):
+    for head, x in enumerate(row):
+      if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise ValueError(
+          f"`{name}` of layer {layer}, head {head} must be a number, got {x!r}."
+        )
+      if not np.isfinite(x):
+        raise ValueError(
+          f"`{name}` of layer {layer}, head {head} must be finite, got {x}."
+        )

@@ -120,7 +120,7 @@ def sp_gated_linear_attention(
   _checks.check_shape(
     "log_forget", log_forget, q.shape, "[batch, seq_local, heads, key_dim]"
   )
-  g = jnp.asarray(log_forget, jnp.float32)
+  g = rec.floor_log_decay(log_forget)
   return _sp_gated(
     ops.gated_linear_attention,
     q,

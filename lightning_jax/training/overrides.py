@@ -49,6 +49,9 @@ def parse_value(name: str, text: str, kind):
   if typing.get_origin(kind) in (typing.Union, types.UnionType):
     if text.strip().lower() == "none" and type(None) in args:
       return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # `X | None`: X's own error says what is wrong
+      return parse_value(name, text, options[0])
     for option in args:
       if option is not type(None):
         try:

@@ -295,6 +295,7 @@ def test_samplers_jit_and_batch(name):
   "sigmas,match",
   [
     ([1.0, 2.0, 0.0], "strictly decreasing"),
+    ([0.0, 1.0, 2.0], r"strictly decreasing .*increasing schedule.*reversed"),
     ([2.0, -1.0, 0.0], "> 0"),
     ([2.0, 0.0, 0.0], "> 0"),
     ([1.0], "at least 2"),

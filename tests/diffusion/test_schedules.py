@@ -115,8 +115,9 @@ def test_bad_schedule_arguments(fn):
 @pytest.mark.parametrize(
   "sigmas,match",
   [
-    ([3.0, 3.0, 0.0], "strictly decreasing"),
-    ([3.0, 1.0, 2.0], "strictly decreasing"),
+    ([3.0, 3.0, 0.0], r"decreasing, but sigmas\[0\] = 3.0 <= sigmas\[1\]"),
+    ([3.0, 1.0, 2.0], r"decreasing, but sigmas\[1\] = 1.0 <= sigmas\[2\]"),
+    ([0.0, 1.0, 3.0], r"strictly decreasing .*increasing schedule.*reversed"),
     ([3.0, -1.0], "> 0"),
     ([3.0, np.nan], "finite"),
     ([3.0], "at least 2"),

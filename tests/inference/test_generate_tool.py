@@ -11,6 +11,7 @@ from lightning_jax import inference
 from lightning_jax import models
 from lightning_jax import training
 from lightning_jax.parallel import pipeline
+from tests import tool_testing
 from tools import generate
 
 CFG = models.get_preset(
@@ -92,3 +93,35 @@ def test_bad_metadata():
     generate.model_config_from_metadata({})
   with pytest.raises(ValueError, match="(?i)unknown"):
     generate.model_config_from_metadata({"model_config": {"bogus": 1}})
+
+
+def test_bad_workdir_or_flag_is_one_error_line(tmp_path):
+  """Missing / file / empty workdir, no or corrupt checkpoint, bad flags."""
+  (tmp_path / "file").write_text("")
+  (tmp_path / "empty" / generate.CHECKPOINT_DIR).mkdir(parents=True)
+  manager = training.CheckpointManager(
+    tmp_path / "bad" / generate.CHECKPOINT_DIR
+  )
+  manager.save(
+    1, {"params": {}, "step": np.int32(1)}, {"model_config": {"x": 1}}
+  )
+  manager = training.CheckpointManager(
+    tmp_path / "ok" / generate.CHECKPOINT_DIR
+  )
+  params = models.init(jax.random.key(0), CFG)
+  manager.save(1, {"params": params}, {"model_config": _jsonable(CFG)})
+  ok = f"--workdir={tmp_path / 'ok'}"
+  tool_testing.assert_one_error_line_each(
+    "tools.generate",
+    [
+      ([], "--workdir is required"),
+      ([f"--workdir={tmp_path / 'none'}"], "does not exist"),
+      ([f"--workdir={tmp_path / 'file'}"], "is not a directory"),
+      ([f"--workdir={tmp_path}"], "no complete checkpoint"),
+      ([f"--workdir={tmp_path / 'empty'}"], "no complete checkpoint"),
+      ([f"--workdir={tmp_path / 'bad'}"], "(?i)unknown"),
+      ([ok, "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
+      ([ok, "--top_p=2"], "top_p"),
+      ([ok, "--step=5"], "5"),
+    ],
+  )

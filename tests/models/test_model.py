@@ -2,6 +2,7 @@
 presets, parallel blocks, dtypes and errors."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -151,6 +152,28 @@ def test_presets_exist_and_errors_name_the_field():
     models.ModelConfig(layerwise_heads=(1.0, 0.5))
   with pytest.raises(ValueError, match="tokens_BxT"):
     models.embed({"embed": jnp.ones((4, 2))}, jnp.ones((2, 3)), _small())
+
+
+def test_moa_plan_rows_are_layers_and_columns_heads():
+  """Checked with the config (before any init), and named correctly."""
+  plan = mt.moa_plan
+  cfg = functools.partial(
+    models.ModelConfig, pattern=("moa", "deltanet"), num_layers=4
+  )
+  cfg(moa_plan=plan(2, 4))  # attention layers 0 and 2, 4 heads each
+  for rows in (1, 3):
+    with pytest.raises(
+      ValueError,
+      match=r"one row per softmax-attention layer: the model has 2 "
+      rf"\(layers \[0, 2\]\), the plan {rows} rows",
+    ):
+      cfg(moa_plan=plan(rows, 4))
+  with pytest.raises(
+    ValueError,
+    match=r"`moa_plan` row 0 has 2 heads, but attention layer 0 \(layer 0\) "
+    "has 4",
+  ):
+    cfg(moa_plan=plan(2, 2))
 
 
 def test_config_round_trips_through_json():

@@ -351,3 +351,20 @@ def test_bad_input():
     lbl(probs, experts, scope="micro", axis_name="data")
   with pytest.raises(ValueError, match="not bound"):
     lbl(probs, experts, scope="global", axis_name="data")
+
+
+@pytest.mark.parametrize("bad_id", [-1, E])
+def test_out_of_range_expert_ids(bad_id):
+  """Concrete: a ValueError naming `experts` and [0, E). Under jit: not
+  counted, and the loss stays finite (0 if no id is valid)."""
+  probs = jnp.full((2, 3, E), 1 / E)
+  experts = jnp.zeros((2, 3, 1), jnp.int32).at[0, 0].set(bad_id)
+  for scope in ("micro", "sequence"):
+    with pytest.raises(ValueError, match=r"`experts`.*\[0, 4\)"):
+      moe.load_balancing_loss(probs, experts, num_experts=E, scope=scope)
+  with pytest.raises(ValueError, match=r"`experts`.*\[0, 4\)"):
+    moe.load_balancing_pieces(probs, experts, num_experts=E)
+  lbl = jax.jit(functools.partial(moe.load_balancing_loss, num_experts=E))
+  # 5 valid slots, all on expert 0: f = (1, 0, 0, 0), loss = E * p_0 = 1.
+  np.testing.assert_allclose(lbl(probs, experts), 1.0, rtol=1e-6)
+  np.testing.assert_array_equal(lbl(probs, jnp.full_like(experts, bad_id)), 0)

@@ -148,6 +148,31 @@ def test_fully_dropped_token_outputs_zero():
   assert np.all(np.abs(np.asarray(y[:2])) > 0)
 
 
+@pytest.mark.parametrize("bad_id", [-1, E])
+def test_out_of_range_expert_ids(bad_id):
+  """Concrete: a ValueError naming `experts_NxK` and [0, E). Under jit: the
+  slot gets a zero output and is not kept (never wraps to expert E - 1)."""
+  x, r, w, _ = _problem(0, 6, 2, jnp.float32)
+  experts = r.experts.at[0, 1].set(bad_id)
+  with pytest.raises(ValueError, match=r"`experts_NxK`.*\[0, 4\)"):
+    moe.dropless_moe(x, r.weights, experts, w)
+  with pytest.raises(ValueError, match=r"`experts_NxK`.*\[0, 4\)"):
+    moe.capacity_moe(x, r.weights, experts, w, capacity_factor=2.0)
+  with pytest.raises(ValueError, match=r"`experts_NxK`.*\[0, 4\)"):
+    moe.capacity_slots(r.weights, experts, num_experts=E, capacity=3)
+  only_first = r.weights.at[0, 1].set(0.0)
+  expected = jax.jit(moe.dropless_moe)(x, only_first, r.experts, w)
+  for impl in ("ragged", "loop"):
+    got = jax.jit(functools.partial(moe.dropless_moe, impl=impl))(
+      x, r.weights, experts, w
+    )
+    np.testing.assert_allclose(got, expected, **TOL[jnp.float32])
+  capacity = jax.jit(functools.partial(moe.capacity_moe, capacity_factor=4.0))
+  y, kept = capacity(x, r.weights, experts, w)
+  assert not kept[0, 1] and kept.sum() == kept.size - 1
+  np.testing.assert_allclose(y, expected, **TOL[jnp.float32])
+
+
 def test_expert_capacity():
   assert moe.expert_capacity(16, 2, 4, 1.0) == 8
   assert moe.expert_capacity(10, 2, 4, 1.25) == 7  # ceil(6.25)

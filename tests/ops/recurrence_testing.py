@@ -64,3 +64,33 @@ def assert_bf16_close(got, ref):
   assert_trees_close(
     grads, ref[2], dict(rtol=0.05, atol=0.05 * gscale), "bf16 grads"
   )
+
+
+def with_nan(x, t):
+  """`x` with a NaN at position t (axis 1) of batch 0, head 0, dim 0."""
+  return x.at[(0, t) + (0,) * (x.ndim - 2)].set(jnp.nan)
+
+
+def assert_nan_stays_causal(fn, reference, args, arg, t):
+  """A NaN in `args[arg]` at position t changes nothing before t.
+
+  `fn(*args) -> (o, state)`. With the NaN, fn's outputs before t, and the
+  gradients of a random projection of them w.r.t. the inputs before t (and
+  the initial state, last), equal `reference`'s on the clean inputs; fn's
+  outputs are NaN where `reference`'s are with the NaN, and so is its final
+  state (there, fn's may be NaN in more rows of a NaN column).
+  """
+  bad = list(args)
+  bad[arg] = with_nan(args[arg], t)
+  o, state = fn(*args)
+  cot = (
+    normal(jax.random.key(7), o.shape).at[:, t:].set(0.0),
+    jnp.zeros(state.shape),
+  )
+  got = outputs_and_grads(fn, tuple(bad), cot)
+  nan_ref = outputs_and_grads(reference, tuple(bad), cot)
+  np.testing.assert_array_equal(np.isnan(got[0]), np.isnan(nan_ref[0]))
+  assert np.isnan(got[1])[np.isnan(nan_ref[1])].all(), "state"
+  clean = outputs_and_grads(reference, args, cot)
+  before = lambda r: (r[0][:, :t], [g[:, :t] for g in r[2][:-1]], r[2][-1])
+  assert_trees_close(before(got), before(clean), FP32_TOL, "before the NaN")

@@ -227,6 +227,24 @@ def test_huge_decay_keeps_only_the_current_token(impl):
   np.testing.assert_allclose(o, expected * 8**-0.5, **rt.FP32_TOL)
 
 
+def test_minus_inf_decay_resets_the_state_as_in_recurrent():
+  """Gate -inf (decay 0) at a chunk start, mid-chunk, the last token."""
+  q, k, v, beta, gate, s0 = make_inputs(CASE)
+  gate = gate.at[:, (0, 8, 13, 20), 0].set(-jnp.inf).at[1, 5, 1].set(-jnp.inf)
+  ref = run("recurrent", 8, q, k, v, beta, gate, s0)
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(ref))
+  got = run("chunked", 8, q, k, v, beta, gate, s0)
+  rt.assert_trees_close(got, ref, rt.FP32_TOL, "chunked vs recurrent")
+
+
+@pytest.mark.parametrize("arg", [1, 2, 3, 4])
+def test_nan_input_reaches_no_earlier_position(arg):
+  """NaN in k / v / beta / gate at t: outputs and gradients before t hold."""
+  rt.assert_nan_stays_causal(
+    op_fn("chunked", 8), op_fn("recurrent", 8), make_inputs(CASE), arg, 13
+  )
+
+
 def test_constant_per_head_decay_equals_broadcast_gate():
   q, k, v, beta, _, s0 = make_inputs(CASE)
   per_head = ops.tnl_log_decay(1, 3, 2)

@@ -221,6 +221,39 @@ def test_strong_gates_stay_finite_with_finite_gradients():
   rt.assert_trees_close((o, grads), (ref[0], ref[2]), rt.FP32_TOL, "strong")
 
 
+@pytest.mark.parametrize(
+  "op_name, decay", [("la", "head"), ("la", "data"), ("gla", "vector")]
+)
+def test_minus_inf_decay_resets_the_state_as_in_recurrent(op_name, decay):
+  """log decay -inf (decay 0): no NaN, chunked == quadratic == recurrent."""
+  op = {"la": ops.linear_attention, "gla": ops.gated_linear_attention}[op_name]
+  q, k, v, gate, s0 = make_inputs(CASE, decay)
+  if decay == "head":
+    gate = gate.at[0].set(-jnp.inf)
+  else:  # at a chunk start, mid-chunk and the last token
+    gate = gate.at[:, (0, 8, 13, 20), 0].set(-jnp.inf)
+  if decay == "vector":  # only some key dims
+    gate = gate.at[1, 5, 1, :2].set(-jnp.inf)
+  ref = run(op, "recurrent", 8, q, k, v, gate, s0)
+  assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(ref))
+  for impl in ("chunked", "quadratic"):
+    got = run(op, impl, 8, q, k, v, gate, s0)
+    rt.assert_trees_close(got, ref, rt.FP32_TOL, f"{impl} vs recurrent")
+
+
+@pytest.mark.parametrize("impl", ["chunked", "quadratic"])
+@pytest.mark.parametrize(
+  "op_name, arg", [("la", 1), ("la", 2), ("la", 3), ("gla", 1), ("gla", 3)]
+)
+def test_nan_input_reaches_no_earlier_position(impl, op_name, arg):
+  """NaN in k / v / gate at t: outputs and gradients before t unchanged."""
+  op = {"la": ops.linear_attention, "gla": ops.gated_linear_attention}[op_name]
+  inputs = make_inputs(CASE, "data" if op_name == "la" else "vector")
+  rt.assert_nan_stays_causal(
+    op_fn(op, impl, 8), op_fn(op, "recurrent", 8), inputs, arg, 13
+  )
+
+
 def test_hgrn2_is_gla_with_input_gate_one_minus_forget():
   """HGRN2: h_t = f_t * h_{t-1} + (1 - f_t) outer i_t, read out by q_t."""
   q, _, v, gate, _ = make_inputs(CASE, "vector")

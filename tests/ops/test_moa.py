@@ -305,6 +305,49 @@ def test_plan_json_in_the_authors_format(tmp_path):
     ops.MoAPlan.from_json('{"alphas": [[1.0]]}')
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_alpha_or_beta_names_the_head_and_layer(bad):
+  """Not a window of INT64_MIN: a ValueError naming the head (and layer)."""
+  with pytest.raises(ValueError, match=r"`alpha` must be finite.*head 1"):
+    ops.moa_windows([4.0, bad], [0.0, 0.0], 16)
+  with pytest.raises(ValueError, match=r"`beta` must be finite.*head 0"):
+    ops.moa_windows([4.0, 4.0], [bad, 0.0], 16)
+  with pytest.raises(ValueError, match="`alphas` of layer 1, head 0 .*finite"):
+    ops.MoAPlan(alphas=((1.0,), (bad,)), betas=((0.0,), (0.0,)))
+  with pytest.raises(ValueError, match="`betas` of layer 0, head 1 .*finite"):
+    ops.MoAPlan(alphas=((1.0, 2.0),), betas=((0.0, bad),))
+
+
+@pytest.mark.parametrize(
+  "text, match",
+  [
+    (None, r"cannot read MoA plan .*No such file"),
+    ("not json", r"MoA plan .*must be JSON"),
+    ("[1, 2]", r'JSON object with "alphas"'),
+    ('{"alphas": [1, 2], "betas": [0, 0]}', r"`alphas` must be a list over"),
+    (
+      '{"alphas": [[1, "2"]], "betas": [[0, 0]]}',
+      r"`alphas` of layer 0, head 1 must be a number, got '2'",
+    ),
+    (
+      '{"alphas": [[1, 2]], "betas": [[0, NaN]]}',
+      r"`betas` of layer 0, head 1 must be finite",
+    ),
+    (
+      '{"alphas": [[1, 2], [3]], "betas": [[0, 0], [0, 0]]}',
+      r"`betas` must have the layers of `alphas` \(2\) with as many heads "
+      r"each \(\[2, 1\]\), got 2 layers with \[2, 2\] heads",
+    ),
+  ],
+)
+def test_bad_plan_file_is_one_clear_value_error(tmp_path, text, match):
+  path = tmp_path / "plan.json"
+  if text is not None:
+    path.write_text(text)
+  with pytest.raises(ValueError, match=match):
+    ops.MoAPlan.load(path)
+
+
 def test_bad_inputs_name_the_argument():
   q = jnp.zeros((1, 8, 4, 4))
   kv = jnp.zeros((1, 8, 2, 4))

@@ -96,6 +96,23 @@ def test_sequence_parallel_matches_single_device(kind, seed):
   rt.assert_trees_close(got, want, rt.FP32_TOL, f"{kind} over {devices}")
 
 
+@pytest.mark.parametrize("kind", ["gated_linear_attention", "gated_delta_rule"])
+def test_minus_inf_decay_matches_single_device(kind):
+  """Decay 0 (log -inf) on a device's first and last token and mid-chunk."""
+  args, state = _inputs(jax.random.key(0), kind)
+  gate = args[-1].at[:, (0, 5, 15, 16, 31)].set(-jnp.inf)
+  args = (*args[:-1], gate, state)
+  cotangents = (
+    rt.normal(jax.random.key(1), (B, T, H, DV)),
+    rt.normal(jax.random.key(2), (B, H, DK, DV)),
+  )
+  got = rt.outputs_and_grads(
+    _sequence_parallel(kind, DEVICES[kind]), args, cotangents
+  )
+  want = rt.outputs_and_grads(_single_device(kind), args, cotangents)
+  rt.assert_trees_close(got, want, rt.FP32_TOL, kind)
+
+
 _COLLECTIVE = re.compile(
   r"= (\w+)\[([\d,]*)\]\S* (all-gather|reduce-scatter|"
   r"all-reduce|collective-permute|all-to-all)\("

@@ -21,6 +21,7 @@ import tensorstore as ts
 
 from lightning_jax import models
 from lightning_jax import training
+from tests import tool_testing
 
 REPO = os.path.dirname(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -552,3 +553,23 @@ def test_async_checkpoints_to_a_url_store_resume_and_load(tmp_path):
   assert [json.loads(r)["step"] for r in text.splitlines()] == [1, 2, 3, 4, 5]
   assert not (tmp_path / training.metrics.METRICS_FILE).exists()
   jax.tree.map(np.testing.assert_array_equal, params, resumed.state.params)
+
+
+def test_train_binary_bad_moa_plan_is_one_error_line(tmp_path):
+  """Missing, non-JSON, wrong row count: one error line, before compiling."""
+  (tmp_path / "bad.json").write_text("{")
+  (tmp_path / "rows.json").write_text(
+    '{"alphas": [[1, 2, 3, 4]], "betas": [[0, 0, 0, 0]]}'
+  )
+  flags = lambda plan: [
+    f"--workdir={tmp_path / 'run'}",
+    f"--override=pattern=moa,deltanet,moa_plan={tmp_path / plan}",
+  ]
+  tool_testing.assert_one_error_line_each(
+    "tools.train",
+    [
+      (flags("none.json"), r"moa_plan=.*cannot read MoA plan .*No such file"),
+      (flags("bad.json"), r"moa_plan=.*must be JSON"),
+      (flags("rows.json"), r"one row per softmax-attention layer.* has 2 "),
+    ],
+  )

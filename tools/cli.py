@@ -1,0 +1,54 @@
+"""What a binary in tools/ does with bad input: one `error:` line, exit 2.
+
+Flags and files are checked before anything compiles; library errors
+(`ValueError`, an unreadable checkpoint) become the same one line instead
+of a traceback.
+"""
+
+import math
+import os
+import sys
+
+from lightning_jax import training
+
+# Errors that mean "bad input" rather than a bug: reported as one line.
+INPUT_ERRORS = (ValueError, OSError, training.CheckpointError)
+
+
+def fail(message, status: int = 2):
+  """Prints `error: <first line of message>` to stderr and exits."""
+  lines = str(message).splitlines() or [""]
+  print(f"error: {lines[0]}", file=sys.stderr)
+  sys.exit(status)
+
+
+def check_workdir(path: str) -> None:
+  """Raises ValueError unless `path` is an existing directory."""
+  if not os.path.exists(path):
+    raise ValueError(f"--workdir {path} does not exist.")
+  if not os.path.isdir(path):
+    raise ValueError(f"--workdir {path} is not a directory.")
+
+
+def parse_numbers(flag: str, items, kind, low, high=math.inf) -> list:
+  """Comma-list flag values as `kind` numbers in `[low, high]`.
+
+  Raises:
+    ValueError: naming `--flag`, on an empty list, an empty item, a value
+      that is not a finite `kind` or one outside the range.
+  """
+  if not items:
+    raise ValueError(f"--{flag} must not be empty.")
+  values = []
+  for item in items:
+    try:
+      value = kind(item)
+    except ValueError:
+      value = None
+    if value is None or not math.isfinite(value) or not low <= value <= high:
+      raise ValueError(
+        f"--{flag} must be a comma-separated list of {kind.__name__}s in "
+        f"[{low}, {high}], got {item!r} in {','.join(items)!r}."
+      )
+    values.append(value)
+  return values
