@@ -56,6 +56,21 @@ _WEIGHT_DECAY = flags.DEFINE_float(
 _CLIP_NORM = flags.DEFINE_float(
   "clip_norm", 1.0, "Global gradient-norm clip; 0 disables."
 )
+_OPTIMIZER = flags.DEFINE_enum(
+  "optimizer",
+  "adamw",
+  list(training.OPTIMIZERS),
+  "adamw, or galore (Adam on low-rank gradient projections).",
+)
+_GALORE_RANK = flags.DEFINE_integer(
+  "galore_rank", None, "GaLore projection rank; default 32."
+)
+_GALORE_UPDATE_GAP = flags.DEFINE_integer(
+  "galore_update_gap", None, "GaLore: steps between SVDs; default 200."
+)
+_GALORE_SCALE = flags.DEFINE_float(
+  "galore_scale", None, "GaLore: scale of the projected updates; default 0.25."
+)
 _LBL_COEF = flags.DEFINE_float(
   "lbl_coef", 0.01, "Weight of each MoE layer's load-balancing loss."
 )
@@ -176,6 +191,10 @@ _FLAG_NAMES = (
   "warmup_steps",
   "weight_decay",
   "clip_norm",
+  "optimizer",
+  "galore_rank",
+  "galore_update_gap",
+  "galore_scale",
   "lbl_coef",
   "z_coef",
   "seed",
@@ -222,6 +241,10 @@ _FROZEN = frozenset(
     "warmup_steps",
     "weight_decay",
     "clip_norm",
+    "optimizer",
+    "galore_rank",
+    "galore_update_gap",
+    "galore_scale",
     "lbl_coef",
     "z_coef",
     "seed",
@@ -290,6 +313,24 @@ def _profile_steps() -> tuple[int, int] | None:
   return start, count
 
 
+def _galore_config() -> training.GaLoreConfig | None:
+  """GaLore's config when --optimizer=galore or a --galore_* flag is given
+  (`OptimConfig` refuses the latter with another optimizer); flags left
+  unset take `GaLoreConfig`'s defaults."""
+  given = {
+    field: flag.value
+    for field, flag in (
+      ("rank", _GALORE_RANK),
+      ("update_gap", _GALORE_UPDATE_GAP),
+      ("scale", _GALORE_SCALE),
+    )
+    if flag.value is not None
+  }
+  if not given and _OPTIMIZER.value != "galore":
+    return None
+  return training.GaLoreConfig(**given)
+
+
 def build_config() -> training.TrainConfig:
   """The `TrainConfig` of the flags, validated; ValueError on a bad flag."""
   for name, flag in (
@@ -328,6 +369,8 @@ def build_config() -> training.TrainConfig:
       warmup_steps=warmup,
       weight_decay=_WEIGHT_DECAY.value,
       clip_norm=_CLIP_NORM.value,
+      optimizer=_OPTIMIZER.value,
+      galore=_galore_config(),
     ),
     loss=training.LossConfig(lbl_coef=_LBL_COEF.value, z_coef=_Z_COEF.value),
     eval_every=_EVAL_EVERY.value,

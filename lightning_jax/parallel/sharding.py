@@ -121,6 +121,17 @@ def match_rule(names: tuple[str, ...]):
   return None, None
 
 
+def logical_names(path) -> tuple | None:
+  """The logical name of each trailing dim of the leaf at `path` (a
+  `jax.tree_util` key path), from the first matching rule; None if none.
+
+  Example:
+    >>> logical_names((jax.tree_util.DictKey("w_down"),))
+    ('ffn', 'embed')
+  """
+  return match_rule(path_names(path))[1]
+
+
 def plan_leaf(
   names: tuple[str, ...],
   shape: tuple[int, ...],

@@ -15,6 +15,11 @@ from lightning_jax.training.data import MQARConfig
 # --- end data and checkpoints (ckptdata) ---
 
 # --- state, optimiser, loss, step, metrics, loop (traincore) ---
+from lightning_jax.training import galore
+from lightning_jax.training.galore import GaLoreState
+from lightning_jax.training.galore import matrix_axes
+from lightning_jax.training.galore import MatrixAxes
+from lightning_jax.training.galore import scale_by_galore
 from lightning_jax.training.loop import Adapter
 from lightning_jax.training.loop import CHECKPOINT_DIR
 from lightning_jax.training.loop import load_model
@@ -34,7 +39,9 @@ from lightning_jax.training.overrides import apply_overrides
 from lightning_jax.training.overrides import parse_overrides
 from lightning_jax.training.optim import learning_rate
 from lightning_jax.training.optim import make_optimizer
+from lightning_jax.training.optim import GaLoreConfig
 from lightning_jax.training.optim import OptimConfig
+from lightning_jax.training.optim import OPTIMIZERS
 from lightning_jax.training.runner import make_runner
 from lightning_jax.training.runner import relayout_state
 from lightning_jax.training.runner import StepRunner

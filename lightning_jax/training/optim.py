@@ -1,7 +1,8 @@
-"""AdamW with linear warmup, cosine decay and global-norm clipping (optax).
+"""AdamW or GaLore with linear warmup, cosine decay and global-norm clipping.
 
 Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization" (AdamW);
-the warmup + cosine schedule of Radford et al. / Hoffmann et al. (2022).
+the warmup + cosine schedule of Radford et al. / Hoffmann et al. (2022);
+GaLore (Zhao et al., 2024) in `training.galore`.
 """
 
 import dataclasses
@@ -12,6 +13,32 @@ import optax
 
 from lightning_jax import _checks
 from lightning_jax.parallel import pipeline
+from lightning_jax.training import galore as galore_lib
+
+ADAMW = "adamw"
+GALORE = "galore"
+OPTIMIZERS = (ADAMW, GALORE)
+
+
+@dataclasses.dataclass(frozen=True)
+class GaLoreConfig:
+  """GaLore's hyper-parameters (`training.galore.scale_by_galore`).
+
+  Attributes:
+    rank: r, the projection rank of each matrix.
+    update_gap: T, steps between projector refreshes.
+    scale: alpha, the factor of the projected-back updates (the paper's
+      0.25 for LLaMA pre-training).
+  """
+
+  rank: int = 32
+  update_gap: int = 200
+  scale: float = 0.25
+
+  def __post_init__(self):
+    galore_lib.check_hparams(
+      self.rank, self.update_gap, self.scale, prefix="galore_"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +57,10 @@ class OptimConfig:
     weight_decay: decoupled weight decay, applied to weights with >= 2 dims
       only (not to norm scales, biases or per-head constants).
     clip_norm: clip the gradient to this global L2 norm; 0 disables.
+    optimizer: "adamw", or "galore" (Adam on low-rank projected gradients,
+      then the same decay and schedule).
+    galore: `GaLoreConfig` of "galore" (default `GaLoreConfig()`); only
+      with "galore".
   """
 
   lr: float = 3e-3
@@ -41,8 +72,22 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   clip_norm: float = 1.0
+  optimizer: str = ADAMW
+  galore: GaLoreConfig | None = None
 
   def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise ValueError(
+        f"`optimizer` must be one of {', '.join(OPTIMIZERS)}, got "
+        f"{self.optimizer!r}."
+      )
+    if self.galore is not None and self.optimizer != GALORE:
+      raise ValueError(
+        f"The GaLore options (--galore_*) need --optimizer={GALORE}, got "
+        f"--optimizer={self.optimizer}."
+      )
+    if self.optimizer == GALORE and self.galore is None:
+      object.__setattr__(self, "galore", GaLoreConfig())
     _checks.check_positive_int("total_steps", self.total_steps)
     if not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(
@@ -94,21 +139,30 @@ def decay_mask(params):
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW on the `learning_rate(cfg)` schedule.
 
-  The optimiser state is a pytree; its step count drives the schedule, so a
-  restored state continues the schedule exactly.
+  AdamW is `chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`
+  (what `optax.adamw` is, state included); "galore" wraps its
+  `scale_by_adam` in `scale_by_galore`, so decay and schedule act on the
+  full-rank update, as in the paper's reference code. The optimiser state is
+  a pytree; its step count drives the schedule, so a restored state
+  continues the schedule exactly.
 
   Example:
     >>> opt = make_optimizer(OptimConfig())
     >>> params = {"w": jnp.ones((2, 2)), "scale": jnp.ones(2)}
     >>> updates, state = opt.update(params, opt.init(params), params)
   """
-  adamw = optax.adamw(
-    learning_rate(cfg),
-    b1=cfg.b1,
-    b2=cfg.b2,
-    eps=cfg.eps,
-    weight_decay=cfg.weight_decay,
-    mask=decay_mask,
+  scaling = optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  if cfg.optimizer == GALORE:
+    scaling = galore_lib.scale_by_galore(
+      scaling,
+      rank=cfg.galore.rank,
+      update_gap=cfg.galore.update_gap,
+      scale=cfg.galore.scale,
+    )
+  adamw = optax.chain(
+    scaling,
+    optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+    optax.scale_by_learning_rate(learning_rate(cfg)),
   )
   if cfg.clip_norm == 0:
     return adamw

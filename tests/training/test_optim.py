@@ -67,6 +67,12 @@ def test_pipeline_stacked_params_decay_like_the_layers():
     (dict(lr=0.0), "lr"),
     (dict(min_lr_ratio=2.0), "min_lr_ratio"),
     (dict(clip_norm=-1.0), "clip_norm"),
+    (dict(optimizer="sgd"), r"`optimizer` must be one of adamw, galore"),
+    (
+      dict(galore=training.GaLoreConfig(rank=4)),
+      r"GaLore options \(--galore_\*\) need --optimizer=galore, got "
+      r"--optimizer=adamw",
+    ),
   ],
 )
 def test_bad_optim_config_names_the_field(kwargs, match):

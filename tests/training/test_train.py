@@ -345,6 +345,10 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
     (["--model=nope"], "nope"),
     (["--override=vocab_size=10"], r"vocab_size 256 > the model's .* 10"),
     (["--lr=inf"], r"`lr` must be finite and > 0, got inf"),
+    (
+      ["--optimizer=galore", "--galore_rank=0"],
+      r"`galore_rank` must be a positive integer, got 0",
+    ),
   ],
 )
 def test_train_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
