@@ -640,7 +640,6 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
     metadata["adapter"] = adapter.metadata
   pending = None  # (step, device metrics, eval values) not yet checked
   to_save = None  # (step, host snapshot, data position) awaiting its check
-
   saved = {}  # the last save's figures, for the next metrics row
 
   def save_checked(step_checked):
