@@ -325,6 +325,8 @@ class CheckpointManager:
     except Exception:
       if background:  # raised again by the caller's next wait / save
         logging.exception("Checkpoint step %d failed.", job.step)
+      if primary:  # e.g. a full disk: free what the failed save wrote
+        self._discard_failed(staging)
       raise
     write_s = time.perf_counter() - start
     stats = SaveStats(
@@ -341,6 +343,14 @@ class CheckpointManager:
     )
     self.last_save = stats
     return stats
+
+  def _discard_failed(self, staging: str) -> None:
+    """Process 0: removes a failed save's staging entry (best effort: the
+    next save removes leftovers too)."""
+    try:
+      self._store.discard(staging)
+    except Exception:  # pylint: disable=broad-except
+      logging.exception("Could not remove %s.", self._store.path(staging))
 
   def _begin(self, staging: str) -> None:
     """Process 0: removes leftovers of interrupted saves, opens `staging`."""

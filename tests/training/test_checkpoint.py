@@ -563,15 +563,17 @@ def test_background_error_surfaces_at_wait_or_next_save(tmp_path, monkeypatch):
   write_leaves = checkpoint._write_leaves
 
   def failing(root, leaves, primary):
-    if "tmp-2-" in str(root) or "tmp-3-" in str(root):
-      raise OSError(f"disk full: {root}")
     write_leaves(root, leaves, primary)
+    if "tmp-2-" in str(root) or "tmp-3-" in str(root):
+      raise OSError(f"disk full: {root}")  # after writing its bytes
 
   monkeypatch.setattr(checkpoint, "_write_leaves", failing)
   mgr.save_async(2, _tree(2))  # returns: the failure is in the background
   with pytest.raises(OSError, match="disk full.*tmp-2-"):
     mgr.wait()
   assert mgr.wait() is None  # raised once
+  # The failed save's bytes are gone at once, not at the next save.
+  assert [p.name for p in tmp_path.iterdir()] == ["step_00000001"]
   mgr.save_async(3, _tree(3))
   with pytest.raises(OSError, match="disk full.*tmp-3-"):
     mgr.save_async(4, _tree(4))  # not started
