@@ -42,6 +42,16 @@ class MatrixView(NamedTuple):
   fan_in: int
 
 
+def check_targets(targets) -> tuple[str, ...]:
+  """`targets` as a tuple; ValueError unless a non-empty sequence of
+  patterns (a single string is an error: it would iterate characters)."""
+  if isinstance(targets, str) or not targets:
+    raise ValueError(
+      f"`targets` must be a non-empty tuple of patterns, got {targets!r}."
+    )
+  return tuple(targets)
+
+
 def is_nf4(x) -> bool:
   return isinstance(x, NF4Tensor)
 
@@ -84,6 +94,13 @@ def matrix_view(name: str, shape) -> MatrixView:
     )
   fan_in = len(logical) - 1 if logical[-1] == "embed" else 1
   return MatrixView(batch, fan_in)
+
+
+def split_shape(shape, view: MatrixView):
+  """`(batch dims, in dims, out dims)` of a leaf shape under `view`."""
+  shape = tuple(shape)
+  lead = view.batch + view.fan_in
+  return shape[: view.batch], shape[view.batch : lead], shape[lead:]
 
 
 def match(params, patterns, what: str) -> tuple[str, ...]:
