@@ -21,5 +21,7 @@ from lightning_jax.adapt.paths import MIXER
 from lightning_jax.adapt.paths import MLP
 from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
+from lightning_jax.adapt import maskllm
 from lightning_jax.adapt import qlora
 from lightning_jax.adapt.lora import LoraConfig
+from lightning_jax.adapt.maskllm import MaskConfig

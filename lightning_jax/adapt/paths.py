@@ -61,10 +61,15 @@ def shape_of(x) -> tuple[int, ...]:
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
+def named_leaves(params) -> dict:
+  """`{name: leaf}` in tree order, an `NF4Tensor` counting as one leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_nf4)
+  return {path_name(p): x for p, x in flat}
+
+
 def leaf_names(params) -> list[tuple[str, tuple[int, ...]]]:
   """`(name, shape)` of every leaf, an `NF4Tensor` counting as one."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_nf4)
-  return [(path_name(p), shape_of(x)) for p, x in flat]
+  return [(n, shape_of(x)) for n, x in named_leaves(params).items()]
 
 
 def path_name(path) -> str:
