@@ -1,5 +1,6 @@
 """Transforms of trained params: NF4 / QLoRA with bitsandbytes-compatible
-bytes, LoRA on any parameter tree (docs/adapt.md)."""
+bytes, LoRA on any parameter tree, MaskLLM learnable 2:4 sparsity
+(docs/adapt.md)."""
 
 from lightning_jax.adapt.nf4 import absmax_of
 from lightning_jax.adapt.nf4 import bits_per_param
@@ -18,6 +19,9 @@ from lightning_jax.adapt.paths import MatrixView
 from lightning_jax.adapt.paths import matrix_view
 from lightning_jax.adapt.paths import MIXER
 from lightning_jax.adapt.paths import MLP
+from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
+from lightning_jax.adapt import maskllm
 from lightning_jax.adapt import qlora
 from lightning_jax.adapt.lora import LoraConfig
+from lightning_jax.adapt.maskllm import MaskConfig

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import optax
 
 from lightning_jax import _checks
+from lightning_jax.adapt import frozen
 from lightning_jax.adapt import paths
 from lightning_jax.adapt.nf4 import from_nf4
 from lightning_jax.training import checkpoint
 
-BASE, LORA = "base", "lora"
+LORA = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,7 @@ class LoraConfig:
   dropout: float = 0.0
 
   def __post_init__(self):
-    if isinstance(self.targets, str) or not self.targets:
-      raise ValueError(
-        f"`targets` must be a non-empty tuple of patterns, got "
-        f"{self.targets!r}."
-      )
-    object.__setattr__(self, "targets", tuple(self.targets))
+    object.__setattr__(self, "targets", paths.check_targets(self.targets))
     _checks.check_positive_int("rank", self.rank)
     if not 0 < self.alpha < math.inf:
       raise ValueError(f"`alpha` must be finite and > 0, got {self.alpha}.")
@@ -63,12 +59,6 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
-
-
-def _split(shape, view: paths.MatrixView):
-  """(batch dims, in dims, out dims) of a leaf shape."""
-  lead = view.batch + view.fan_in
-  return shape[: view.batch], shape[view.batch : lead], shape[lead:]
 
 
 def init(key, params, cfg: LoraConfig) -> dict:
@@ -96,7 +86,7 @@ def init(key, params, cfg: LoraConfig) -> dict:
   names = paths.match(params, cfg.targets, "LoraConfig.targets")
   adapters = {}
   for i, name in enumerate(names):
-    batch, fan_in, out = _split(
+    batch, fan_in, out = paths.split_shape(
       shapes[name], paths.matrix_view(name, shapes[name])
     )
     bound = math.prod(fan_in) ** -0.5
@@ -115,7 +105,7 @@ def init(key, params, cfg: LoraConfig) -> dict:
 def delta(adapter: dict, name: str, shape, scale: float):
   """`scale * A B` of leaf `name`, float32 `[*shape]`."""
   view = paths.matrix_view(name, shape)
-  batch, fan_in, out = _split(tuple(shape), view)
+  batch, fan_in, out = paths.split_shape(tuple(shape), view)
   a = adapter["a"].reshape(batch + (math.prod(fan_in), -1))
   b = adapter["b"].reshape(batch + (-1, math.prod(out)))
   return (scale * jnp.matmul(a, b)).reshape(shape)
@@ -175,33 +165,22 @@ def unmerge(merged, adapters, cfg: LoraConfig):
 
 
 def freeze_base(inner: optax.GradientTransformation):
-  """`inner` on `params["lora"]`, `optax.set_to_zero` on `params["base"]`.
-
-  An `optax.multi_transform`: the optimiser state exists for the adapters
-  only (the base's entries are `optax.MaskedNode`), and the base gets zero
-  updates, so it stays bitwise unchanged.
+  """`frozen.freeze_base(inner, "lora")`: optimiser state and updates for
+  the adapters only; the base stays bitwise unchanged.
 
   Example:
     >>> opt = freeze_base(optax.adamw(1e-3))
     >>> state = opt.init({"base": base, "lora": adapters})
   """
-
-  def labels(params):
-    return {
-      key: jax.tree.map(lambda _, key=key: key, params[key])
-      for key in (BASE, LORA)
-    }
-
-  return optax.multi_transform({LORA: inner, BASE: optax.set_to_zero()}, labels)
+  return frozen.freeze_base(inner, LORA)
 
 
 def lora_grad_fn(grad_fn, cfg: LoraConfig, *, dtype=jnp.float32):
   """A `training` grad_fn over `{"base", "lora"}` from one over model params.
 
-  The model params are `apply(base, lora, rng=fold_in(rng, 1))`; the
-  gradient of the adapters is the VJP of `apply` applied to `grad_fn`'s
-  gradient of the model params. The base gets zeros (`freeze_base` ignores
-  them), so an NF4 base (integer leaves) needs no derivative.
+  `frozen.transform_grad_fn` with the model params `apply(base, lora,
+  rng=fold_in(rng, 1))`: only the adapters are differentiated, the base
+  gets zeros (an NF4 base needs no derivative).
 
   Args:
     grad_fn: `(params, batch, rng) -> ((loss, metrics), grads)`, e.g.
@@ -212,20 +191,11 @@ def lora_grad_fn(grad_fn, cfg: LoraConfig, *, dtype=jnp.float32):
   Returns:
     A grad_fn of the same signature for `training.make_train_step`.
   """
-
-  def adapted(params, batch, rng):
-    model_params, vjp = jax.vjp(
-      lambda ad: apply(
-        params[BASE], ad, cfg, rng=jax.random.fold_in(rng, 1), dtype=dtype
-      ),
-      params[LORA],
-    )
-    (loss, metrics), grads = grad_fn(model_params, batch, rng)
-    (lora_grads,) = vjp(grads)
-    base_grads = jax.tree.map(jnp.zeros_like, params[BASE])
-    return (loss, metrics), {BASE: base_grads, LORA: lora_grads}
-
-  return adapted
+  return frozen.transform_grad_fn(
+    grad_fn,
+    lambda base, ad, rng: apply(base, ad, cfg, rng=rng, dtype=dtype),
+    LORA,
+  )
 
 
 def save_adapters(

@@ -42,6 +42,16 @@ class MatrixView(NamedTuple):
   fan_in: int
 
 
+def check_targets(targets) -> tuple[str, ...]:
+  """`targets` as a tuple; ValueError unless a non-empty sequence of
+  patterns (a single string is an error: it would iterate characters)."""
+  if isinstance(targets, str) or not targets:
+    raise ValueError(
+      f"`targets` must be a non-empty tuple of patterns, got {targets!r}."
+    )
+  return tuple(targets)
+
+
 def is_nf4(x) -> bool:
   return isinstance(x, NF4Tensor)
 
@@ -51,10 +61,15 @@ def shape_of(x) -> tuple[int, ...]:
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
+def named_leaves(params) -> dict:
+  """`{name: leaf}` in tree order, an `NF4Tensor` counting as one leaf."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_nf4)
+  return {path_name(p): x for p, x in flat}
+
+
 def leaf_names(params) -> list[tuple[str, tuple[int, ...]]]:
   """`(name, shape)` of every leaf, an `NF4Tensor` counting as one."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=is_nf4)
-  return [(path_name(p), shape_of(x)) for p, x in flat]
+  return [(n, shape_of(x)) for n, x in named_leaves(params).items()]
 
 
 def path_name(path) -> str:
@@ -84,6 +99,13 @@ def matrix_view(name: str, shape) -> MatrixView:
     )
   fan_in = len(logical) - 1 if logical[-1] == "embed" else 1
   return MatrixView(batch, fan_in)
+
+
+def split_shape(shape, view: MatrixView):
+  """`(batch dims, in dims, out dims)` of a leaf shape under `view`."""
+  shape = tuple(shape)
+  lead = view.batch + view.fan_in
+  return shape[: view.batch], shape[view.batch : lead], shape[lead:]
 
 
 def match(params, patterns, what: str) -> tuple[str, ...]:
