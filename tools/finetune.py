@@ -27,7 +27,10 @@ from lightning_jax.adapt import lora
 
 _BASE = flags.DEFINE_string("base", None, "The tools/train.py run to adapt.")
 _METHOD = flags.DEFINE_enum(
-  "method", "lora", ["lora", "qlora"], "LoRA, or LoRA over an NF4 base."
+  "method",
+  "lora",
+  ["full", "lora", "qlora"],
+  "Full fine-tuning, LoRA, or LoRA over an NF4 base.",
 )
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 8, "Adapter rank r.")
 _LORA_ALPHA = flags.DEFINE_float(
@@ -117,9 +120,12 @@ def lora_config() -> lora.LoraConfig:
 
 def build(base_params, model_cfg):
   """`(TrainConfig, Adapter)` of the flags; ValueError on a bad flag."""
-  adapter = finetune.lora_adapter(
-    base_params, lora_config(), model_cfg, quantize=_METHOD.value == "qlora"
-  )
+  if _METHOD.value == "full":
+    adapter = finetune.full_adapter(base_params)
+  else:
+    adapter = finetune.lora_adapter(
+      base_params, lora_config(), model_cfg, quantize=_METHOD.value == "qlora"
+    )
   config = training.TrainConfig(
     model=model_cfg,
     workdir=_WORKDIR.value,
@@ -164,6 +170,15 @@ def _resume_from_workdir() -> None:
       flags.FLAGS[name].value = value
 
 
+def _summary(state) -> str:
+  """Trainable parameters and optimiser-state bytes of the final state."""
+  params = state.params
+  trainable = params if _METHOD.value == "full" else params[lora.LORA]
+  count = sum(x.size for x in jax.tree.leaves(trainable))
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+  return f"{count:,} trainable params, {opt_bytes:,} optimiser-state bytes"
+
+
 def _fail(message: str, status: int):
   print(f"error: {message}", file=sys.stderr)
   sys.exit(status)
@@ -201,7 +216,10 @@ def main(argv):
     _fail(str(e), 1)
   if result.history:
     last = result.history[-1]
-    print(f"step {last['step']}: loss {last['loss']:.4f}", flush=True)
+    print(
+      f"step {last['step']}: loss {last['loss']:.4f}; {_summary(result.state)}",
+      flush=True,
+    )
   if _EXPORT.value and not result.preempted:
     merged = adapter.to_model(result.state.params)
     finetune.export(_EXPORT.value, merged, model_cfg, int(result.state.step))

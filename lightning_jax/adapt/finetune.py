@@ -4,6 +4,8 @@
 loop trains `{"base": frozen base, "lora": adapters}` (QLoRA: the base as
 `NF4Tensor`s), with the optimiser state for the adapters only, and
 checkpoints, resumes, evaluates and logs like any training run.
+`full_adapter` is full fine-tuning through the same path: every param
+trains, starting from the base's.
 `export` writes the merged params as a checkpoint that `training.load_model`
 (and so `tools/generate.py`) reads.
 """
@@ -14,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lightning_jax import models
+from lightning_jax import parallel
 from lightning_jax import training
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import paths
@@ -62,6 +65,19 @@ def lora_adapter(
       "alpha": cfg.alpha,
       "targets": list(cfg.targets),
     },
+  )
+
+
+def full_adapter(base) -> training.Adapter:
+  """The `training.Adapter` of full fine-tuning: the base's params train."""
+  identity = lambda x: x  # noqa: E731
+  return training.Adapter(
+    init=lambda key: base,
+    to_model=identity,
+    grad_fn=identity,
+    optimizer=identity,
+    shardings=parallel.param_shardings,
+    metadata={"method": "full"},
   )
 
 

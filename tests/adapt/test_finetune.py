@@ -97,3 +97,24 @@ def test_finetune_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
   errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
   assert len(errors) == 1 and match in errors[0], result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_full_fine_tuning_starts_from_the_base_and_trains_every_param(tmp_path):
+  base = models.init(jax.random.key(0), MODEL)
+  result = training.train(
+    _run(tmp_path, 2), adapter=finetune.full_adapter(base)
+  )
+  # Step 1's loss is the base model's on step 1's batch, before any update.
+  batch = training.make_dataset(
+    "corpus", seq_len=16, global_batch_size=8, seed=0
+  ).batch(0)
+  loss, _ = training.loss_fn(
+    base, batch, jax.random.key(0), MODEL, training.LossConfig()
+  )
+  assert result.history[0]["loss"] == pytest.approx(float(loss), rel=1e-6)
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+    result.state.params,
+    base,
+  )
+  assert all(jax.tree.leaves(changed))
