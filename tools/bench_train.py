@@ -2,9 +2,9 @@ r"""Training-step benchmark: tokens/s of one forward + backward + AdamW step
 per model preset, and its MFU against a same-run fp32 matmul's FLOP/s.
 
 MFU = `models.flops_per_token` (model FLOPs per trained token: per-mixer
-formulas, x3 for the backward) x tokens/s / the matmul rate: the fraction
-of what this machine's matmul reaches that the model reaches inside a
-training step. Besides `models.flops_per_token` it uses only
+formulas, x3 for the backward) x tokens/s / the matmul rate measured right
+after the preset's timing: the fraction of what this machine's matmul
+reaches that the model reaches inside a training step. Besides `models.flops_per_token` it uses only
 `models.get_preset / init / forward` and optax.
 
 Usage (from the repository root):
@@ -60,7 +60,6 @@ def _step_fn(cfg, optimizer):
 
 def main(argv):
   del argv
-  matmul = benchlib.matmul_gflops()
   rows = []
   for name in _PRESETS.value:
     cfg = models.get_preset(name)
@@ -75,20 +74,21 @@ def main(argv):
       tokens,
       repeats=_REPEATS.value,
     )
+    matmul = benchlib.matmul_gflops()  # beside each preset: the load drifts
     tokens_per_s = _BATCH.value * _SEQ.value / seconds
+    flops = models.flops_per_token(cfg, _SEQ.value)
     rows.append(
       dict(
         label=_LABEL.value,
         preset=name,
         step_ms=seconds * 1e3,
         tokens_per_s=tokens_per_s,
-        gflop_per_token=models.flops_per_token(cfg, _SEQ.value) / 1e9,
-        mfu=models.flops_per_token(cfg, _SEQ.value)
-        * tokens_per_s
-        / (matmul * 1e9),
+        gflop_per_token=flops / 1e9,
+        matmul_gflops=matmul,
+        mfu=flops * tokens_per_s / (matmul * 1e9),
       )
     )
-  print(f"# {' '.join(sys.argv)}; matmul {matmul:.1f} GFLOP/s")
+  print(f"# {' '.join(sys.argv)}")
   print(benchlib.markdown_table(rows))
 
 
