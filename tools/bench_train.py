@@ -4,8 +4,9 @@ per model preset, and its MFU against a same-run fp32 matmul's FLOP/s.
 MFU = `models.flops_per_token` (model FLOPs per trained token: per-mixer
 formulas, x3 for the backward) x tokens/s / the matmul rate measured right
 after the preset's timing: the fraction of what this machine's matmul
-reaches that the model reaches inside a training step. Besides `models.flops_per_token` it uses only
-`models.get_preset / init / forward` and optax.
+reaches that the model reaches inside a training step. Besides
+`models.flops_per_token` it uses only `models.get_preset / init / forward`
+and optax.
 
 Usage (from the repository root):
   python -m tools.bench_train --presets=tiny-hybrid,tnl --batch=8 --seq=256
