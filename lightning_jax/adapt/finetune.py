@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from lightning_jax import models
 from lightning_jax import parallel
 from lightning_jax import training
+from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import paths
 from lightning_jax.adapt import qlora
@@ -44,14 +45,14 @@ def lora_adapter(
     ValueError: a target pattern matches no matrix (listing them).
   """
   dtype = models.compute_dtype(model_cfg)
-  frozen = qlora.quantize(base) if quantize else base
+  fixed = qlora.quantize(base) if quantize else base
   paths.match(base, cfg.targets, "--lora_targets")  # fails before compiling
 
   def init(key):
-    return {lora.BASE: frozen, lora.LORA: lora.init(key, base, cfg)}
+    return {frozen.BASE: fixed, lora.LORA: lora.init(key, base, cfg)}
 
   def to_model(params):
-    return lora.apply(params[lora.BASE], params[lora.LORA], cfg, dtype=dtype)
+    return lora.apply(params[frozen.BASE], params[lora.LORA], cfg, dtype=dtype)
 
   return training.Adapter(
     init=init,
