@@ -9,6 +9,8 @@ import math
 import os
 import sys
 
+from absl import flags
+
 from lightning_jax import training
 
 # Errors that mean "bad input" rather than a bug: reported as one line.
@@ -52,3 +54,42 @@ def parse_numbers(flag: str, items, kind, low, high=math.inf) -> list:
       )
     values.append(value)
   return values
+
+
+def resume_from_workdir(
+  workdir: str,
+  resumed,
+  frozen,
+  *,
+  growing=frozenset({"steps"}),
+  allow_change: bool = False,
+) -> None:
+  """Fills the absl flags not given from `<workdir>/config.json`, if any.
+
+  Args:
+    workdir: the run directory.
+    resumed: names of the flags a rerun takes from the workdir.
+    frozen: those of them that change what is trained.
+    growing: frozen numeric flags that may grow (`training.resume_flags`).
+    allow_change: accept changes of frozen flags.
+
+  Raises:
+    ValueError: a frozen flag given with another value than the saved one.
+    training.WorkdirError: config.json is unreadable.
+  """
+  record = training.read_run_config(workdir)
+  if record is None:
+    return
+  saved = {k: v for k, v in record["flags"].items() if k in resumed}
+  explicit = {name for name in resumed if flags.FLAGS[name].present}
+  values = training.resume_flags(
+    saved,
+    {name: flags.FLAGS[name].value for name in resumed},
+    explicit,
+    frozen=frozen,
+    growing=growing,
+    allow_change=allow_change,
+  )
+  for name, value in values.items():
+    if name not in explicit:
+      flags.FLAGS[name].value = value

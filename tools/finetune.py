@@ -14,8 +14,6 @@ dequantised) as a run directory that tools/generate.py loads. A bad flag
 prints one `error:` line and exits with status 2 before anything compiles.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 import jax
@@ -24,6 +22,7 @@ from lightning_jax import adapt
 from lightning_jax import training
 from lightning_jax.adapt import finetune
 from lightning_jax.adapt import lora
+from tools import cli
 
 _BASE = flags.DEFINE_string("base", None, "The tools/train.py run to adapt.")
 _METHOD = flags.DEFINE_enum(
@@ -150,26 +149,6 @@ def build(base_params, model_cfg):
   return config, adapter
 
 
-def _resume_from_workdir() -> None:
-  """Flags not given take the workdir's values (tools/train.py's rules)."""
-  record = training.read_run_config(_WORKDIR.value)
-  if record is None:
-    return
-  saved = {k: v for k, v in record["flags"].items() if k in _RESUMED}
-  explicit = {name for name in _RESUMED if flags.FLAGS[name].present}
-  values = training.resume_flags(
-    saved,
-    {name: flags.FLAGS[name].value for name in _RESUMED},
-    explicit,
-    frozen=_FROZEN,
-    growing={"steps"},
-    allow_change=_ALLOW_CONFIG_CHANGE.value,
-  )
-  for name, value in values.items():
-    if name not in explicit:
-      flags.FLAGS[name].value = value
-
-
 def _summary(state) -> str:
   """Trainable parameters and optimiser-state bytes of the final state."""
   params = state.params
@@ -179,18 +158,18 @@ def _summary(state) -> str:
   return f"{count:,} trainable params, {opt_bytes:,} optimiser-state bytes"
 
 
-def _fail(message: str, status: int):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}", 2)
+    cli.fail(f"unexpected arguments {argv[1:]}")
   try:
     if not _WORKDIR.value:
       raise ValueError("--workdir is required.")
-    _resume_from_workdir()
+    cli.resume_from_workdir(
+      _WORKDIR.value,
+      _RESUMED,
+      _FROZEN,
+      allow_change=_ALLOW_CONFIG_CHANGE.value,
+    )
     if not _BASE.value:
       raise ValueError("--base (a tools/train.py run directory) is required.")
     try:
@@ -199,9 +178,9 @@ def main(argv):
       raise ValueError(f"--base={_BASE.value!r}: {e}") from None
     config, adapter = build(base, model_cfg)
   except ValueError as e:
-    _fail(str(e).splitlines()[0], 2)
+    cli.fail(e)
   except training.WorkdirError as e:
-    _fail(str(e), 2)
+    cli.fail(e)
   print(
     f"{_METHOD.value} on {_BASE.value} (step {base_step}), rank "
     f"{_LORA_RANK.value}, targets {','.join(_LORA_TARGETS.value)}: "
@@ -211,9 +190,9 @@ def main(argv):
   try:
     result = training.train(config, adapter=adapter)
   except ValueError as e:
-    _fail(str(e).splitlines()[0], 2)
+    cli.fail(e)
   except (training.NonFiniteLossError, training.WorkdirError) as e:
-    _fail(str(e), 1)
+    cli.fail(e, 1)
   if result.history:
     last = result.history[-1]
     print(

@@ -17,13 +17,13 @@ one `error:` line and exit with status 2.
 
 import json
 import os
-import sys
 
 from absl import app
 from absl import flags
 import numpy as np
 
 from lightning_jax import scaling
+from tools import cli
 
 _RUNS = flags.DEFINE_string("runs", None, "runs.jsonl of tools/sweep.py.")
 _FORM = flags.DEFINE_enum(
@@ -164,18 +164,13 @@ def plot(runs: dict, fits: dict, path: str, loss_key: str) -> None:
   plt.close(fig)
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   if not _RUNS.value:
-    _fail("--runs (a runs.jsonl of tools/sweep.py) is required.")
+    cli.fail("--runs (a runs.jsonl of tools/sweep.py) is required.")
   if _BOOTSTRAP.value < 0:
-    _fail(f"--bootstrap must be >= 0, got {_BOOTSTRAP.value}.")
+    cli.fail(f"--bootstrap must be >= 0, got {_BOOTSTRAP.value}.")
   out_dir = _OUT_DIR.value or os.path.dirname(os.path.abspath(_RUNS.value))
   stem = os.path.join(out_dir, f"scaling_{_FORM.value}")
   try:
@@ -190,7 +185,7 @@ def main(argv):
       plot(runs, fits, stem + ".png", _LOSS_KEY.value)
       print(f"Wrote {stem}.png", flush=True)
   except ValueError as e:
-    _fail(str(e).splitlines()[0])
+    cli.fail(e)
 
 
 if __name__ == "__main__":

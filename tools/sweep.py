@@ -34,6 +34,7 @@ from absl import flags
 
 from lightning_jax import models
 from lightning_jax import training
+from tools import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RUNS_FILE = "runs.jsonl"
@@ -277,16 +278,11 @@ def run_one(run: Run, out: str) -> dict | None:
   }
 
 
-def _fail(message: str):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
+    cli.fail(f"unexpected arguments {argv[1:]}")
   if not _OUT.value:
-    _fail("--out (the sweep directory) is required.")
+    cli.fail("--out (the sweep directory) is required.")
   out = os.path.abspath(_OUT.value)
   try:
     vocab = training.make_dataset(
@@ -299,7 +295,7 @@ def main(argv):
     if not _DRY_RUN.value:
       _check_settings(out)
   except ValueError as e:
-    _fail(str(e).splitlines()[0])
+    cli.fail(e)
   finished = _finished(out)
   print_grid(runs, finished)
   if _DRY_RUN.value:

@@ -15,8 +15,6 @@ Flags are checked before anything compiles: a bad one prints one `error:`
 line and exits with status 2. docs/training.md lists every flag.
 """
 
-import sys
-
 from absl import app
 from absl import flags
 import jax
@@ -24,6 +22,7 @@ import jax
 from lightning_jax import models
 from lightning_jax import parallel
 from lightning_jax import training
+from tools import cli
 
 _MODEL = flags.DEFINE_string(
   "model", "tiny-hybrid", "Model preset (models.preset_names())."
@@ -274,32 +273,6 @@ def _workdir() -> str:
   return _WORKDIR.value or f"/tmp/lightning_jax/{_MODEL.value}"
 
 
-def resume_from_workdir() -> None:
-  """Fills the flags not given from the workdir's config.json, if any.
-
-  Raises:
-    ValueError: a frozen flag is given with another value than the saved
-      one (without --allow_config_change).
-    WorkdirError: config.json is unreadable.
-  """
-  record = training.read_run_config(_workdir())
-  if record is None:
-    return
-  saved = {k: v for k, v in record["flags"].items() if k in _RESUMED}
-  explicit = {name for name in _RESUMED if flags.FLAGS[name].present}
-  values = training.resume_flags(
-    saved,
-    {name: flags.FLAGS[name].value for name in _RESUMED},
-    explicit,
-    frozen=_FROZEN,
-    growing={"steps"},
-    allow_change=_ALLOW_CONFIG_CHANGE.value,
-  )
-  for name, value in values.items():
-    if name not in explicit:
-      flags.FLAGS[name].value = value
-
-
 def _profile_steps() -> tuple[int, int] | None:
   """--profile_steps as (start, count)."""
   if _PROFILE_STEPS.value is None:
@@ -395,25 +368,25 @@ def _initialize_distributed() -> None:
     parallel.initialize_distributed(*explicit)
 
 
-def _fail(message: str, status: int):
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(status)
-
-
 def main(argv):
   if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}", 2)
+    cli.fail(f"unexpected arguments {argv[1:]}")
   _initialize_distributed()
   if _COMPILATION_CACHE_DIR.value:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE_DIR.value)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
-    resume_from_workdir()
+    cli.resume_from_workdir(
+      _workdir(),
+      _RESUMED,
+      _FROZEN,
+      allow_change=_ALLOW_CONFIG_CHANGE.value,
+    )
     config = build_config()
   except ValueError as e:
-    _fail(str(e).splitlines()[0], 2)
+    cli.fail(e)
   except training.WorkdirError as e:
-    _fail(str(e), 2)
+    cli.fail(e)
   if jax.process_index() == 0:
     mesh = parallel.make_mesh(config.mesh or None)
     print(
@@ -426,9 +399,9 @@ def main(argv):
   try:
     result = training.train(config)
   except ValueError as e:  # a configuration error, found before compiling
-    _fail(str(e).splitlines()[0], 2)
+    cli.fail(e)
   except (training.NonFiniteLossError, training.WorkdirError) as e:
-    _fail(str(e), 1)
+    cli.fail(e, 1)
   if jax.process_index() == 0 and result.preempted:
     saved = (
       f"the state is saved in {config.workdir}; rerun to resume"
