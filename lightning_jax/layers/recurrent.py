@@ -71,7 +71,7 @@ class Recurrence(NamedTuple):
       whose value increments count; `kw` holds the op arguments
       `initial_state`, `output_final_state`, `chunk_size`, `impl`, or,
       on a sequence split over a mesh axis, `axis_name` instead of
-      `impl` and `initial_state`: call the op through `_recur`.
+      `impl` and `initial_state`: call the op through `recur`.
     state_flops: forward FLOPs per state entry per token of the recurrent
       form (the mixer's `flops` is `state_flops * H * Dk * Dv`): 5 for a
       decayed linear attention (decay 1, `k v^T` 2, `S^T q` 2), 6 for the
@@ -287,7 +287,7 @@ def _sequence_parallel_mix(params, x_BxLxD, cfg, axis_name):
   return _mix(params, x_BxLxD, cfg, halo, None, kw)[0]
 
 
-def _recur(op, *args, axis_name=None, **kw):
+def recur(op, *args, axis_name=None, **kw):
   """`op(*args, **kw)`, or on a sequence split over `axis_name` (inside
   `shard_map`) its twin `ops.SEQUENCE_PARALLEL[op]` (always chunked)."""
   if axis_name is None:
@@ -449,7 +449,7 @@ def _lightning_extra(keys, cfg, proj, layer, num_layers):
 
 
 def _lightning_mix(params, x_BxTxD, s, valid, cfg, kw):
-  o, ssm = _recur(
+  o, ssm = recur(
     ops.linear_attention,
     jax.nn.silu(s["q"]),
     jax.nn.silu(s["k"]),
@@ -487,7 +487,7 @@ def _hgrn2_mix(params, x_BxTxD, s, valid, cfg, kw):
     jnp.log(gamma), jnp.log1p(-gamma) + jax.nn.log_sigmoid(z)
   )
   k = ((1 - gamma) * jax.nn.sigmoid(-z)).astype(s["q"].dtype)  # 1 - f
-  o, ssm = _recur(
+  o, ssm = recur(
     ops.gated_linear_attention,
     jax.nn.silu(s["q"]),
     k,
@@ -529,7 +529,7 @@ def _delta_mix(params, x_BxTxD, s, valid, cfg, kw):
     log_decay = -jnp.exp(params["a_log"])[None, None] * jax.nn.softplus(
       gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None]
     )
-  o, ssm = _recur(
+  o, ssm = recur(
     ops.delta_rule,
     l2_normalize(q),
     l2_normalize(k),
