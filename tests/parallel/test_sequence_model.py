@@ -16,7 +16,15 @@ from lightning_jax import parallel
 
 # 24 tokens over seq=4: 6 per device, not a multiple of the chunk (4); the
 # conv's K - 1 = 3 halo tokens come from the previous device.
-KINDS = ("lightning", "deltanet", "gated_deltanet", "hgrn2", "attention")
+KINDS = (
+  "lightning",
+  "deltanet",
+  "gated_deltanet",
+  "hgrn2",
+  "mamba2",
+  "cosformer2",
+  "attention",
+)
 CFG = models.ModelConfig(
   vocab_size=64,
   d_model=16,
