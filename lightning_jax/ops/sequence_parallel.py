@@ -267,8 +267,8 @@ def sequence_axis(seq_len: int) -> str | None:
 
   `SEQ` when the mesh being traced (`jax.set_mesh`, or the abstract mesh
   that `parallel.shard_step` traces the step under) has a `seq` axis of
-  more than one device that is not already manual (inside a `shard_map`
-  over it, e.g. the pipeline's); None otherwise.
+  more than one device, outside any `shard_map` (inside one, e.g. a
+  pipeline stage, the split is left to XLA as before); None otherwise.
 
   Args:
     seq_len: the global sequence length of the forward.
@@ -278,7 +278,7 @@ def sequence_axis(seq_len: int) -> str | None:
   """
   mesh = jax.sharding.get_abstract_mesh()
   size = dict(mesh.shape).get(SEQ, 1)
-  if size == 1 or SEQ in mesh.manual_axes:
+  if size == 1 or mesh.manual_axes:
     return None
   if seq_len % size:
     raise ValueError(
