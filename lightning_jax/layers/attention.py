@@ -12,6 +12,7 @@ RoPE: Su et al., 2021 (RoFormer), rotate-half form. MoA windows: Fu et al.,
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -194,7 +195,9 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
 
   With neither `window` nor a MoA rule it is dense causal attention; with
   them, each head sees its window (plus the sink). Windows derive from the
-  static sequence length, so they are concrete under `jit`.
+  static sequence length, so they are concrete under `jit`. Dense attention
+  traced under a mesh with a `seq` axis (`ops.sequence_axis`) runs context
+  parallel: each device its queries, keys and values all-gathered.
 
   Example:
     >>> cfg = AttentionConfig(32, 4, 2, 8, window=16)
@@ -203,8 +206,34 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
     (1, 40, 32)
   """
   seq = x_BxTxD.shape[1]
+  windows = cfg.windows(seq)
+  axis = ops.sequence_axis(seq) if windows is None else None
+  if axis is not None:
+    local = functools.partial(_context_parallel, cfg=cfg, axis_name=axis)
+    return ops.map_sequence(local, params, x_BxTxD, axis)
   q, k, v = _qkv(params, x_BxTxD, cfg, jnp.arange(seq))
-  return _out(params, _attend(q, k, v, cfg.windows(seq), cfg), x_BxTxD.dtype)
+  return _out(params, _attend(q, k, v, windows, cfg), x_BxTxD.dtype)
+
+
+def _context_parallel(params, x_BxLxD, cfg: AttentionConfig, axis_name: str):
+  """Dense causal attention of one device's chunk of a sequence split over
+  `axis_name`: RoPE at the global positions, keys and values all-gathered.
+
+  Device i (queries `[i L, (i + 1) L)`) attends to the first `(i + 1) L`
+  keys, where the causal mask is the kernel's bottom-right alignment: one
+  `lax.switch` branch per device, each a static prefix.
+  """
+  local, size = x_BxLxD.shape[1], jax.lax.axis_size(axis_name)
+  index = jax.lax.axis_index(axis_name)
+  q, k, v = _qkv(params, x_BxLxD, cfg, index * local + jnp.arange(local))
+  k, v = (jax.lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (k, v))
+
+  def prefix(i):
+    end = (i + 1) * local
+    return lambda q, k, v: _attend(q, k[:, :end], v[:, :end], None, cfg)
+
+  o = jax.lax.switch(index, [prefix(i) for i in range(size)], q, k, v)
+  return _out(params, o, x_BxLxD.dtype)
 
 
 def attention_layer_probed(

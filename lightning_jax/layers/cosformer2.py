@@ -38,6 +38,7 @@ choice: f = SiLU (App. A.1: "f is the swish function"); v has no
 """
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -50,6 +51,7 @@ from lightning_jax.layers import mixers
 from lightning_jax.layers import norms
 from lightning_jax.layers.mlp import dense_init
 from lightning_jax.layers.recurrent import mask_values
+from lightning_jax.layers.recurrent import recur
 
 IMPLS = ("chunked", "recurrent")
 
@@ -199,6 +201,11 @@ def cosformer2_layer(
     "x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model), "[batch, seq, d_model]"
   )
   h, c = cfg.num_heads, cfg.head_dim
+  if state is None and decoding is None:
+    axis = ops.sequence_axis(seq)
+    if axis is not None:
+      mix = functools.partial(_sequence_parallel_mix, cfg=cfg, axis_name=axis)
+      return ops.map_sequence(mix, params, x_BxTxD, axis), None
   if state is None:
     state = _fresh_state(x_BxTxD, cfg)
   _checks.check_shape(
@@ -217,27 +224,53 @@ def cosformer2_layer(
     x_BxTxD, valid, unshift = mixers.left_align(x_BxTxD, lengths_B)
     position_BxT = position_BxT - (seq - lengths_B)[:, None]  # < 0: padding
     end_B = start_B + lengths_B
+  kw = dict(
+    initial_state=state.ssm,
+    output_final_state=True,
+    chunk_size=cfg.chunk_size,
+    impl="recurrent" if seq == 1 else cfg.impl,
+  )
+  y, ssm = _mix(params, x_BxTxD, cfg, position_BxT, valid, kw)
+  return unshift(y), CosFormer2State(ssm, end_B)
+
+
+def _sequence_parallel_mix(params, x_BxLxD, cfg: CosFormer2Config, axis_name):
+  """One device's chunk of a training forward split over `axis_name`, LRPE
+  at the global positions."""
+  local = x_BxLxD.shape[1]
+  start = jax.lax.axis_index(axis_name) * local
+  position_BxL = jnp.broadcast_to(
+    start + jnp.arange(local, dtype=jnp.int32), x_BxLxD.shape[:2]
+  )
+  kw = dict(
+    output_final_state=True, chunk_size=cfg.chunk_size, axis_name=axis_name
+  )
+  return _mix(params, x_BxLxD, cfg, position_BxL, None, kw)[0]
+
+
+def _mix(params, x_BxTxD, cfg: CosFormer2Config, position_BxT, valid, kw):
+  """Projections, LRPE, the recurrence and the gated output: `(y, ssm)`."""
+  batch, seq = x_BxTxD.shape[:2]
+  h, c = cfg.num_heads, cfg.head_dim
   proj = lambda w: jnp.einsum("btd,dhc->bthc", x_BxTxD, params[w])
   theta = params["lrpe_theta"].reshape(h, c).astype(jnp.float32)
   q = lrpe(jax.nn.silu(proj("wq")), theta, position_BxT)
   k = lrpe(jax.nn.silu(proj("wk")), theta, position_BxT)
-  o, ssm = ops.linear_attention(
+  o, ssm = recur(
+    ops.linear_attention,
     q,
     k,
     mask_values(proj("wv"), valid),
     None,
     scale=1.0,
-    initial_state=state.ssm,
-    output_final_state=True,
-    chunk_size=cfg.chunk_size,
-    impl="recurrent" if seq == 1 else cfg.impl,
+    **kw,
   )
   o = norms.simple_rms_norm(o.reshape(batch, seq, h * c), cfg.norm_eps)
   low = jnp.einsum("btd,dr->btr", x_BxTxD, params["wg_down"])
   gate = jax.nn.sigmoid(jnp.einsum("btr,rhc->bthc", low, params["wg_up"]))
   o = o.reshape(batch, seq, h, c) * gate.astype(o.dtype)
   y = jnp.einsum("bthc,hcd->btd", o.astype(x_BxTxD.dtype), params["wo"])
-  return unshift(y.astype(x_BxTxD.dtype)), CosFormer2State(ssm, end_B)
+  return y.astype(x_BxTxD.dtype), ssm
 
 
 def _config(spec: mixers.LayerSpec) -> CosFormer2Config:

@@ -24,6 +24,7 @@ order). The gated norm here normalises all d_inner channels (mamba_ssm's
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -34,6 +35,7 @@ from lightning_jax import ops
 from lightning_jax.layers import mixers
 from lightning_jax.layers import norms
 from lightning_jax.layers.mlp import dense_init
+from lightning_jax.layers.recurrent import recur
 from lightning_jax.layers.recurrent import RecurrentState
 from lightning_jax.layers.recurrent import short_conv
 
@@ -161,16 +163,49 @@ def mamba2_layer(
   _checks.check_shape(
     "x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model), "[batch, seq, d_model]"
   )
+  if state is None and decoding is None:
+    axis = ops.sequence_axis(seq)
+    if axis is not None:
+      mix = functools.partial(_sequence_parallel_mix, cfg=cfg, axis_name=axis)
+      return ops.map_sequence(mix, params, x_BxTxD, axis), None
   if state is None:
     state = init_mamba2_state(cfg, batch, dtype=x_BxTxD.dtype)
   valid, unshift = None, lambda y: y
   if decoding is not None and seq > 1:
     x_BxTxD, valid, unshift = mixers.left_align(x_BxTxD, decoding.lengths_B)
+  kw = dict(
+    initial_state=state.ssm,
+    output_final_state=True,
+    chunk_size=cfg.chunk_size,
+    impl="recurrent" if seq == 1 else cfg.impl,
+  )
+  tail = lambda u: state.conv["xBC"]
+  out, ssm, tail = _mix(params, x_BxTxD, cfg, tail, valid, kw)
+  return unshift(out), RecurrentState(ssm, {"xBC": tail})
+
+
+def _sequence_parallel_mix(params, x_BxLxD, cfg: Mamba2Config, axis_name):
+  """One device's chunk of a training forward split over `axis_name`: the
+  conv's K - 1 inputs before the chunk from the previous device."""
+  halo = lambda u: ops.previous_tokens(u, cfg.conv_size - 1, axis_name)
+  kw = dict(
+    output_final_state=True, chunk_size=cfg.chunk_size, axis_name=axis_name
+  )
+  return _mix(params, x_BxLxD, cfg, halo, None, kw)[0]
+
+
+def _mix(params, x_BxTxD, cfg: Mamba2Config, tail, valid, kw):
+  """The mixer, `tail(u [B, T, 1, conv_dim])` giving the K - 1 conv inputs
+  before x: `(y, ssm, new conv tail)`."""
+  batch, seq = x_BxTxD.shape[:2]
   h, p, g, n = cfg.num_heads, cfg.head_dim, cfg.num_groups, cfg.state_dim
   proj = jnp.einsum("btd,de->bte", x_BxTxD, params["in_proj"])
   z, xbc, dt = jnp.split(proj, [cfg.d_inner, cfg.d_inner + cfg.conv_dim], -1)
+  xbc = xbc[:, :, None]
   xbc, tail = short_conv(
-    params["conv1d"]["weight"][:, None], xbc[:, :, None], state.conv["xBC"]
+    params["conv1d"]["weight"][:, None],
+    xbc,
+    tail(xbc),
   )
   xbc = jax.nn.silu(
     xbc[:, :, 0] + params["conv1d"]["bias"].astype(xbc.dtype)[None, None]
@@ -184,22 +219,20 @@ def mamba2_layer(
   v = x.astype(jnp.float32) * dt[..., None]
   if valid is not None:
     v = jnp.where(valid[:, :, None, None], v, 0)
-  y, ssm = ops.linear_attention(
+  y, ssm = recur(
+    ops.linear_attention,
     per_group(c),
     per_group(b),
     v.astype(x.dtype),
     dt * -jnp.exp(params["A_log"])[None, None],
     scale=1.0,
-    initial_state=state.ssm,
-    output_final_state=True,
-    chunk_size=cfg.chunk_size,
-    impl="recurrent" if seq == 1 else cfg.impl,
+    **kw,
   )
   y = y + params["D"].astype(y.dtype)[None, None, :, None] * x
   y = y.reshape(batch, seq, cfg.d_inner) * jax.nn.silu(z)
   y = norms.rms_norm(params["norm"], y, cfg.norm_eps)
   out = jnp.einsum("bte,ed->btd", y.astype(x_BxTxD.dtype), params["out_proj"])
-  return unshift(out.astype(x_BxTxD.dtype)), RecurrentState(ssm, {"xBC": tail})
+  return out.astype(x_BxTxD.dtype), ssm, tail
 
 
 def _config(spec: mixers.LayerSpec) -> Mamba2Config:

@@ -10,6 +10,11 @@ prefill and token-by-token decoding. `register_recurrence` registers a kind
 from its `Recurrence` (its streams, extra params and state update); the
 shared projections, short conv, padding and output projection live here.
 
+A training forward traced under a mesh with a `seq` axis
+(`ops.sequence_axis`) runs sequence parallel: each device its chunk, the
+recurrence through its `ops.SEQUENCE_PARALLEL` twin, the short conv's K - 1
+inputs before the chunk from the previous device.
+
 - `lightning`: TransNormerLLM / Lightning Attention (Qin et al., 2023,
   arXiv 2307.14995; 2024, arXiv 2401.04658): q, k = SiLU(x W), fixed
   per-head decays `ops.tnl_log_decay(layer, num_layers)`, SRMSNorm per head,
@@ -34,6 +39,7 @@ them alone.
 """
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -63,7 +69,9 @@ class Recurrence(NamedTuple):
       [B, T, H, Dv], new ssm)`: the recurrence and the per-head output
       norm and gate. `valid_BxT` (None: all valid) marks the tokens
       whose value increments count; `kw` holds the op arguments
-      `initial_state`, `output_final_state`, `chunk_size`, `impl`.
+      `initial_state`, `output_final_state`, `chunk_size`, `impl`, or,
+      on a sequence split over a mesh axis, `axis_name` instead of
+      `impl` and `initial_state`: call the op through `recur`.
     state_flops: forward FLOPs per state entry per token of the recurrent
       form (the mixer's `flops` is `state_flops * H * Dk * Dv`): 5 for a
       decayed linear attention (decay 1, `k v^T` 2, `S^T q` 2), 6 for the
@@ -243,15 +251,48 @@ def mask_values(v_BxTxHxD, valid_BxT):
   return jnp.where(valid_BxT[:, :, None, None], v_BxTxHxD, 0)
 
 
-def _streams(params, x_BxTxD, cfg, state):
-  """Projected (and short-convolved) streams, and the new conv tails."""
+def _streams(params, x_BxTxD, cfg, tail):
+  """Projected (and short-convolved) streams, and the new conv tails.
+
+  `tail(name, u_BxTxHxC)` gives the K - 1 conv inputs before stream `name`.
+  """
   streams, tails = {}, {}
   for s in cfg.recurrence.streams:
     u = jnp.einsum("btd,dhc->bthc", x_BxTxD, params[f"w{s}"])
     if cfg.conv_size:
-      u, tails[s] = short_conv(params[f"conv_{s}"], u, state.conv[s])
+      u, tails[s] = short_conv(params[f"conv_{s}"], u, tail(s, u))
     streams[s] = u
   return streams, tails
+
+
+def _mix(params, x_BxTxD, cfg, tail, valid_BxT, kw):
+  """Streams, recurrence and output projection: `(y, ssm, conv tails)`."""
+  s, tails = _streams(params, x_BxTxD, cfg, tail)
+  o, ssm = cfg.recurrence.mix(params, x_BxTxD, s, valid_BxT, cfg, kw)
+  y = jnp.einsum("bthc,hcd->btd", o.astype(x_BxTxD.dtype), params["wo"])
+  return y.astype(x_BxTxD.dtype), ssm, tails
+
+
+def _sequence_parallel_mix(params, x_BxLxD, cfg, axis_name):
+  """One device's chunk of a training forward split over `axis_name`.
+
+  The short convs take their K - 1 inputs before the chunk from the
+  previous device (`ops.previous_tokens`), the recurrence runs as its
+  `ops.SEQUENCE_PARALLEL` twin (one all-gather of state maps).
+  """
+  halo = lambda name, u: ops.previous_tokens(u, cfg.conv_size - 1, axis_name)
+  kw = dict(
+    output_final_state=True, chunk_size=cfg.chunk_size, axis_name=axis_name
+  )
+  return _mix(params, x_BxLxD, cfg, halo, None, kw)[0]
+
+
+def recur(op, *args, axis_name=None, **kw):
+  """`op(*args, **kw)`, or on a sequence split over `axis_name` (inside
+  `shard_map`) its twin `ops.SEQUENCE_PARALLEL[op]` (always chunked)."""
+  if axis_name is None:
+    return op(*args, **kw)
+  return ops.SEQUENCE_PARALLEL[op](*args, axis_name=axis_name, **kw)
 
 
 def gate(params, x_BxTxD, name):
@@ -279,10 +320,14 @@ def recurrent_layer(
   Returns:
     `(y [batch, seq, d_model] in x's dtype, RecurrentState after the last
     (real) token)`. Splitting a sequence and carrying the state gives the
-    result of one call; one token runs the reference recurrence.
+    result of one call; one token runs the reference recurrence. A
+    training forward (no state, no decoding) under a mesh with a `seq`
+    axis returns `(y, None)`: it runs sequence parallel, chunked.
 
   Raises:
-    ValueError: `x_BxTxD` or `state` of the wrong shape.
+    ValueError: `x_BxTxD` or `state` of the wrong shape; `seq_len` not
+      divisible by the mesh's `seq` axis, or a local chunk shorter than
+      `conv_size - 1` (`count`).
 
   Example:
     >>> cfg = RecurrentConfig("gated_deltanet", 32, 4, 8, conv_size=4)
@@ -296,6 +341,11 @@ def recurrent_layer(
   _checks.check_shape(
     "x_BxTxD", x_BxTxD, (batch, seq, cfg.d_model), "[batch, seq, d_model]"
   )
+  if state is None and decoding is None:
+    axis = ops.sequence_axis(seq)
+    if axis is not None:
+      mix = functools.partial(_sequence_parallel_mix, cfg=cfg, axis_name=axis)
+      return ops.map_sequence(mix, params, x_BxTxD, axis), None
   if state is None:
     state = init_recurrent_state(cfg, batch, x_BxTxD.dtype)
   _checks.check_shape(
@@ -307,16 +357,15 @@ def recurrent_layer(
   valid, unshift = None, lambda y: y
   if decoding is not None and seq > 1:
     x_BxTxD, valid, unshift = mixers.left_align(x_BxTxD, decoding.lengths_B)
-  s, tails = _streams(params, x_BxTxD, cfg, state)
   kw = dict(
     initial_state=state.ssm,
     output_final_state=True,
     chunk_size=cfg.chunk_size,
     impl="recurrent" if seq == 1 else cfg.impl,
   )
-  o, ssm = cfg.recurrence.mix(params, x_BxTxD, s, valid, cfg, kw)
-  y = jnp.einsum("bthc,hcd->btd", o.astype(x_BxTxD.dtype), params["wo"])
-  return unshift(y.astype(x_BxTxD.dtype)), RecurrentState(ssm, tails)
+  tail = lambda name, u: state.conv[name]
+  y, ssm, tails = _mix(params, x_BxTxD, cfg, tail, valid, kw)
+  return unshift(y), RecurrentState(ssm, tails)
 
 
 _QKV = ("embed", "heads", "head_dim")  # [D, H, C]
@@ -400,7 +449,8 @@ def _lightning_extra(keys, cfg, proj, layer, num_layers):
 
 
 def _lightning_mix(params, x_BxTxD, s, valid, cfg, kw):
-  o, ssm = ops.linear_attention(
+  o, ssm = recur(
+    ops.linear_attention,
     jax.nn.silu(s["q"]),
     jax.nn.silu(s["k"]),
     mask_values(s["v"], valid),
@@ -437,8 +487,13 @@ def _hgrn2_mix(params, x_BxTxD, s, valid, cfg, kw):
     jnp.log(gamma), jnp.log1p(-gamma) + jax.nn.log_sigmoid(z)
   )
   k = ((1 - gamma) * jax.nn.sigmoid(-z)).astype(s["q"].dtype)  # 1 - f
-  o, ssm = ops.gated_linear_attention(
-    jax.nn.silu(s["q"]), k, mask_values(s["v"], valid), log_f, **kw
+  o, ssm = recur(
+    ops.gated_linear_attention,
+    jax.nn.silu(s["q"]),
+    k,
+    mask_values(s["v"], valid),
+    log_f,
+    **kw,
   )
   return _silu_gate(params, x_BxTxD, o, cfg), ssm
 
@@ -474,7 +529,8 @@ def _delta_mix(params, x_BxTxD, s, valid, cfg, kw):
     log_decay = -jnp.exp(params["a_log"])[None, None] * jax.nn.softplus(
       gate(params, x_BxTxD, "wa") + params["dt_bias"][None, None]
     )
-  o, ssm = ops.delta_rule(
+  o, ssm = recur(
+    ops.delta_rule,
     l2_normalize(q),
     l2_normalize(k),
     mask_values(v, valid),

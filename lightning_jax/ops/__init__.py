@@ -21,9 +21,17 @@ from lightning_jax.ops.moa import moa_attention
 from lightning_jax.ops.moa import moa_density
 from lightning_jax.ops.moa import moa_mask
 from lightning_jax.ops.moa import moa_windows
+from lightning_jax.ops.sequence_parallel import map_sequence
+from lightning_jax.ops.sequence_parallel import previous_tokens
+from lightning_jax.ops.sequence_parallel import SEQUENCE_PARALLEL
+from lightning_jax.ops.sequence_parallel import sequence_axis
+from lightning_jax.ops.sequence_parallel import sp_delta_rule
+from lightning_jax.ops.sequence_parallel import sp_gated_linear_attention
+from lightning_jax.ops.sequence_parallel import sp_linear_attention
 
 __all__ = (
   "MoAPlan",
+  "SEQUENCE_PARALLEL",
   "attention",
   "attention_lib",
   "attention_weights",
@@ -31,12 +39,18 @@ __all__ = (
   "delta_rule",
   "gated_linear_attention",
   "linear_attention",
+  "map_sequence",
   "masked_attention",
   "moa_attention",
   "moa_density",
   "moa_lib",
   "moa_mask",
   "moa_windows",
+  "previous_tokens",
+  "sequence_axis",
+  "sp_delta_rule",
+  "sp_gated_linear_attention",
+  "sp_linear_attention",
   "tnl_log_decay",
   "unit_lower_inverse",
 )

@@ -32,3 +32,4 @@ from lightning_jax.parallel.sharding import param_shardings
 from lightning_jax.parallel.sharding import plan_leaf
 from lightning_jax.parallel.sharding import shard_step
 from lightning_jax.parallel.sharding import sharding_summary
+from lightning_jax.parallel.sharding import traced_on

@@ -12,13 +12,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from lightning_jax.ops import sequence_parallel
+
 DATA, FSDP, TENSOR, EXPERT, PIPE, SEQ = (
   "data",
   "fsdp",
   "tensor",
   "expert",
   "pipe",
-  "seq",
+  sequence_parallel.SEQ,
 )
 AXES = (DATA, FSDP, TENSOR, EXPERT, PIPE, SEQ)
 

@@ -25,6 +25,7 @@ Data, seq and unknown leaves are never split except by fsdp.
 
 from collections.abc import Callable
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -370,7 +371,9 @@ def shard_step(
   its carry and, with `donate`, updates buffers in place); the batch comes in
   with `batch_shardings` (a sharding or a pytree of them); metrics come out
   replicated. Inside, XLA's sharding propagation (Auto axes) inserts the
-  collectives of data, fsdp, tensor and expert parallelism.
+  collectives of data, fsdp, tensor and expert parallelism. The step is
+  traced under the mesh (`traced_on`), so with a `seq` axis the layers run
+  sequence / context parallel.
 
   Args:
     step_fn: `step_fn(state, batch) -> (new_state, metrics)`.
@@ -385,8 +388,31 @@ def shard_step(
   """
   replicated = NamedSharding(mesh, P())
   return jax.jit(
-    step_fn,
+    traced_on(mesh, step_fn),
     in_shardings=(state_shardings, batch_shardings),
     out_shardings=(state_shardings, replicated),
     donate_argnums=(0,) if donate else (),
   )
+
+
+def traced_on(mesh: jax.sharding.Mesh, fn: Callable) -> Callable:
+  """`fn` traced under `mesh` as the abstract mesh in context.
+
+  Layers read it (`ops.sequence_axis`): with a `seq` axis of more than one
+  device, recurrent mixers run sequence parallel and attention context
+  parallel, instead of leaving the split sequence to XLA.
+
+  Args:
+    mesh: the mesh the jitted `fn` runs on.
+    fn: the function to trace (e.g. a train or eval step).
+
+  Returns:
+    `fn` with the same signature.
+  """
+
+  @functools.wraps(fn)
+  def run(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+
+  return run

@@ -508,7 +508,7 @@ def _eval_step(config: TrainConfig, to_model, state_shardings, batch_sharding):
     return {"ce_sum": ce, "num_targets": count, "hits": hits}
 
   return jax.jit(
-    sums,
+    parallel.traced_on(batch_sharding.mesh, sums),
     in_shardings=(state_shardings.params, batch_sharding),
     out_shardings=jax.sharding.NamedSharding(
       batch_sharding.mesh, jax.sharding.PartitionSpec()

@@ -262,6 +262,18 @@ def test_same_loss_curve_on_another_mesh_layout(tmp_path):
   np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
 
 
+def test_sequence_parallel_mesh_gives_the_same_loss_curve(tmp_path):
+  """data=2,seq=4 == data=8: rtol 1e-4 over 3 steps of tiny-hybrid's two
+  DeltaNet layers, sequence parallel (6 tokens per device, chunks of 8,
+  conv halos across devices; attention: tests/parallel/
+  test_sequence_model.py)."""
+  curves = []
+  for i, mesh in enumerate(("data=8", "data=2,seq=4")):
+    config = _config(tmp_path / str(i), steps=3, seq_len=24, mesh=mesh)
+    curves.append([r["loss"] for r in training.train(config).history])
+  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+
+
 def test_pipeline_mesh_gives_the_same_loss_curve(tmp_path):
   """mesh pipe=2 (1F1B, 2 microbatches, stage-stacked params through the
   grad_fn hook) == data=8 without microbatches, rtol 1e-4 over 3 steps."""
@@ -315,6 +327,10 @@ def _bad(tmp_path, **kwargs):
     (
       dict(mesh="data=2,fsdp=2,tensor=2", batch_size=6),
       r"--batch_size=6 must be divisible by the data-parallel size .* = 4",
+    ),
+    (
+      dict(mesh="data=2,seq=4", seq_len=18),
+      r"--seq_len=18 must be divisible by the mesh's seq axis \(4\)",
     ),
     (dict(microbatches=3), r"--microbatches=3 = 24"),
     (
