@@ -64,6 +64,11 @@ def stack_replicas(tree, replicas: int):
   )
 
 
+def replica_mean(params):
+  """The replicas' mean of `[replicas, ...]` params: the model they make."""
+  return jax.tree.map(lambda x: x.mean(0), params)
+
+
 def init_co2_state(
   params, inner: optax.GradientTransformation, key, cfg, replicas: int
 ) -> TrainState:

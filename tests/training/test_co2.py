@@ -2,6 +2,8 @@
 step against a NumPy reference, momentum clipping, mesh layouts, exact
 resume mid-round, and the flags' checks."""
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -166,74 +168,59 @@ def test_staleness_one_uses_the_previous_round_mean():
 
 
 MODEL = models.get_preset(
-  "transformer", d_model=16, num_layers=2, num_heads=4, head_dim=4, d_ff=32
+  "transformer", d_model=16, num_layers=1, num_heads=4, head_dim=4, d_ff=32
 )
 
 
-def _model_curve(mesh_spec, steps=4):
-  """Losses of CO2 on the tiny transformer over `mesh_spec` (8 devices)."""
-  mesh = parallel.make_mesh(mesh_spec)
-  cfg = training.CO2Config(local_steps=2, outer_momentum=0.5, clip=0.1)
-  optim = training.OptimConfig(
-    lr=1e-2, total_steps=steps, warmup_steps=0, optimizer="co2", co2=cfg
+def _train(workdir, mesh, steps, checkpoint_every=0):
+  """`training.train` with CO2 (tau = 2) on the tiny transformer; the
+  schedule is that of a 5-step run."""
+  co2_cfg = training.CO2Config(local_steps=2, outer_momentum=0.5, clip=0.1)
+  return training.train(
+    training.TrainConfig(
+      model=MODEL,
+      workdir=str(workdir),
+      steps=steps,
+      batch_size=8,
+      seq_len=16,
+      mesh=mesh,
+      checkpoint_every=checkpoint_every,
+      log_every=1,
+      optim=training.OptimConfig(
+        lr=1e-2, total_steps=5, warmup_steps=0, optimizer="co2", co2=co2_cfg
+      ),
+    )
   )
-  inner = training.make_optimizer(optim)
-  params = models.init(jax.random.key(0), MODEL)
-  state = co2.init_co2_state(
-    params, inner, jax.random.key(1), cfg, mesh.shape[co2.DATA]
-  )
-  abstract = jax.eval_shape(lambda: state)
-  shardings = co2.state_shardings(abstract, mesh)
-  state = jax.device_put(state, shardings)
-  batch_sharding = parallel.batch_sharding(mesh)
-  step = parallel.shard_step(
-    co2.make_co2_train_step(
-      inner,
-      training.learning_rate(optim),
-      training.default_grad_fn(MODEL, training.LossConfig()),
-      cfg,
-      mesh,
-    ),
-    mesh,
-    shardings,
-    batch_sharding,
-  )
-  tokens = jax.random.randint(jax.random.key(2), (steps, 8, 16), 0, 256)
-  losses = []
-  for t in range(steps):
-    batch = {
-      "inputs": tokens[t],
-      "targets": jnp.roll(tokens[t], -1, 1),
-      "mask": jnp.ones((8, 16), jnp.float32),
-    }
-    state, metrics = step(state, jax.device_put(batch, batch_sharding))
-    losses.append(float(metrics["loss"]))
-  return losses
 
 
-def test_mesh_layouts_with_the_same_replicas_agree():
-  """fsdp or tensor inside each of the 2 replicas: the same curve (fsdp and
-  tensor together abort XLA's partitioner, docs/training.md "CO2")."""
+def test_loop_mesh_layouts_agree_and_resume_mid_round_is_exact(tmp_path):
+  """fsdp or tensor inside each of the 2 replicas give the same curve
+  (fsdp and tensor together abort XLA's partitioner, docs/training.md
+  "CO2"); resumed from its checkpoint of step 3 (mid-round), a run ends
+  bitwise where it did uninterrupted."""
+  straight = _train(tmp_path / "a", "data=2,fsdp=4", 5, checkpoint_every=3)
+  other = _train(tmp_path / "b", "data=2,tensor=4", 3)
   np.testing.assert_allclose(
-    _model_curve("data=2,fsdp=4"), _model_curve("data=2,tensor=4"), rtol=1e-5
+    [r["loss"] for r in other.history],
+    [r["loss"] for r in straight.history[:3]],
+    rtol=1e-5,
   )
-
-
-def test_resume_mid_round_is_exact(tmp_path):
-  cfg = training.CO2Config(local_steps=3, outer_momentum=0.5, staleness=1)
-  inner = optax.adamw(0.1)
-  mesh = _mesh("data=4", 4)
-  params = {"w": jnp.zeros(2)}
-  batches = [TARGETS * (1 + 0.1 * i) for i in range(8)]
-  straight = _co2_run(cfg, inner, mesh, _quadratic_grad_fn, params, batches)
-  first = _co2_run(cfg, inner, mesh, _quadratic_grad_fn, params, batches[:4])
-  manager = training.CheckpointManager(tmp_path)
-  manager.save(4, first[-1])
-  restored, _ = manager.restore(4, jax.eval_shape(lambda: first[-1]))
-  rest = _co2_run(
-    cfg, inner, mesh, _quadratic_grad_fn, params, batches[4:], state=restored
+  manager = training.CheckpointManager(tmp_path / "a" / "checkpoints")
+  assert manager.all_steps() == [3, 5]
+  shutil.rmtree(manager.step_path(5))
+  resumed = _train(tmp_path / "a", "data=2,fsdp=4", 5, checkpoint_every=3)
+  assert [r["step"] for r in resumed.history] == [4, 5]
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(resumed.state),
+    jax.device_get(straight.state),
   )
-  jax.tree.map(np.testing.assert_array_equal, rest[-1], straight[-1])
+  params, _, _ = training.load_model(tmp_path / "a")
+  jax.tree.map(
+    np.testing.assert_allclose,
+    params,
+    jax.device_get(co2.replica_mean(straight.state.params)),
+  )
 
 
 @pytest.mark.parametrize(
@@ -251,6 +238,18 @@ def test_resume_mid_round_is_exact(tmp_path):
 def test_bad_co2_options_are_refused(kwargs, match):
   with pytest.raises(ValueError, match=match):
     training.CO2Config(**kwargs)
+
+
+def test_co2_with_a_pipe_axis_is_refused(tmp_path):
+  config = training.TrainConfig(
+    model=MODEL,
+    workdir=str(tmp_path),
+    mesh="data=4,pipe=2",
+    microbatches=2,
+    optim=training.OptimConfig(optimizer="co2"),
+  )
+  with pytest.raises(ValueError, match="--optimizer=co2 trains without a pipe"):
+    training.validate(config, num_devices=8)
 
 
 def test_co2_options_need_the_co2_optimizer():
