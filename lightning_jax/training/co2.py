@@ -161,19 +161,6 @@ def _stack(tree):
   return jax.tree.map(lambda x: x[None], tree)
 
 
-def _whole_embedding(params, mesh):
-  """`params` with the embedding table whole within each replica.
-
-  XLA's SPMD partitioner aborts on a gather from a table sharded over the
-  automatic axes inside a manual region (as in `parallel.pipeline`).
-  """
-  if "embed" not in params:
-    return params
-  whole = jax.sharding.NamedSharding(mesh, P(DATA))
-  embed = jax.lax.with_sharding_constraint(params["embed"], whole)
-  return dict(params, embed=embed)
-
-
 def make_co2_train_step(
   inner: optax.GradientTransformation,
   schedule: optax.Schedule,
@@ -259,7 +246,7 @@ def make_co2_train_step(
   def train_step(state: TrainState, batch):
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     params, opt_state, metrics = sharded_step(
-      _whole_embedding(state.params, mesh),
+      state.params,
       state.opt_state,
       batch,
       state.step,
