@@ -181,9 +181,11 @@ def make_co2_train_step(
   Returns:
     `train_step(state, batch) -> (state, metrics)` on a state from
     `init_co2_state`: one local step on every replica, and the outer step
-    when it ends a round. `metrics` are replica means of `grad_fn`'s, plus
-    `grad_norm` (the replicas' mean, before clipping) and `lr`. Jit it
-    with `parallel.shard_step` and `state_shardings`.
+    when it ends a round. Every replica draws the step's randomness from
+    the same key (so one replica is plain training). `metrics` are replica
+    means of `grad_fn`'s, plus `grad_norm` (the replicas' mean, before
+    clipping) and `lr`. Jit it with `parallel.shard_step` and
+    `state_shardings`.
   """
   tau = cfg.local_steps
 
