@@ -59,7 +59,9 @@ _OPTIMIZER = flags.DEFINE_enum(
   "optimizer",
   "adamw",
   list(training.OPTIMIZERS),
-  "adamw, or galore (Adam on low-rank gradient projections).",
+  "adamw, galore (Adam on low-rank gradient projections), or co2 (local "
+  "AdamW steps on each data replica, a stale outer step every "
+  "--co2_local_steps).",
 )
 _GALORE_RANK = flags.DEFINE_integer(
   "galore_rank", None, "GaLore projection rank; default 32."
@@ -69,6 +71,31 @@ _GALORE_UPDATE_GAP = flags.DEFINE_integer(
 )
 _GALORE_SCALE = flags.DEFINE_float(
   "galore_scale", None, "GaLore: scale of the projected updates; default 0.25."
+)
+_CO2_LOCAL_STEPS = flags.DEFINE_integer(
+  "co2_local_steps", None, "CO2: local steps per round (tau); default 4."
+)
+_CO2_OUTER_LR = flags.DEFINE_float(
+  "co2_outer_lr", None, "CO2: outer learning rate (eta); default 1."
+)
+_CO2_OUTER_MOMENTUM = flags.DEFINE_float(
+  "co2_outer_momentum", None, "CO2: outer momentum (beta) in [0, 1); default 0."
+)
+_CO2_GAP_PENALTY = flags.DEFINE_float(
+  "co2_gap_penalty",
+  None,
+  "CO2: staleness-gap penalty; only 0 (not implemented, docs/training.md).",
+)
+_CO2_CLIP = flags.DEFINE_float(
+  "co2_clip",
+  None,
+  "CO2: clip the outer momentum to [-phi, phi]; 0 (default) disables.",
+)
+_CO2_STALENESS = flags.DEFINE_integer(
+  "co2_staleness",
+  None,
+  "CO2: 1 (default) applies each round's average one round later, its "
+  "all-reduce overlapping the next round; 0 at once.",
 )
 _LBL_COEF = flags.DEFINE_float(
   "lbl_coef", 0.01, "Weight of each MoE layer's load-balancing loss."
@@ -194,6 +221,12 @@ _FLAG_NAMES = (
   "galore_rank",
   "galore_update_gap",
   "galore_scale",
+  "co2_local_steps",
+  "co2_outer_lr",
+  "co2_outer_momentum",
+  "co2_gap_penalty",
+  "co2_clip",
+  "co2_staleness",
   "lbl_coef",
   "z_coef",
   "seed",
@@ -244,6 +277,12 @@ _FROZEN = frozenset(
     "galore_rank",
     "galore_update_gap",
     "galore_scale",
+    "co2_local_steps",
+    "co2_outer_lr",
+    "co2_outer_momentum",
+    "co2_gap_penalty",
+    "co2_clip",
+    "co2_staleness",
     "lbl_coef",
     "z_coef",
     "seed",
@@ -286,22 +325,45 @@ def _profile_steps() -> tuple[int, int] | None:
   return start, count
 
 
-def _galore_config() -> training.GaLoreConfig | None:
-  """GaLore's config when --optimizer=galore or a --galore_* flag is given
-  (`OptimConfig` refuses the latter with another optimizer); flags left
-  unset take `GaLoreConfig`'s defaults."""
+def _options(optimizer: str, config_cls, fields):
+  """`config_cls` of the given flags when --optimizer=`optimizer` or one of
+  them is given (`OptimConfig` refuses the latter with another optimizer);
+  flags left unset take `config_cls`'s defaults. `fields`: (field, flag)."""
   given = {
-    field: flag.value
-    for field, flag in (
+    field: flag.value for field, flag in fields if flag.value is not None
+  }
+  if not given and _OPTIMIZER.value != optimizer:
+    return None
+  return config_cls(**given)
+
+
+def _galore_config() -> training.GaLoreConfig | None:
+  """GaLore's config of the --galore_* flags (`_options`)."""
+  return _options(
+    "galore",
+    training.GaLoreConfig,
+    (
       ("rank", _GALORE_RANK),
       ("update_gap", _GALORE_UPDATE_GAP),
       ("scale", _GALORE_SCALE),
-    )
-    if flag.value is not None
-  }
-  if not given and _OPTIMIZER.value != "galore":
-    return None
-  return training.GaLoreConfig(**given)
+    ),
+  )
+
+
+def _co2_config() -> training.CO2Config | None:
+  """CO2's config of the --co2_* flags (`_options`)."""
+  return _options(
+    "co2",
+    training.CO2Config,
+    (
+      ("local_steps", _CO2_LOCAL_STEPS),
+      ("outer_lr", _CO2_OUTER_LR),
+      ("outer_momentum", _CO2_OUTER_MOMENTUM),
+      ("gap_penalty", _CO2_GAP_PENALTY),
+      ("clip", _CO2_CLIP),
+      ("staleness", _CO2_STALENESS),
+    ),
+  )
 
 
 def build_config() -> training.TrainConfig:
@@ -344,6 +406,7 @@ def build_config() -> training.TrainConfig:
       clip_norm=_CLIP_NORM.value,
       optimizer=_OPTIMIZER.value,
       galore=_galore_config(),
+      co2=_co2_config(),
     ),
     loss=training.LossConfig(lbl_coef=_LBL_COEF.value, z_coef=_Z_COEF.value),
     eval_every=_EVAL_EVERY.value,

@@ -15,7 +15,9 @@ from lightning_jax.training.data import MQARConfig
 # --- end data and checkpoints (ckptdata) ---
 
 # --- state, optimiser, loss, step, metrics, loop (traincore) ---
+from lightning_jax.training import co2
 from lightning_jax.training import galore
+from lightning_jax.training.co2 import CO2State
 from lightning_jax.training.galore import GaLoreState
 from lightning_jax.training.galore import matrix_axes
 from lightning_jax.training.galore import MatrixAxes
@@ -39,6 +41,7 @@ from lightning_jax.training.overrides import apply_overrides
 from lightning_jax.training.overrides import parse_overrides
 from lightning_jax.training.optim import learning_rate
 from lightning_jax.training.optim import make_optimizer
+from lightning_jax.training.optim import CO2Config
 from lightning_jax.training.optim import GaLoreConfig
 from lightning_jax.training.optim import OptimConfig
 from lightning_jax.training.optim import OPTIMIZERS

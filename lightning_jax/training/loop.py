@@ -8,10 +8,11 @@ is copied to the host and saved once the next step's loss and gradient
 (computed from its params) are finite, the run's last state once its params
 are: a checkpoint never holds params whose loss is NaN or Inf.
 
-How the step runs on the mesh (sequential, gradient accumulation or a
-pipeline schedule) is one `training.runner.StepRunner`, chosen once;
+How the step runs on the mesh (sequential, gradient accumulation, a
+pipeline schedule or CO2) is one `training.runner.StepRunner`, chosen once;
 checkpoints hold the state in the `models.init` param layout whichever runner
-wrote it, so a run resumes on any mesh.
+wrote it, so a run resumes on any mesh; CO2's hold its replica-stacked state
+(the replicas differ mid-round), so it resumes on the same data size.
 
 Around the steps: the step is compiled ahead of time (its compile time is
 logged once, as `compile_s` of the first row, and left out of `step_time`);
@@ -41,13 +42,13 @@ from lightning_jax import parallel
 from lightning_jax.parallel import mesh as mesh_lib
 from lightning_jax.parallel import pipeline
 from lightning_jax.training import checkpoint
+from lightning_jax.training import co2 as co2_lib
 from lightning_jax.training import data as data_lib
 from lightning_jax.training import loss as loss_lib
 from lightning_jax.training import metrics as metrics_lib
 from lightning_jax.training import optim as optim_lib
 from lightning_jax.training import runner as runner_lib
 from lightning_jax.training import state as state_lib
-from lightning_jax.training import step as step_lib
 from lightning_jax.training import workdir as workdir_lib
 
 CHECKPOINT_DIR = "checkpoints"
@@ -268,52 +269,52 @@ def _init_or_restore(
 ):
   """The sharded state: restored from the latest complete checkpoint, if any.
 
-  A checkpoint holds the state in the `models.init` param layout (or the
-  adapter's tree); it is read in that layout and mapped to the runner's
-  (`runner_lib.relayout_state`).
+  A checkpoint holds `runner.to_checkpoint` of the state (the `models.init`
+  param layout, or the adapter's tree; "co2"'s replica-stacked state); it is
+  read in that layout and mapped back with `runner.from_checkpoint`.
 
   Returns:
     `(state, state_shardings)` in the runner's param layout; the shardings
-    follow the partition rules (`parallel.param_shardings`), optimiser
-    moments like their params, an adapter's params its `shardings`.
+    are `runner.state_shardings` (the partition rules,
+    `parallel.param_shardings`: optimiser moments like their params), an
+    adapter's params its `shardings`.
   """
 
-  def init_state(key):
+  def init_runner_state(key):
     k_params, k_train = jax.random.split(key)
     if adapter is None:
       params = models.init(k_params, config.model)
     else:
       params = adapter.init(k_params)
-    return state_lib.init_train_state(params, optimizer, k_train)
+    return runner.init_state(params, optimizer, k_train)
 
-  def init_runner_state(key):
-    return runner_lib.relayout_state(runner.to_layout, init_state(key))
-
-  def state_shardings(abstract):
+  def state_shardings(abstract, shard_params):
     if adapter is None:
-      return parallel.param_shardings(abstract, mesh)
-    rest = parallel.param_shardings(abstract._replace(params=None), mesh)
+      return shard_params(abstract, mesh)
+    rest = shard_params(abstract._replace(params=None), mesh)
     return rest._replace(params=adapter.shardings(abstract.params, mesh))
 
   key = jax.random.key(config.seed)
-  abstract_state = jax.eval_shape(init_state, key)
-  shardings = state_shardings(jax.eval_shape(init_runner_state, key))
+  abstract_state = jax.eval_shape(init_runner_state, key)
+  shardings = state_shardings(abstract_state, runner.state_shardings)
   if manager is None or manager.latest_step() is None:
     if adapter is None:  # every leaf created in its shards
-      return parallel.init_sharded(init_runner_state, key, mesh), shardings
+      state = jax.jit(init_runner_state, out_shardings=shardings)(key)
+      return state, shardings
     # A copy: the step donates the state, not the adapter's own arrays.
     state = jax.tree.map(jnp.copy, init_runner_state(key))
     state = jax.device_put(state, shardings)
     return state, shardings
+  abstract_saved = jax.eval_shape(
+    lambda k: runner.to_checkpoint(init_runner_state(k)), key
+  )
   target = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-    abstract_state,
-    state_shardings(abstract_state),
+    abstract_saved,
+    state_shardings(abstract_saved, runner.state_shardings),
   )
   saved_state, metadata = manager.restore(None, target)
-  state = jax.device_put(
-    runner_lib.relayout_state(runner.to_layout, saved_state), shardings
-  )
+  state = jax.device_put(runner.from_checkpoint(saved_state), shardings)
   saved = metadata.get("model_config")
   if saved is not None and saved != config.model.to_dict():
     raise ValueError(
@@ -396,6 +397,8 @@ def train(
     raise ValueError(
       f"--mesh={config.mesh!r}: adapters train without a pipe axis."
     )
+  if adapter is not None and config.optim.optimizer == optim_lib.CO2:
+    raise ValueError(f"--optimizer={optim_lib.CO2}: adapters train without it.")
   dataset, eval_dataset = _datasets(config, dataset, eval_dataset)
   if jax.process_index() != 0:  # process 0 holds the lock for the run
     return _train(config, dataset, eval_dataset, adapter)
@@ -566,7 +569,7 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
   compile_start = time.perf_counter()
   train_step = (
     parallel.shard_step(
-      step_lib.make_train_step(
+      runner.make_step(
         optimizer, optim_lib.learning_rate(config.optim), grad_fn
       ),
       mesh,
@@ -693,7 +696,7 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
             step,
             paused(
               checkpoint.snapshot,
-              runner_lib.relayout_state(runner.from_layout, state),
+              runner.to_checkpoint(state),
             ),
             position,
           )
@@ -739,7 +742,8 @@ def load_model(workdir, step: int | None = None):
   config; `train` saves them in that layout whatever its runner. A
   checkpoint whose metadata has a "pipeline" entry (`{"stages", "repeats"}`)
   holds stage-stacked params (`pipeline.to_pipeline_params`): they are
-  matched in that layout and returned unstacked.
+  matched in that layout and returned unstacked; one whose "runner" is
+  "co2" holds `[replicas, ...]` params, returned as the replicas' mean.
 
   The checkpoints are read from the run's `checkpoint_dir` (its
   `config.json`), by default `<workdir>/checkpoints`.
@@ -755,9 +759,15 @@ def load_model(workdir, step: int | None = None):
   tree, metadata = manager.restore(step, None)
   cfg = model_config_from_metadata(metadata)
   stacking = metadata.get("pipeline")
+  runner = metadata.get("runner", {})
+  replicas = (
+    runner.get("replicas") if runner.get("kind") == runner_lib.CO2 else None
+  )
 
   def init(key):
     params = models.init(key, cfg)
+    if replicas is not None:
+      return co2_lib.stack_replicas(params, replicas)
     if stacking is None:
       return params
     return pipeline.to_pipeline_params(
@@ -779,4 +789,6 @@ def load_model(workdir, step: int | None = None):
   )
   if stacking is not None:
     params = pipeline.from_pipeline_params(params)
+  if replicas is not None:
+    params = co2_lib.replica_mean(params)
   return params, cfg, int(tree.get("step", -1))

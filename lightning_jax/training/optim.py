@@ -2,7 +2,8 @@
 
 Loshchilov & Hutter, 2019, "Decoupled Weight Decay Regularization" (AdamW);
 the warmup + cosine schedule of Radford et al. / Hoffmann et al. (2022);
-GaLore (Zhao et al., 2024) in `training.galore`.
+GaLore (Zhao et al., 2024) in `training.galore`; CO2 (Sun et al., 2024), local
+AdamW steps with a stale outer step, in `training.co2`.
 """
 
 import dataclasses
@@ -17,7 +18,8 @@ from lightning_jax.training import galore as galore_lib
 
 ADAMW = "adamw"
 GALORE = "galore"
-OPTIMIZERS = (ADAMW, GALORE)
+CO2 = "co2"
+OPTIMIZERS = (ADAMW, GALORE, CO2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +44,56 @@ class GaLoreConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CO2Config:
+  """CO2's hyper-parameters (`training.co2`), named as in Sun et al. (2024).
+
+  Attributes:
+    local_steps: tau, inner (AdamW) steps per round on each data replica.
+    outer_lr: eta, the outer learning rate.
+    outer_momentum: beta, the outer momentum, in [0, 1).
+    gap_penalty: the staleness-gap penalty; only 0 (no penalty, lambda = 1)
+      is implemented (docs/training.md, "CO2").
+    clip: phi, clip the outer momentum element-wise to [-phi, phi]; 0
+      disables.
+    staleness: 1 applies round t's replica mean at the end of round t + 1
+      (its all-reduce overlaps round t + 1's steps); 0 applies it at once.
+  """
+
+  local_steps: int = 4
+  outer_lr: float = 1.0
+  outer_momentum: float = 0.0
+  gap_penalty: float = 0.0
+  clip: float = 0.0
+  staleness: int = 1
+
+  def __post_init__(self):
+    steps = self.local_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+      raise ValueError(
+        f"--co2_local_steps must be a positive integer, got {steps!r}."
+      )
+    if not 0 < self.outer_lr < math.inf:
+      raise ValueError(
+        f"--co2_outer_lr must be finite and > 0, got {self.outer_lr}."
+      )
+    if not 0 <= self.outer_momentum < 1:
+      raise ValueError(
+        f"--co2_outer_momentum must be in [0, 1), got {self.outer_momentum}."
+      )
+    if self.gap_penalty != 0:
+      raise ValueError(
+        f"--co2_gap_penalty must be 0: the staleness-gap penalty is not "
+        f"implemented (its formula is not specified), got {self.gap_penalty}."
+      )
+    if not 0 <= self.clip < math.inf:
+      raise ValueError(
+        f"--co2_clip must be finite and >= 0 (0 disables), got {self.clip}."
+      )
+    if self.staleness not in (0, 1):
+      raise ValueError(f"--co2_staleness must be 0 or 1, got {self.staleness}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class OptimConfig:
   """Optimiser hyper-parameters.
 
@@ -57,10 +109,12 @@ class OptimConfig:
     weight_decay: decoupled weight decay, applied to weights with >= 2 dims
       only (not to norm scales, biases or per-head constants).
     clip_norm: clip the gradient to this global L2 norm; 0 disables.
-    optimizer: "adamw", or "galore" (Adam on low-rank projected gradients,
-      then the same decay and schedule).
+    optimizer: "adamw", "galore" (Adam on low-rank projected gradients,
+      then the same decay and schedule) or "co2" (AdamW steps on each data
+      replica, averaged by CO2's outer step).
     galore: `GaLoreConfig` of "galore" (default `GaLoreConfig()`); only
       with "galore".
+    co2: `CO2Config` of "co2" (default `CO2Config()`); only with "co2".
   """
 
   lr: float = 3e-3
@@ -74,6 +128,7 @@ class OptimConfig:
   clip_norm: float = 1.0
   optimizer: str = ADAMW
   galore: GaLoreConfig | None = None
+  co2: CO2Config | None = None
 
   def __post_init__(self):
     if self.optimizer not in OPTIMIZERS:
@@ -86,8 +141,15 @@ class OptimConfig:
         f"The GaLore options (--galore_*) need --optimizer={GALORE}, got "
         f"--optimizer={self.optimizer}."
       )
+    if self.co2 is not None and self.optimizer != CO2:
+      raise ValueError(
+        f"The CO2 options (--co2_*) need --optimizer={CO2}, got "
+        f"--optimizer={self.optimizer}."
+      )
     if self.optimizer == GALORE and self.galore is None:
       object.__setattr__(self, "galore", GaLoreConfig())
+    if self.optimizer == CO2 and self.co2 is None:
+      object.__setattr__(self, "co2", CO2Config())
     _checks.check_positive_int("total_steps", self.total_steps)
     if not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(
@@ -142,7 +204,8 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   AdamW is `chain(scale_by_adam, add_decayed_weights, scale_by_learning_rate)`
   (what `optax.adamw` is, state included); "galore" wraps its
   `scale_by_adam` in `scale_by_galore`, so decay and schedule act on the
-  full-rank update, as in the paper's reference code. The optimiser state is
+  full-rank update, as in the paper's reference code; "co2" is AdamW, its
+  inner optimiser (`training.co2` adds the outer step). The optimiser state is
   a pytree; its step count drives the schedule, so a restored state
   continues the schedule exactly.
 

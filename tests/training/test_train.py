@@ -365,6 +365,10 @@ def test_validate_rejects_bad_flags(tmp_path, kwargs, match):
       ["--optimizer=galore", "--galore_rank=0"],
       r"`galore_rank` must be a positive integer, got 0",
     ),
+    (
+      ["--optimizer=co2", "--co2_local_steps=0"],
+      r"--co2_local_steps must be a positive integer, got 0",
+    ),
   ],
 )
 def test_train_binary_bad_flag_is_one_error_line(tmp_path, flags, match):
