@@ -210,6 +210,16 @@ def make_runner(config, mesh) -> StepRunner:
         f"--optimizer={CO2} trains without a pipe axis, got "
         f"--mesh={config.mesh!r}."
       )
+    sharded = [
+      a
+      for a in (mesh_lib.FSDP, mesh_lib.TENSOR)
+      if mesh_lib.axis_size(mesh, a) > 1
+    ]
+    if len(sharded) > 1:  # XLA's SPMD partitioner aborts on this layout
+      raise ValueError(
+        f"--optimizer={CO2} shards a replica on fsdp or tensor, not both; "
+        f"got --mesh={config.mesh!r}."
+      )
     return _co2_runner(config, mesh)
   if stages > 1:
     return _pipeline_runner(config, mesh, stages)

@@ -2,6 +2,7 @@
 step against a NumPy reference, momentum clipping, mesh layouts, exact
 resume mid-round, and the flags' checks."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -250,6 +251,10 @@ def test_co2_with_a_pipe_axis_is_refused(tmp_path):
   )
   with pytest.raises(ValueError, match="--optimizer=co2 trains without a pipe"):
     training.validate(config, num_devices=8)
+  # XLA aborts (a process crash) on this layout: refused before compiling.
+  both = dataclasses.replace(config, mesh="data=2,fsdp=2,tensor=2")
+  with pytest.raises(ValueError, match="on fsdp or tensor, not both"):
+    training.validate(both, num_devices=8)
 
 
 def test_co2_options_need_the_co2_optimizer():
