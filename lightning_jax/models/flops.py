@@ -54,6 +54,8 @@ def _shapes(cfg) -> dict:
 
 def _active_fraction(path, ffn) -> float:
   keys = [getattr(k, "key", None) for k in path]
+  if "ffn" not in keys:  # mixer params (attention experts all run)
+    return 1.0
   fraction = 1.0
   if "moe" in keys and isinstance(ffn, layers.MHMoEConfig):
     fraction *= ffn.num_heads
