@@ -46,8 +46,7 @@ def test_bad_options_name_the_argument():
     layers.AttentionExpertsConfig(ATTN, 2, shared_kv=1)
 
 
-@pytest.mark.parametrize("options", [("top_k=1",), ("shared_kv=true",)])
-def test_variants_decode_like_forward(options):
+def test_top_k_shared_kv_variant_decodes_like_forward():
   cfg = models.get_preset(
     "attention-experts",
     num_layers=1,
@@ -56,7 +55,10 @@ def test_variants_decode_like_forward(options):
     num_heads=2,
     head_dim=8,
     d_ff=16,
-    mixer_options=tuple(f"attention_experts.{o}" for o in options),
+    mixer_options=(
+      "attention_experts.top_k=1",
+      "attention_experts.shared_kv=true",
+    ),
   )
   params = models.init(jax.random.key(0), cfg)
   tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 64)
