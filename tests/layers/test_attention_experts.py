@@ -7,11 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lightning_jax import inference
 from lightning_jax import layers
-from lightning_jax import models
 
-ATTN = layers.AttentionConfig(16, 4, 2, 8)
+ATTN = layers.AttentionConfig(16, 4, 2, 8, impl="reference")
 
 
 @pytest.mark.parametrize("shared_kv", [False, True])
@@ -24,8 +22,10 @@ def test_identical_soft_experts_equal_dense_attention(shared_kv):
     params["kv"] = {k: dense[k] for k in params["kv"]}
   params["router"] = 5.0 * jax.random.normal(jax.random.key(2), (16, 3))
   x = jax.random.normal(jax.random.key(3), (2, 7, 16))
-  got, _ = layers.attention_experts_mixer(params, x, cfg)
-  want = layers.attention_layer(dense, x, ATTN)
+  got, _ = jax.jit(layers.attention_experts_mixer, static_argnums=2)(
+    params, x, cfg
+  )
+  want = jax.jit(layers.attention_layer, static_argnums=2)(dense, x, ATTN)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -47,30 +47,24 @@ def test_bad_options_name_the_argument():
 
 
 def test_top_k_shared_kv_variant_decodes_like_forward():
-  cfg = models.get_preset(
-    "attention-experts",
-    num_layers=1,
-    vocab_size=64,
-    d_model=16,
-    num_heads=2,
-    head_dim=8,
-    d_ff=16,
-    mixer_options=(
-      "attention_experts.top_k=1",
-      "attention_experts.shared_kv=true",
-    ),
-  )
-  params = models.init(jax.random.key(0), cfg)
-  tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 64)
+  cfg = layers.AttentionExpertsConfig(ATTN, 3, top_k=1, shared_kv=True)
+  params = layers.init_attention_experts(jax.random.key(0), cfg)
+  mixer = jax.jit(layers.attention_experts_mixer, static_argnums=2)
+  x = jax.random.normal(jax.random.key(1), (2, 7, 16))
   lengths = jnp.array([5, 3])
-  logits, state = inference.prefill(params, tokens[:, :5], lengths, cfg, 7)
-  got = [logits]
+  state = layers.attention_experts.init_attention_experts_state(cfg, 2, 7)
+  y, state = mixer(params, x[:, :5], cfg, state, layers.Decoding(lengths))
+  got = [jnp.take_along_axis(y, (lengths - 1)[:, None, None], axis=1)]
   for i in range(2):
-    token = jnp.take_along_axis(tokens, (lengths + i)[:, None], 1)[:, 0]
-    logits, state = inference.decode_step(params, state, token, cfg)
-    got.append(logits)
-  full = models.forward(params, tokens, cfg)[0]
+    x_t = jnp.take_along_axis(x, (lengths + i)[:, None, None], axis=1)
+    y, state = mixer(
+      params, x_t, cfg, state, layers.Decoding(jnp.ones(2, jnp.int32))
+    )
+    got.append(y)
+  full, _ = mixer(params, x, cfg)
   want = jnp.take_along_axis(
     full, (lengths[:, None] - 1 + jnp.arange(3)[None])[..., None], axis=1
   )
-  np.testing.assert_allclose(jnp.stack(got, 1), want, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(
+    jnp.concatenate(got, 1), want, atol=2e-5, rtol=2e-5
+  )
