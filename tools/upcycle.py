@@ -10,9 +10,10 @@
 
 Methods (`adapt.upcycle.METHODS`): btx, bam, bam-shared-kv (one expert per
 --from run, configs equal) and split (one run, --num_experts dividing
-d_ff). The new run takes tools/train.py's flags (--steps, --lr, ...); those
-not given, except the schedule (--steps, --warmup_steps) and the paths,
-come from the first --from run's config.json. It is written as a
+d_ff; --partition=random|cluster). The new run takes tools/train.py's
+flags (--steps, --lr, ...); those not given, except the schedule (--steps,
+--warmup_steps) and the paths, come from the first --from run's
+config.json. It is written as a
 tools/train.py run at step 0: `<workdir>/config.json`, whose --model and
 --override reproduce the upcycled model config, and a checkpoint of the
 fresh train state; `python -m tools.train --workdir=...` trains it
@@ -38,6 +39,12 @@ _NUM_EXPERTS = flags.DEFINE_integer(
   "num_experts", None, "Experts per layer (split; default: one per run)."
 )
 _TOP_K = flags.DEFINE_integer("top_k", 2, "FFN experts per token.")
+_PARTITION = flags.DEFINE_enum(
+  "partition",
+  "random",
+  list(upcycle.PARTITIONS),
+  "split: neurons to experts at random or by balanced k-means.",
+)
 
 # tools/train.py flags not taken from the source run.
 _NOT_COPIED = frozenset(
@@ -97,6 +104,7 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     num_experts=_NUM_EXPERTS.value,
     top_k=_TOP_K.value,
     seed=flags.FLAGS.seed,
+    partition=_PARTITION.value,
   )
   flags.FLAGS.model = record["flags"]["model"]
   flags.FLAGS.override = record["flags"]["override"] + _overrides(cfg, new_cfg)

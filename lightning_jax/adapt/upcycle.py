@@ -315,7 +315,8 @@ class Method(NamedTuple):
 
   Attributes:
     name: the method's name.
-    build: `(params_list, cfg, num_experts, top_k, seed) -> (params, cfg)`.
+    build: `(params_list, cfg, num_experts, top_k, seed, partition) ->
+      (params, cfg)`.
     many: takes several models (one expert each) rather than one.
     doc: one line, with the paper.
   """
@@ -334,13 +335,15 @@ def _check_count(params_list, num_experts):
     )
 
 
-def _btx(params_list, cfg, num_experts, top_k, seed):
+def _btx(params_list, cfg, num_experts, top_k, seed, partition):
+  del partition
   _check_count(params_list, num_experts)
   return btx(params_list, cfg, top_k=top_k, key=jax.random.key(seed))
 
 
 def _bam(shared_kv):
-  def build(params_list, cfg, num_experts, top_k, seed):
+  def build(params_list, cfg, num_experts, top_k, seed, partition):
+    del partition
     _check_count(params_list, num_experts)
     return bam(
       params_list,
@@ -353,9 +356,11 @@ def _bam(shared_kv):
   return build
 
 
-def _split(params_list, cfg, num_experts, top_k, seed):
+def _split(params_list, cfg, num_experts, top_k, seed, partition):
   (params,) = params_list
-  return split(params, cfg, num_experts, top_k=top_k, seed=seed)
+  return split(
+    params, cfg, num_experts, top_k=top_k, partition=partition, seed=seed
+  )
 
 
 METHODS = {
@@ -395,6 +400,7 @@ def upcycle(
   num_experts: int | None = None,
   top_k: int = 2,
   seed: int = 0,
+  partition: str = "random",
 ):
   """`METHODS[method]` on the source models.
 
@@ -407,6 +413,7 @@ def upcycle(
       and accept None or that count).
     top_k: FFN experts per token.
     seed: router (and partition) seed.
+    partition: "split"'s neuron partition (`neuron_groups`).
 
   Returns:
     `(params, ModelConfig)` of the MoE.
@@ -429,4 +436,4 @@ def upcycle(
     )
   if not m.many and num_experts is None:
     raise ValueError(f"`num_experts` is required by {method}.")
-  return m.build(list(params_list), cfg, num_experts, top_k, seed)
+  return m.build(list(params_list), cfg, num_experts, top_k, seed, partition)

@@ -43,7 +43,8 @@ errors = []
 for argv in ([f"--from={src}", "--method=btx"],
              [f"--from={src},{src}_wide", "--method=bam"],
              [f"--from={src}", "--method=split", "--num_experts=3"],
-             [f"--from={src}", "--method=split", "--num_experts=2"]):
+             [f"--from={src}", "--method=split", "--num_experts=2",
+              "--partition=cluster"]):
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr):
     try:
