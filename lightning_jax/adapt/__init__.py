@@ -1,6 +1,6 @@
 """Transforms of trained params: NF4 / QLoRA with bitsandbytes-compatible
 bytes, LoRA on any parameter tree, MaskLLM learnable 2:4 sparsity
-(docs/adapt.md)."""
+(docs/adapt.md); upcycling dense models into MoEs (docs/upcycling.md)."""
 
 from lightning_jax.adapt.nf4 import absmax_of
 from lightning_jax.adapt.nf4 import bits_per_param
@@ -23,5 +23,6 @@ from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import maskllm
 from lightning_jax.adapt import qlora
+from lightning_jax.adapt import upcycle
 from lightning_jax.adapt.lora import LoraConfig
 from lightning_jax.adapt.maskllm import MaskConfig

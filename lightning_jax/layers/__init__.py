@@ -13,6 +13,9 @@ from lightning_jax.layers.attention import attention_layer_probed
 from lightning_jax.layers.attention import AttentionConfig
 from lightning_jax.layers.attention import init_attention
 from lightning_jax.layers.attention import with_moa_plan
+from lightning_jax.layers.attention_experts import attention_experts_mixer
+from lightning_jax.layers.attention_experts import AttentionExpertsConfig
+from lightning_jax.layers.attention_experts import init_attention_experts
 from lightning_jax.layers.kv_cache import cache_bytes
 from lightning_jax.layers.kv_cache import grouped_attention
 from lightning_jax.layers.kv_cache import kv_cache_append

@@ -9,8 +9,9 @@ arXiv 2001.08361, Table 1) count a transformer:
 
 "Weights applied to the token" are every >= 2-D block parameter (short
 convolutions included: a depthwise kernel [K, C] costs 2 K C per token),
-with MoE expert weights scaled by top_k / num_experts and MH-MoE's router
-and experts by its sub-tokens per token. Embedding lookups are free.
+with MoE FFN expert weights scaled by top_k / num_experts and MH-MoE's
+router and experts by its sub-tokens per token (attention experts all run:
+unscaled). Embedding lookups are free.
 
 The sequence mixing per layer is each registered mixer's own `flops`
 (`layers.mixers.Mixer`): the work the model defines, e.g. for attention
@@ -54,6 +55,8 @@ def _shapes(cfg) -> dict:
 
 def _active_fraction(path, ffn) -> float:
   keys = [getattr(k, "key", None) for k in path]
+  if "ffn" not in keys:  # mixer params (attention experts all run)
+    return 1.0
   fraction = 1.0
   if "moe" in keys and isinstance(ffn, layers.MHMoEConfig):
     fraction *= ffn.num_heads

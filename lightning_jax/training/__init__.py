@@ -27,6 +27,7 @@ from lightning_jax.training.loop import CHECKPOINT_DIR
 from lightning_jax.training.loop import load_model
 from lightning_jax.training.loop import model_config_from_metadata
 from lightning_jax.training.loop import NonFiniteLossError
+from lightning_jax.training.loop import save_initial_state
 from lightning_jax.training.loop import train
 from lightning_jax.training.loop import TrainConfig
 from lightning_jax.training.loop import TrainResult

@@ -723,6 +723,49 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
   return TrainResult(state=state, history=history, preempted=preempted)
 
 
+def save_initial_state(config: TrainConfig, params) -> None:
+  """Starts the run of `config` from `params` instead of `models.init`.
+
+  Writes `<workdir>/config.json` and a step-0 checkpoint of the fresh train
+  state (`models.init` layout, the optimiser state of `config.optim`), so
+  that `train(config)` (tools/train.py on the workdir) resumes it: e.g. an
+  upcycled model (tools/upcycle.py).
+
+  Args:
+    config: the run's `TrainConfig` (validated).
+    params: float32 params in the `models.init` layout of `config.model`.
+
+  Raises:
+    ValueError: `params` do not match `config.model`.
+    WorkdirError: the workdir already holds a run.
+  """
+  if workdir_lib.read_run_config(config.workdir) is not None:
+    raise workdir_lib.WorkdirError(
+      f"--workdir={config.workdir!r} already holds a run; use a fresh one."
+    )
+  want = jax.eval_shape(lambda: models.init(jax.random.key(0), config.model))
+  if jax.tree.map(np.shape, params) != jax.tree.map(lambda x: x.shape, want):
+    raise ValueError("`params` do not match `config.model`'s params.")
+  optimizer = optim_lib.make_optimizer(config.optim)
+  _, k_train = jax.random.split(jax.random.key(config.seed))
+  state = state_lib.init_train_state(params, optimizer, k_train)
+  os.makedirs(config.workdir, exist_ok=True)
+  workdir_lib.write_run_config(config)
+  manager = checkpoint.CheckpointManager(
+    checkpoint_dir(config), keep=config.keep_checkpoints
+  )
+  manager.save(
+    0,
+    state,
+    {
+      "model_config": config.model.to_dict(),
+      "flags": config.flags,
+      "data_position": 0,
+    },
+  )
+  manager.close()
+
+
 def model_config_from_metadata(metadata: dict) -> models.ModelConfig:
   """The `ModelConfig` saved as a JSON dict (tuples stored as lists)."""
   saved = metadata.get("model_config")

@@ -15,7 +15,9 @@ import typing
 def parse_overrides(items) -> dict[str, str]:
   """`["a=1,b=x,y", "c=2"] -> {"a": "1", "b": "x,y", "c": "2"}`.
 
-  A comma followed by text without `=` continues the previous value (lists).
+  A comma followed by text without `=`, or by a dotted `kind.name=value`
+  entry, continues the previous value (lists; `mixer_options`):
+  `["mixer_options=a.x=1,a.y=2"] -> {"mixer_options": "a.x=1,a.y=2"}`.
 
   Raises:
     ValueError: an item does not start with `field=`.
@@ -24,7 +26,7 @@ def parse_overrides(items) -> dict[str, str]:
   for item in items:
     for part in item.split(","):
       key, sep, value = part.partition("=")
-      if sep:
+      if sep and "." not in key:
         last = key.strip()
         if not last:
           raise ValueError(f"--override: empty field name in {item!r}.")

@@ -395,6 +395,7 @@ def test_overrides_parse_by_field_type():
     "window=none",
     "layerwise_ffn=0.5,4",
     "tie_embeddings=false,rope_theta=500",
+    "mixer_options=deltanet.conv_size=2,deltanet.value_dim=16,num_layers=2",
   ]
   cfg = training.apply_overrides(
     models.get_preset("tiny-hybrid"), training.parse_overrides(items)
@@ -406,7 +407,18 @@ def test_overrides_parse_by_field_type():
     cfg.layerwise_ffn,
     cfg.tie_embeddings,
     cfg.rope_theta,
-  ) == (64, ("deltanet", "attention"), None, (0.5, 4.0), False, 500.0)
+    cfg.mixer_options,
+    cfg.num_layers,
+  ) == (
+    64,
+    ("deltanet", "attention"),
+    None,
+    (0.5, 4.0),
+    False,
+    500.0,
+    ("deltanet.conv_size=2", "deltanet.value_dim=16"),
+    2,
+  )
   for bad, match in (
     (["width=3"], r"unknown field\(s\) \['width'\]"),
     (["d_model=x"], "d_model='x': expected int"),

@@ -1,0 +1,439 @@
+"""Upcycling dense models into MoEs: pure functions on params trees and
+`ModelConfig`s (docs/upcycling.md).
+
+* BTX (Sukhbaatar et al., 2024, "Branch-Train-MiX", arXiv 2403.07419): N
+  dense models of one config -> FFN experts, one from each; everything else
+  (attention included) averaged.
+* BAM (Zhang et al., 2024, arXiv 2408.08274): as BTX, and the attention
+  layers become attention experts (`layers.attention_experts`), one from
+  each model, optionally with keys/values averaged and shared.
+* Split (LLaMA-MoE-v2, Qu et al., 2024, arXiv 2411.15708; the partitions
+  of LLaMA-MoE, Zhu et al., 2024, arXiv 2406.16554): one dense model's FFN
+  neurons partitioned into experts.
+
+Routers start small (`router_std`), so routing starts near uniform. Every
+method is a `Method` record in `METHODS`; `upcycle` dispatches by name.
+"""
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lightning_jax import models
+from lightning_jax.layers import attention_experts
+
+ROUTER_STD = 0.02
+PARTITIONS = ("random", "cluster")
+
+
+def check_sources(params_list, cfg: models.ModelConfig) -> None:
+  """Every tree in `params_list` has `models.init(cfg)`'s structure and
+  shapes, and `cfg` has dense MLP FFNs of one width.
+
+  Raises:
+    ValueError: naming `params_list` or the config field.
+  """
+  if not params_list:
+    raise ValueError("`params_list` must hold at least one params tree.")
+  want = jax.eval_shape(lambda: models.init(jax.random.key(0), cfg))
+  want = jax.tree.map(lambda x: x.shape, want)
+  for i, params in enumerate(params_list):
+    if jax.tree.map(np.shape, params) != want:
+      raise ValueError(
+        f"`params_list[{i}]` does not match the model config's params."
+      )
+  if set(cfg.ffn_pattern) != {"mlp"}:
+    raise ValueError(
+      f"`ffn_pattern` must be all 'mlp' to upcycle, got {cfg.ffn_pattern}."
+    )
+  if cfg.layerwise_ffn is not None:
+    raise ValueError("`layerwise_ffn` must be None: experts share one width.")
+
+
+def _mean(trees):
+  return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs), axis=0), *trees)
+
+
+def _stack(trees):
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _router(key, d_model: int, num_experts: int, std: float):
+  return std * jax.random.normal(key, (d_model, num_experts), jnp.float32)
+
+
+def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(
+      f"`top_k` must be in [1, num_experts={num_experts}], got {top_k}."
+    )
+  return dataclasses.replace(
+    cfg,
+    ffn_pattern=("moe",),
+    num_experts=num_experts,
+    top_k=top_k,
+    moe_d_ff=moe_d_ff,
+  )
+
+
+def btx(params_list, cfg, *, top_k: int = 2, key=None, router_std=ROUTER_STD):
+  """Branch-Train-MiX: N dense models -> one MoE with N FFN experts.
+
+  Expert e of layer l is model e's FFN of layer l; every other parameter
+  is the mean over the models; routers are `N(0, router_std^2)`.
+
+  Args:
+    params_list: N params trees of `cfg` (`models.init` layout).
+    cfg: their `ModelConfig` (dense "mlp" FFNs).
+    top_k: experts per token (weights renormalised over the chosen ones,
+      so N identical experts give the dense FFN for any router).
+    key: PRNG key of the routers (default `jax.random.key(0)`).
+    router_std: router init scale.
+
+  Returns:
+    `(params, ModelConfig)` of the MoE.
+
+  Raises:
+    ValueError: params not of `cfg`, non-MLP FFNs, bad `top_k`.
+  """
+  check_sources(params_list, cfg)
+  n = len(params_list)
+  new_cfg = _moe_config(cfg, n, top_k, cfg.d_ff)
+  key = jax.random.key(0) if key is None else key
+  params = _mean(params_list)
+  layers = []
+  for i, block in enumerate(params["layers"]):
+    ffn = _stack([p["layers"][i]["ffn"] for p in params_list])
+    router = _router(jax.random.fold_in(key, i), cfg.d_model, n, router_std)
+    layers.append({**block, "ffn": {"router": router, "experts": ffn}})
+  return {**params, "layers": tuple(layers)}, new_cfg
+
+
+def bam(
+  params_list,
+  cfg,
+  *,
+  shared_kv: bool = False,
+  top_k: int = 2,
+  attention_top_k: int = 0,
+  key=None,
+  router_std=ROUTER_STD,
+):
+  """BAM: BTX, and every "attention" layer becomes N attention experts.
+
+  Expert e of an attention layer is model e's attention; with `shared_kv`
+  the experts' queries and outputs are per model and the keys and values
+  the mean. Routing over attention experts is soft (`attention_top_k=0`,
+  BAM's default) or top-k: identical soft experts give the dense attention
+  for any router, so N copies of one model give its loss.
+
+  Args:
+    params_list: N params trees of `cfg`.
+    cfg: their `ModelConfig` (dense FFNs, at least one "attention" layer).
+    shared_kv: one averaged key/value projection (and cache) per layer.
+    top_k: FFN experts per token.
+    attention_top_k: attention experts per token (0: soft).
+    key: PRNG key of the routers.
+    router_std: router init scale.
+
+  Returns:
+    `(params, ModelConfig)` of the MoE; the attention experts' options are
+    in `mixer_options` (and the "attention" kind's ones carry over).
+
+  Raises:
+    ValueError: as `btx`, or no "attention" layer.
+  """
+  if "attention" not in cfg.pattern:
+    raise ValueError(
+      f"`pattern` must have an 'attention' layer for BAM, got {cfg.pattern}."
+    )
+  key = jax.random.key(0) if key is None else key
+  k_ffn, k_attn = jax.random.split(key)
+  params, new_cfg = btx(
+    params_list, cfg, top_k=top_k, key=k_ffn, router_std=router_std
+  )
+  n = len(params_list)
+  kind = attention_experts.KIND
+  carried = tuple(
+    f"{kind}.{o.partition('.')[2]}"
+    for o in cfg.mixer_options
+    if o.startswith("attention.")
+  )
+  new_cfg = dataclasses.replace(
+    new_cfg,
+    pattern=tuple(kind if k == "attention" else k for k in cfg.pattern),
+    mixer_options=cfg.mixer_options
+    + carried
+    + (f"{kind}.num_experts={n}",)
+    + ((f"{kind}.top_k={attention_top_k}",) if attention_top_k else ())
+    + ((f"{kind}.shared_kv=true",) if shared_kv else ()),
+  )
+  layers = list(params["layers"])
+  for i, mixer in enumerate(cfg.mixers):
+    if mixer != "attention":
+      continue
+    experts = _stack([p["layers"][i]["mixer"] for p in params_list])
+    router = _router(jax.random.fold_in(k_attn, i), cfg.d_model, n, router_std)
+    block = {"router": router, "experts": experts}
+    if shared_kv:
+      kv = attention_experts.KV
+      block["experts"] = {k: v for k, v in experts.items() if k not in kv}
+      block["kv"] = {k: jnp.mean(experts[k], axis=0) for k in kv}
+    layers[i] = {**layers[i], "mixer": block}
+  models.block_configs(new_cfg)  # the options against the layer configs
+  return {**params, "layers": tuple(layers)}, new_cfg
+
+
+def neuron_groups(
+  w_up_DxF, num_experts: int, *, partition: str = "random", seed: int = 0
+) -> np.ndarray:
+  """A balanced partition of the FFN's F neurons into experts.
+
+  "random": a random permutation cut into equal groups. "cluster":
+  balanced k-means over the neurons' up-projection vectors (columns of
+  `w_up`, LLaMA-MoE's neuron-independent clustering): each iteration
+  assigns (neuron, centroid) pairs closest first while the centroid's group
+  has room, then moves the centroids to their groups' means.
+
+  Args:
+    w_up_DxF: up projection `[d_model, d_ff]`.
+    num_experts: E, dividing d_ff.
+    partition: "random" or "cluster".
+    seed: numpy seed.
+
+  Returns:
+    int `[E, d_ff / E]`, each group's neurons in ascending order.
+
+  Raises:
+    ValueError: E not dividing d_ff, or an unknown `partition`.
+  """
+  d_ff = w_up_DxF.shape[1]
+  if num_experts < 1 or d_ff % num_experts:
+    raise ValueError(
+      f"`num_experts` ({num_experts}) must divide d_ff ({d_ff})."
+    )
+  if partition not in PARTITIONS:
+    raise ValueError(f"`partition` must be one of {PARTITIONS}: {partition!r}")
+  rng = np.random.default_rng(seed)
+  size = d_ff // num_experts
+  if partition == "random":
+    return np.sort(rng.permutation(d_ff).reshape(num_experts, size), axis=1)
+  vectors = np.asarray(w_up_DxF, np.float64).T  # [F, D]
+  centroids = vectors[rng.choice(d_ff, num_experts, replace=False)]
+  for _ in range(10):
+    dist = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)  # [F, E]
+    group = np.full(d_ff, -1)
+    room = np.full(num_experts, size)
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+      neuron, expert = divmod(int(flat), num_experts)
+      if group[neuron] < 0 and room[expert]:
+        group[neuron], room[expert] = expert, room[expert] - 1
+    centroids = np.stack(
+      [vectors[group == e].mean(0) for e in range(num_experts)]
+    )
+  return np.stack([np.flatnonzero(group == e) for e in range(num_experts)])
+
+
+def split_mlp(mlp_params, groups_ExG) -> dict:
+  """The GLU MLP cut into experts along its neurons: expert e keeps
+  neurons `groups[e]`, so the experts' outputs sum to the MLP's (GLU
+  neurons are independent).
+
+  Args:
+    mlp_params: `{"w_gate", "w_up": [D, F], "w_down": [F, D]}`.
+    groups_ExG: int `[E, F / E]`, a partition of `range(F)`.
+
+  Returns:
+    Stacked experts `{"w_gate", "w_up": [E, D, F/E], "w_down": [E, F/E, D]}`.
+  """
+  return {
+    "w_gate": jnp.moveaxis(mlp_params["w_gate"][:, groups_ExG], 1, 0),
+    "w_up": jnp.moveaxis(mlp_params["w_up"][:, groups_ExG], 1, 0),
+    "w_down": mlp_params["w_down"][groups_ExG],
+  }
+
+
+def split(
+  params,
+  cfg,
+  num_experts: int,
+  *,
+  top_k: int = 2,
+  partition: str = "random",
+  seed: int = 0,
+  router_std=ROUTER_STD,
+):
+  """LLaMA-MoE-v2 FFN split: one dense model -> E experts of d_ff / E
+  neurons each per layer.
+
+  `w_down` is scaled by E, so routing weights of 1 / E on every expert
+  (a zero router with `top_k = E`) give the dense model; with top-k the
+  output is E times the mean of the chosen experts, the dense FFN's
+  estimate from k of its E parts.
+
+  Args:
+    params: a params tree of `cfg`.
+    cfg: its `ModelConfig` (dense "mlp" FFNs).
+    num_experts: E, dividing `d_ff`.
+    top_k: experts per token.
+    partition: "random" or "cluster" (`neuron_groups`).
+    seed: partition and router seed.
+    router_std: router init scale.
+
+  Returns:
+    `(params, ModelConfig)` of the MoE.
+
+  Raises:
+    ValueError: as `btx`, or E not dividing d_ff.
+  """
+  check_sources([params], cfg)
+  if num_experts < 1 or cfg.d_ff % num_experts:
+    raise ValueError(
+      f"`num_experts` ({num_experts}) must divide d_ff ({cfg.d_ff})."
+    )
+  new_cfg = _moe_config(cfg, num_experts, top_k, cfg.d_ff // num_experts)
+  key = jax.random.key(seed)
+  layers = []
+  for i, block in enumerate(params["layers"]):
+    groups = neuron_groups(
+      block["ffn"]["w_up"], num_experts, partition=partition, seed=seed + i
+    )
+    experts = split_mlp(block["ffn"], groups)
+    experts["w_down"] = experts["w_down"] * num_experts
+    router = _router(
+      jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
+    )
+    layers.append({**block, "ffn": {"router": router, "experts": experts}})
+  return {**params, "layers": tuple(layers)}, new_cfg
+
+
+class Method(NamedTuple):
+  """An upcycling method, as `upcycle` and tools/upcycle.py call it.
+
+  Attributes:
+    name: the method's name.
+    build: `(params_list, cfg, num_experts, top_k, seed, partition) ->
+      (params, cfg)`.
+    many: takes several models (one expert each) rather than one.
+    doc: one line, with the paper.
+  """
+
+  name: str
+  build: Callable
+  many: bool
+  doc: str
+
+
+def _check_count(params_list, num_experts):
+  if num_experts not in (None, len(params_list)):
+    raise ValueError(
+      f"`num_experts` ({num_experts}) must be the number of models "
+      f"({len(params_list)}): one expert from each."
+    )
+
+
+def _btx(params_list, cfg, num_experts, top_k, seed, partition):
+  del partition
+  _check_count(params_list, num_experts)
+  return btx(params_list, cfg, top_k=top_k, key=jax.random.key(seed))
+
+
+def _bam(shared_kv):
+  def build(params_list, cfg, num_experts, top_k, seed, partition):
+    del partition
+    _check_count(params_list, num_experts)
+    return bam(
+      params_list,
+      cfg,
+      shared_kv=shared_kv,
+      top_k=top_k,
+      key=jax.random.key(seed),
+    )
+
+  return build
+
+
+def _split(params_list, cfg, num_experts, top_k, seed, partition):
+  (params,) = params_list
+  return split(
+    params, cfg, num_experts, top_k=top_k, partition=partition, seed=seed
+  )
+
+
+METHODS = {
+  m.name: m
+  for m in (
+    Method(
+      "btx", _btx, True, "BTX (arXiv 2403.07419): FFN experts, rest averaged."
+    ),
+    Method(
+      "bam",
+      _bam(False),
+      True,
+      "BAM (arXiv 2408.08274): FFN and attention experts.",
+    ),
+    Method(
+      "bam-shared-kv",
+      _bam(True),
+      True,
+      "BAM with keys/values averaged and shared by the attention experts.",
+    ),
+    Method(
+      "split",
+      _split,
+      False,
+      "LLaMA-MoE-v2 (arXiv 2411.15708): one "
+      "model's FFN neurons split into experts.",
+    ),
+  )
+}
+
+
+def upcycle(
+  method: str,
+  params_list,
+  cfg,
+  *,
+  num_experts: int | None = None,
+  top_k: int = 2,
+  seed: int = 0,
+  partition: str = "random",
+):
+  """`METHODS[method]` on the source models.
+
+  Args:
+    method: a name in `METHODS`.
+    params_list: the source params trees (one for "split", >= 2 for the
+      others).
+    cfg: their common `ModelConfig`.
+    num_experts: experts per layer ("split"; the others take one per model
+      and accept None or that count).
+    top_k: FFN experts per token.
+    seed: router (and partition) seed.
+    partition: "split"'s neuron partition (`neuron_groups`).
+
+  Returns:
+    `(params, ModelConfig)` of the MoE.
+
+  Raises:
+    ValueError: unknown method (listing them), wrong number of models, or
+      the method's own errors.
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown `method` {method!r}; methods: {list(METHODS)}.")
+  m = METHODS[method]
+  if m.many and len(params_list) < 2:
+    raise ValueError(
+      f"`params_list`: {method} takes >= 2 models (one expert each), got "
+      f"{len(params_list)}."
+    )
+  if not m.many and len(params_list) != 1:
+    raise ValueError(
+      f"`params_list`: {method} takes one model, got {len(params_list)}."
+    )
+  if not m.many and num_experts is None:
+    raise ValueError(f"`num_experts` is required by {method}.")
+  return m.build(list(params_list), cfg, num_experts, top_k, seed, partition)

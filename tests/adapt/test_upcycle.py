@@ -1,0 +1,82 @@
+"""Upcycling: a neuron split with every expert at weight 1 is the dense FFN;
+BTX / BAM of N copies of one model and a split with a zero router over all
+experts give the dense model's loss; bad inputs name the argument."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lightning_jax import layers
+from lightning_jax import models
+from lightning_jax import moe as moe_lib
+from lightning_jax.adapt import upcycle
+
+CFG = models.get_preset(
+  "transformer",
+  num_layers=2,
+  vocab_size=64,
+  d_model=16,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=8,
+  d_ff=24,
+)
+TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
+
+
+def _logits(params, cfg):
+  return jax.jit(models.forward, static_argnums=2)(params, TOKENS, cfg)[0]
+
+
+@pytest.mark.parametrize("partition", upcycle.PARTITIONS)
+def test_neuron_split_with_every_expert_at_weight_one_is_the_dense_ffn(
+  partition,
+):
+  dense = layers.init_mlp(jax.random.key(0), layers.MLPConfig(16, 24))
+  groups = upcycle.neuron_groups(dense["w_up"], 4, partition=partition)
+  np.testing.assert_array_equal(np.sort(groups, axis=None), np.arange(24))
+  experts = upcycle.split_mlp(dense, groups)
+  x = jax.random.normal(jax.random.key(1), (5, 16))
+  got = moe_lib.dropless_moe(
+    x,
+    jnp.ones((5, 4)),
+    jnp.broadcast_to(jnp.arange(4, dtype=jnp.int32), (5, 4)),
+    moe_lib.GLUWeights(**experts),
+  )
+  want = layers.mlp(dense, x[None], layers.MLPConfig(16, 24))[0]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["btx", "bam", "bam-shared-kv"])
+def test_copies_of_one_model_give_its_logits(method):
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.upcycle(method, [dense] * 3, CFG, top_k=2)
+  assert cfg.ffns == ("moe", "moe") and cfg.num_experts == 3
+  if method != "btx":
+    assert cfg.mixers == ("attention_experts",) * 2
+  np.testing.assert_allclose(
+    _logits(params, cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
+  )
+
+
+def test_split_with_a_zero_router_over_all_experts_is_the_dense_model():
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(dense, CFG, 4, top_k=4, router_std=0.0)
+  assert cfg.moe_d_ff == 6
+  np.testing.assert_allclose(
+    _logits(params, cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
+  )
+
+
+def test_bad_inputs_name_the_argument():
+  dense = models.init(jax.random.key(0), CFG)
+  with pytest.raises(ValueError, match="num_experts.*divide d_ff"):
+    upcycle.upcycle("split", [dense], CFG, num_experts=5)
+  with pytest.raises(ValueError, match="params_list.*>= 2"):
+    upcycle.upcycle("btx", [dense], CFG)
+  with pytest.raises(ValueError, match=r"params_list\[1\]"):
+    other = models.init(jax.random.key(0), models.get_preset("transformer"))
+    upcycle.upcycle("btx", [dense, other], CFG)
+  with pytest.raises(ValueError, match="methods: .*split"):
+    upcycle.upcycle("dare", [dense], CFG)
