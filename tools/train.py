@@ -254,7 +254,7 @@ _FLAG_NAMES = (
 # What a rerun on a workdir takes from its config.json when not given, and
 # which of those change what is trained (refused unless
 # --allow_config_change; --steps may grow).
-_RESUMED = frozenset(_FLAG_NAMES) - {
+RESUMED = frozenset(_FLAG_NAMES) - {
   "workdir",
   "profile_steps",
   "coordinator_address",
@@ -262,7 +262,7 @@ _RESUMED = frozenset(_FLAG_NAMES) - {
   "process_id",
   "distributed",
 }
-_FROZEN = frozenset(
+FROZEN = frozenset(
   {
     "model",
     "override",
@@ -441,8 +441,8 @@ def main(argv):
   try:
     cli.resume_from_workdir(
       _workdir(),
-      _RESUMED,
-      _FROZEN,
+      RESUMED,
+      FROZEN,
       allow_change=_ALLOW_CONFIG_CHANGE.value,
     )
     config = build_config()

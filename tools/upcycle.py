@@ -95,7 +95,7 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
   if record is None:
     raise ValueError(f"--from={_FROM.value[0]} has no config.json.")
   for name, value in record["flags"].items():
-    if name in train._RESUMED - _NOT_COPIED and not flags.FLAGS[name].present:
+    if name in train.RESUMED - _NOT_COPIED and not flags.FLAGS[name].present:
       flags.FLAGS[name].value = value
   params, new_cfg = upcycle.upcycle(
     _METHOD.value,
