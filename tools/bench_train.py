@@ -18,7 +18,6 @@ import sys
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import optax
 
 from lightning_jax import models
@@ -43,22 +42,6 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed steps (median).")
 _LABEL = flags.DEFINE_string("label", "", "A label column (e.g. a commit).")
 
 
-def _loss(params, tokens_BxT, cfg):
-  logits, _ = models.forward(params, tokens_BxT[:, :-1], cfg)
-  logp = jax.nn.log_softmax(logits, -1)
-  return -jnp.mean(jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], -1))
-
-
-def _step_fn(cfg, optimizer):
-  @jax.jit
-  def step(params, opt_state, tokens_BxT):
-    loss, grads = jax.value_and_grad(_loss)(params, tokens_BxT, cfg)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  return step
-
-
 def main(argv):
   del argv
   rows = []
@@ -69,7 +52,7 @@ def main(argv):
     tokens = jax.random.randint(
       jax.random.key(1), (_BATCH.value, _SEQ.value + 1), 0, cfg.vocab_size
     )
-    step = _step_fn(cfg, optimizer)
+    step = benchlib.train_step_fn(cfg, optimizer)
     seconds = benchlib.time_fn(
       functools.partial(step, params, optimizer.init(params)),
       tokens,

@@ -9,6 +9,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from lightning_jax import models
 
 
 def time_fn(fn, *args, repeats: int = 5, warmup: int = 1) -> float:
@@ -50,3 +53,23 @@ def markdown_table(rows: list[dict]) -> str:
   lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
   lines += ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows]
   return "\n".join(lines)
+
+
+def _loss(params, tokens_BxT, cfg):
+  logits, _ = models.forward(params, tokens_BxT[:, :-1], cfg)
+  logp = jax.nn.log_softmax(logits, -1)
+  return -jnp.mean(jnp.take_along_axis(logp, tokens_BxT[:, 1:, None], -1))
+
+
+def train_step_fn(cfg, optimizer):
+  """A jitted `(params, opt_state, tokens [B, T + 1]) -> (params, opt_state,
+  loss)`: forward, backward and the optimiser update, using only
+  `models.forward` (so any version of the library can be timed)."""
+
+  @jax.jit
+  def step(params, opt_state, tokens_BxT):
+    loss, grads = jax.value_and_grad(_loss)(params, tokens_BxT, cfg)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return step
