@@ -75,11 +75,14 @@ def resume_from_workdir(
 
   Raises:
     ValueError: a frozen flag given with another value than the saved one.
-    training.WorkdirError: config.json is unreadable.
+    training.WorkdirError: config.json is unreadable, or another run holds
+      the workdir.
   """
   record = training.read_run_config(workdir)
   if record is None:
     return
+  with training.lock_workdir(workdir):  # a live run there: say so first
+    pass
   saved = {k: v for k, v in record["flags"].items() if k in resumed}
   explicit = {name for name in resumed if flags.FLAGS[name].present}
   values = training.resume_flags(

@@ -20,7 +20,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 MODEL = models.get_preset(
   "tiny-hybrid",
   d_model=32,
-  num_layers=2,
+  num_layers=1,
   num_heads=2,
   head_dim=16,
   d_ff=64,
@@ -72,7 +72,11 @@ def test_qlora_trains_adapters_only_resumes_exactly_and_exports(tmp_path):
 def test_adapters_need_a_mesh_without_pipe(tmp_path):
   base = models.init(jax.random.key(0), MODEL)
   adapter = finetune.lora_adapter(base, adapt.LoraConfig(rank=4), MODEL)
-  config = dataclasses.replace(_run(tmp_path, 2), mesh="data=4,pipe=2")
+  config = dataclasses.replace(
+    _run(tmp_path, 2),
+    mesh="data=4,pipe=2",
+    model=dataclasses.replace(MODEL, num_layers=2),  # 2 stages
+  )
   with pytest.raises(ValueError, match="adapters train without a pipe axis"):
     training.train(config, adapter=adapter)
 

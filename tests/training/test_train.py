@@ -446,7 +446,7 @@ def test_a_held_or_unwritable_workdir_fails_before_compiling(tmp_path):
   blocked.mkdir()
   (blocked / training.CHECKPOINT_DIR).write_text("")  # in the way
   with pytest.raises(
-    training.WorkdirError, match=r"--checkpoint_every: .* cannot be written"
+    training.WorkdirError, match=r"--checkpoint_dir: .* cannot be written"
   ):
     training.train(
       dataclasses.replace(config, workdir=str(blocked), checkpoint_every=1)
