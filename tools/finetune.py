@@ -140,7 +140,7 @@ def build(base_params, model_cfg):
     optim=training.OptimConfig(
       lr=_LR.value,
       total_steps=_STEPS.value,
-      warmup_steps=min(100, _STEPS.value // 10),
+      warmup_steps=training.default_warmup_steps(_STEPS.value),
       weight_decay=0.0,
     ),
     flags={name: flags.FLAGS[name].value for name in _FLAG_NAMES},

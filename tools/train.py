@@ -380,7 +380,9 @@ def build_config() -> training.TrainConfig:
   )
   warmup = _WARMUP_STEPS.value
   if warmup is None:  # recorded, so that a resume with more steps keeps it
-    warmup = flags.FLAGS.warmup_steps = min(100, _STEPS.value // 10)
+    warmup = flags.FLAGS.warmup_steps = training.default_warmup_steps(
+      _STEPS.value
+    )
   config = training.TrainConfig(
     model=model,
     workdir=_workdir(),

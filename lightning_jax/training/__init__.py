@@ -40,6 +40,7 @@ from lightning_jax.training.loss import LossStats
 from lightning_jax.training.metrics import MetricWriter
 from lightning_jax.training.overrides import apply_overrides
 from lightning_jax.training.overrides import parse_overrides
+from lightning_jax.training.optim import default_warmup_steps
 from lightning_jax.training.optim import learning_rate
 from lightning_jax.training.optim import make_optimizer
 from lightning_jax.training.optim import CO2Config

@@ -32,6 +32,7 @@ import optax
 from lightning_jax.parallel import mesh as mesh_lib
 from lightning_jax.parallel import sharding as sharding_lib
 from lightning_jax.training import step as step_lib
+from lightning_jax.training import state as state_lib
 from lightning_jax.training.state import TrainState
 
 P = jax.sharding.PartitionSpec
@@ -255,13 +256,6 @@ def make_co2_train_step(
       step_rng,
     )
     metrics = dict(metrics, lr=jnp.asarray(schedule(state.step), jnp.float32))
-    new_state = TrainState(
-      params=params,
-      opt_state=opt_state,
-      step=state.step + 1,
-      rng=jax.random.key_data(rng),
-      data_position=state.data_position + 1,
-    )
-    return new_state, metrics
+    return state_lib.next_state(state, params, opt_state, rng), metrics
 
   return train_step

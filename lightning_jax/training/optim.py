@@ -169,6 +169,11 @@ class OptimConfig:
         )
 
 
+def default_warmup_steps(total_steps: int) -> int:
+  """The warmup when none is given: `min(100, total_steps // 10)`."""
+  return min(100, total_steps // 10)
+
+
 def learning_rate(cfg: OptimConfig) -> optax.Schedule:
   """The schedule `step -> lr`: linear warmup from 0, then cosine decay.
 

@@ -54,3 +54,15 @@ def init_train_state(
     rng=jax.random.key_data(key),
     data_position=jnp.zeros((), jnp.int32),
   )
+
+
+def next_state(state: TrainState, params, opt_state, key) -> TrainState:
+  """`state` one step on: new params, optimiser state and PRNG key (typed),
+  step and data position advanced by one."""
+  return TrainState(
+    params=params,
+    opt_state=opt_state,
+    step=state.step + 1,
+    rng=jax.random.key_data(key),
+    data_position=state.data_position + 1,
+  )

@@ -25,6 +25,7 @@ import optax
 
 from lightning_jax.parallel.pipeline import split_microbatches
 from lightning_jax.training import loss as loss_lib
+from lightning_jax.training import state as state_lib
 from lightning_jax.training.state import TrainState
 
 GradFn = Callable  # (params, batch, rng) -> ((loss, metrics), grads)
@@ -116,13 +117,6 @@ def make_train_step(
       grad_norm=optax.tree.norm(grads),
       lr=jnp.asarray(schedule(state.step), jnp.float32),
     )
-    new_state = TrainState(
-      params=params,
-      opt_state=opt_state,
-      step=state.step + 1,
-      rng=jax.random.key_data(rng),
-      data_position=state.data_position + 1,
-    )
-    return new_state, metrics
+    return state_lib.next_state(state, params, opt_state, rng), metrics
 
   return train_step
