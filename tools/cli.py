@@ -10,6 +10,7 @@ import os
 import sys
 
 from absl import flags
+import jax
 
 from lightning_jax import training
 
@@ -81,8 +82,9 @@ def resume_from_workdir(
   record = training.read_run_config(workdir)
   if record is None:
     return
-  with training.lock_workdir(workdir):  # a live run there: say so first
-    pass
+  if jax.process_index() == 0:  # the lock's holder; a live run: say so first
+    with training.lock_workdir(workdir):
+      pass
   saved = {k: v for k, v in record["flags"].items() if k in resumed}
   explicit = {name for name in resumed if flags.FLAGS[name].present}
   values = training.resume_flags(
