@@ -3,14 +3,18 @@ r"""MaskLLM figures: validation loss of dense, magnitude 2:4 and learned 2:4.
 Loads a model trained by `tools.train` (`training.load_model`), prunes its
 attention and MLP matrices to 2:4 by magnitude, and trains MaskLLM logits
 (weights frozen, the magnitude mask as prior) for `--steps` steps on the
-run's training data; prints the validation loss of each on the same
-`--eval_batches` validation batches and the fraction of the magnitude -> dense
-gap the learned masks close.
+run's training data through the training loop (`training.train` with
+`adapt.finetune.mask_adapter`, as `tools/finetune.py --method=mask24`);
+prints the validation loss of each on the same `--eval_batches` validation
+batches and the fraction of the magnitude -> dense gap the learned masks
+close.
 
 Usage (from the repository root):
   python -m tools.train --steps=300 --workdir=/tmp/mask_base --eval_every=100
   python -m tools.bench_maskllm --workdir=/tmp/mask_base --steps=200
 """
+
+import tempfile
 
 from absl import app
 from absl import flags
@@ -20,6 +24,7 @@ import numpy as np
 from lightning_jax import adapt
 from lightning_jax import models
 from lightning_jax import training
+from lightning_jax.adapt import finetune
 from lightning_jax.adapt import maskllm
 from tools import benchlib
 
@@ -32,21 +37,6 @@ _EVAL_BATCHES = flags.DEFINE_integer(
   "eval_batches", 8, "Validation batches of each evaluation."
 )
 _SEED = flags.DEFINE_integer("seed", 1, "Seed of the logits and batches.")
-
-
-def _datasets(record: dict):
-  """The run's train and validation datasets (its data, batch, seq_len)."""
-
-  def make(split):
-    return training.make_dataset(
-      record["data"],
-      seq_len=record["seq_len"],
-      global_batch_size=record["batch_size"],
-      seed=_SEED.value,
-      split=split,
-    )
-
-  return make("train"), make("validation")
 
 
 def _eval_loss(cfg: models.ModelConfig, batches):
@@ -69,37 +59,47 @@ def main(argv):
   del argv
   base, cfg, base_step = training.load_model(_WORKDIR.value)
   record = training.read_run_config(_WORKDIR.value)["train"]
-  train_data, eval_data = _datasets(record)
+  eval_data = training.make_dataset(
+    record["data"],
+    seq_len=record["seq_len"],
+    global_batch_size=record["batch_size"],
+    seed=_SEED.value,
+    split="validation",
+  )
   batches = [eval_data.batch(i) for i in range(_EVAL_BATCHES.value)]
   eval_loss = _eval_loss(cfg, batches)
   mask_cfg = adapt.MaskConfig(total_steps=_STEPS.value)
-
-  key = jax.random.key(_SEED.value)
-  params = {"base": base, "mask": maskllm.init(key, base, mask_cfg)}
-  optim = training.OptimConfig(
-    lr=_LR.value, total_steps=_STEPS.value, warmup_steps=0, weight_decay=0.0
-  )
-  opt = maskllm.freeze_base(training.make_optimizer(optim))
-  step = jax.jit(
-    maskllm.make_train_step(
-      opt,
-      training.learning_rate(optim),
-      training.default_grad_fn(cfg, training.LossConfig()),
-      mask_cfg,
+  adapter = finetune.mask_adapter(base, mask_cfg)
+  with tempfile.TemporaryDirectory() as workdir:
+    result = training.train(
+      training.TrainConfig(
+        model=cfg,
+        workdir=workdir,
+        steps=_STEPS.value,
+        batch_size=record["batch_size"],
+        seq_len=record["seq_len"],
+        seed=_SEED.value,
+        data=record["data"],
+        checkpoint_every=0,
+        log_every=50,
+        optim=training.OptimConfig(
+          lr=_LR.value,
+          total_steps=_STEPS.value,
+          warmup_steps=0,
+          weight_decay=0.0,
+        ),
+      ),
+      adapter=adapter,
     )
-  )
-  state = training.init_train_state(params, opt, key)
-  initial = maskllm.apply(base, params["mask"], mask_cfg)
-  for i in range(_STEPS.value):
-    state, metrics = step(state, train_data.batch(i))
-    if (i + 1) % 50 == 0 or i + 1 == _STEPS.value:
-      print(
-        f"step {i + 1}: loss {float(metrics['loss']):.4f} "
-        f"tau {float(metrics['mask/temperature']):.3f}"
-      )
-
+  for row in result.history:
+    print(
+      f"step {row['step']}: loss {row['loss']:.4f} "
+      f"tau {row['mask/temperature']:.3f} step_time {row['step_time']:.3f} s"
+    )
+  # A fresh draw of the initial logits (the loop's own is not kept).
+  initial = maskllm.init(jax.random.key(_SEED.value), base, mask_cfg)
   magnitude = maskllm.magnitude_masks(base, mask_cfg)
-  learned = maskllm.masks(base, state.params["mask"], mask_cfg)
+  learned = maskllm.masks(base, result.state.params[maskllm.MASK], mask_cfg)
   changed = np.mean(
     [
       np.mean(
@@ -115,7 +115,9 @@ def main(argv):
   losses = {
     "dense": eval_loss(base),
     "magnitude 2:4": eval_loss(maskllm.prune(base, magnitude)),
-    "MaskLLM 2:4, step 0 (prior)": eval_loss(initial),
+    "MaskLLM 2:4, step 0 (prior)": eval_loss(
+      maskllm.apply(base, initial, mask_cfg)
+    ),
     f"MaskLLM 2:4, {_STEPS.value} steps": eval_loss(
       maskllm.prune(base, learned)
     ),

@@ -1,17 +1,23 @@
-"""Fine-tunes a tools/train.py run with LoRA or QLoRA (docs/adapt.md).
+"""Fine-tunes a tools/train.py run: full, LoRA, QLoRA or MaskLLM 2:4
+(docs/adapt.md).
 
   python -m tools.train --workdir=/tmp/base --steps=300
   python -m tools.finetune --base=/tmp/base --method=qlora --data=mqar \
       --steps=100 --workdir=/tmp/ft --export=/tmp/ft_merged
+  python -m tools.finetune --base=/tmp/base --method=mask24 --lr=5e-4 \
+      --steps=200 --workdir=/tmp/ft24 --export=/tmp/ft24_sparse
   python -m tools.generate --workdir=/tmp/ft_merged
 
-The base run's latest checkpoint and model config are the frozen base; the
-run trains adapters only and is a `training.train` run in every other way:
-`<workdir>/{config.json, checkpoints/, metrics.jsonl}`, resumed when rerun
-(the same rules as tools/train.py), evaluated every --eval_every steps.
-`--export` writes the merged model (base + scaled adapter products, NF4
-dequantised) as a run directory that tools/generate.py loads. A bad flag
-prints one `error:` line and exits with status 2 before anything compiles.
+The base run's latest checkpoint and model config are the base; the run
+trains all of it (full), adapters over it frozen (lora, qlora) or 2:4 mask
+logits over it frozen (mask24), and is a `training.train` run in every
+other way: `<workdir>/{config.json, checkpoints/, metrics.jsonl}`, resumed
+when rerun (the same rules as tools/train.py), evaluated every
+--eval_every steps (mask24: the hard 2:4 model). `--export` writes the
+merged model (base + scaled adapter products, NF4 dequantised) or the
+pruned one (2 of every 4 weights kept in the masked matrices) as a run
+directory that tools/generate.py loads. A bad flag prints one `error:` line
+and exits with status 2 before anything compiles.
 """
 
 from absl import app
@@ -21,15 +27,17 @@ import jax
 from lightning_jax import adapt
 from lightning_jax import training
 from lightning_jax.adapt import finetune
+from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
+from lightning_jax.adapt import maskllm
 from tools import cli
 
 _BASE = flags.DEFINE_string("base", None, "The tools/train.py run to adapt.")
 _METHOD = flags.DEFINE_enum(
   "method",
   "lora",
-  ["full", "lora", "qlora"],
-  "Full fine-tuning, LoRA, or LoRA over an NF4 base.",
+  ["full", "lora", "qlora", "mask24"],
+  "Full fine-tuning, LoRA, LoRA over an NF4 base, or MaskLLM 2:4 masks.",
 )
 _LORA_RANK = flags.DEFINE_integer("lora_rank", 8, "Adapter rank r.")
 _LORA_ALPHA = flags.DEFINE_float(
@@ -45,6 +53,32 @@ _LORA_TARGETS = flags.DEFINE_list(
   ["attention", "mlp"],
   f"Matrices with adapters: {sorted(_TARGETS)} or regular expressions over "
   "leaf names (e.g. 'layers/0/mixer/wq').",
+)
+_MASK_TARGETS = flags.DEFINE_list(
+  "mask_targets",
+  ["attention", "mlp"],
+  "mask24: matrices pruned to 2:4, as --lora_targets (not the embedding "
+  "or the output layer).",
+)
+_MASK_TEMPERATURE = flags.DEFINE_list(
+  "mask_temperature",
+  ["4", "0.05"],
+  "mask24: Gumbel-softmax temperature START,END, linear over --steps.",
+)
+_MASK_LOGIT_SCALE = flags.DEFINE_list(
+  "mask_logit_scale",
+  ["100", "500"],
+  "mask24: logit scale START,END, linear over --steps.",
+)
+_MASK_PRIOR_STRENGTH = flags.DEFINE_float(
+  "mask_prior_strength",
+  3.0,
+  "mask24: strength of the magnitude 2:4 prior in the initial logits.",
+)
+_MASK_WEIGHT_REG = flags.DEFINE_float(
+  "mask_weight_reg",
+  1e-5,
+  "mask24: sparse weight regulariser at step 0, decaying to 0.",
 )
 _WORKDIR = flags.DEFINE_string(
   "workdir", None, "The fine-tuning run's directory."
@@ -66,7 +100,10 @@ _EVAL_EVERY = flags.DEFINE_integer(
   "eval_every", 50, "Validation every N steps and at the last; 0 disables."
 )
 _EXPORT = flags.DEFINE_string(
-  "export", None, "Write the merged model here (a loadable run directory)."
+  "export",
+  None,
+  "Write the merged (LoRA) or pruned (mask24) model here (a loadable run "
+  "directory).",
 )
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
   "allow_config_change", False, "Resume with changed training flags."
@@ -78,6 +115,11 @@ _FLAG_NAMES = (
   "lora_rank",
   "lora_alpha",
   "lora_targets",
+  "mask_targets",
+  "mask_temperature",
+  "mask_logit_scale",
+  "mask_prior_strength",
+  "mask_weight_reg",
   "workdir",
   "data",
   "steps",
@@ -99,6 +141,11 @@ _FROZEN = frozenset(
     "lora_rank",
     "lora_alpha",
     "lora_targets",
+    "mask_targets",
+    "mask_temperature",
+    "mask_logit_scale",
+    "mask_prior_strength",
+    "mask_weight_reg",
     "data",
     "steps",
     "batch_size",
@@ -109,21 +156,77 @@ _FROZEN = frozenset(
 )
 
 
+def _config(make, fields: dict):
+  """`make(**values)` of `fields` `{field: (flag, value)}`; its ValueError
+  names the flag instead of the field."""
+  try:
+    return make(**{field: value for field, (_, value) in fields.items()})
+  except ValueError as e:
+    message = str(e)
+    for field, (flag, _) in fields.items():
+      message = message.replace(f"`{field}`", f"--{flag}")
+    raise ValueError(message) from None
+
+
+def _targets(flag) -> tuple[str, ...]:
+  return tuple(_TARGETS.get(t, t) for t in flag.value)
+
+
 def lora_config() -> lora.LoraConfig:
   """The `LoraConfig` of the flags."""
-  targets = tuple(_TARGETS.get(t, t) for t in _LORA_TARGETS.value)
-  return lora.LoraConfig(
-    targets=targets, rank=_LORA_RANK.value, alpha=_LORA_ALPHA.value
+  return _config(
+    lora.LoraConfig,
+    {
+      "targets": ("lora_targets", _targets(_LORA_TARGETS)),
+      "rank": ("lora_rank", _LORA_RANK.value),
+      "alpha": ("lora_alpha", _LORA_ALPHA.value),
+    },
   )
 
 
-def build(base_params, model_cfg):
+def mask_config() -> maskllm.MaskConfig:
+  """The `MaskConfig` of the flags, annealed over --steps."""
+
+  def pair(flag):
+    values = cli.parse_numbers(flag.name, flag.value, float, 0)
+    if len(values) != 2 or 0 in values:
+      raise ValueError(
+        f"--{flag.name} must be START,END (two numbers > 0), got "
+        f"{','.join(flag.value)!r}."
+      )
+    return tuple(values)
+
+  return _config(
+    maskllm.MaskConfig,
+    {
+      "total_steps": ("steps", _STEPS.value),
+      "targets": ("mask_targets", _targets(_MASK_TARGETS)),
+      "temperature": ("mask_temperature", pair(_MASK_TEMPERATURE)),
+      "logit_scale": ("mask_logit_scale", pair(_MASK_LOGIT_SCALE)),
+      "prior_strength": ("mask_prior_strength", _MASK_PRIOR_STRENGTH.value),
+      "weight_reg": ("mask_weight_reg", _MASK_WEIGHT_REG.value),
+    },
+  )
+
+
+def method_config():
+  """The `LoraConfig` or `MaskConfig` of the flags (None for full)."""
+  method = _METHOD.value
+  if method == "full":
+    return None
+  return mask_config() if method == "mask24" else lora_config()
+
+
+def build(base_params, model_cfg, method_cfg):
   """`(TrainConfig, Adapter)` of the flags; ValueError on a bad flag."""
-  if _METHOD.value == "full":
+  method = _METHOD.value
+  if method == "full":
     adapter = finetune.full_adapter(base_params)
+  elif method == "mask24":
+    adapter = finetune.mask_adapter(base_params, method_cfg)
   else:
     adapter = finetune.lora_adapter(
-      base_params, lora_config(), model_cfg, quantize=_METHOD.value == "qlora"
+      base_params, method_cfg, model_cfg, quantize=method == "qlora"
     )
   config = training.TrainConfig(
     model=model_cfg,
@@ -152,7 +255,9 @@ def build(base_params, model_cfg):
 def _summary(state) -> str:
   """Trainable parameters and optimiser-state bytes of the final state."""
   params = state.params
-  trainable = params if _METHOD.value == "full" else params[lora.LORA]
+  if _METHOD.value != "full":  # all but the frozen base
+    params = {k: v for k, v in params.items() if k != frozen.BASE}
+  trainable = params
   count = sum(x.size for x in jax.tree.leaves(trainable))
   opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   return f"{count:,} trainable params, {opt_bytes:,} optimiser-state bytes"
@@ -172,18 +277,18 @@ def main(argv):
     )
     if not _BASE.value:
       raise ValueError("--base (a tools/train.py run directory) is required.")
+    method_cfg = method_config()
     try:
       base, model_cfg, base_step = training.load_model(_BASE.value)
     except training.CheckpointError as e:
       raise ValueError(f"--base={_BASE.value!r}: {e}") from None
-    config, adapter = build(base, model_cfg)
+    config, adapter = build(base, model_cfg, method_cfg)
   except ValueError as e:
     cli.fail(e)
   except training.WorkdirError as e:
     cli.fail(e)
   print(
-    f"{_METHOD.value} on {_BASE.value} (step {base_step}), rank "
-    f"{_LORA_RANK.value}, targets {','.join(_LORA_TARGETS.value)}: "
+    f"{adapter.metadata} on {_BASE.value} (step {base_step}): "
     f"{config.steps} steps on {config.data}, workdir {config.workdir}",
     flush=True,
   )
@@ -200,9 +305,9 @@ def main(argv):
       flush=True,
     )
   if _EXPORT.value and not result.preempted:
-    merged = adapter.to_model(result.state.params)
-    finetune.export(_EXPORT.value, merged, model_cfg, int(result.state.step))
-    print(f"merged model: {_EXPORT.value}", flush=True)
+    model = adapter.to_model(result.state.params)
+    finetune.export(_EXPORT.value, model, model_cfg, int(result.state.step))
+    print(f"exported model: {_EXPORT.value}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,16 @@
 loop trains `{"base": frozen base, "lora": adapters}` (QLoRA: the base as
 `NF4Tensor`s), with the optimiser state for the adapters only, and
 checkpoints, resumes, evaluates and logs like any training run.
-`full_adapter` is full fine-tuning through the same path: every param
-trains, starting from the base's.
+`mask_adapter` trains MaskLLM's 2:4 mask logits over the frozen dense base
+(`{"base": W, "mask": logits}`), annealed over the run's steps; the model
+it evaluates and exports is the hard (argmax) 2:4 one. `full_adapter` is
+full fine-tuning through the same path: every param trains, starting from
+the base's.
 `export` writes the merged params as a checkpoint that `training.load_model`
 (and so `tools/generate.py`) reads.
 """
 
+import dataclasses
 import os
 
 import jax
@@ -20,6 +24,7 @@ from lightning_jax import parallel
 from lightning_jax import training
 from lightning_jax.adapt import frozen
 from lightning_jax.adapt import lora
+from lightning_jax.adapt import maskllm
 from lightning_jax.adapt import paths
 from lightning_jax.adapt import qlora
 
@@ -57,7 +62,7 @@ def lora_adapter(
   return training.Adapter(
     init=init,
     to_model=to_model,
-    grad_fn=lambda grad_fn: lora.lora_grad_fn(grad_fn, cfg, dtype=dtype),
+    grad_fn=lambda grad_fn, step: lora.lora_grad_fn(grad_fn, cfg, dtype=dtype),
     optimizer=lora.freeze_base,
     shardings=qlora.shardings,
     metadata={
@@ -69,13 +74,45 @@ def lora_adapter(
   )
 
 
+def mask_adapter(base, cfg: maskllm.MaskConfig) -> training.Adapter:
+  """The `training.Adapter` of MaskLLM 2:4 masks over the dense `base`.
+
+  Args:
+    base: the base model's params (`models.init` layout).
+    cfg: the `MaskConfig`; its `total_steps` should be the run's steps
+      (the schedules anneal over them).
+
+  Returns:
+    An `Adapter` whose params are `{"base": W, "mask": logits}` (logits
+    initialised with the magnitude prior, `maskllm.init`), trained through
+    `maskllm.mask_grad_fn` at the state's step; `to_model` is the hard 2:4
+    model (`maskllm.apply` without rng): evaluation and export see the
+    pruned weights.
+
+  Raises:
+    ValueError: bad targets (`maskllm.targets`, named `--mask_targets`).
+  """
+  maskllm.targets(base, cfg, "--mask_targets")  # fails before compiling
+  return training.Adapter(
+    init=lambda key: {
+      frozen.BASE: base,
+      maskllm.MASK: maskllm.init(key, base, cfg),
+    },
+    to_model=lambda p: maskllm.apply(p[frozen.BASE], p[maskllm.MASK], cfg),
+    grad_fn=lambda grad_fn, step: maskllm.mask_grad_fn(grad_fn, cfg, step),
+    optimizer=maskllm.freeze_base,
+    shardings=maskllm.shardings,
+    metadata={"method": "mask24", **dataclasses.asdict(cfg)},
+  )
+
+
 def full_adapter(base) -> training.Adapter:
   """The `training.Adapter` of full fine-tuning: the base's params train."""
   identity = lambda x: x  # noqa: E731
   return training.Adapter(
     init=lambda key: base,
     to_model=identity,
-    grad_fn=identity,
+    grad_fn=lambda grad_fn, step: grad_fn,
     optimizer=identity,
     shardings=parallel.param_shardings,
     metadata={"method": "full"},

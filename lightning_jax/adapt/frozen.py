@@ -4,14 +4,18 @@ LoRA (`lora`, key "lora") and MaskLLM (`maskllm`, key "mask") keep the
 trained params beside the frozen base and build the model params with a
 transform `(base, trained, rng) -> model params`. `freeze_base` gives the
 optimiser state to the trained params only; `transform_grad_fn`
-differentiates them only, through the VJP of the transform.
+differentiates them only, through the VJP of the transform; `save` and
+`load` keep the trained params alone as a small checkpoint with their config.
 """
 
 from collections.abc import Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from lightning_jax.training import checkpoint
 
 BASE = "base"
 
@@ -69,3 +73,43 @@ def transform_grad_fn(grad_fn, transform: Callable, trainable: str):
     return (loss, metrics), {BASE: base_grads, trainable: trained_grads}
 
   return transformed
+
+
+def save(manager: checkpoint.CheckpointManager, step: int, trained, cfg, key):
+  """Saves `trained` alone as checkpoint `step`, the dataclass `cfg` in its
+  metadata under `key` (e.g. "lora").
+
+  Returns:
+    The committed step directory.
+  """
+  return manager.save(step, trained, metadata={key: dataclasses.asdict(cfg)})
+
+
+def load(
+  manager: checkpoint.CheckpointManager,
+  cfg_type: type,
+  key: str,
+  step: int | None = None,
+  target=None,
+):
+  """`(trained, cfg_type(**saved config))` of a checkpoint `save` wrote.
+
+  Args:
+    manager: where `save` wrote.
+    cfg_type: the config dataclass (e.g. `lora.LoraConfig`).
+    key: its metadata key, as given to `save`.
+    step: the step, or None for the latest complete one.
+    target: abstract trained params with shardings to restore onto (None:
+      the saved tree, as jax arrays on the default device).
+
+  Raises:
+    ValueError: the checkpoint has no config under `key`.
+  """
+  trained, metadata = manager.restore(step, target)
+  if key not in metadata:
+    raise ValueError(
+      f"checkpoint {manager.directory} step {step} holds no {key!r} config."
+    )
+  if target is None:
+    trained = jax.tree.map(jnp.asarray, trained)
+  return trained, cfg_type(**metadata[key])

@@ -201,30 +201,19 @@ def lora_grad_fn(grad_fn, cfg: LoraConfig, *, dtype=jnp.float32):
 def save_adapters(
   manager: checkpoint.CheckpointManager, step: int, adapters, cfg: LoraConfig
 ):
-  """Saves the adapters alone (with `cfg`) as checkpoint `step`.
+  """Saves the adapters alone (with `cfg`) as checkpoint `step`
+  (`frozen.save`).
 
   Returns:
     The committed step directory.
   """
-  return manager.save(step, adapters, metadata={LORA: dataclasses.asdict(cfg)})
+  return frozen.save(manager, step, adapters, cfg, LORA)
 
 
 def load_adapters(
   manager: checkpoint.CheckpointManager, step: int | None = None, target=None
 ):
-  """`(adapters, LoraConfig)` of checkpoint `step` (None: the latest).
-
-  Args:
-    manager: where `save_adapters` wrote.
-    step: the step, or None for the latest complete one.
-    target: abstract adapters with shardings to restore onto (None: the
-      saved tree, as jax arrays on the default device).
+  """`(adapters, LoraConfig)` of checkpoint `step` (None: the latest);
+  `target`: abstract adapters with shardings to restore onto (`frozen.load`).
   """
-  adapters, metadata = manager.restore(step, target)
-  if LORA not in metadata:
-    raise ValueError(
-      f"checkpoint {manager.directory} step {step} holds no LoRA config."
-    )
-  if target is None:
-    adapters = jax.tree.map(jnp.asarray, adapters)
-  return adapters, LoraConfig(**metadata[LORA])
+  return frozen.load(manager, LoraConfig, LORA, step, target)

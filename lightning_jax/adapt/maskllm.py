@@ -42,7 +42,11 @@ import optax
 from lightning_jax import _checks
 from lightning_jax.adapt import frozen
 from lightning_jax.adapt import paths
-from lightning_jax import training
+from lightning_jax.parallel import mesh as mesh_lib
+from lightning_jax.parallel import sharding
+from lightning_jax.training import checkpoint
+
+P = jax.sharding.PartitionSpec
 
 MASK = "mask"
 GROUP = 4
@@ -148,7 +152,7 @@ def _group_view(name: str, shape) -> tuple[tuple[int, ...], int, int]:
   size_in = math.prod(fan_in)
   if size_in % GROUP:
     raise ValueError(
-      f"`MaskConfig.targets`: leaf {name!r} of shape {tuple(shape)} has "
+      f"leaf {name!r} of shape {tuple(shape)} has "
       f"input size {size_in} (dims {fan_in}), which must be divisible by "
       f"{GROUP} for 2:4 groups along the input."
     )
@@ -197,28 +201,38 @@ def magnitude_groups(w_groups):
   return hard_mask(score)
 
 
-def targets(params, cfg: MaskConfig) -> tuple[str, ...]:
+def targets(
+  params, cfg: MaskConfig, what: str = "MaskConfig.targets"
+) -> tuple[str, ...]:
   """Target leaf names of `cfg` in `params`, checked (tree order).
+
+  Args:
+    params: the dense base params.
+    cfg: the `MaskConfig`.
+    what: the name of the targets in errors (e.g. a flag).
 
   Raises:
     ValueError: a pattern matching nothing or a non-matrix, an embedding /
       output leaf, an NF4 leaf, or an input size not divisible by 4.
   """
-  names = paths.match(params, cfg.targets, "MaskConfig.targets")
+  names = paths.match(params, cfg.targets, what)
   dense = [n for n in names if re.fullmatch(DENSE, n)]
   if dense:
     raise ValueError(
-      f"`MaskConfig.targets` match {dense}: the embedding and the output "
-      "layer stay dense (as in MaskLLM); target the block weights."
+      f"`{what}` match {dense}: the embedding and the output layer stay "
+      "dense (as in MaskLLM); target the block weights."
     )
   flat = paths.named_leaves(params)
   for name in names:
     if paths.is_nf4(flat[name]):
       raise ValueError(
-        f"`MaskConfig.targets` match the NF4 leaf {name!r}; mask a dense "
-        "base (dequantise it first)."
+        f"`{what}` match the NF4 leaf {name!r}; mask a dense base "
+        "(dequantise it first)."
       )
-    _group_view(name, paths.shape_of(flat[name]))
+    try:
+      _group_view(name, paths.shape_of(flat[name]))
+    except ValueError as err:
+      raise ValueError(f"`{what}`: {err}") from None
   return names
 
 
@@ -341,6 +355,64 @@ def weight_norm(params, names) -> jax.Array:
   return sum(jnp.sum(jnp.square(flat[n].astype(jnp.float32))) for n in names)
 
 
+def shardings(params, mesh, *, stage_axis: int = sharding.STAGE_AXIS):
+  """`NamedSharding`s of `{"base": W, "mask": logits}`.
+
+  The base follows the partition rules (`parallel.param_shardings`). A
+  logits leaf `[*batch, in / 4, out, 6]` follows the weight it masks, so
+  each device holds the logits of its own shard of `W`: the batch dims keep
+  the weight's axes, the group dim `in / 4` those of the weight's first
+  input dim and `out` those of its first output dim (`paths.merged_axes`:
+  when the other merged dims are whole and the sizes divide, else
+  replicated); the 6 candidates stay whole.
+  """
+  sizes = mesh_lib.mesh_axis_sizes(mesh)
+  base = params[frozen.BASE]
+  flat = paths.named_leaves(base)
+
+  def logits_spec(name):
+    shape = paths.shape_of(flat[name])
+    spec = sharding.plan_leaf(
+      tuple(name.split("/")), shape, sizes, stage_axis
+    ).spec
+    axes = tuple(spec) + (None,) * (len(shape) - len(spec))
+    batch, fan_in, out = paths.split_shape(axes, paths.matrix_view(name, shape))
+    _, groups, size_out = _group_view(name, shape)
+    return P(
+      *batch,
+      paths.merged_axes(fan_in, groups, sizes),
+      paths.merged_axes(out, size_out, sizes),
+      None,
+    )
+
+  named = lambda spec: jax.sharding.NamedSharding(mesh, spec)  # noqa: E731
+  return {
+    frozen.BASE: sharding.param_shardings(base, mesh, stage_axis=stage_axis),
+    MASK: {name: named(logits_spec(name)) for name in params[MASK]},
+  }
+
+
+def save_logits(
+  manager: checkpoint.CheckpointManager, step: int, logits, cfg: MaskConfig
+):
+  """Saves the logits alone (with `cfg`) as checkpoint `step`
+  (`frozen.save`): 1.5 float32 per masked weight.
+
+  Returns:
+    The committed step directory.
+  """
+  return frozen.save(manager, step, logits, cfg, MASK)
+
+
+def load_logits(
+  manager: checkpoint.CheckpointManager, step: int | None = None, target=None
+):
+  """`(logits, MaskConfig)` of checkpoint `step` (None: the latest);
+  `target`: abstract logits with shardings to restore onto (`frozen.load`).
+  """
+  return frozen.load(manager, MaskConfig, MASK, step, target)
+
+
 def freeze_base(inner: optax.GradientTransformation):
   """`frozen.freeze_base(inner, "mask")`: only the logits train."""
   return frozen.freeze_base(inner, MASK)
@@ -352,16 +424,24 @@ def mask_grad_fn(grad_fn, cfg: MaskConfig, step):
   The model params are `apply(base, logits, rng=fold_in(rng, 1), step)`;
   the objective is `grad_fn`'s loss `- lambda(step) sum ||W * m||^2`
   (`weight_norm` of the masked targets, reported as
-  `sparse_weight_norm`); only the logits get gradients
+  `sparse_weight_norm`, beside the annealing values `mask/temperature`,
+  `mask/logit_scale`, `mask/weight_reg`); only the logits get gradients
   (`frozen.transform_grad_fn`).
 
   Args:
     grad_fn: `(params, batch, rng) -> ((loss, metrics), grads)` over model
       params, e.g. `training.default_grad_fn(...)`.
     cfg: the `MaskConfig`.
-    step: the optimiser step (traced int) of the annealing.
+    step: the optimiser step (traced int) of the annealing: the train
+      state's (`training.Adapter.grad_fn` receives it).
+
+  Example:
+    >>> def train_step(state, batch):  # what `training.train` runs
+    ...   grad_fn = mask_grad_fn(model_grad_fn, cfg, state.step)
+    ...   return training.make_train_step(opt, sched, grad_fn)(state, batch)
   """
   anneal = annealing(cfg, step)
+  anneal_metrics = {f"mask/{k}": v for k, v in anneal._asdict().items()}
 
   def regularised(params, batch, rng):
     (loss, metrics), grads = grad_fn(params, batch, rng)
@@ -373,46 +453,11 @@ def mask_grad_fn(grad_fn, cfg: MaskConfig, step):
       norm_grads,
     )
     loss = loss - anneal.weight_reg * norm
-    return (loss, dict(metrics, sparse_weight_norm=norm)), grads
+    metrics = dict(metrics, sparse_weight_norm=norm, **anneal_metrics)
+    return (loss, metrics), grads
 
   return frozen.transform_grad_fn(
     regularised,
     lambda base, logits, rng: apply(base, logits, cfg, rng=rng, step=step),
     MASK,
   )
-
-
-def make_train_step(
-  optimizer: optax.GradientTransformation,
-  schedule: optax.Schedule,
-  grad_fn,
-  cfg: MaskConfig,
-):
-  """`training.make_train_step` with `mask_grad_fn` at the state's step.
-
-  Args:
-    optimizer: over `{"base", "mask"}`, e.g. `freeze_base(optax.adamw(lr))`.
-    schedule: its learning-rate schedule (reported as `lr`).
-    grad_fn: over model params (see `mask_grad_fn`).
-    cfg: the `MaskConfig`.
-
-  Returns:
-    `train_step(state, batch) -> (state, metrics)`, metrics with the
-    annealing values `mask/temperature`, `mask/logit_scale`,
-    `mask/weight_reg` of the step.
-
-  Example:
-    >>> step = jax.jit(make_train_step(opt, lambda s: 5e-4, grad_fn, cfg))
-  """
-
-  def train_step(state, batch):
-    inner = training.make_train_step(
-      optimizer, schedule, mask_grad_fn(grad_fn, cfg, state.step)
-    )
-    new_state, metrics = inner(state, batch)
-    anneal = annealing(cfg, state.step)
-    return new_state, dict(
-      metrics, **{f"mask/{k}": v for k, v in anneal._asdict().items()}
-    )
-
-  return train_step

@@ -108,6 +108,24 @@ def split_shape(shape, view: MatrixView):
   return shape[: view.batch], shape[view.batch : lead], shape[lead:]
 
 
+def merged_axes(axes, size: int, axis_sizes: dict):
+  """The mesh axes of a dim of `size` that merges dims (row-major) split
+  over `axes` (their PartitionSpec entries): the first dim's axes when the
+  other dims are whole and their mesh size divides `size` (then its shards
+  are the first dim's), else None (replicated).
+
+  Example:
+    >>> merged_axes(("tensor", None), 4 * 16, {"tensor": 2})  # [H, Dh]
+    'tensor'
+  """
+  first = axes[0] if axes else None
+  count = int(
+    np.prod([axis_sizes.get(a, 1) for a in np.atleast_1d(first or [])])
+  )
+  whole = all(a is None for a in axes[1:])
+  return first if whole and size % count == 0 else None
+
+
 def match(params, patterns, what: str) -> tuple[str, ...]:
   """Names of the matrix leaves matched by any of `patterns`, tree order.
 

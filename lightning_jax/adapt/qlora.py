@@ -14,7 +14,6 @@ replicated.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lightning_jax.adapt import nf4
 from lightning_jax.adapt import paths
@@ -67,10 +66,7 @@ def _folded_spec(spec, shape, divisor: int, sizes: dict) -> P:
   entries = tuple(spec) + (None,) * (len(shape) - len(spec))
   folded = nf4.folded_shape(shape, divisor)
   keep = len(folded) - 1
-  axis = entries[keep]
-  size = int(np.prod([sizes.get(a, 1) for a in np.atleast_1d(axis or [])]))
-  whole = all(e is None for e in entries[keep + 1 :])
-  last = axis if whole and folded[keep] % size == 0 else None
+  last = paths.merged_axes(entries[keep:], folded[keep], sizes)
   return P(*entries[:keep], last)
 
 

@@ -158,15 +158,17 @@ class TrainResult(NamedTuple):
 
 class Adapter(NamedTuple):
   """Trains a transform of a base model instead of its params (`train`'s
-  hook for LoRA / QLoRA fine-tuning, `adapt`).
+  hook for LoRA, QLoRA and MaskLLM fine-tuning, `adapt`).
 
   Attributes:
     init: `key -> params`, the trained tree (e.g. `{"base": frozen base,
       "lora": adapters}`), built on the host and placed on the mesh.
     to_model: `params -> model params` in the `models.init` layout (the
       merge): evaluation runs the model on it.
-    grad_fn: `GradFn -> GradFn`: the step's gradient over the trained tree
-      from the model's (`training.make_train_step`'s hook).
+    grad_fn: `(GradFn, step) -> GradFn`: the step's gradient over the
+      trained tree from the model's (`training.make_train_step`'s hook);
+      `step` is the state's optimiser step (a traced int), for transforms
+      annealed over the run (MaskLLM's temperature).
     optimizer: `GradientTransformation -> GradientTransformation`, e.g.
       `adapt.freeze_base`.
     shardings: `(abstract params, mesh) -> NamedSharding tree` of the
@@ -370,7 +372,7 @@ def train(
     eval_dataset: the validation batches (the same protocol) when
       `config.eval_every` > 0; default the validation split of
       `config.data`, required with a custom `dataset`.
-    adapter: train a transform of a base model (`Adapter`: LoRA, QLoRA)
+    adapter: train a transform of a base model (`Adapter`: LoRA, QLoRA, MaskLLM)
       instead of `models.init` params; needs a mesh without `pipe`.
 
   Returns:
@@ -499,6 +501,20 @@ def _peak_flops(config: TrainConfig) -> float | None:
   return per_device * 1e12 * jax.device_count()
 
 
+def _make_step(runner, optimizer, optim: optim_lib.OptimConfig, adapter):
+  """The runner's train step; with an adapter, over its gradient at the
+  state's step (`Adapter.grad_fn`)."""
+  schedule = optim_lib.learning_rate(optim)
+  if adapter is None:
+    return runner.make_step(optimizer, schedule, runner.grad_fn)
+
+  def train_step(state, batch):
+    grad_fn = adapter.grad_fn(runner.grad_fn, state.step)
+    return runner.make_step(optimizer, schedule, grad_fn)(state, batch)
+
+  return train_step
+
+
 def _eval_step(config: TrainConfig, to_model, state_shardings, batch_sharding):
   """Jitted `(params, batch) -> sums` of one validation batch; `to_model`
   maps the trained params to the `models.init` layout."""
@@ -551,9 +567,6 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
   state, shardings = _init_or_restore(
     config, optimizer, mesh, manager, runner, adapter
   )
-  grad_fn = (
-    runner.grad_fn if adapter is None else adapter.grad_fn(runner.grad_fn)
-  )
   to_model = runner.from_layout if adapter is None else adapter.to_model
   batch_sharding = parallel.batch_sharding(mesh)
 
@@ -569,9 +582,7 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
   compile_start = time.perf_counter()
   train_step = (
     parallel.shard_step(
-      runner.make_step(
-        optimizer, optim_lib.learning_rate(config.optim), grad_fn
-      ),
+      _make_step(runner, optimizer, config.optim, adapter),
       mesh,
       shardings,
       batch_sharding,
@@ -586,7 +597,11 @@ def _train(config: TrainConfig, dataset, eval_dataset, adapter) -> TrainResult:
     compile_s,
     flops_per_token,
   )
-  first_row = {"compile_s": compile_s, "flops_per_token": flops_per_token}
+  first_row = {
+    "compile_s": compile_s,
+    "flops_per_token": flops_per_token,
+    **metrics_lib.compiled_memory(train_step),
+  }
   eval_step = eval_batches = None
   if config.eval_every:
     eval_step = _eval_step(config, to_model, shardings, batch_sharding)

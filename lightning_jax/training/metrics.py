@@ -10,6 +10,8 @@ Per logged interval the writer adds what it measures itself: `step_time`
 times tokens per second over the devices' peak), and the memory in use
 (`host_memory_gb`, the process's resident set; `device_memory_gb`, the
 largest `bytes_in_use` of the local devices, where the backend reports it).
+The loop adds the compiled step's memory (`compiled_memory`) to the first
+row.
 """
 
 import json
@@ -57,6 +59,27 @@ def device_memory_bytes() -> int | None:
   ]
   used = [u for u in used if u is not None]
   return max(used) if used else None
+
+
+def compiled_memory(compiled) -> dict:
+  """Memory of a compiled step per device, from XLA's `memory_analysis()`
+  (nothing is run): `compiled/arguments_mb`, `compiled/temp_mb` and
+  `compiled/peak_mb` = arguments + outputs + temporaries - aliased
+  (donated) bytes; empty where the backend does not report it."""
+  mem = compiled.memory_analysis()
+  if mem is None:
+    return {}
+  peak = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    + mem.temp_size_in_bytes
+    - mem.alias_size_in_bytes
+  )
+  return {
+    "compiled/arguments_mb": mem.argument_size_in_bytes / 2**20,
+    "compiled/temp_mb": mem.temp_size_in_bytes / 2**20,
+    "compiled/peak_mb": peak / 2**20,
+  }
 
 
 def _duration(seconds: float) -> str:

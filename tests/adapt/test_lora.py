@@ -12,6 +12,7 @@ from lightning_jax import training
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import qlora
 from lightning_jax.parallel import pipeline
+from tests.adapt import adapt_testing
 
 # One attention layer with top-2-of-4 experts: projections `[D, H, Dh]`,
 # `[H, Dh, D]` and expert-stacked `[E, D, F]` targets.
@@ -28,34 +29,14 @@ CFG = models.get_preset(
 LORA = adapt.LoraConfig(rank=4, alpha=8.0)
 
 
-@pytest.fixture(scope="module")
-def base():
-  return jax.jit(models.init, static_argnums=1)(jax.random.key(0), CFG)
-
-
-def _batch(seed=0):
-  tokens = jax.random.randint(jax.random.key(seed), (2, 9), 0, CFG.vocab_size)
-  return {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "mask": jnp.ones((2, 8), jnp.float32),
-  }
-
-
-def _random_b(adapters, seed=1):
-  """Adapters with a non-zero B (a trained state)."""
-  keys = iter(jax.random.split(jax.random.key(seed), len(adapters)))
-  return {
-    n: dict(ad, b=0.1 * jax.random.normal(next(keys), ad["b"].shape))
-    for n, ad in adapters.items()
-  }
+base = adapt_testing.base
 
 
 def test_step_zero_equals_base(base):
   adapters = lora.init(jax.random.key(1), base, LORA)
   assert any("experts" in n for n in adapters)
   assert any(n.endswith("mixer/wo") for n in adapters)
-  tokens = _batch()["inputs"]
+  tokens = adapt_testing.batch(CFG)["inputs"]
   forward = jax.jit(lambda p: models.forward(p, tokens, CFG)[0])
   merged = jax.jit(lambda b, a: lora.apply(b, a, LORA))(base, adapters)
   np.testing.assert_array_equal(forward(merged), forward(base))
@@ -64,7 +45,7 @@ def test_step_zero_equals_base(base):
 def test_merged_equals_two_path_product_and_unmerge_inverts(base):
   """For every target viewed as matrices `[*batch, in, out]`:
   `x W' == x W + (alpha / r) (x A) B` (fp32), and unmerge(merge) == W."""
-  adapters = _random_b(lora.init(jax.random.key(1), base, LORA))
+  adapters = adapt_testing.random_b(lora.init(jax.random.key(1), base, LORA))
   shapes = dict(adapt.paths.leaf_names(base))
 
   @jax.jit
@@ -116,7 +97,7 @@ def test_pipeline_stacked_leaves_get_one_adapter_per_matrix(base):
   w = jnp.stack([w_up, -w_up]).reshape((1, 2) + w_up.shape)
   stacked = {pipeline.STAGES_KEY: ({"ffn": {"experts": {"w_up": w}}},)}
   cfg = adapt.LoraConfig(targets=(adapt.MLP,), rank=4, alpha=8.0)
-  adapters = _random_b(lora.init(jax.random.key(1), stacked, cfg))
+  adapters = adapt_testing.random_b(lora.init(jax.random.key(1), stacked, cfg))
   name = "stages/0/ffn/experts/w_up"
   assert adapters[name]["a"].shape == (1, 2, 4, 64, 4)
   full = lora.delta(adapters[name], name, w.shape, LORA.scale)
@@ -146,7 +127,7 @@ def test_train_steps_change_only_the_adapters(base, kind):
   assert moments == 2 * sum(x.size for x in jax.tree.leaves(params["lora"]))
   losses = []
   for i in range(2):
-    state, metrics = step(state, _batch(i))
+    state, metrics = step(state, adapt_testing.batch(CFG, i))
     losses.append(float(metrics["loss"]))
   assert np.isfinite(losses).all()
   for x, y in zip(
@@ -158,7 +139,7 @@ def test_train_steps_change_only_the_adapters(base, kind):
 
 
 def test_adapters_save_and_load(base, tmp_path):
-  adapters = _random_b(lora.init(jax.random.key(1), base, LORA))
+  adapters = adapt_testing.random_b(lora.init(jax.random.key(1), base, LORA))
   manager = training.CheckpointManager(tmp_path / "lora")
   lora.save_adapters(manager, 7, adapters, LORA)
   loaded, cfg = lora.load_adapters(manager)

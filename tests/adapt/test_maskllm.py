@@ -14,10 +14,12 @@ import pytest
 
 from lightning_jax import adapt
 from lightning_jax import models
+from lightning_jax import parallel
 from lightning_jax import training
 from lightning_jax.adapt import maskllm
 from lightning_jax.adapt import paths
 from lightning_jax.adapt import qlora
+from tests.adapt import adapt_testing
 
 # One attention layer, untied output layer: `wq [32, 2, 16]`,
 # `wo [2, 16, 32]`, `w_up [32, 64]`, `w_down [64, 32]`, `unembed [32, 64]`.
@@ -35,18 +37,7 @@ CFG = models.get_preset(
 MASK = adapt.MaskConfig(total_steps=4)
 
 
-@pytest.fixture(scope="module")
-def base():
-  return jax.jit(models.init, static_argnums=1)(jax.random.key(0), CFG)
-
-
-def _batch(seed=0):
-  tokens = jax.random.randint(jax.random.key(seed), (2, 9), 0, CFG.vocab_size)
-  return {
-    "inputs": tokens[:, :-1],
-    "targets": tokens[:, 1:],
-    "mask": jnp.ones((2, 8), jnp.float32),
-  }
+base = adapt_testing.base
 
 
 def test_candidates_are_the_six_two_of_four_patterns():
@@ -223,18 +214,30 @@ def test_annealing_start_middle_end():
     )
 
 
+def _train_step(opt, cfg=MASK):
+  """The train step `training.train` runs for MaskLLM: `mask_grad_fn` at
+  the state's step."""
+  model_grad_fn = training.default_grad_fn(CFG, training.LossConfig())
+
+  def train_step(state, batch):
+    grad_fn = maskllm.mask_grad_fn(model_grad_fn, cfg, state.step)
+    return training.make_train_step(opt, lambda s: 1e-2, grad_fn)(state, batch)
+
+  return train_step
+
+
 def test_train_steps_change_only_the_logits(base):
-  """AdamW steps through `maskllm.make_train_step`: the weights are
-  bitwise unchanged, the optimiser holds state for the logits only."""
+  """AdamW steps with `maskllm.mask_grad_fn` at the state's step: the
+  weights are bitwise unchanged, the optimiser holds state for the logits
+  only, the annealing values are the step's."""
   params = {"base": base, "mask": maskllm.init(jax.random.key(1), base, MASK)}
   opt = maskllm.freeze_base(optax.adamw(1e-2))
-  grad_fn = training.default_grad_fn(CFG, training.LossConfig())
-  step = jax.jit(maskllm.make_train_step(opt, lambda s: 1e-2, grad_fn, MASK))
+  step = jax.jit(_train_step(opt))
   state = training.init_train_state(params, opt, jax.random.key(2))
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim > 0)
   assert moments == 2 * sum(x.size for x in jax.tree.leaves(params["mask"]))
   for i in range(2):
-    state, metrics = step(state, _batch(i))
+    state, metrics = step(state, adapt_testing.batch(CFG, i))
     assert np.isfinite(float(metrics["loss"]))
     assert float(metrics["sparse_weight_norm"]) > 0
   assert float(metrics["mask/temperature"]) == pytest.approx(4 - 3.95 / 4)
@@ -244,6 +247,58 @@ def test_train_steps_change_only_the_logits(base):
     np.testing.assert_array_equal(x, y)
   for name, pi in state.params["mask"].items():
     assert float(jnp.abs(pi - params["mask"][name]).max()) > 0, name
+
+
+def test_sharded_logits_follow_their_weights_and_equal_one_device(base):
+  """On data=2 x fsdp=2 x tensor=2 each logits leaf `[*batch, in / 4, out,
+  6]` takes its weight's axes (`wq [D, H, Dh]` on (fsdp, tensor, -):
+  `[D / 4, H Dh, 6]` on (fsdp, tensor, -)); the sharded loss and logits
+  gradients equal one device's up to reassociation."""
+  logits = maskllm.init(jax.random.key(1), base, MASK)
+  params = {"base": base, "mask": logits}
+  mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
+  shardings = maskllm.shardings(params, mesh)
+  specs = {n: tuple(s.spec) for n, s in shardings["mask"].items()}
+  assert specs["layers/0/mixer/wq"] == ("fsdp", "tensor", None)
+  assert specs["layers/0/mixer/wo"] == ("tensor", "fsdp", None)  # [H, Dh, D]
+  assert specs["layers/0/ffn/w_down"] == ("tensor", "fsdp", None)  # [F, D]
+  batch = adapt_testing.batch(CFG, rows=4)
+  grad_fn = jax.jit(
+    maskllm.mask_grad_fn(
+      training.default_grad_fn(CFG, training.LossConfig()), MASK, 1
+    )
+  )
+  rng = jax.random.key(3)
+  (loss, _), grads = grad_fn(params, batch, rng)
+  placed = jax.device_put(params, shardings)
+  (loss_sharded, _), grads_sharded = grad_fn(
+    placed, jax.device_put(batch, parallel.batch_sharding(mesh)), rng
+  )
+  np.testing.assert_allclose(loss_sharded, loss, rtol=1e-5)
+  for name, g in grads["mask"].items():
+    sharded = grads_sharded["mask"][name]
+    np.testing.assert_allclose(sharded, g, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert sharded.sharding.is_equivalent_to(shardings["mask"][name], g.ndim)
+
+
+def test_logits_save_and_load_onto_shardings(base, tmp_path):
+  logits = maskllm.init(jax.random.key(1), base, MASK)
+  manager = training.CheckpointManager(tmp_path / "mask")
+  maskllm.save_logits(manager, 3, logits, MASK)
+  mesh = parallel.make_mesh("data=2,fsdp=2,tensor=2")
+  shardings = maskllm.shardings({"base": base, "mask": logits}, mesh)["mask"]
+  target = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    logits,
+    shardings,
+  )
+  loaded, cfg = maskllm.load_logits(manager, 3, target)
+  assert cfg == MASK and set(loaded) == set(logits)
+  for name, pi in logits.items():
+    np.testing.assert_array_equal(loaded[name], pi)
+    assert loaded[name].sharding == shardings[name]
+  with pytest.raises(ValueError, match="holds no 'lora' config"):
+    adapt.lora.load_adapters(manager)
 
 
 def test_weight_regulariser_gradient():

@@ -10,6 +10,7 @@ from lightning_jax import models
 from lightning_jax import parallel
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import qlora
+from tests.adapt import adapt_testing
 
 CFG = models.get_preset(
   "moe-hybrid",
@@ -27,13 +28,8 @@ LORA = adapt.LoraConfig(rank=4, alpha=8.0)
 
 @pytest.fixture(scope="module")
 def setup():
-  base = jax.jit(models.init, static_argnums=1)(jax.random.key(0), CFG)
-  adapters = lora.init(jax.random.key(1), base, LORA)
-  keys = iter(jax.random.split(jax.random.key(2), len(adapters)))
-  adapters = {
-    n: dict(ad, b=0.1 * jax.random.normal(next(keys), ad["b"].shape))
-    for n, ad in adapters.items()
-  }
+  base = adapt_testing.init_params(CFG)
+  adapters = adapt_testing.random_b(lora.init(jax.random.key(1), base, LORA), 2)
   tokens = jax.random.randint(jax.random.key(3), (4, 8), 0, CFG.vocab_size)
   return jax.jit(qlora.quantize)(base), adapters, tokens
 
