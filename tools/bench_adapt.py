@@ -6,11 +6,17 @@ r"""NF4 / QLoRA figures: bits per parameter, dequantisation error, memory.
 2. Params bytes per parameter and the compiled train step's memory
    (`memory_analysis()`, nothing is run) of LoRA over a dense float32 base
    against QLoRA over an NF4 base, same model and adapters.
+3. With `--workdir` (a `tools.train` run): the same errors on its trained
+   matrices (those `qlora.quantize` stores as NF4), per matrix kind and
+   overall, relative to the weights' RMS, with bfloat16 rounding beside.
 
 Usage (from the repository root):
   python -m tools.bench_adapt
   python -m tools.bench_adapt --d_model=1024 --num_layers=8 --dtype=bfloat16
+  python -m tools.bench_adapt --workdir=/tmp/mask_base
 """
+
+import re
 
 from absl import app
 from absl import flags
@@ -24,6 +30,7 @@ from lightning_jax import models
 from lightning_jax import training
 from lightning_jax.adapt import lora
 from lightning_jax.adapt import qlora
+from lightning_jax.training import metrics
 from tools import benchlib
 
 _ROWS = flags.DEFINE_integer("rows", 1024, "Rows of the error matrix.")
@@ -34,6 +41,9 @@ _LAYERS = flags.DEFINE_integer("num_layers", 4, "Model layers.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Batch of the train step.")
 _SEQ = flags.DEFINE_integer("seq_len", 256, "Sequence length.")
 _RANK = flags.DEFINE_integer("rank", 16, "LoRA rank.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "A tools.train run whose trained matrices to quantise."
+)
 _DTYPE = flags.DEFINE_enum(
   "dtype", "float32", ["float32", "bfloat16"], "Compute dtype."
 )
@@ -72,6 +82,70 @@ def error_rows() -> list[dict]:
         "max |err|": float(np.max(np.abs(err))),
       }
     )
+  return rows
+
+
+# Matrix kinds of the trained-weights table: (label, pattern).
+_KINDS = (
+  ("mixer q/k/v/o", adapt.ATTENTION),
+  ("other mixer matrices", adapt.MIXER),
+  ("MLP", adapt.MLP),
+)
+
+
+def trained_rows(workdir: str) -> list[dict]:
+  """Relative RMS errors of bf16, int4 absmax, NF4 and NF4 + double quant
+  on the trained matrices of `workdir`, per kind and overall."""
+  block = _BLOCK.value
+  params, _, step = training.load_model(workdir)
+  flat = adapt.paths.named_leaves(params)
+  names = adapt.paths.match(params, (adapt.MIXER, adapt.MLP), "matrices")
+
+  @jax.jit
+  def four_bit(w):
+    packed, absmax = adapt.nf4_quantize(w, block)
+    return {
+      "int4 absmax": _int4_absmax(w, block),
+      "NF4": adapt.nf4_dequantize(packed, absmax, w.shape, block),
+      "NF4 + DQ": adapt.from_nf4(adapt.to_nf4(w, block)),
+    }
+
+  stats = {}
+  for name in names:
+    w = np.asarray(flat[name], np.float32)
+    if w.size % block:
+      continue
+    # bf16 rounding on the host: under jit XLA may drop an f32 -> bf16 ->
+    # f32 round trip (excess precision).
+    approx = {"bf16": w.astype(jnp.bfloat16).astype(np.float32)}
+    quantized = jax.device_get(four_bit(w))
+    approx.update((k, quantized[k]) for k in ("int4 absmax", "NF4", "NF4 + DQ"))
+    norm = float(np.sum(np.square(w, dtype=np.float64)))
+    errs = {
+      k: float(np.sum(np.square(v - w, dtype=np.float64)))
+      for k, v in approx.items()
+    }
+    bits = adapt.bits_per_param(adapt.to_nf4(w, block)) * w.size
+    kind = next(k for k, p in _KINDS if re.fullmatch(p, name))
+    stats[name] = (kind, w.size, norm, errs, bits)
+
+  def row(label, chosen):
+    size = sum(s[1] for s in chosen)
+    norm = sum(s[2] for s in chosen)
+    out = {"matrices": label, "count": len(chosen), "params": f"{size:,}"}
+    for key in chosen[0][3]:
+      rel = np.sqrt(sum(s[3][key] for s in chosen) / norm)
+      out[f"{key} rel. RMSE"] = f"{rel:.4f}"
+    out["NF4 + DQ bits/param"] = f"{sum(s[4] for s in chosen) / size:.4f}"
+    return out
+
+  rows = [
+    row(label, [s for s in stats.values() if s[0] == label])
+    for label, _ in _KINDS
+    if any(s[0] == label for s in stats.values())
+  ]
+  rows.append(row("all", list(stats.values())))
+  print(f"{workdir} step {step}: {len(stats)} of {len(names)} matrices")
   return rows
 
 
@@ -121,13 +195,7 @@ def memory_rows() -> list[dict]:
       lambda p: training.init_train_state(p, opt, jax.random.key(2)), params
     )
     compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
-    mem = compiled.memory_analysis()
-    peak = (
-      mem.argument_size_in_bytes
-      + mem.output_size_in_bytes
-      + mem.temp_size_in_bytes
-      - mem.alias_size_in_bytes
-    )
+    mem = metrics.compiled_memory(compiled)
     rows.append(
       {
         "run": name,
@@ -135,9 +203,9 @@ def memory_rows() -> list[dict]:
         "base bits/param": round(8 * _bytes(base) / num_params, 3),
         "adapter params": f"{sum(x.size for x in jax.tree.leaves(adapters)):,}",
         "opt state MB": round(_bytes(state.opt_state) / 2**20, 2),
-        "arguments MB": round(mem.argument_size_in_bytes / 2**20, 1),
-        "temp MB": round(mem.temp_size_in_bytes / 2**20, 1),
-        "peak MB": round(peak / 2**20, 1),
+        "arguments MB": round(mem["compiled/arguments_mb"], 1),
+        "temp MB": round(mem["compiled/temp_mb"], 1),
+        "peak MB": round(mem["compiled/peak_mb"], 1),
       }
     )
   return rows
@@ -149,6 +217,9 @@ def main(argv):
   print(benchlib.markdown_table(error_rows()))
   print()
   print(benchlib.markdown_table(memory_rows()))
+  if _WORKDIR.value:
+    print()
+    print(benchlib.markdown_table(trained_rows(_WORKDIR.value)))
 
 
 if __name__ == "__main__":
