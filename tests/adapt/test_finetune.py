@@ -33,7 +33,9 @@ CFG = models.get_preset(
 )
 
 
-def _run(workdir, steps):
+def _run(workdir, steps, eval_every=0):
+  """A 4-step run (`steps` of them now); no evaluation unless asked (each
+  compiles one more function)."""
   return training.TrainConfig(
     model=CFG,
     workdir=str(workdir),
@@ -42,7 +44,7 @@ def _run(workdir, steps):
     seq_len=16,
     checkpoint_every=2,
     log_every=1,
-    eval_every=2,
+    eval_every=eval_every,
     eval_batches=1,
     optim=training.OptimConfig(lr=1e-2, total_steps=4, warmup_steps=0),
   )
@@ -54,7 +56,6 @@ def test_qlora_trains_adapters_only_and_exports(base, tmp_path):
   result = training.train(_run(tmp_path / "a", 4), adapter=adapter)
   losses = [r["loss"] for r in result.history]
   assert losses[-1] < losses[0], losses
-  assert "eval/loss" in result.history[-1]
   frozen = adapter.init(jax.random.key(1))["base"]
   jax.tree.map(
     np.testing.assert_array_equal, result.state.params["base"], frozen
@@ -72,9 +73,9 @@ def test_mask24_resumes_exactly_and_exports_two_of_four(base, tmp_path):
   frozen; the export keeps exactly 2 of every 4 masked weights."""
   cfg = adapt.MaskConfig(total_steps=4)
   adapter = finetune.mask_adapter(base, cfg)
-  straight = training.train(_run(tmp_path / "a", 4), adapter=adapter)
+  straight = training.train(_run(tmp_path / "a", 4, 4), adapter=adapter)
   training.train(_run(tmp_path / "b", 2), adapter=adapter)
-  resumed = training.train(_run(tmp_path / "b", 4), adapter=adapter)
+  resumed = training.train(_run(tmp_path / "b", 4, 4), adapter=adapter)
   assert [r["step"] for r in resumed.history] == [3, 4]
   jax.tree.map(
     np.testing.assert_array_equal, resumed.state.params, straight.state.params
