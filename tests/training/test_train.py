@@ -85,11 +85,14 @@ def test_training_run_loss_falls_and_writes_metrics_and_checkpoints(tmp_path):
   manager = training.checkpoint.CheckpointManager(str(tmp_path / "checkpoints"))
   assert manager.all_steps() == [10, 20]
   assert int(result.state.step) == 20 == int(result.state.data_position)
-  # Compile time and model FLOPs once; evaluations at 10 and the last step.
-  assert [("compile_s" in r, "flops_per_token" in r) for r in rows] == [
-    (True, True)
-  ] + [(False, False)] * 4
+  # Compile time, model FLOPs and the compiled step's memory once;
+  # evaluations at 10 and the last step.
+  once = ("compile_s", "flops_per_token", "compiled/peak_mb")
+  assert [tuple(k in r for k in once) for r in rows] == [(True,) * 3] + [
+    (False,) * 3
+  ] * 4
   assert rows[0]["flops_per_token"] == models.flops_per_token(config.model, 32)
+  assert 0 < rows[0]["compiled/arguments_mb"] < rows[0]["compiled/peak_mb"]
   assert [r["step"] for r in rows if "eval/loss" in r] == [10, 20]
   assert rows[-1]["eval/loss"] < rows[2]["eval/loss"]
   # The last evaluation, recomputed: the first 2 validation batches under
