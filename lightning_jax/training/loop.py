@@ -372,8 +372,9 @@ def train(
     eval_dataset: the validation batches (the same protocol) when
       `config.eval_every` > 0; default the validation split of
       `config.data`, required with a custom `dataset`.
-    adapter: train a transform of a base model (`Adapter`: LoRA, QLoRA, MaskLLM)
-      instead of `models.init` params; needs a mesh without `pipe`.
+    adapter: train a transform of a base model (`Adapter`: LoRA, QLoRA,
+      MaskLLM) instead of `models.init` params; needs a mesh without
+      `pipe`.
 
   Returns:
     `TrainResult` with the final state and the metric rows written.
