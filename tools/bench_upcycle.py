@@ -238,6 +238,8 @@ def main(argv):
       training.parse_overrides([_OVERRIDE.value]),
     )
     val = [_dataset(s, "validation", seed) for s in specs]
+    init = models.init(jax.random.key(seed), cfg)
+    _variants([init] * len(specs), init, cfg)  # every method accepts cfg
   except cli.INPUT_ERRORS as e:
     cli.fail(e)
   mix, n = "+".join(specs), len(domains)
