@@ -6,6 +6,7 @@ from lightning_jax.models.config import FFNS
 from lightning_jax.models.config import layer_widths
 from lightning_jax.models.config import ModelConfig
 from lightning_jax.models.config import moe_lbl_scope
+from lightning_jax.models.flops import active_params
 from lightning_jax.models.flops import flops_per_token
 from lightning_jax.models.flops import non_embedding_params
 from lightning_jax.models.loss import lm_loss

@@ -66,6 +66,32 @@ def _active_fraction(path, ffn) -> float:
   return fraction
 
 
+def active_params(cfg: config_lib.ModelConfig) -> int:
+  """Parameters applied to one token, as `flops_per_token` counts them:
+  every parameter, MoE FFN experts scaled by `top_k / num_experts` (MH-MoE's
+  also by its sub-tokens per token); attention experts all run, also with
+  top-k routing.
+
+  Example:
+    >>> from lightning_jax import models
+    >>> cfg = models.get_preset("moe-hybrid")
+    >>> active_params(cfg) < models.num_params(cfg)
+    True
+  """
+  blocks = config_lib.block_configs(cfg)
+  shapes = _shapes(cfg)
+  active = sum(
+    np.prod(x.shape)
+    for name, tree in shapes.items()
+    if name != "layers"
+    for x in jax.tree.leaves(tree)
+  )
+  for block, layer in zip(blocks, shapes["layers"], strict=True):
+    for path, x in jax.tree_util.tree_flatten_with_path(layer)[0]:
+      active += np.prod(x.shape) * _active_fraction(path, block.ffn)
+  return int(round(active))
+
+
 def flops_per_token(cfg: config_lib.ModelConfig, seq_len: int) -> float:
   """Training FLOPs per token (3 x forward; the module docstring).
 

@@ -31,3 +31,15 @@ def test_recurrent_mixing_and_active_experts_by_hand():
   per_expert = 2 * 3 * d * moe.moe_d_ff * 3 * moe.num_layers
   delta = models.flops_per_token(with_all, t) - models.flops_per_token(moe, t)
   assert delta == pytest.approx(per_expert * (moe.num_experts - moe.top_k))
+
+
+def test_active_params_count_the_chosen_experts():
+  moe = models.get_preset("moe-hybrid", pattern=("lightning",))
+  with_all = moe.__class__(**{**moe.__dict__, "top_k": moe.num_experts})
+  assert models.active_params(with_all) == models.num_params(moe)
+  per_expert = 3 * moe.d_model * moe.moe_d_ff * moe.num_layers
+  assert models.active_params(moe) == models.num_params(moe) - per_expert * (
+    moe.num_experts - moe.top_k
+  )
+  dense = models.get_preset("transformer")
+  assert models.active_params(dense) == models.num_params(dense)
