@@ -1,13 +1,21 @@
-"""CO2 vs synchronous data parallel: all-reduces per step and the loss.
+"""CO2 vs synchronous data parallel: all-reduces per step, loss, step time.
 
-On `JAX_NUM_CPU_DEVICES` fake CPU devices, all on `data` (default 4): for
-AdamW (synchronous data parallel) and CO2 at each `--local_steps` tau, the
-all-reduce instructions of the compiled step's HLO text and the values they
-reduce, split into those outside any conditional (run every step) and those
-inside a `conditional`'s branches (CO2's outer step: run once per round);
-then a `--steps` run of `training.train` and its last logged loss.
+Every device on `data`: for AdamW (synchronous data parallel) and CO2 at
+each `--local_steps` tau, the all-reduce instructions of the compiled step's
+HLO text and the values they reduce, split into those outside any
+conditional (run every step) and those inside a `conditional`'s branches
+(CO2's outer step: run once per round); then a `--steps` run of
+`training.train` (same data, steps and tokens for every run): its last
+training loss, the validation loss at the end, and the mean `step_time` of
+its logged intervals after the first.
+
+One process with 4 fake CPU devices, or 2 processes x 2 through
+`jax.distributed` (the same `--workdir` for both; process 0 prints):
 
   JAX_NUM_CPU_DEVICES=4 python -m tools.bench_co2
+  for i in 0 1; do JAX_NUM_CPU_DEVICES=2 python -m tools.bench_co2 \\
+      --coordinator_address=127.0.0.1:12355 --num_processes=2 \\
+      --process_id=$i --workdir=/tmp/bench_co2_mp & done; wait
 """
 
 from collections.abc import Sequence
@@ -19,8 +27,8 @@ import tempfile
 from absl import app
 from absl import flags
 
-_STEPS = flags.DEFINE_integer("steps", 40, "Training steps of each run.")
-_LOCAL_STEPS = flags.DEFINE_list("local_steps", ["1", "4"], "CO2 taus.")
+_STEPS = flags.DEFINE_integer("steps", 48, "Training steps of each run.")
+_LOCAL_STEPS = flags.DEFINE_list("local_steps", ["1", "4", "12"], "CO2 taus.")
 _STALENESS = flags.DEFINE_integer("staleness", 1, "CO2 staleness (0 or 1).")
 _OVERRIDE = flags.DEFINE_string(
   "override",
@@ -29,6 +37,18 @@ _OVERRIDE = flags.DEFINE_string(
 )
 _BATCH = flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 _SEQ = flags.DEFINE_integer("seq_len", 64, "Tokens per sequence.")
+_WORKDIR = flags.DEFINE_string(
+  "workdir", None, "Parent of the runs' workdirs; default a fresh temp dir."
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, multi-process runs."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+  "num_processes", None, "Processes of a multi-process run."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+  "process_id", None, "This process's index in a multi-process run."
+)
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _BRANCHES = re.compile(
@@ -84,6 +104,12 @@ def main(argv: Sequence[str]) -> None:
   from lightning_jax import parallel  # pylint: disable=import-outside-toplevel
   from lightning_jax import training  # pylint: disable=import-outside-toplevel
 
+  if _NUM_PROCESSES.value is not None:
+    parallel.initialize_distributed(
+      _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+  steps, batch_size, seq_len = _STEPS.value, _BATCH.value, _SEQ.value
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix="bench_co2_")
   model = training.apply_overrides(
     models.get_preset("tiny-hybrid"),
     training.parse_overrides(["vocab_size=256", _OVERRIDE.value]),
@@ -96,27 +122,31 @@ def main(argv: Sequence[str]) -> None:
     for t in _LOCAL_STEPS.value
   ]
   mesh = parallel.make_mesh(None)
-  print(
-    f"{jax.device_count()} devices on data; tiny-hybrid {_OVERRIDE.value}, "
-    f"batch {_BATCH.value} x {_SEQ.value}, {_STEPS.value} steps"
+  show = print if jax.process_index() == 0 else lambda *a, **k: None
+  show(
+    f"{jax.process_count()} process(es) x {jax.local_device_count()} "
+    f"devices, all on data; tiny-hybrid {_OVERRIDE.value}, batch "
+    f"{batch_size} x {seq_len}, {steps} steps "
+    f"({steps * batch_size * seq_len:,} tokens)"
   )
-  print(
+  show(
     "| run | all-reduces every step (values) | in conditionals (values) "
-    f"| loss@{_STEPS.value} |"
+    f"| values / step | s/step | loss@{steps} | eval loss@{steps} |"
   )
-  print("|---|---|---|---|")
+  show("|---|---|---|---|---|---|---|")
   for name, co2_cfg in variants:
     config = training.TrainConfig(
       model=model,
-      workdir=tempfile.mkdtemp(prefix="bench_co2_"),
-      steps=_STEPS.value,
-      batch_size=_BATCH.value,
-      seq_len=_SEQ.value,
+      workdir=os.path.join(workdir, name.replace(" ", "_")),
+      steps=steps,
+      batch_size=batch_size,
+      seq_len=seq_len,
       checkpoint_every=0,
-      log_every=_STEPS.value,
+      log_every=max(steps // 4, 1),
+      eval_every=steps,
       optim=training.OptimConfig(
-        total_steps=_STEPS.value,
-        warmup_steps=_STEPS.value // 10,
+        total_steps=steps,
+        warmup_steps=steps // 10,
         optimizer="adamw" if co2_cfg is None else "co2",
         co2=co2_cfg,
       ),
@@ -130,10 +160,10 @@ def main(argv: Sequence[str]) -> None:
       jax.random.key(0),
     )
     batch = {
-      k: jax.ShapeDtypeStruct((_BATCH.value, _SEQ.value), dtype)
+      k: jax.ShapeDtypeStruct((batch_size, seq_len), dtype)
       for k, dtype in (("inputs", "int32"), ("targets", "int32"))
     }
-    batch["mask"] = jax.ShapeDtypeStruct((_BATCH.value, _SEQ.value), "float32")
+    batch["mask"] = jax.ShapeDtypeStruct((batch_size, seq_len), "float32")
     step = parallel.shard_step(
       runner.make_step(
         optimizer, training.learning_rate(config.optim), runner.grad_fn
@@ -143,11 +173,16 @@ def main(argv: Sequence[str]) -> None:
       parallel.batch_sharding(mesh),
     )
     counts = all_reduces(step.lower(abstract, batch).compile().as_text())
-    loss = training.train(config).history[-1]["loss"]
+    history = training.train(config).history
+    if not history:  # only process 0 logs
+      continue
     every, cond = counts["every_step"], counts["conditional"]
-    print(
+    per_round = co2_cfg.local_steps if co2_cfg else 1
+    step_time = sum(r["step_time"] for r in history[1:]) / len(history[1:])
+    show(
       f"| {name} | {every[0]} ({every[1]:,}) | {cond[0]} ({cond[1]:,}) "
-      f"| {loss:.4f} |",
+      f"| {every[1] + cond[1] / per_round:,.0f} | {step_time:.3f} "
+      f"| {history[-1]['loss']:.4f} | {history[-1]['eval/loss']:.4f} |",
       flush=True,
     )
 

@@ -84,7 +84,7 @@ _CO2_OUTER_MOMENTUM = flags.DEFINE_float(
 _CO2_GAP_PENALTY = flags.DEFINE_float(
   "co2_gap_penalty",
   None,
-  "CO2: staleness-gap penalty; only 0 (not implemented, docs/training.md).",
+  "CO2: staleness-gap penalty lambda (m += delta / lambda); default 1.",
 )
 _CO2_CLIP = flags.DEFINE_float(
   "co2_clip",

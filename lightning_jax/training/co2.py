@@ -7,14 +7,14 @@ state and takes `tau` local steps on its shard of the batch; at the end of
 round t, with `a_t` the params every replica started the round from:
 
   delta_t = a_t - mean_i(theta^i_t)                 (one all-reduce)
-  m       <- clip(beta * m + delta_s, -phi, phi)    (s = t - staleness)
+  m       <- clip(beta * m + delta_s / lambda, -phi, phi)  (s = t - staleness)
   a_{t+1} = a_t - eta * m,   theta^i <- a_{t+1}.
 
 Staleness 1 (CO2): round t's all-reduce is issued in the first step of round
 t + 1 and its result is applied at the end of round t + 1, so it overlaps
 that round's forward and backward passes; `delta_{-1} = 0`. Staleness 0 is
-the synchronous outer step (DiLoCo-like). The staleness-gap penalty is not
-implemented (lambda = 1; docs/training.md, "CO2").
+the synchronous outer step (DiLoCo-like). lambda is the staleness-gap
+penalty, a constant as in the authors' code (docs/training.md, "CO2").
 
 The replica-local parts of the state (params, inner optimiser state, the
 in-flight delta) are stacked on a leading `[replicas]` axis sharded over
@@ -142,9 +142,9 @@ def state_shardings(abstract_state: TrainState, mesh) -> TrainState:
 
 
 def outer_step(cfg, anchor, momentum, delta):
-  """`(a - eta * m, m)` with `m = clip(beta * m + delta, -phi, phi)`."""
+  """`(a - eta * m, m)`, `m = clip(beta * m + delta / lambda, -phi, phi)`."""
   momentum = jax.tree.map(
-    lambda m, d: cfg.outer_momentum * m + d, momentum, delta
+    lambda m, d: cfg.outer_momentum * m + d / cfg.gap_penalty, momentum, delta
   )
   if cfg.clip:
     momentum = jax.tree.map(

@@ -51,8 +51,9 @@ class CO2Config:
     local_steps: tau, inner (AdamW) steps per round on each data replica.
     outer_lr: eta, the outer learning rate.
     outer_momentum: beta, the outer momentum, in [0, 1).
-    gap_penalty: the staleness-gap penalty; only 0 (no penalty, lambda = 1)
-      is implemented (docs/training.md, "CO2").
+    gap_penalty: lambda, the staleness-gap penalty: the outer step adds
+      `delta / lambda` to the momentum; 1 is no penalty (docs/training.md,
+      "CO2", for where this constant form comes from).
     clip: phi, clip the outer momentum element-wise to [-phi, phi]; 0
       disables.
     staleness: 1 applies round t's replica mean at the end of round t + 1
@@ -62,7 +63,7 @@ class CO2Config:
   local_steps: int = 4
   outer_lr: float = 1.0
   outer_momentum: float = 0.0
-  gap_penalty: float = 0.0
+  gap_penalty: float = 1.0
   clip: float = 0.0
   staleness: int = 1
 
@@ -80,10 +81,10 @@ class CO2Config:
       raise ValueError(
         f"--co2_outer_momentum must be in [0, 1), got {self.outer_momentum}."
       )
-    if self.gap_penalty != 0:
+    if not 0 < self.gap_penalty < math.inf:
       raise ValueError(
-        f"--co2_gap_penalty must be 0: the staleness-gap penalty is not "
-        f"implemented (its formula is not specified), got {self.gap_penalty}."
+        f"--co2_gap_penalty must be finite and > 0 (1: no penalty), got "
+        f"{self.gap_penalty}."
       )
     if not 0 <= self.clip < math.inf:
       raise ValueError(

@@ -104,7 +104,7 @@ def _reference(params, batches, *, tau, replicas, gamma, cfg):
     deltas.append(anchor - theta.mean(0))
     stale = len(deltas) - 1 - cfg.staleness
     delta = deltas[stale] if stale >= 0 else np.zeros_like(anchor)
-    momentum = cfg.outer_momentum * momentum + delta
+    momentum = cfg.outer_momentum * momentum + delta / cfg.gap_penalty
     if cfg.clip:
       momentum = np.clip(momentum, -cfg.clip, cfg.clip)
     anchor = anchor - cfg.outer_lr * momentum
@@ -119,6 +119,7 @@ def test_outer_step_matches_the_numpy_reference(staleness, clip):
     local_steps=2,
     outer_lr=0.7,
     outer_momentum=0.5,
+    gap_penalty=1.6,
     clip=clip,
     staleness=staleness,
   )
@@ -231,7 +232,8 @@ def test_loop_mesh_layouts_agree_and_resume_mid_round_is_exact(tmp_path):
     (dict(outer_momentum=1.0), "--co2_outer_momentum"),
     (dict(outer_momentum=-0.1), "--co2_outer_momentum"),
     (dict(outer_lr=0.0), "--co2_outer_lr"),
-    (dict(gap_penalty=0.1), "--co2_gap_penalty"),
+    (dict(gap_penalty=0.0), "--co2_gap_penalty"),
+    (dict(gap_penalty=float("inf")), "--co2_gap_penalty"),
     (dict(clip=-1.0), "--co2_clip"),
     (dict(staleness=2), "--co2_staleness"),
   ],
