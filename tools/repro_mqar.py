@@ -11,8 +11,8 @@ rest (--steps, --batch_size, --seq_len, --lr, --seed, --eval_batches, ...):
 
   python -m tools.repro_mqar \
       --archs=transformer,tnl,hgrn2,deltanet,gated-deltanet,mamba2 \
-      --sizes=32x2,64x2 --kv_pairs=4,16 --vocab_size=128 --seq_len=64 \
-      --batch_size=32 --steps=300 --out=/tmp/mqar
+      --sizes=64x2,32x2 --kv_pairs=4,12 --vocab_size=64 --seq_len=64 \
+      --batch_size=32 --steps=250 --out=/tmp/mqar
 
 A size `WxL` is d_model W and L layers, as in tools/sweep.py
 (`cli.parse_size`). The accuracy is the run's `eval/accuracy` at its last
@@ -48,13 +48,13 @@ _ARCHS = flags.DEFINE_list(
   "Model presets (models.preset_names()).",
 )
 _SIZES = flags.DEFINE_list(
-  "sizes", ["32x2", "64x2"], "Sizes `<d_model>x<num_layers>`."
+  "sizes", ["64x2", "32x2"], "Sizes `<d_model>x<num_layers>`."
 )
 _KV_PAIRS = flags.DEFINE_list(
-  "kv_pairs", ["4", "16"], "MQAR key-value pairs per sequence K."
+  "kv_pairs", ["4", "12"], "MQAR key-value pairs per sequence K."
 )
 _VOCAB_SIZE = flags.DEFINE_integer(
-  "vocab_size", 128, "MQAR vocabulary: keys below V/2, values above."
+  "vocab_size", 64, "MQAR vocabulary: keys below V/2, values above."
 )
 _OUT = flags.DEFINE_string("out", None, "Results directory.")
 # tools/train flags every row of one results directory shares.
