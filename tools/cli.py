@@ -57,6 +57,33 @@ def parse_numbers(flag: str, items, kind, low, high=math.inf) -> list:
   return values
 
 
+def parse_size(size: str, head_dim: int) -> dict[str, str]:
+  """A `--sizes` entry `"<d_model>x<layers>"` -> tools/train overrides.
+
+  The heads keep the preset's `head_dim` (d_model / head_dim of them) and
+  d_ff = 3 d_model, the presets' ratio: `"64x2"` with head_dim 32 ->
+  `{"d_model": "64", "num_layers": "2", "num_heads": "2", "d_ff": "192"}`.
+
+  Raises:
+    ValueError: naming `--sizes`, on a malformed entry or a d_model that is
+      not a positive multiple of `head_dim`.
+  """
+  width, x, layers = size.partition("x")
+  if not (x and width.isdigit() and layers.isdigit() and int(layers) > 0):
+    raise ValueError(f"--sizes entries must be `<d_model>x<layers>`: {size!r}.")
+  if int(width) % head_dim or not int(width):
+    raise ValueError(
+      f"--sizes: d_model {width} must be a positive multiple of the "
+      f"preset's head_dim {head_dim} ({size!r})."
+    )
+  return {
+    "d_model": width,
+    "num_layers": layers,
+    "num_heads": str(int(width) // head_dim),
+    "d_ff": str(3 * int(width)),
+  }
+
+
 def resume_from_workdir(
   workdir: str,
   resumed,

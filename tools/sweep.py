@@ -99,24 +99,6 @@ class Run:
     return self.steps * _BATCH_SIZE.value * _SEQ_LEN.value
 
 
-def parse_size(size: str, head_dim: int) -> dict[str, str]:
-  """`"64x2"` -> tools/train overrides; ValueError naming `--sizes`."""
-  width, x, layers = size.partition("x")
-  if not (x and width.isdigit() and layers.isdigit() and int(layers) > 0):
-    raise ValueError(f"--sizes entries must be `<d_model>x<layers>`: {size!r}.")
-  if int(width) % head_dim or not int(width):
-    raise ValueError(
-      f"--sizes: d_model {width} must be a positive multiple of the "
-      f"preset's head_dim {head_dim} ({size!r})."
-    )
-  return {
-    "d_model": width,
-    "num_layers": layers,
-    "num_heads": str(int(width) // head_dim),
-    "d_ff": str(3 * int(width)),
-  }
-
-
 def make_grid(vocab_size: int) -> list[Run]:
   """The runs of the flags, validated; ValueError on a bad flag."""
   for name, flag in (
@@ -142,7 +124,7 @@ def make_grid(vocab_size: int) -> list[Run]:
   for arch in _ARCHS.value:
     preset = models.get_preset(arch)
     for size in _SIZES.value:
-      overrides = parse_size(size, preset.head_dim)
+      overrides = cli.parse_size(size, preset.head_dim)
       cfg = training.apply_overrides(
         preset, {"vocab_size": str(vocab_size), **overrides}
       )

@@ -1,5 +1,6 @@
-"""tools/sweep.py (a tiny 2-run grid, then a re-run that skips both) and
-tools/scaling.py on synthetic rows, as subprocesses."""
+"""tools/sweep.py (a tiny 2-run grid, then a re-run that skips both),
+tools/scaling.py on synthetic rows and a one-run tools/repro_mqar.py, as
+subprocesses."""
 
 import importlib.util
 import json
@@ -107,3 +108,26 @@ def test_scaling_tool_fits_synthetic_rows(tmp_path):
   missing = _run("scaling", f"--runs={tmp_path / 'none.jsonl'}")
   assert missing.returncode == 2
   assert missing.stderr.strip().splitlines()[-1].startswith("error: --runs=")
+
+
+def test_repro_mqar_one_run_writes_its_row_and_table(tmp_path):
+  result = _run(
+    "repro_mqar",
+    "--archs=tnl",
+    "--sizes=32x1",
+    "--kv_pairs=1",
+    "--vocab_size=8",
+    "--seq_len=4",
+    "--batch_size=2",
+    "--eval_batches=1",
+    "--checkpoint_every=0",
+    "--steps=1",
+    f"--out={tmp_path}",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  (row,) = _rows(tmp_path / "mqar.jsonl")
+  assert (row["run"], row["kv_pairs"], row["d_model"]) == ("tnl-32x1-k1", 1, 32)
+  assert 0.0 <= row["accuracy"] <= 1.0 and row["steps"] == 1
+  table = (tmp_path / "mqar.md").read_text().splitlines()
+  assert table[0] == "| arch | N 32x1 | 32x1 K=1 |"
+  assert table[2].startswith(f"| `tnl` | {row['n_params']:,} | ")
