@@ -72,7 +72,7 @@ _EVAL_LENGTHS = flags.DEFINE_list(
   "eval_lengths", ["128", "256", "512"], "Lengths of the comparison."
 )
 _PROFILE_BATCH = flags.DEFINE_integer(
-  "profile_batch", 8, "Calibration sequences per profiled length."
+  "profile_batch", 16, "Calibration sequences per profiled length."
 )
 _BLOCK = flags.DEFINE_integer("block", 16, "MoA profiling block size.")
 _SINK = flags.DEFINE_integer("sink", 0, "Attention sink of both sparse models.")
@@ -83,7 +83,7 @@ _BETAS = flags.DEFINE_list(
   "betas", ["0", "0.125", "0.25", "0.5", "1"], "MoA candidate betas."
 )
 _TOKENS_PER_PAIR = flags.DEFINE_integer(
-  "tokens_per_pair", 32, "One planted key-value pair per this many tokens."
+  "tokens_per_pair", 16, "One planted key-value pair per this many tokens."
 )
 # --claim=mhmoe
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 8, "MoE experts.")
@@ -134,13 +134,13 @@ def _train(name: str, model: models.ModelConfig, dataset=None):
 def _moa_settings():
   """`(densities, profile lengths, eval lengths, candidate rules)` of the
   flags; ValueError naming a bad one."""
-  # Every length holds 1 to reprolib.RECALL_IDS planted pairs.
+  # Every length holds 1 to reprolib.RECALL_KEYS planted pairs.
   shortest = _TOKENS_PER_PAIR.value
-  longest = reprolib.RECALL_IDS * shortest
+  longest = reprolib.RECALL_KEYS * shortest
   if not shortest <= _SEQ_LEN.value <= longest:
     raise ValueError(
       f"--seq_len must be in [{shortest}, {longest}] (--tokens_per_pair "
-      f"times [1, {reprolib.RECALL_IDS}]), got {_SEQ_LEN.value}."
+      f"times [1, {reprolib.RECALL_KEYS}]), got {_SEQ_LEN.value}."
     )
   lengths = [
     cli.parse_numbers(name, flag.value, int, shortest, longest)

@@ -19,24 +19,30 @@ from lightning_jax import ops
 from lightning_jax import training
 from lightning_jax.layers import mixers
 
-# Planted pairs: keys and values are ids after the byte vocabulary.
-RECALL_IDS = 64
-RECALL_VOCAB = training.data.BYTE_VOCAB_SIZE + 2 * RECALL_IDS
+# Planted pairs, ids after the byte vocabulary: keys, values, and one
+# definition token per (key, value).
+RECALL_KEYS = 64
+RECALL_VALUES = 16
+_KEY0 = training.data.BYTE_VOCAB_SIZE
+_VALUE0 = _KEY0 + RECALL_KEYS
+_DEFINITION0 = _VALUE0 + RECALL_VALUES
+RECALL_VOCAB = _DEFINITION0 + RECALL_KEYS * RECALL_VALUES
 
 
 def recall_batch(text, rng: np.random.Generator, pairs: int):
   """Plants `pairs` key-value pairs, each defined then queried, in text.
 
   Each pair takes two random 2-token slots of the window `inputs ++
-  targets[-1]`: the earlier one defines it (`key value`), the later one
-  queries it (`key value` again), so the model recalls the value from the
-  key. Keys (distinct per row) are ids `256 + [0, RECALL_IDS)`, values
-  `256 + RECALL_IDS + [0, RECALL_IDS)`, after the byte vocabulary.
+  targets[-1]`: the earlier one's first token defines it (one token per
+  (key, value), id `_DEFINITION0 + key * RECALL_VALUES + value`), the later
+  one queries it (`key value`), so the model recalls the value from the
+  key: one attention hop back to the definition (multi-query associative
+  recall with one-token definitions). Keys are distinct per row.
 
   Args:
     text: a text batch (`training.make_dataset`), `[batch, seq]` arrays.
     rng: numpy generator of the planting.
-    pairs: pairs per row, `4 pairs <= seq` and `pairs <= RECALL_IDS`.
+    pairs: pairs per row, `4 pairs <= seq` and `pairs <= RECALL_KEYS`.
 
   Returns:
     `{"inputs", "targets", "mask"}` (mask 1: every next token is trained)
@@ -45,28 +51,29 @@ def recall_batch(text, rng: np.random.Generator, pairs: int):
   """
   w = np.concatenate([text["inputs"], text["targets"][:, -1:]], axis=1)
   batch, seq = text["inputs"].shape
-  if not 0 < pairs <= min(RECALL_IDS, seq // 4):
+  if not 0 < pairs <= min(RECALL_KEYS, seq // 4):
     raise ValueError(
-      f"`pairs` must be in [1, min({RECALL_IDS}, seq / 4 = {seq // 4})], "
+      f"`pairs` must be in [1, min({RECALL_KEYS}, seq / 4 = {seq // 4})], "
       f"got {pairs}."
     )
-  byte = training.data.BYTE_VOCAB_SIZE
   rows = np.arange(batch)[:, None]
   slots = np.argsort(rng.random((batch, seq // 2)), axis=1)[:, : 2 * pairs]
   first = np.minimum(slots[:, 0::2], slots[:, 1::2])
   second = np.maximum(slots[:, 0::2], slots[:, 1::2])
-  keys = np.argsort(rng.random((batch, RECALL_IDS)), axis=1)[:, :pairs] + byte
-  values = rng.integers(byte + RECALL_IDS, RECALL_VOCAB, (batch, pairs))
-  for slot in (first, second):
-    w[rows, 2 * slot], w[rows, 2 * slot + 1] = keys, values
+  keys = np.argsort(rng.random((batch, RECALL_KEYS)), axis=1)[:, :pairs]
+  values = rng.integers(0, RECALL_VALUES, (batch, pairs))
+  w[rows, 2 * first] = _DEFINITION0 + keys * RECALL_VALUES + values
+  w[rows, 2 * second] = _KEY0 + keys
+  w[rows, 2 * second + 1] = _VALUE0 + values
   inputs, targets = w[:, :-1], w[:, 1:]
   recall = np.zeros((batch, seq), np.float32)
   recall[rows, 2 * second] = 1.0
+  text_pos = (inputs < _KEY0) & (targets < _KEY0)
   return {
     "inputs": inputs,
     "targets": targets,
     "mask": np.ones((batch, seq), np.float32),
-    "text": ((inputs < byte) & (targets < byte)).astype(np.float32),
+    "text": text_pos.astype(np.float32),
     "recall": recall,
   }
 

@@ -2,6 +2,7 @@
 the routes behind the expert-activation statistics."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +26,16 @@ def test_recall_queries_target_the_value_defined_earlier():
     keys = inputs[b["recall"][row] == 1]
     assert len(set(keys)) == 5 and (keys >= byte).all()
     for t in np.flatnonzero(b["recall"][row]):
-      (defined,) = np.flatnonzero(inputs[:t] == inputs[t])
-      assert inputs[defined + 1] == targets[t] >= byte + reprolib.RECALL_IDS
+      key, value = inputs[t] - byte, targets[t] - byte - reprolib.RECALL_KEYS
+      assert 0 <= key < reprolib.RECALL_KEYS
+      assert 0 <= value < reprolib.RECALL_VALUES
+      definition = (
+        reprolib.RECALL_VOCAB
+        - reprolib.RECALL_KEYS * (reprolib.RECALL_VALUES)
+        + key * reprolib.RECALL_VALUES
+        + value
+      )
+      assert (inputs[:t] == definition).sum() == 1
     text_pos = b["text"][row] == 1
     assert (inputs[text_pos] < byte).all() and (targets[text_pos] < byte).all()
 
@@ -61,13 +70,20 @@ def test_matched_mhmoe_and_its_routes():
   np.testing.assert_allclose(
     models.num_params(mh), models.num_params(moe_cfg) * (1 + dp)
   )
-  tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 32)
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, 32, (2, 8)))
   for cfg, slots in ((moe_cfg, 1), (mh, 2)):
-    params = models.init(jax.random.key(1), cfg)
-    (experts,) = reprolib.expert_routes(params, tokens, cfg)
+    # Random params of init's shapes (cheaper than running init).
+    params = jax.tree.map(
+      lambda x: rng.normal(0, 0.3, x.shape).astype(np.float32),
+      jax.eval_shape(functools.partial(models.init, jax.random.key(0), cfg)),
+    )
+    (experts,) = jax.jit(reprolib.expert_routes, static_argnums=2)(
+      params, tokens, cfg
+    )
     assert experts.shape == (2, 8, slots)
     # The replayed routes are the ones the model's layer counted.
-    counts = models.forward(params, tokens, cfg)[1].moe[0].lbl_pieces
+    counts = reprolib.forward(params, tokens, cfg)[1].moe[0].lbl_pieces
     np.testing.assert_array_equal(
       jnp.bincount(experts.ravel(), length=cfg.num_experts),
       counts.expert_counts,
