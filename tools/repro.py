@@ -313,11 +313,12 @@ def _check_flags() -> None:
   ):
     if flag.value < low:
       raise ValueError(f"--{flag.name} must be >= {low}, got {flag.value}.")
-  if _D_MODEL.value % _HEAD_DIM.value:
-    raise ValueError(
-      f"--head_dim ({_HEAD_DIM.value}) must divide --d_model "
-      f"({_D_MODEL.value})."
-    )
+  for flag in (_HEAD_DIM, _MHMOE_HEADS):
+    if _D_MODEL.value % flag.value:
+      raise ValueError(
+        f"--{flag.name} ({flag.value}) must divide --d_model "
+        f"({_D_MODEL.value})."
+      )
 
 
 def main(argv):
