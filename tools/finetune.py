@@ -209,9 +209,29 @@ def mask_config() -> maskllm.MaskConfig:
   )
 
 
+_METHOD_FLAGS = {
+  "full": (),
+  "lora": "lora_",
+  "qlora": "lora_",
+  "mask24": "mask_",
+}
+
+
 def method_config():
-  """The `LoraConfig` or `MaskConfig` of the flags (None for full)."""
+  """The `LoraConfig` or `MaskConfig` of the flags (None for full).
+
+  Raises:
+    ValueError: a `--lora_*` or `--mask_*` flag given to a method that does
+      not use it.
+  """
   method = _METHOD.value
+  for name in _FLAG_NAMES:
+    if (
+      name.startswith(("lora_", "mask_"))
+      and flags.FLAGS[name].present
+      and not name.startswith(_METHOD_FLAGS[method])
+    ):
+      raise ValueError(f"--{name} is not used by --method={method}.")
   if method == "full":
     return None
   return mask_config() if method == "mask24" else lora_config()

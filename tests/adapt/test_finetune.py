@@ -129,6 +129,8 @@ def test_finetune_binary_bad_flags_are_one_error_line(base, tmp_path):
       ([*mask, "--mask_targets=embed"], "--mask_targets.*stay dense"),
       ([*mask, "--mask_targets=nope"], "--mask_targets. pattern 'nope'"),
       ([*mask, "--steps=0"], "--steps must be a positive"),
+      ([*mask, "--lora_rank=4"], "--lora_rank is not used by --method=mask24"),
+      ([*ft, "--mask_weight_reg=1"], "--mask_weight_reg is not used by --meth"),
     ],
   )
 
