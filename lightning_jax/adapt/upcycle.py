@@ -21,9 +21,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 
+from lightning_jax import layers
 from lightning_jax import models
+from lightning_jax import moe as moe_lib
 from lightning_jax.layers import attention_experts
+from lightning_jax.layers import mixers
 
 ROUTER_STD = 0.02
 PARTITIONS = ("random", "cluster")
@@ -187,16 +191,44 @@ def bam(
   return {**params, "layers": tuple(layers)}, new_cfg
 
 
+def balanced_kmeans(vectors_NxD, k: int, *, seed: int = 0, iters: int = 10):
+  """Balanced k-means: each iteration assigns (vector, centroid) pairs
+  closest first while the centroid's cluster holds fewer than `ceil(N / k)`,
+  then moves the centroids to their clusters' means (squared L2).
+
+  Args:
+    vectors_NxD: the points `[N, D]` (N >= k).
+    k: clusters.
+    seed: numpy seed of the initial centroids (k distinct points).
+    iters: iterations.
+
+  Returns:
+    `(labels int [N], centroids float64 [k, D])`.
+  """
+  vectors = np.asarray(vectors_NxD, np.float64)
+  n = len(vectors)
+  rng = np.random.default_rng(seed)
+  centroids = vectors[rng.choice(n, k, replace=False)]
+  for _ in range(iters):
+    dist = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)  # [N, k]
+    labels = np.full(n, -1)
+    room = np.full(k, -(-n // k))
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+      point, cluster = divmod(int(flat), k)
+      if labels[point] < 0 and room[cluster]:
+        labels[point], room[cluster] = cluster, room[cluster] - 1
+    centroids = np.stack([vectors[labels == c].mean(0) for c in range(k)])
+  return labels, centroids
+
+
 def neuron_groups(
   w_up_DxF, num_experts: int, *, partition: str = "random", seed: int = 0
 ) -> np.ndarray:
   """A balanced partition of the FFN's F neurons into experts.
 
   "random": a random permutation cut into equal groups. "cluster":
-  balanced k-means over the neurons' up-projection vectors (columns of
-  `w_up`, LLaMA-MoE's neuron-independent clustering): each iteration
-  assigns (neuron, centroid) pairs closest first while the centroid's group
-  has room, then moves the centroids to their groups' means.
+  `balanced_kmeans` over the neurons' up-projection vectors (columns of
+  `w_up`, LLaMA-MoE's neuron-independent clustering).
 
   Args:
     w_up_DxF: up projection `[d_model, d_ff]`.
@@ -217,24 +249,84 @@ def neuron_groups(
     )
   if partition not in PARTITIONS:
     raise ValueError(f"`partition` must be one of {PARTITIONS}: {partition!r}")
-  rng = np.random.default_rng(seed)
-  size = d_ff // num_experts
   if partition == "random":
-    return np.sort(rng.permutation(d_ff).reshape(num_experts, size), axis=1)
-  vectors = np.asarray(w_up_DxF, np.float64).T  # [F, D]
-  centroids = vectors[rng.choice(d_ff, num_experts, replace=False)]
-  for _ in range(10):
-    dist = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)  # [F, E]
-    group = np.full(d_ff, -1)
-    room = np.full(num_experts, size)
-    for flat in np.argsort(dist, axis=None, kind="stable"):
-      neuron, expert = divmod(int(flat), num_experts)
-      if group[neuron] < 0 and room[expert]:
-        group[neuron], room[expert] = expert, room[expert] - 1
-    centroids = np.stack(
-      [vectors[group == e].mean(0) for e in range(num_experts)]
-    )
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(d_ff).reshape(num_experts, d_ff // num_experts)
+    return np.sort(groups, axis=1)
+  group, _ = balanced_kmeans(np.asarray(w_up_DxF).T, num_experts, seed=seed)
   return np.stack([np.flatnonzero(group == e) for e in range(num_experts)])
+
+
+def ffn_inputs(params, tokens_BxT, cfg) -> list[np.ndarray]:
+  """Every layer's FFN input (after its norm) on a calibration batch.
+
+  Args:
+    params: a params tree of `cfg`.
+    tokens_BxT: int `[batch, seq]`.
+    cfg: the `ModelConfig`.
+
+  Returns:
+    Per layer, float32 `[batch * seq, d_model]`.
+  """
+
+  @jax.jit
+  def run(params, tokens):
+    h = models.embed(params, tokens, cfg)
+    inputs = []
+    for block_params, block in zip(
+      params["layers"], models.block_configs(cfg), strict=True
+    ):
+      x = layers.rms_norm(block_params["mixer_norm"], h, block.norm_eps)
+      if not block.parallel:
+        mixed, _ = mixers.get(block.kind).apply(
+          block_params["mixer"], x, block.mixer
+        )
+        x = layers.rms_norm(block_params["ffn_norm"], h + mixed, block.norm_eps)
+      inputs.append(x.reshape(-1, cfg.d_model).astype(jnp.float32))
+      h = models.apply_block(block_params, h, block)[0]
+    return inputs
+
+  return [np.asarray(x) for x in run(params, tokens_BxT)]
+
+
+def centroid_router(x_NxD, num_experts: int, *, seed: int = 0):
+  """LLaMA-MoE-v2's router init: the k-means centroids of the layer's
+  inputs as the router's columns, `W_r = [c_1 .. c_E]` `[D, E]`, so a
+  token's logit for expert e is `x . c_e` (the authors' get_gates step,
+  `hidden_feature_clustering.py`, sets the gate weight to the balanced
+  k-means `cluster_centers_`, unnormalised).
+
+  Returns:
+    `(router float32 [D, E], labels int [N])`: the tokens' clusters.
+  """
+  if len(x_NxD) < num_experts:
+    raise ValueError(
+      f"the calibration batch ({len(x_NxD)} tokens) must hold at least "
+      f"`num_experts` ({num_experts}) tokens."
+    )
+  labels, centroids = balanced_kmeans(x_NxD, num_experts, seed=seed)
+  return jnp.asarray(centroids.T, jnp.float32), labels
+
+
+def match_groups(mlp_params, groups_ExG, x_NxD, labels, activation: str):
+  """Orders the neuron groups so that group e is the one most active on
+  token cluster e: the assignment (`scipy.optimize.linear_sum_assignment`)
+  maximising `sum_e A[e, pi(e)]`, `A[e, g]` the mean over cluster e's
+  tokens of `sum_{j in g} |act(x g_j) (x u_j)|`.
+
+  Returns:
+    int `[E, F / E]`, `groups_ExG` reordered.
+  """
+  act = moe_lib.ACTIVATIONS[activation]
+  x = np.asarray(x_NxD, np.float32)
+  hidden = np.abs(
+    np.asarray(act(x @ mlp_params["w_gate"]) * (x @ mlp_params["w_up"]))
+  )  # [N, F]
+  per_group = hidden[:, groups_ExG].sum(-1)  # [N, E groups]
+  num = len(groups_ExG)
+  score = np.stack([per_group[labels == e].mean(0) for e in range(num)])
+  _, order = scipy.optimize.linear_sum_assignment(score, maximize=True)
+  return groups_ExG[order]
 
 
 def split_mlp(mlp_params, groups_ExG) -> dict:
@@ -265,6 +357,7 @@ def split(
   partition: str = "random",
   seed: int = 0,
   router_std=ROUTER_STD,
+  calibration_BxT=None,
 ):
   """LLaMA-MoE-v2 FFN split: one dense model -> E experts of d_ff / E
   neurons each per layer.
@@ -272,7 +365,10 @@ def split(
   `w_down` is scaled by E, so routing weights of 1 / E on every expert
   (a zero router with `top_k = E`) give the dense model; with top-k the
   output is E times the mean of the chosen experts, the dense FFN's
-  estimate from k of its E parts.
+  estimate from k of its E parts. With a calibration batch, each router
+  is `centroid_router` of the layer's FFN inputs and the neuron groups are
+  ordered by `match_groups`, so expert e holds the neurons most active on
+  the tokens of centroid e.
 
   Args:
     params: a params tree of `cfg`.
@@ -281,13 +377,16 @@ def split(
     top_k: experts per token.
     partition: "random" or "cluster" (`neuron_groups`).
     seed: partition and router seed.
-    router_std: router init scale.
+    router_std: router init scale (without a calibration batch).
+    calibration_BxT: None (routers `N(0, router_std^2)`), or int tokens
+      `[batch, seq]` whose FFN inputs give the routers.
 
   Returns:
     `(params, ModelConfig)` of the MoE.
 
   Raises:
-    ValueError: as `btx`, or E not dividing d_ff.
+    ValueError: as `btx`, E not dividing d_ff, or fewer calibration tokens
+      than experts.
   """
   check_sources([params], cfg)
   if num_experts < 1 or cfg.d_ff % num_experts:
@@ -296,18 +395,29 @@ def split(
     )
   new_cfg = _moe_config(cfg, num_experts, top_k, cfg.d_ff // num_experts)
   key = jax.random.key(seed)
-  layers = []
-  for i, block in enumerate(params["layers"]):
+  inputs = None
+  if calibration_BxT is not None:
+    inputs = ffn_inputs(params, jnp.asarray(calibration_BxT), cfg)
+  layers_out = []
+  for i, (block, block_cfg) in enumerate(
+    zip(params["layers"], models.block_configs(cfg), strict=True)
+  ):
     groups = neuron_groups(
       block["ffn"]["w_up"], num_experts, partition=partition, seed=seed + i
     )
+    if inputs is None:
+      router = _router(
+        jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
+      )
+    else:
+      router, labels = centroid_router(inputs[i], num_experts, seed=seed + i)
+      groups = match_groups(
+        block["ffn"], groups, inputs[i], labels, block_cfg.ffn.activation
+      )
     experts = split_mlp(block["ffn"], groups)
     experts["w_down"] = experts["w_down"] * num_experts
-    router = _router(
-      jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
-    )
-    layers.append({**block, "ffn": {"router": router, "experts": experts}})
-  return {**params, "layers": tuple(layers)}, new_cfg
+    layers_out.append({**block, "ffn": {"router": router, "experts": experts}})
+  return {**params, "layers": tuple(layers_out)}, new_cfg
 
 
 class Method(NamedTuple):
@@ -315,8 +425,8 @@ class Method(NamedTuple):
 
   Attributes:
     name: the method's name.
-    build: `(params_list, cfg, num_experts, top_k, seed, partition) ->
-      (params, cfg)`.
+    build: `(params_list, cfg, num_experts, top_k, seed, partition,
+      calibration_BxT) -> (params, cfg)`.
     many: takes several models (one expert each) rather than one.
     doc: one line, with the paper.
   """
@@ -335,15 +445,15 @@ def _check_count(params_list, num_experts):
     )
 
 
-def _btx(params_list, cfg, num_experts, top_k, seed, partition):
-  del partition
+def _btx(params_list, cfg, num_experts, top_k, seed, partition, calibration):
+  del partition, calibration
   _check_count(params_list, num_experts)
   return btx(params_list, cfg, top_k=top_k, key=jax.random.key(seed))
 
 
 def _bam(shared_kv):
-  def build(params_list, cfg, num_experts, top_k, seed, partition):
-    del partition
+  def build(params_list, cfg, num_experts, top_k, seed, partition, calibration):
+    del partition, calibration
     _check_count(params_list, num_experts)
     return bam(
       params_list,
@@ -356,10 +466,16 @@ def _bam(shared_kv):
   return build
 
 
-def _split(params_list, cfg, num_experts, top_k, seed, partition):
+def _split(params_list, cfg, num_experts, top_k, seed, partition, calibration):
   (params,) = params_list
   return split(
-    params, cfg, num_experts, top_k=top_k, partition=partition, seed=seed
+    params,
+    cfg,
+    num_experts,
+    top_k=top_k,
+    partition=partition,
+    seed=seed,
+    calibration_BxT=calibration,
   )
 
 
@@ -401,6 +517,7 @@ def upcycle(
   top_k: int = 2,
   seed: int = 0,
   partition: str = "random",
+  calibration_BxT=None,
 ):
   """`METHODS[method]` on the source models.
 
@@ -414,6 +531,8 @@ def upcycle(
     top_k: FFN experts per token.
     seed: router (and partition) seed.
     partition: "split"'s neuron partition (`neuron_groups`).
+    calibration_BxT: "split"'s calibration tokens (routers from k-means
+      centroids, see `split`); None for random routers.
 
   Returns:
     `(params, ModelConfig)` of the MoE.
@@ -436,4 +555,16 @@ def upcycle(
     )
   if not m.many and num_experts is None:
     raise ValueError(f"`num_experts` is required by {method}.")
-  return m.build(list(params_list), cfg, num_experts, top_k, seed, partition)
+  if m.many and calibration_BxT is not None:
+    raise ValueError(
+      f"`calibration_BxT` is for split's routers; {method} takes None."
+    )
+  return m.build(
+    list(params_list),
+    cfg,
+    num_experts,
+    top_k,
+    seed,
+    partition,
+    calibration_BxT,
+  )

@@ -69,6 +69,31 @@ def test_split_with_a_zero_router_over_all_experts_is_the_dense_model():
   )
 
 
+def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
+  means = 10.0 * np.eye(16)[:4]  # 4 well-separated clusters in 16-D
+  cluster = np.repeat(np.arange(4), 6)
+  noise = jax.random.normal(jax.random.key(0), (24, 16))
+  x = means[cluster] + 0.1 * np.asarray(noise)
+  router, labels = upcycle.centroid_router(x, 4)
+  routed = np.argmax(x @ np.asarray(router), axis=-1)
+  np.testing.assert_array_equal(routed, labels)
+  # one expert per cluster, a different one for each
+  assert len({tuple(np.unique(routed[cluster == c])) for c in range(4)}) == 4
+  assert all(len(np.unique(routed[cluster == c])) == 1 for c in range(4))
+
+
+def test_calibrated_split_matches_groups_to_centroids():
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(
+    dense, CFG, 2, top_k=2, partition="cluster", calibration_BxT=TOKENS
+  )
+  inputs = upcycle.ffn_inputs(dense, TOKENS, CFG)
+  assert [x.shape for x in inputs] == [(16, 16)] * 2
+  router, _ = upcycle.centroid_router(inputs[1], 2, seed=1)
+  np.testing.assert_array_equal(params["layers"][1]["ffn"]["router"], router)
+  assert np.isfinite(_logits(params, cfg)).all()
+
+
 def test_bad_inputs_name_the_argument():
   dense = models.init(jax.random.key(0), CFG)
   with pytest.raises(ValueError, match="num_experts.*divide d_ff"):
@@ -80,3 +105,5 @@ def test_bad_inputs_name_the_argument():
     upcycle.upcycle("btx", [dense, other], CFG)
   with pytest.raises(ValueError, match="methods: .*split"):
     upcycle.upcycle("dare", [dense], CFG)
+  with pytest.raises(ValueError, match="calibration_BxT.*btx"):
+    upcycle.upcycle("btx", [dense] * 2, CFG, calibration_BxT=TOKENS)
