@@ -10,12 +10,12 @@
 
 Methods (`adapt.upcycle.METHODS`): btx, bam, bam-shared-kv (one expert per
 --from run, configs equal) and split (one run, --num_experts dividing
-d_ff; --partition=random|cluster; --router_init=centroids: routers
-from the k-means centroids of the FFN inputs on batch 0 of --data). The
-new run takes tools/train.py's
-flags (--steps, --lr, ...); those not given, except the schedule (--steps,
---warmup_steps) and the paths, come from the first --from run's
-config.json. It is written as a
+d_ff; --partition=random|cluster; --router_init=centroids: routers from
+the k-means centroids of the FFN inputs on batch 0 of --data;
+--split_attention: attention experts by KV group). The new run takes
+tools/train.py's flags (--steps, --lr, ...); those not given, except the
+schedule (--steps, --warmup_steps) and the paths, come from the first
+--from run's config.json. It is written as a
 tools/train.py run at step 0: `<workdir>/config.json`, whose --model and
 --override reproduce the upcycled model config, and a checkpoint of the
 fresh train state; `python -m tools.train --workdir=...` trains it
@@ -53,6 +53,13 @@ _ROUTER_INIT = flags.DEFINE_enum(
   ["random", "centroids"],
   "split: routers N(0, 0.02^2), or the k-means centroids of each FFN's "
   "inputs on batch 0 of --data (LLaMA-MoE-v2).",
+)
+
+_SPLIT_ATTENTION = flags.DEFINE_bool(
+  "split_attention",
+  False,
+  "split: attention layers become attention experts, one per KV group "
+  "(soft routing).",
 )
 
 # tools/train.py flags not taken from the source run.
@@ -93,8 +100,11 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     raise ValueError("--from is required: the tools/train.py run(s).")
   if not flags.FLAGS["workdir"].present:
     raise ValueError("--workdir is required: the new run's directory.")
-  if _ROUTER_INIT.value != "random" and _METHOD.value != "split":
-    raise ValueError(f"--router_init={_ROUTER_INIT.value} is for split.")
+  if _METHOD.value != "split":
+    if _ROUTER_INIT.value != "random":
+      raise ValueError(f"--router_init={_ROUTER_INIT.value} is for split.")
+    if _SPLIT_ATTENTION.value:
+      raise ValueError("--split_attention is for split.")
   sources = [training.load_model(w)[:2] for w in _FROM.value]
   cfg = sources[0][1]
   for workdir, (_, other) in zip(_FROM.value[1:], sources[1:], strict=True):
@@ -125,6 +135,7 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     seed=flags.FLAGS.seed,
     partition=_PARTITION.value,
     calibration_BxT=calibration,
+    split_attention=_SPLIT_ATTENTION.value,
   )
   flags.FLAGS.model = record["flags"]["model"]
   flags.FLAGS.override = record["flags"]["override"] + _overrides(cfg, new_cfg)

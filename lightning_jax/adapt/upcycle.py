@@ -83,6 +83,29 @@ def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
   )
 
 
+def _with_attention_experts(cfg, options: dict):
+  """`cfg` with its "attention" layers made "attention_experts" ones: the
+  "attention" kind's options carry over, and `options` (fields of
+  `AttentionExpertsConfig` or `AttentionConfig`) are added where not
+  falsy."""
+  kind = attention_experts.KIND
+  carried = tuple(
+    f"{kind}.{o.partition('.')[2]}"
+    for o in cfg.mixer_options
+    if o.startswith("attention.")
+  )
+  added = tuple(
+    f"{kind}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+    for k, v in options.items()
+    if v
+  )
+  return dataclasses.replace(
+    cfg,
+    pattern=tuple(kind if k == "attention" else k for k in cfg.pattern),
+    mixer_options=cfg.mixer_options + carried + added,
+  )
+
+
 def btx(params_list, cfg, *, top_k: int = 2, key=None, router_std=ROUTER_STD):
   """Branch-Train-MiX: N dense models -> one MoE with N FFN experts.
 
@@ -160,21 +183,8 @@ def bam(
     params_list, cfg, top_k=top_k, key=k_ffn, router_std=router_std
   )
   n = len(params_list)
-  kind = attention_experts.KIND
-  carried = tuple(
-    f"{kind}.{o.partition('.')[2]}"
-    for o in cfg.mixer_options
-    if o.startswith("attention.")
-  )
-  new_cfg = dataclasses.replace(
-    new_cfg,
-    pattern=tuple(kind if k == "attention" else k for k in cfg.pattern),
-    mixer_options=cfg.mixer_options
-    + carried
-    + (f"{kind}.num_experts={n}",)
-    + ((f"{kind}.top_k={attention_top_k}",) if attention_top_k else ())
-    + ((f"{kind}.shared_kv=true",) if shared_kv else ()),
-  )
+  options = {"num_experts": n, "top_k": attention_top_k, "shared_kv": shared_kv}
+  new_cfg = _with_attention_experts(new_cfg, options)
   layers = list(params["layers"])
   for i, mixer in enumerate(cfg.mixers):
     if mixer != "attention":
@@ -348,6 +358,58 @@ def split_mlp(mlp_params, groups_ExG) -> dict:
   }
 
 
+def kv_group_experts(attention_params, num_kv_heads: int) -> dict:
+  """GQA attention cut into one expert per KV group: expert g keeps query
+  heads `g G .. g G + G - 1` (G = H / Hkv, the heads reading KV head g),
+  KV head g and those heads' rows of `wo`, so the experts' outputs sum to
+  the attention's (heads are independent until `wo` sums them).
+
+  Args:
+    attention_params: `{"wq": [D, H, Dh], "wk", "wv": [D, Hkv, Dh], "wo":
+      [H, Dh, D]}`.
+    num_kv_heads: Hkv.
+
+  Returns:
+    Stacked experts of `G` query heads and one KV head each: `{"wq": [Hkv,
+    D, G, Dh], "wk", "wv": [Hkv, D, 1, Dh], "wo": [Hkv, G, Dh, D]}`.
+  """
+  d, h, dh = attention_params["wq"].shape
+  group = h // num_kv_heads
+  by_group = lambda w: jnp.moveaxis(
+    w.reshape(d, num_kv_heads, -1, dh), 1, 0
+  )  # [D, Hkv * n, Dh] -> [Hkv, D, n, Dh]
+  return {
+    "wq": by_group(attention_params["wq"]),
+    "wk": by_group(attention_params["wk"]),
+    "wv": by_group(attention_params["wv"]),
+    "wo": attention_params["wo"].reshape(num_kv_heads, group, dh, -1),
+  }
+
+
+def _kv_groups(cfg) -> tuple[int, int]:
+  """`(num_heads, num_kv_heads)` shared by every "attention" layer.
+
+  Raises:
+    ValueError: no attention layer, layer-wise heads, or one KV head.
+  """
+  heads = {
+    (b.mixer.num_heads, b.mixer.num_kv_heads)
+    for b in models.block_configs(cfg)
+    if b.kind == "attention"
+  }
+  if len(heads) != 1:
+    raise ValueError(
+      "`split_attention` needs 'attention' layers of one head count in "
+      f"`pattern` (got {cfg.pattern}, heads {sorted(heads)})."
+    )
+  ((h, hkv),) = heads
+  if hkv < 2:
+    raise ValueError(
+      f"`split_attention` needs num_kv_heads >= 2 (one expert each), got {hkv}."
+    )
+  return h, hkv
+
+
 def split(
   params,
   cfg,
@@ -358,9 +420,11 @@ def split(
   seed: int = 0,
   router_std=ROUTER_STD,
   calibration_BxT=None,
+  split_attention: bool = False,
+  attention_top_k: int = 0,
 ):
-  """LLaMA-MoE-v2 FFN split: one dense model -> E experts of d_ff / E
-  neurons each per layer.
+  """LLaMA-MoE-v2 split: one dense model -> E FFN experts of d_ff / E
+  neurons each per layer, and optionally attention experts by KV group.
 
   `w_down` is scaled by E, so routing weights of 1 / E on every expert
   (a zero router with `top_k = E`) give the dense model; with top-k the
@@ -368,7 +432,11 @@ def split(
   estimate from k of its E parts. With a calibration batch, each router
   is `centroid_router` of the layer's FFN inputs and the neuron groups are
   ordered by `match_groups`, so expert e holds the neurons most active on
-  the tokens of centroid e.
+  the tokens of centroid e. With `split_attention`, every "attention"
+  layer becomes `attention_experts` with one expert per KV group
+  (`kv_group_experts`), `wo` scaled by Hkv likewise (soft weights 1 / Hkv
+  give the dense attention), routed soft (`attention_top_k=0`) or top-k
+  by a new `N(0, router_std^2)` router.
 
   Args:
     params: a params tree of `cfg`.
@@ -380,13 +448,16 @@ def split(
     router_std: router init scale (without a calibration batch).
     calibration_BxT: None (routers `N(0, router_std^2)`), or int tokens
       `[batch, seq]` whose FFN inputs give the routers.
+    split_attention: attention experts by KV group.
+    attention_top_k: attention experts per token (0: soft).
 
   Returns:
     `(params, ModelConfig)` of the MoE.
 
   Raises:
-    ValueError: as `btx`, E not dividing d_ff, or fewer calibration tokens
-      than experts.
+    ValueError: as `btx`, E not dividing d_ff, fewer calibration tokens
+      than experts, or (`split_attention`) attention layers of several
+      head counts or one KV head.
   """
   check_sources([params], cfg)
   if num_experts < 1 or cfg.d_ff % num_experts:
@@ -417,6 +488,32 @@ def split(
     experts = split_mlp(block["ffn"], groups)
     experts["w_down"] = experts["w_down"] * num_experts
     layers_out.append({**block, "ffn": {"router": router, "experts": experts}})
+  if not split_attention:
+    return {**params, "layers": tuple(layers_out)}, new_cfg
+  h, hkv = _kv_groups(cfg)
+  new_cfg = _with_attention_experts(
+    new_cfg,
+    {
+      "num_experts": hkv,
+      "top_k": attention_top_k,
+      "num_heads": h // hkv,
+      "num_kv_heads": 1,
+    },
+  )
+  k_attn = jax.random.fold_in(key, len(cfg.pattern))
+  for i, mixer in enumerate(cfg.mixers):
+    if mixer != "attention":
+      continue
+    experts = kv_group_experts(layers_out[i]["mixer"], hkv)
+    experts["wo"] = experts["wo"] * hkv
+    router = _router(
+      jax.random.fold_in(k_attn, i), cfg.d_model, hkv, router_std
+    )
+    layers_out[i] = {
+      **layers_out[i],
+      "mixer": {"router": router, "experts": experts},
+    }
+  models.block_configs(new_cfg)  # the options against the layer configs
   return {**params, "layers": tuple(layers_out)}, new_cfg
 
 
@@ -425,8 +522,9 @@ class Method(NamedTuple):
 
   Attributes:
     name: the method's name.
-    build: `(params_list, cfg, num_experts, top_k, seed, partition,
-      calibration_BxT) -> (params, cfg)`.
+    build: `(params_list, cfg, num_experts, top_k, seed, split_options)
+      -> (params, cfg)`; `split_options` are `split`'s keyword arguments
+      (`partition`, `calibration_BxT`, ...), ignored by the others.
     many: takes several models (one expert each) rather than one.
     doc: one line, with the paper.
   """
@@ -445,15 +543,15 @@ def _check_count(params_list, num_experts):
     )
 
 
-def _btx(params_list, cfg, num_experts, top_k, seed, partition, calibration):
-  del partition, calibration
+def _btx(params_list, cfg, num_experts, top_k, seed, split_options):
+  del split_options
   _check_count(params_list, num_experts)
   return btx(params_list, cfg, top_k=top_k, key=jax.random.key(seed))
 
 
 def _bam(shared_kv):
-  def build(params_list, cfg, num_experts, top_k, seed, partition, calibration):
-    del partition, calibration
+  def build(params_list, cfg, num_experts, top_k, seed, split_options):
+    del split_options
     _check_count(params_list, num_experts)
     return bam(
       params_list,
@@ -466,16 +564,10 @@ def _bam(shared_kv):
   return build
 
 
-def _split(params_list, cfg, num_experts, top_k, seed, partition, calibration):
+def _split(params_list, cfg, num_experts, top_k, seed, split_options):
   (params,) = params_list
   return split(
-    params,
-    cfg,
-    num_experts,
-    top_k=top_k,
-    partition=partition,
-    seed=seed,
-    calibration_BxT=calibration,
+    params, cfg, num_experts, top_k=top_k, seed=seed, **split_options
   )
 
 
@@ -518,6 +610,7 @@ def upcycle(
   seed: int = 0,
   partition: str = "random",
   calibration_BxT=None,
+  split_attention: bool = False,
 ):
   """`METHODS[method]` on the source models.
 
@@ -533,6 +626,7 @@ def upcycle(
     partition: "split"'s neuron partition (`neuron_groups`).
     calibration_BxT: "split"'s calibration tokens (routers from k-means
       centroids, see `split`); None for random routers.
+    split_attention: "split"'s attention experts by KV group.
 
   Returns:
     `(params, ModelConfig)` of the MoE.
@@ -555,16 +649,16 @@ def upcycle(
     )
   if not m.many and num_experts is None:
     raise ValueError(f"`num_experts` is required by {method}.")
-  if m.many and calibration_BxT is not None:
+  if m.many and (calibration_BxT is not None or split_attention):
     raise ValueError(
-      f"`calibration_BxT` is for split's routers; {method} takes None."
+      f"`calibration_BxT` and `split_attention` are split's options; "
+      f"{method} takes neither."
     )
+  split_options = dict(
+    partition=partition,
+    calibration_BxT=calibration_BxT,
+    split_attention=split_attention,
+  )
   return m.build(
-    list(params_list),
-    cfg,
-    num_experts,
-    top_k,
-    seed,
-    partition,
-    calibration_BxT,
+    list(params_list), cfg, num_experts, top_k, seed, split_options
   )

@@ -2,6 +2,8 @@
 BTX / BAM of N copies of one model and a split with a zero router over all
 experts give the dense model's loss; bad inputs name the argument."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,6 +71,38 @@ def test_split_with_a_zero_router_over_all_experts_is_the_dense_model():
   )
 
 
+def test_kv_group_experts_at_weight_one_are_the_dense_gqa_attention():
+  attn = layers.AttentionConfig(16, 6, 3, 8, impl="reference")
+  dense = layers.init_attention(jax.random.key(0), attn)
+  experts = upcycle.kv_group_experts(dense, 3)
+  assert experts["wq"].shape == (3, 16, 2, 8)
+  x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+  per_group = layers.AttentionConfig(16, 2, 1, 8, impl="reference")
+  attention = jax.jit(layers.attention_layer, static_argnums=2)
+  y_E = jax.vmap(attention, in_axes=(0, None, None))(experts, x, per_group)
+  want = attention(dense, x, attn)
+  np.testing.assert_allclose(y_E.sum(0), want, atol=1e-5, rtol=1e-5)
+
+
+def test_split_attention_with_zero_routers_over_all_experts_is_dense():
+  cfg = dataclasses.replace(CFG, num_heads=4, num_kv_heads=2)
+  dense = models.init(jax.random.key(0), cfg)
+  params, new_cfg = upcycle.upcycle(
+    "split",
+    [dense],
+    cfg,
+    num_experts=2,
+    top_k=2,
+    split_attention=True,
+  )
+  assert new_cfg.mixers == ("attention_experts",) * 2
+  zero = lambda path, w: 0 * w if "router" in str(path) else w
+  params = jax.tree_util.tree_map_with_path(zero, params)
+  np.testing.assert_allclose(
+    _logits(params, new_cfg), _logits(dense, cfg), atol=1e-5, rtol=1e-5
+  )
+
+
 def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
   means = 10.0 * np.eye(16)[:4]  # 4 well-separated clusters in 16-D
   cluster = np.repeat(np.arange(4), 6)
@@ -107,3 +141,5 @@ def test_bad_inputs_name_the_argument():
     upcycle.upcycle("dare", [dense], CFG)
   with pytest.raises(ValueError, match="calibration_BxT.*btx"):
     upcycle.upcycle("btx", [dense] * 2, CFG, calibration_BxT=TOKENS)
+  with pytest.raises(ValueError, match="num_kv_heads >= 2"):
+    upcycle.split(dense, CFG, 2, split_attention=True)

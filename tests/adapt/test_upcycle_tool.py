@@ -44,9 +44,10 @@ for argv in ([f"--from={src}", "--method=btx"],
              [f"--from={src},{src}_wide", "--method=bam"],
              [f"--from={src}", "--method=split", "--num_experts=3"],
              [f"--from={src}", "--method=btx", "--router_init=centroids"],
+             [f"--from={src}", "--method=bam", "--split_attention"],
              [f"--from={src}", "--method=split", "--num_experts=2",
               "--partition=cluster", "--router_init=centroids",
-              "--seq_len=16", "--batch_size=2"]):
+              "--split_attention", "--seq_len=16", "--batch_size=2"]):
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr):
     try:
@@ -88,6 +89,7 @@ def test_upcycled_run_starts_as_its_source_and_trains(tmp_path):
     "differ in model config",
     r"num_experts.*must divide d_ff",
     "router_init=centroids is for split",
+    "split_attention is for split",
     "already holds a run",
   ]
   for lines, match in zip(out["errors"], want, strict=True):
