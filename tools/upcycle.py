@@ -12,7 +12,8 @@ Methods (`adapt.upcycle.METHODS`): btx, bam, bam-shared-kv (one expert per
 --from run, configs equal) and split (one run, --num_experts dividing
 d_ff; --partition=random|cluster; --router_init=centroids: routers from
 the k-means centroids of the FFN inputs on batch 0 of --data;
---split_attention: attention experts by KV group). The new run takes
+--split_attention: attention experts by KV group; --shared_expert: one
+of num_experts + 1 neuron groups always on). The new run takes
 tools/train.py's flags (--steps, --lr, ...); those not given, except the
 schedule (--steps, --warmup_steps) and the paths, come from the first
 --from run's config.json. It is written as a
@@ -62,6 +63,13 @@ _SPLIT_ATTENTION = flags.DEFINE_bool(
   "(soft routing).",
 )
 
+_SHARED_EXPERT = flags.DEFINE_bool(
+  "shared_expert",
+  False,
+  "split: one of num_experts + 1 neuron groups becomes an always-on shared "
+  "expert (moe_shared_d_ff).",
+)
+
 # tools/train.py flags not taken from the source run.
 _NOT_COPIED = frozenset(
   {"model", "override", "steps", "warmup_steps", "checkpoint_dir"}
@@ -103,8 +111,9 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
   if _METHOD.value != "split":
     if _ROUTER_INIT.value != "random":
       raise ValueError(f"--router_init={_ROUTER_INIT.value} is for split.")
-    if _SPLIT_ATTENTION.value:
-      raise ValueError("--split_attention is for split.")
+    for flag in (_SPLIT_ATTENTION, _SHARED_EXPERT):
+      if flag.value:
+        raise ValueError(f"--{flag.name} is for split.")
   sources = [training.load_model(w)[:2] for w in _FROM.value]
   cfg = sources[0][1]
   for workdir, (_, other) in zip(_FROM.value[1:], sources[1:], strict=True):
@@ -136,6 +145,7 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     partition=_PARTITION.value,
     calibration_BxT=calibration,
     split_attention=_SPLIT_ATTENTION.value,
+    shared=_SHARED_EXPERT.value,
   )
   flags.FLAGS.model = record["flags"]["model"]
   flags.FLAGS.override = record["flags"]["override"] + _overrides(cfg, new_cfg)

@@ -69,7 +69,9 @@ def _router(key, d_model: int, num_experts: int, std: float):
   return std * jax.random.normal(key, (d_model, num_experts), jnp.float32)
 
 
-def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
+def _moe_config(
+  cfg, num_experts: int, top_k: int, moe_d_ff: int, shared_d_ff: int = 0
+):
   if not 1 <= top_k <= num_experts:
     raise ValueError(
       f"`top_k` must be in [1, num_experts={num_experts}], got {top_k}."
@@ -80,6 +82,7 @@ def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
     num_experts=num_experts,
     top_k=top_k,
     moe_d_ff=moe_d_ff,
+    moe_shared_d_ff=shared_d_ff,
   )
 
 
@@ -318,23 +321,26 @@ def centroid_router(x_NxD, num_experts: int, *, seed: int = 0):
   return jnp.asarray(centroids.T, jnp.float32), labels
 
 
+def group_mass(mlp_params, groups_GxS, x_NxD, activation: str) -> np.ndarray:
+  """Each token's activation mass in each neuron group, `sum_{j in g}
+  |act(x g_j) (x u_j)|`: float32 `[N, G]`."""
+  act = moe_lib.ACTIVATIONS[activation]
+  x = np.asarray(x_NxD, np.float32)
+  hidden = act(x @ mlp_params["w_gate"]) * (x @ mlp_params["w_up"])  # [N, F]
+  return np.abs(np.asarray(hidden))[:, groups_GxS].sum(-1)
+
+
 def match_groups(mlp_params, groups_ExG, x_NxD, labels, activation: str):
   """Orders the neuron groups so that group e is the one most active on
   token cluster e: the assignment (`scipy.optimize.linear_sum_assignment`)
   maximising `sum_e A[e, pi(e)]`, `A[e, g]` the mean over cluster e's
-  tokens of `sum_{j in g} |act(x g_j) (x u_j)|`.
+  tokens of `group_mass`.
 
   Returns:
     int `[E, F / E]`, `groups_ExG` reordered.
   """
-  act = moe_lib.ACTIVATIONS[activation]
-  x = np.asarray(x_NxD, np.float32)
-  hidden = np.abs(
-    np.asarray(act(x @ mlp_params["w_gate"]) * (x @ mlp_params["w_up"]))
-  )  # [N, F]
-  per_group = hidden[:, groups_ExG].sum(-1)  # [N, E groups]
-  num = len(groups_ExG)
-  score = np.stack([per_group[labels == e].mean(0) for e in range(num)])
+  mass = group_mass(mlp_params, groups_ExG, x_NxD, activation)  # [N, E]
+  score = np.stack([mass[labels == e].mean(0) for e in range(len(mass[0]))])
   _, order = scipy.optimize.linear_sum_assignment(score, maximize=True)
   return groups_ExG[order]
 
@@ -422,9 +428,11 @@ def split(
   calibration_BxT=None,
   split_attention: bool = False,
   attention_top_k: int = 0,
+  shared: bool = False,
 ):
   """LLaMA-MoE-v2 split: one dense model -> E FFN experts of d_ff / E
-  neurons each per layer, and optionally attention experts by KV group.
+  neurons each per layer (d_ff / (E + 1) with a shared expert), and
+  optionally attention experts by KV group.
 
   `w_down` is scaled by E, so routing weights of 1 / E on every expert
   (a zero router with `top_k = E`) give the dense model; with top-k the
@@ -432,7 +440,12 @@ def split(
   estimate from k of its E parts. With a calibration batch, each router
   is `centroid_router` of the layer's FFN inputs and the neuron groups are
   ordered by `match_groups`, so expert e holds the neurons most active on
-  the tokens of centroid e. With `split_attention`, every "attention"
+  the tokens of centroid e. With `shared`, the neurons are partitioned
+  into E + 1 groups and one group becomes the MoE's always-on shared
+  expert (unscaled: routed weights 1 / E plus the shared expert at 1 give
+  the dense FFN): with a calibration batch the group of the largest
+  activation mass over all its tokens (`group_mass`), else the last one.
+  With `split_attention`, every "attention"
   layer becomes `attention_experts` with one expert per KV group
   (`kv_group_experts`), `wo` scaled by Hkv likewise (soft weights 1 / Hkv
   give the dense attention), routed soft (`attention_top_k=0`) or top-k
@@ -450,21 +463,26 @@ def split(
       `[batch, seq]` whose FFN inputs give the routers.
     split_attention: attention experts by KV group.
     attention_top_k: attention experts per token (0: soft).
+    shared: one neuron group as a shared expert (`moe_shared_d_ff`).
 
   Returns:
     `(params, ModelConfig)` of the MoE.
 
   Raises:
-    ValueError: as `btx`, E not dividing d_ff, fewer calibration tokens
+    ValueError: as `btx`, E (E + 1 with `shared`) not dividing d_ff, fewer
+      calibration tokens
       than experts, or (`split_attention`) attention layers of several
       head counts or one KV head.
   """
   check_sources([params], cfg)
-  if num_experts < 1 or cfg.d_ff % num_experts:
+  groups_total = num_experts + shared
+  if num_experts < 1 or cfg.d_ff % groups_total:
     raise ValueError(
-      f"`num_experts` ({num_experts}) must divide d_ff ({cfg.d_ff})."
+      f"`num_experts` ({num_experts}{' + 1 shared' if shared else ''}) "
+      f"must divide d_ff ({cfg.d_ff})."
     )
-  new_cfg = _moe_config(cfg, num_experts, top_k, cfg.d_ff // num_experts)
+  width = cfg.d_ff // groups_total
+  new_cfg = _moe_config(cfg, num_experts, top_k, width, width if shared else 0)
   key = jax.random.key(seed)
   inputs = None
   if calibration_BxT is not None:
@@ -473,21 +491,33 @@ def split(
   for i, (block, block_cfg) in enumerate(
     zip(params["layers"], models.block_configs(cfg), strict=True)
   ):
+    mlp = block["ffn"]
+    act = block_cfg.ffn.activation
     groups = neuron_groups(
-      block["ffn"]["w_up"], num_experts, partition=partition, seed=seed + i
+      mlp["w_up"], groups_total, partition=partition, seed=seed + i
     )
+    shared_group = None
+    if shared:
+      last = len(groups) - 1
+      if inputs is not None:
+        last = int(np.argmax(group_mass(mlp, groups, inputs[i], act).sum(0)))
+      shared_group = groups[last]
+      groups = np.delete(groups, last, axis=0)
     if inputs is None:
       router = _router(
         jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
       )
     else:
       router, labels = centroid_router(inputs[i], num_experts, seed=seed + i)
-      groups = match_groups(
-        block["ffn"], groups, inputs[i], labels, block_cfg.ffn.activation
-      )
-    experts = split_mlp(block["ffn"], groups)
+      groups = match_groups(mlp, groups, inputs[i], labels, act)
+    experts = split_mlp(mlp, groups)
     experts["w_down"] = experts["w_down"] * num_experts
-    layers_out.append({**block, "ffn": {"router": router, "experts": experts}})
+    ffn = {"router": router, "experts": experts}
+    if shared:
+      ffn["shared"] = {
+        k: v[0] for k, v in split_mlp(mlp, shared_group[None]).items()
+      }
+    layers_out.append({**block, "ffn": ffn})
   if not split_attention:
     return {**params, "layers": tuple(layers_out)}, new_cfg
   h, hkv = _kv_groups(cfg)
@@ -611,6 +641,7 @@ def upcycle(
   partition: str = "random",
   calibration_BxT=None,
   split_attention: bool = False,
+  shared: bool = False,
 ):
   """`METHODS[method]` on the source models.
 
@@ -627,6 +658,7 @@ def upcycle(
     calibration_BxT: "split"'s calibration tokens (routers from k-means
       centroids, see `split`); None for random routers.
     split_attention: "split"'s attention experts by KV group.
+    shared: "split"'s shared expert.
 
   Returns:
     `(params, ModelConfig)` of the MoE.
@@ -649,15 +681,16 @@ def upcycle(
     )
   if not m.many and num_experts is None:
     raise ValueError(f"`num_experts` is required by {method}.")
-  if m.many and (calibration_BxT is not None or split_attention):
+  if m.many and (calibration_BxT is not None or split_attention or shared):
     raise ValueError(
-      f"`calibration_BxT` and `split_attention` are split's options; "
-      f"{method} takes neither."
+      f"`calibration_BxT`, `split_attention` and `shared` are split's "
+      f"options; {method} takes none of them."
     )
   split_options = dict(
     partition=partition,
     calibration_BxT=calibration_BxT,
     split_attention=split_attention,
+    shared=shared,
   )
   return m.build(
     list(params_list), cfg, num_experts, top_k, seed, split_options

@@ -12,6 +12,7 @@ import pytest
 from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import moe as moe_lib
+from lightning_jax import parallel
 from lightning_jax.adapt import upcycle
 
 CFG = models.get_preset(
@@ -103,6 +104,25 @@ def test_split_attention_with_zero_routers_over_all_experts_is_dense():
   )
 
 
+def test_split_with_a_shared_expert_at_weight_one_is_the_dense_model():
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(dense, CFG, 3, top_k=3, shared=True, router_std=0)
+  assert cfg.moe_d_ff == cfg.moe_shared_d_ff == 6
+  assert params["layers"][0]["ffn"]["shared"]["w_down"].shape == (6, 16)
+  np.testing.assert_allclose(
+    _logits(params, cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
+  )
+  # the shared expert runs for every token: counted whole per token
+  without = dataclasses.replace(cfg, moe_shared_d_ff=0)
+  shared_params = CFG.num_layers * 3 * 16 * 6
+  assert models.active_params(cfg) - models.active_params(without) == (
+    shared_params
+  )
+  # and shards as a dense MLP (tensor-parallel over its width)
+  names = ("layers", "0", "ffn", "shared", "w_down")
+  assert parallel.sharding.match_rule(names)[1] == ("ffn", "embed")
+
+
 def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
   means = 10.0 * np.eye(16)[:4]  # 4 well-separated clusters in 16-D
   cluster = np.repeat(np.arange(4), 6)
@@ -141,5 +161,7 @@ def test_bad_inputs_name_the_argument():
     upcycle.upcycle("dare", [dense], CFG)
   with pytest.raises(ValueError, match="calibration_BxT.*btx"):
     upcycle.upcycle("btx", [dense] * 2, CFG, calibration_BxT=TOKENS)
+  with pytest.raises(ValueError, match=r"num_experts.*\+ 1 shared"):
+    upcycle.split(dense, CFG, 4, shared=True)
   with pytest.raises(ValueError, match="num_kv_heads >= 2"):
     upcycle.split(dense, CFG, 2, split_attention=True)
