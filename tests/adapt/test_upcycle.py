@@ -136,7 +136,7 @@ def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
   assert all(len(np.unique(routed[cluster == c])) == 1 for c in range(4))
 
 
-def test_calibrated_split_matches_groups_to_centroids():
+def test_calibrated_split_routers_are_the_centroids_of_its_ffn_inputs():
   dense = models.init(jax.random.key(0), CFG)
   params, cfg = upcycle.split(
     dense, CFG, 2, top_k=2, partition="cluster", calibration_BxT=TOKENS
