@@ -482,6 +482,8 @@ def split(
       f"must divide d_ff ({cfg.d_ff})."
     )
   width = cfg.d_ff // groups_total
+  if split_attention:
+    h, hkv = _kv_groups(cfg)
   new_cfg = _moe_config(cfg, num_experts, top_k, width, width if shared else 0)
   key = jax.random.key(seed)
   inputs = None
@@ -520,7 +522,6 @@ def split(
     layers_out.append({**block, "ffn": ffn})
   if not split_attention:
     return {**params, "layers": tuple(layers_out)}, new_cfg
-  h, hkv = _kv_groups(cfg)
   new_cfg = _with_attention_experts(
     new_cfg,
     {

@@ -20,8 +20,8 @@ CFG = models.get_preset(
   num_layers=2,
   vocab_size=64,
   d_model=16,
-  num_heads=2,
-  num_kv_heads=1,
+  num_heads=4,
+  num_kv_heads=2,
   head_dim=8,
   d_ff=24,
 )
@@ -86,12 +86,11 @@ def test_kv_group_experts_at_weight_one_are_the_dense_gqa_attention():
 
 
 def test_split_attention_with_zero_routers_over_all_experts_is_dense():
-  cfg = dataclasses.replace(CFG, num_heads=4, num_kv_heads=2)
-  dense = models.init(jax.random.key(0), cfg)
+  dense = models.init(jax.random.key(0), CFG)
   params, new_cfg = upcycle.upcycle(
     "split",
     [dense],
-    cfg,
+    CFG,
     num_experts=2,
     top_k=2,
     split_attention=True,
@@ -100,7 +99,7 @@ def test_split_attention_with_zero_routers_over_all_experts_is_dense():
   zero = lambda path, w: 0 * w if "router" in str(path) else w
   params = jax.tree_util.tree_map_with_path(zero, params)
   np.testing.assert_allclose(
-    _logits(params, new_cfg), _logits(dense, cfg), atol=1e-5, rtol=1e-5
+    _logits(params, new_cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
   )
 
 
@@ -164,4 +163,7 @@ def test_bad_inputs_name_the_argument():
   with pytest.raises(ValueError, match=r"num_experts.*\+ 1 shared"):
     upcycle.split(dense, CFG, 4, shared=True)
   with pytest.raises(ValueError, match="num_kv_heads >= 2"):
-    upcycle.split(dense, CFG, 2, split_attention=True)
+    mha = dataclasses.replace(CFG, num_heads=2, num_kv_heads=1)
+    upcycle.split(
+      models.init(jax.random.key(0), mha), mha, 2, split_attention=True
+    )
