@@ -207,7 +207,9 @@ def bam(
 def balanced_kmeans(vectors_NxD, k: int, *, seed: int = 0, iters: int = 10):
   """Balanced k-means: each iteration assigns (vector, centroid) pairs
   closest first while the centroid's cluster holds fewer than `ceil(N / k)`,
-  then moves the centroids to their clusters' means (squared L2).
+  then moves the centroids to their clusters' means (squared L2). With k
+  dividing N every cluster ends with N / k points; otherwise a cluster may
+  end empty and keeps its centroid.
 
   Args:
     vectors_NxD: the points `[N, D]` (N >= k).
@@ -230,7 +232,12 @@ def balanced_kmeans(vectors_NxD, k: int, *, seed: int = 0, iters: int = 10):
       point, cluster = divmod(int(flat), k)
       if labels[point] < 0 and room[cluster]:
         labels[point], room[cluster] = cluster, room[cluster] - 1
-    centroids = np.stack([vectors[labels == c].mean(0) for c in range(k)])
+    centroids = np.stack(
+      [  # an emptied cluster keeps its centroid
+        vectors[labels == c].mean(0) if (labels == c).any() else centroids[c]
+        for c in range(k)
+      ]
+    )
   return labels, centroids
 
 
