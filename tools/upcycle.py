@@ -10,10 +10,13 @@
 
 Methods (`adapt.upcycle.METHODS`): btx, bam, bam-shared-kv (one expert per
 --from run, configs equal) and split (one run, --num_experts dividing
-d_ff; --partition=random|cluster). The new run takes tools/train.py's
-flags (--steps, --lr, ...); those not given, except the schedule (--steps,
---warmup_steps) and the paths, come from the first --from run's
-config.json. It is written as a
+d_ff; --partition=random|cluster; --router_init=centroids: routers from
+the k-means centroids of the FFN inputs on batch 0 of --data;
+--split_attention: attention experts by KV group; --shared_expert: one
+of num_experts + 1 neuron groups always on). The new run takes
+tools/train.py's flags (--steps, --lr, ...); those not given, except the
+schedule (--steps, --warmup_steps) and the paths, come from the first
+--from run's config.json. It is written as a
 tools/train.py run at step 0: `<workdir>/config.json`, whose --model and
 --override reproduce the upcycled model config, and a checkpoint of the
 fresh train state; `python -m tools.train --workdir=...` trains it
@@ -44,6 +47,27 @@ _PARTITION = flags.DEFINE_enum(
   "random",
   list(upcycle.PARTITIONS),
   "split: neurons to experts at random or by balanced k-means.",
+)
+_ROUTER_INIT = flags.DEFINE_enum(
+  "router_init",
+  "random",
+  ["random", "centroids"],
+  "split: routers N(0, 0.02^2), or the k-means centroids of each FFN's "
+  "inputs on batch 0 of --data (LLaMA-MoE-v2).",
+)
+
+_SPLIT_ATTENTION = flags.DEFINE_bool(
+  "split_attention",
+  False,
+  "split: attention layers become attention experts, one per KV group "
+  "(soft routing).",
+)
+
+_SHARED_EXPERT = flags.DEFINE_bool(
+  "shared_expert",
+  False,
+  "split: one of num_experts + 1 neuron groups becomes an always-on shared "
+  "expert (moe_shared_d_ff).",
 )
 
 # tools/train.py flags not taken from the source run.
@@ -84,6 +108,12 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     raise ValueError("--from is required: the tools/train.py run(s).")
   if not flags.FLAGS["workdir"].present:
     raise ValueError("--workdir is required: the new run's directory.")
+  if _METHOD.value != "split":
+    if _ROUTER_INIT.value != "random":
+      raise ValueError(f"--router_init={_ROUTER_INIT.value} is for split.")
+    for flag in (_SPLIT_ATTENTION, _SHARED_EXPERT):
+      if flag.value:
+        raise ValueError(f"--{flag.name} is for split.")
   sources = [training.load_model(w)[:2] for w in _FROM.value]
   cfg = sources[0][1]
   for workdir, (_, other) in zip(_FROM.value[1:], sources[1:], strict=True):
@@ -97,6 +127,14 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
   for name, value in record["flags"].items():
     if name in train.RESUMED - _NOT_COPIED and not flags.FLAGS[name].present:
       flags.FLAGS[name].value = value
+  calibration = None
+  if _ROUTER_INIT.value == "centroids":
+    calibration = training.data.make_dataset(
+      flags.FLAGS.data,
+      seq_len=flags.FLAGS.seq_len,
+      global_batch_size=flags.FLAGS.batch_size,
+      seed=flags.FLAGS.seed,
+    ).batch(0)["inputs"]
   params, new_cfg = upcycle.upcycle(
     _METHOD.value,
     [p for p, _ in sources],
@@ -105,6 +143,9 @@ def upcycled_config() -> tuple[training.TrainConfig, dict]:
     top_k=_TOP_K.value,
     seed=flags.FLAGS.seed,
     partition=_PARTITION.value,
+    calibration_BxT=calibration,
+    split_attention=_SPLIT_ATTENTION.value,
+    shared=_SHARED_EXPERT.value,
   )
   flags.FLAGS.model = record["flags"]["model"]
   flags.FLAGS.override = record["flags"]["override"] + _overrides(cfg, new_cfg)

@@ -21,9 +21,13 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.optimize
 
+from lightning_jax import layers
 from lightning_jax import models
+from lightning_jax import moe as moe_lib
 from lightning_jax.layers import attention_experts
+from lightning_jax.layers import mixers
 
 ROUTER_STD = 0.02
 PARTITIONS = ("random", "cluster")
@@ -65,7 +69,9 @@ def _router(key, d_model: int, num_experts: int, std: float):
   return std * jax.random.normal(key, (d_model, num_experts), jnp.float32)
 
 
-def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
+def _moe_config(
+  cfg, num_experts: int, top_k: int, moe_d_ff: int, shared_d_ff: int = 0
+):
   if not 1 <= top_k <= num_experts:
     raise ValueError(
       f"`top_k` must be in [1, num_experts={num_experts}], got {top_k}."
@@ -76,6 +82,30 @@ def _moe_config(cfg, num_experts: int, top_k: int, moe_d_ff: int):
     num_experts=num_experts,
     top_k=top_k,
     moe_d_ff=moe_d_ff,
+    moe_shared_d_ff=shared_d_ff,
+  )
+
+
+def _with_attention_experts(cfg, options: dict):
+  """`cfg` with its "attention" layers made "attention_experts" ones: the
+  "attention" kind's options carry over, and `options` (fields of
+  `AttentionExpertsConfig` or `AttentionConfig`) are added where not
+  falsy."""
+  kind = attention_experts.KIND
+  carried = tuple(
+    f"{kind}.{o.partition('.')[2]}"
+    for o in cfg.mixer_options
+    if o.startswith("attention.")
+  )
+  added = tuple(
+    f"{kind}.{k}={str(v).lower() if isinstance(v, bool) else v}"
+    for k, v in options.items()
+    if v
+  )
+  return dataclasses.replace(
+    cfg,
+    pattern=tuple(kind if k == "attention" else k for k in cfg.pattern),
+    mixer_options=cfg.mixer_options + carried + added,
   )
 
 
@@ -156,21 +186,8 @@ def bam(
     params_list, cfg, top_k=top_k, key=k_ffn, router_std=router_std
   )
   n = len(params_list)
-  kind = attention_experts.KIND
-  carried = tuple(
-    f"{kind}.{o.partition('.')[2]}"
-    for o in cfg.mixer_options
-    if o.startswith("attention.")
-  )
-  new_cfg = dataclasses.replace(
-    new_cfg,
-    pattern=tuple(kind if k == "attention" else k for k in cfg.pattern),
-    mixer_options=cfg.mixer_options
-    + carried
-    + (f"{kind}.num_experts={n}",)
-    + ((f"{kind}.top_k={attention_top_k}",) if attention_top_k else ())
-    + ((f"{kind}.shared_kv=true",) if shared_kv else ()),
-  )
+  options = {"num_experts": n, "top_k": attention_top_k, "shared_kv": shared_kv}
+  new_cfg = _with_attention_experts(new_cfg, options)
   layers = list(params["layers"])
   for i, mixer in enumerate(cfg.mixers):
     if mixer != "attention":
@@ -187,16 +204,51 @@ def bam(
   return {**params, "layers": tuple(layers)}, new_cfg
 
 
+def balanced_kmeans(vectors_NxD, k: int, *, seed: int = 0, iters: int = 10):
+  """Balanced k-means: each iteration assigns (vector, centroid) pairs
+  closest first while the centroid's cluster holds fewer than `ceil(N / k)`,
+  then moves the centroids to their clusters' means (squared L2). With k
+  dividing N every cluster ends with N / k points; otherwise a cluster may
+  end empty and keeps its centroid.
+
+  Args:
+    vectors_NxD: the points `[N, D]` (N >= k).
+    k: clusters.
+    seed: numpy seed of the initial centroids (k distinct points).
+    iters: iterations.
+
+  Returns:
+    `(labels int [N], centroids float64 [k, D])`.
+  """
+  vectors = np.asarray(vectors_NxD, np.float64)
+  n = len(vectors)
+  rng = np.random.default_rng(seed)
+  centroids = vectors[rng.choice(n, k, replace=False)]
+  for _ in range(iters):
+    dist = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)  # [N, k]
+    labels = np.full(n, -1)
+    room = np.full(k, -(-n // k))
+    for flat in np.argsort(dist, axis=None, kind="stable"):
+      point, cluster = divmod(int(flat), k)
+      if labels[point] < 0 and room[cluster]:
+        labels[point], room[cluster] = cluster, room[cluster] - 1
+    centroids = np.stack(
+      [  # an emptied cluster keeps its centroid
+        vectors[labels == c].mean(0) if (labels == c).any() else centroids[c]
+        for c in range(k)
+      ]
+    )
+  return labels, centroids
+
+
 def neuron_groups(
   w_up_DxF, num_experts: int, *, partition: str = "random", seed: int = 0
 ) -> np.ndarray:
   """A balanced partition of the FFN's F neurons into experts.
 
   "random": a random permutation cut into equal groups. "cluster":
-  balanced k-means over the neurons' up-projection vectors (columns of
-  `w_up`, LLaMA-MoE's neuron-independent clustering): each iteration
-  assigns (neuron, centroid) pairs closest first while the centroid's group
-  has room, then moves the centroids to their groups' means.
+  `balanced_kmeans` over the neurons' up-projection vectors (columns of
+  `w_up`, LLaMA-MoE's neuron-independent clustering).
 
   Args:
     w_up_DxF: up projection `[d_model, d_ff]`.
@@ -217,24 +269,87 @@ def neuron_groups(
     )
   if partition not in PARTITIONS:
     raise ValueError(f"`partition` must be one of {PARTITIONS}: {partition!r}")
-  rng = np.random.default_rng(seed)
-  size = d_ff // num_experts
   if partition == "random":
-    return np.sort(rng.permutation(d_ff).reshape(num_experts, size), axis=1)
-  vectors = np.asarray(w_up_DxF, np.float64).T  # [F, D]
-  centroids = vectors[rng.choice(d_ff, num_experts, replace=False)]
-  for _ in range(10):
-    dist = ((vectors[:, None] - centroids[None]) ** 2).sum(-1)  # [F, E]
-    group = np.full(d_ff, -1)
-    room = np.full(num_experts, size)
-    for flat in np.argsort(dist, axis=None, kind="stable"):
-      neuron, expert = divmod(int(flat), num_experts)
-      if group[neuron] < 0 and room[expert]:
-        group[neuron], room[expert] = expert, room[expert] - 1
-    centroids = np.stack(
-      [vectors[group == e].mean(0) for e in range(num_experts)]
-    )
+    rng = np.random.default_rng(seed)
+    groups = rng.permutation(d_ff).reshape(num_experts, d_ff // num_experts)
+    return np.sort(groups, axis=1)
+  group, _ = balanced_kmeans(np.asarray(w_up_DxF).T, num_experts, seed=seed)
   return np.stack([np.flatnonzero(group == e) for e in range(num_experts)])
+
+
+def ffn_inputs(params, tokens_BxT, cfg) -> list[np.ndarray]:
+  """Every layer's FFN input (after its norm) on a calibration batch.
+
+  Args:
+    params: a params tree of `cfg`.
+    tokens_BxT: int `[batch, seq]`.
+    cfg: the `ModelConfig`.
+
+  Returns:
+    Per layer, float32 `[batch * seq, d_model]`.
+  """
+
+  @jax.jit
+  def run(params, tokens):
+    h = models.embed(params, tokens, cfg)
+    inputs = []
+    for block_params, block in zip(
+      params["layers"], models.block_configs(cfg), strict=True
+    ):
+      x = layers.rms_norm(block_params["mixer_norm"], h, block.norm_eps)
+      if not block.parallel:
+        mixed, _ = mixers.get(block.kind).apply(
+          block_params["mixer"], x, block.mixer
+        )
+        x = layers.rms_norm(block_params["ffn_norm"], h + mixed, block.norm_eps)
+      inputs.append(x.reshape(-1, cfg.d_model).astype(jnp.float32))
+      h = models.apply_block(block_params, h, block)[0]
+    return inputs
+
+  return [np.asarray(x) for x in run(params, tokens_BxT)]
+
+
+def centroid_router(x_NxD, num_experts: int, *, seed: int = 0):
+  """LLaMA-MoE-v2's router init: the k-means centroids of the layer's
+  inputs as the router's columns, `W_r = [c_1 .. c_E]` `[D, E]`, so a
+  token's logit for expert e is `x . c_e` (the authors' get_gates step,
+  `hidden_feature_clustering.py`, sets the gate weight to the balanced
+  k-means `cluster_centers_`, unnormalised).
+
+  Returns:
+    `(router float32 [D, E], labels int [N])`: the tokens' clusters.
+  """
+  if len(x_NxD) < num_experts:
+    raise ValueError(
+      f"the calibration batch ({len(x_NxD)} tokens) must hold at least "
+      f"`num_experts` ({num_experts}) tokens."
+    )
+  labels, centroids = balanced_kmeans(x_NxD, num_experts, seed=seed)
+  return jnp.asarray(centroids.T, jnp.float32), labels
+
+
+def group_mass(mlp_params, groups_GxS, x_NxD, activation: str) -> np.ndarray:
+  """Each token's activation mass in each neuron group, `sum_{j in g}
+  |act(x g_j) (x u_j)|`: float32 `[N, G]`."""
+  act = moe_lib.ACTIVATIONS[activation]
+  x = np.asarray(x_NxD, np.float32)
+  hidden = act(x @ mlp_params["w_gate"]) * (x @ mlp_params["w_up"])  # [N, F]
+  return np.abs(np.asarray(hidden))[:, groups_GxS].sum(-1)
+
+
+def match_groups(mlp_params, groups_ExG, x_NxD, labels, activation: str):
+  """Orders the neuron groups so that group e is the one most active on
+  token cluster e: the assignment (`scipy.optimize.linear_sum_assignment`)
+  maximising `sum_e A[e, pi(e)]`, `A[e, g]` the mean over cluster e's
+  tokens of `group_mass`.
+
+  Returns:
+    int `[E, F / E]`, `groups_ExG` reordered.
+  """
+  mass = group_mass(mlp_params, groups_ExG, x_NxD, activation)  # [N, E]
+  score = np.stack([mass[labels == e].mean(0) for e in range(len(mass[0]))])
+  _, order = scipy.optimize.linear_sum_assignment(score, maximize=True)
+  return groups_ExG[order]
 
 
 def split_mlp(mlp_params, groups_ExG) -> dict:
@@ -256,6 +371,58 @@ def split_mlp(mlp_params, groups_ExG) -> dict:
   }
 
 
+def kv_group_experts(attention_params, num_kv_heads: int) -> dict:
+  """GQA attention cut into one expert per KV group: expert g keeps query
+  heads `g G .. g G + G - 1` (G = H / Hkv, the heads reading KV head g),
+  KV head g and those heads' rows of `wo`, so the experts' outputs sum to
+  the attention's (heads are independent until `wo` sums them).
+
+  Args:
+    attention_params: `{"wq": [D, H, Dh], "wk", "wv": [D, Hkv, Dh], "wo":
+      [H, Dh, D]}`.
+    num_kv_heads: Hkv.
+
+  Returns:
+    Stacked experts of `G` query heads and one KV head each: `{"wq": [Hkv,
+    D, G, Dh], "wk", "wv": [Hkv, D, 1, Dh], "wo": [Hkv, G, Dh, D]}`.
+  """
+  d, h, dh = attention_params["wq"].shape
+  group = h // num_kv_heads
+  by_group = lambda w: jnp.moveaxis(
+    w.reshape(d, num_kv_heads, -1, dh), 1, 0
+  )  # [D, Hkv * n, Dh] -> [Hkv, D, n, Dh]
+  return {
+    "wq": by_group(attention_params["wq"]),
+    "wk": by_group(attention_params["wk"]),
+    "wv": by_group(attention_params["wv"]),
+    "wo": attention_params["wo"].reshape(num_kv_heads, group, dh, -1),
+  }
+
+
+def _kv_groups(cfg) -> tuple[int, int]:
+  """`(num_heads, num_kv_heads)` shared by every "attention" layer.
+
+  Raises:
+    ValueError: no attention layer, layer-wise heads, or one KV head.
+  """
+  heads = {
+    (b.mixer.num_heads, b.mixer.num_kv_heads)
+    for b in models.block_configs(cfg)
+    if b.kind == "attention"
+  }
+  if len(heads) != 1:
+    raise ValueError(
+      "`split_attention` needs 'attention' layers of one head count in "
+      f"`pattern` (got {cfg.pattern}, heads {sorted(heads)})."
+    )
+  ((h, hkv),) = heads
+  if hkv < 2:
+    raise ValueError(
+      f"`split_attention` needs num_kv_heads >= 2 (one expert each), got {hkv}."
+    )
+  return h, hkv
+
+
 def split(
   params,
   cfg,
@@ -265,14 +432,31 @@ def split(
   partition: str = "random",
   seed: int = 0,
   router_std=ROUTER_STD,
+  calibration_BxT=None,
+  split_attention: bool = False,
+  attention_top_k: int = 0,
+  shared: bool = False,
 ):
-  """LLaMA-MoE-v2 FFN split: one dense model -> E experts of d_ff / E
-  neurons each per layer.
+  """LLaMA-MoE-v2 split: one dense model -> E FFN experts of d_ff / E
+  neurons each per layer (d_ff / (E + 1) with a shared expert), and
+  optionally attention experts by KV group.
 
   `w_down` is scaled by E, so routing weights of 1 / E on every expert
   (a zero router with `top_k = E`) give the dense model; with top-k the
   output is E times the mean of the chosen experts, the dense FFN's
-  estimate from k of its E parts.
+  estimate from k of its E parts. With a calibration batch, each router
+  is `centroid_router` of the layer's FFN inputs and the neuron groups are
+  ordered by `match_groups`, so expert e holds the neurons most active on
+  the tokens of centroid e. With `shared`, the neurons are partitioned
+  into E + 1 groups and one group becomes the MoE's always-on shared
+  expert (unscaled: routed weights 1 / E plus the shared expert at 1 give
+  the dense FFN): with a calibration batch the group of the largest
+  activation mass over all its tokens (`group_mass`), else the last one.
+  With `split_attention`, every "attention"
+  layer becomes `attention_experts` with one expert per KV group
+  (`kv_group_experts`), `wo` scaled by Hkv likewise (soft weights 1 / Hkv
+  give the dense attention), routed soft (`attention_top_k=0`) or top-k
+  by a new `N(0, router_std^2)` router.
 
   Args:
     params: a params tree of `cfg`.
@@ -281,33 +465,94 @@ def split(
     top_k: experts per token.
     partition: "random" or "cluster" (`neuron_groups`).
     seed: partition and router seed.
-    router_std: router init scale.
+    router_std: router init scale (without a calibration batch).
+    calibration_BxT: None (routers `N(0, router_std^2)`), or int tokens
+      `[batch, seq]` whose FFN inputs give the routers.
+    split_attention: attention experts by KV group.
+    attention_top_k: attention experts per token (0: soft).
+    shared: one neuron group as a shared expert (`moe_shared_d_ff`).
 
   Returns:
     `(params, ModelConfig)` of the MoE.
 
   Raises:
-    ValueError: as `btx`, or E not dividing d_ff.
+    ValueError: as `btx`, E (E + 1 with `shared`) not dividing d_ff, fewer
+      calibration tokens
+      than experts, or (`split_attention`) attention layers of several
+      head counts or one KV head.
   """
   check_sources([params], cfg)
-  if num_experts < 1 or cfg.d_ff % num_experts:
+  groups_total = num_experts + shared
+  if num_experts < 1 or cfg.d_ff % groups_total:
     raise ValueError(
-      f"`num_experts` ({num_experts}) must divide d_ff ({cfg.d_ff})."
+      f"`num_experts` ({num_experts}{' + 1 shared' if shared else ''}) "
+      f"must divide d_ff ({cfg.d_ff})."
     )
-  new_cfg = _moe_config(cfg, num_experts, top_k, cfg.d_ff // num_experts)
+  width = cfg.d_ff // groups_total
+  if split_attention:
+    h, hkv = _kv_groups(cfg)
+  new_cfg = _moe_config(cfg, num_experts, top_k, width, width if shared else 0)
   key = jax.random.key(seed)
-  layers = []
-  for i, block in enumerate(params["layers"]):
+  inputs = None
+  if calibration_BxT is not None:
+    inputs = ffn_inputs(params, jnp.asarray(calibration_BxT), cfg)
+  layers_out = []
+  for i, (block, block_cfg) in enumerate(
+    zip(params["layers"], models.block_configs(cfg), strict=True)
+  ):
+    mlp = block["ffn"]
+    act = block_cfg.ffn.activation
     groups = neuron_groups(
-      block["ffn"]["w_up"], num_experts, partition=partition, seed=seed + i
+      mlp["w_up"], groups_total, partition=partition, seed=seed + i
     )
-    experts = split_mlp(block["ffn"], groups)
+    shared_group = None
+    if shared:
+      last = len(groups) - 1
+      if inputs is not None:
+        last = int(np.argmax(group_mass(mlp, groups, inputs[i], act).sum(0)))
+      shared_group = groups[last]
+      groups = np.delete(groups, last, axis=0)
+    if inputs is None:
+      router = _router(
+        jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
+      )
+    else:
+      router, labels = centroid_router(inputs[i], num_experts, seed=seed + i)
+      groups = match_groups(mlp, groups, inputs[i], labels, act)
+    experts = split_mlp(mlp, groups)
     experts["w_down"] = experts["w_down"] * num_experts
+    ffn = {"router": router, "experts": experts}
+    if shared:
+      ffn["shared"] = {
+        k: v[0] for k, v in split_mlp(mlp, shared_group[None]).items()
+      }
+    layers_out.append({**block, "ffn": ffn})
+  if not split_attention:
+    return {**params, "layers": tuple(layers_out)}, new_cfg
+  new_cfg = _with_attention_experts(
+    new_cfg,
+    {
+      "num_experts": hkv,
+      "top_k": attention_top_k,
+      "num_heads": h // hkv,
+      "num_kv_heads": 1,
+    },
+  )
+  k_attn = jax.random.fold_in(key, len(cfg.pattern))
+  for i, mixer in enumerate(cfg.mixers):
+    if mixer != "attention":
+      continue
+    experts = kv_group_experts(layers_out[i]["mixer"], hkv)
+    experts["wo"] = experts["wo"] * hkv
     router = _router(
-      jax.random.fold_in(key, i), cfg.d_model, num_experts, router_std
+      jax.random.fold_in(k_attn, i), cfg.d_model, hkv, router_std
     )
-    layers.append({**block, "ffn": {"router": router, "experts": experts}})
-  return {**params, "layers": tuple(layers)}, new_cfg
+    layers_out[i] = {
+      **layers_out[i],
+      "mixer": {"router": router, "experts": experts},
+    }
+  models.block_configs(new_cfg)  # the options against the layer configs
+  return {**params, "layers": tuple(layers_out)}, new_cfg
 
 
 class Method(NamedTuple):
@@ -315,8 +560,9 @@ class Method(NamedTuple):
 
   Attributes:
     name: the method's name.
-    build: `(params_list, cfg, num_experts, top_k, seed, partition) ->
-      (params, cfg)`.
+    build: `(params_list, cfg, num_experts, top_k, seed, split_options)
+      -> (params, cfg)`; `split_options` are `split`'s keyword arguments
+      (`partition`, `calibration_BxT`, ...), ignored by the others.
     many: takes several models (one expert each) rather than one.
     doc: one line, with the paper.
   """
@@ -335,15 +581,15 @@ def _check_count(params_list, num_experts):
     )
 
 
-def _btx(params_list, cfg, num_experts, top_k, seed, partition):
-  del partition
+def _btx(params_list, cfg, num_experts, top_k, seed, split_options):
+  del split_options
   _check_count(params_list, num_experts)
   return btx(params_list, cfg, top_k=top_k, key=jax.random.key(seed))
 
 
 def _bam(shared_kv):
-  def build(params_list, cfg, num_experts, top_k, seed, partition):
-    del partition
+  def build(params_list, cfg, num_experts, top_k, seed, split_options):
+    del split_options
     _check_count(params_list, num_experts)
     return bam(
       params_list,
@@ -356,10 +602,10 @@ def _bam(shared_kv):
   return build
 
 
-def _split(params_list, cfg, num_experts, top_k, seed, partition):
+def _split(params_list, cfg, num_experts, top_k, seed, split_options):
   (params,) = params_list
   return split(
-    params, cfg, num_experts, top_k=top_k, partition=partition, seed=seed
+    params, cfg, num_experts, top_k=top_k, seed=seed, **split_options
   )
 
 
@@ -401,6 +647,9 @@ def upcycle(
   top_k: int = 2,
   seed: int = 0,
   partition: str = "random",
+  calibration_BxT=None,
+  split_attention: bool = False,
+  shared: bool = False,
 ):
   """`METHODS[method]` on the source models.
 
@@ -414,6 +663,10 @@ def upcycle(
     top_k: FFN experts per token.
     seed: router (and partition) seed.
     partition: "split"'s neuron partition (`neuron_groups`).
+    calibration_BxT: "split"'s calibration tokens (routers from k-means
+      centroids, see `split`); None for random routers.
+    split_attention: "split"'s attention experts by KV group.
+    shared: "split"'s shared expert.
 
   Returns:
     `(params, ModelConfig)` of the MoE.
@@ -436,4 +689,17 @@ def upcycle(
     )
   if not m.many and num_experts is None:
     raise ValueError(f"`num_experts` is required by {method}.")
-  return m.build(list(params_list), cfg, num_experts, top_k, seed, partition)
+  if m.many and (calibration_BxT is not None or split_attention or shared):
+    raise ValueError(
+      f"`calibration_BxT`, `split_attention` and `shared` are split's "
+      f"options; {method} takes none of them."
+    )
+  split_options = dict(
+    partition=partition,
+    calibration_BxT=calibration_BxT,
+    split_attention=split_attention,
+    shared=shared,
+  )
+  return m.build(
+    list(params_list), cfg, num_experts, top_k, seed, split_options
+  )

@@ -30,6 +30,9 @@ class MoEConfig:
     lbl_scope: load-balancing loss scope, "sequence", "micro" or "global".
     activation: GLU activation of the experts.
     dtype: parameter dtype of the experts (the router is float32).
+    shared_d_ff: hidden width of an always-on shared GLU expert added to
+      every token's routed output (0: none; LLaMA-MoE-v2's "residual"
+      MoE, DeepSeekMoE's shared expert).
   """
 
   d_model: int
@@ -44,10 +47,13 @@ class MoEConfig:
   lbl_scope: str = "micro"
   activation: str = "silu"
   dtype: Any = jnp.float32
+  shared_d_ff: int = 0
 
   def __post_init__(self):
     for name in ("d_model", "d_ff", "num_experts", "top_k"):
       _checks.check_positive_int(name, getattr(self, name))
+    if self.shared_d_ff:
+      _checks.check_positive_int("shared_d_ff", self.shared_d_ff)
     if self.top_k > self.num_experts:
       raise ValueError(
         f"`top_k` must be <= num_experts = {self.num_experts}, "
@@ -85,7 +91,9 @@ class MoEAux(NamedTuple):
 
 
 def init_moe(key, cfg: MoEConfig) -> dict:
-  """MoE params: float32 `router` `[D, E]` and GLU `experts` stacked `[E, ...]`.
+  """MoE params: float32 `router` `[D, E]` and GLU `experts` stacked `[E, ...]`;
+  with `shared_d_ff`, a GLU `shared` `{"w_gate", "w_up": [D, Fs], "w_down":
+  [Fs, D]}`.
 
   Example:
     >>> cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4)
@@ -94,7 +102,7 @@ def init_moe(key, cfg: MoEConfig) -> dict:
   """
   k_router, k_gate, k_up, k_down = jax.random.split(key, 4)
   d, f, e = cfg.d_model, cfg.d_ff, cfg.num_experts
-  return {
+  params = {
     "router": dense_init(k_router, (d, e), jnp.float32),
     "experts": {
       "w_gate": dense_init(k_gate, (e, d, f), cfg.dtype),
@@ -102,6 +110,15 @@ def init_moe(key, cfg: MoEConfig) -> dict:
       "w_down": dense_init(k_down, (e, f, d), cfg.dtype),
     },
   }
+  if cfg.shared_d_ff:
+    ks = jax.random.split(jax.random.fold_in(key, 1), 3)
+    fs = cfg.shared_d_ff
+    params["shared"] = {
+      "w_gate": dense_init(ks[0], (d, fs), cfg.dtype),
+      "w_up": dense_init(ks[1], (d, fs), cfg.dtype),
+      "w_down": dense_init(ks[2], (fs, d), cfg.dtype),
+    }
+  return params
 
 
 def moe(
@@ -114,6 +131,10 @@ def moe(
   expert_axis=None,
 ):
   """Top-k MoE FFN: route, run GLU experts, combine; aux losses and stats.
+
+  With `cfg.shared_d_ff`, the shared expert's GLU output is added for
+  every token (weight 1, outside the routing):
+  `y = sum_k w_k FFN_{e_k}(x) + FFN_shared(x)`.
 
   The output of dropped slots (capacity dispatch) is zero: add the layer
   to a residual stream (`x + y`) so dropped tokens pass through.
@@ -182,6 +203,9 @@ def moe(
       activation=cfg.activation,
       expert_axis=expert_axis,
     )
+  if cfg.shared_d_ff:
+    shared = moe_lib.GLUWeights(**params["shared"])
+    y_NxD = y_NxD + moe_lib.glu(x_NxD, shared, activation=cfg.activation)
   lbl = moe_lib.load_balancing_loss(
     routing.probs,
     routing.experts,

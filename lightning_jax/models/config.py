@@ -57,6 +57,8 @@ class ModelConfig:
       (e.g. `"mamba2.state_dim=64"`), see `layers.mixers.parse_options`.
     num_experts, top_k, moe_d_ff, router_score: MoE channel mixers (dropless
       top-k GLU experts).
+    moe_shared_d_ff: width of the always-on shared expert of "moe" FFNs
+      (0: none), see `layers.MoEConfig.shared_d_ff`.
     lbl_scope: load-balancing loss scope, "sequence", "micro" or "global".
       With "global" the layers report micro-batch pieces
       (`MoEAux.lbl_pieces`) and the loss assembles the exact global-batch
@@ -94,6 +96,7 @@ class ModelConfig:
   num_experts: int = 8
   top_k: int = 2
   moe_d_ff: int = 128
+  moe_shared_d_ff: int = 0
   router_score: str = "softmax"
   lbl_scope: str = "global"
   mhmoe_heads: int = 2
@@ -118,6 +121,12 @@ class ModelConfig:
       "mhmoe_heads",
     ):
       _checks.check_positive_int(name, getattr(self, name))
+    if self.moe_shared_d_ff:
+      _checks.check_positive_int("moe_shared_d_ff", self.moe_shared_d_ff)
+      if "mhmoe" in self.ffn_pattern:
+        raise ValueError(
+          "`moe_shared_d_ff` is for 'moe' FFNs; `ffn_pattern` has 'mhmoe'."
+        )
     for name in ("pattern", "ffn_pattern"):
       value = getattr(self, name)
       if not isinstance(value, tuple) or not value:
@@ -294,6 +303,7 @@ def _ffn_config(cfg: ModelConfig, ffn: str, d_ff: int):
     top_k=cfg.top_k,
     score=cfg.router_score,
     lbl_scope=moe_lbl_scope(cfg.lbl_scope),
+    shared_d_ff=cfg.moe_shared_d_ff if ffn == "moe" else 0,
   )
   if ffn == "moe":
     return moe

@@ -10,8 +10,9 @@ arXiv 2001.08361, Table 1) count a transformer:
 "Weights applied to the token" are every >= 2-D block parameter (short
 convolutions included: a depthwise kernel [K, C] costs 2 K C per token),
 with MoE FFN expert weights scaled by top_k / num_experts and MH-MoE's
-router and experts by its sub-tokens per token (attention experts all run:
-unscaled). Embedding lookups are free.
+router and experts by its sub-tokens per token (attention experts and a
+MoE's shared expert, `moe_shared_d_ff`, run for every token: unscaled).
+Embedding lookups are free.
 
 The sequence mixing per layer is each registered mixer's own `flops`
 (`layers.mixers.Mixer`): the work the model defines, e.g. for attention

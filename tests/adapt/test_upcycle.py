@@ -2,6 +2,8 @@
 BTX / BAM of N copies of one model and a split with a zero router over all
 experts give the dense model's loss; bad inputs name the argument."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import moe as moe_lib
+from lightning_jax import parallel
 from lightning_jax.adapt import upcycle
 
 CFG = models.get_preset(
@@ -17,8 +20,8 @@ CFG = models.get_preset(
   num_layers=2,
   vocab_size=64,
   d_model=16,
-  num_heads=2,
-  num_kv_heads=1,
+  num_heads=4,
+  num_kv_heads=2,
   head_dim=8,
   d_ff=24,
 )
@@ -69,6 +72,81 @@ def test_split_with_a_zero_router_over_all_experts_is_the_dense_model():
   )
 
 
+def test_kv_group_experts_at_weight_one_are_the_dense_gqa_attention():
+  attn = layers.AttentionConfig(16, 6, 3, 8, impl="reference")
+  dense = layers.init_attention(jax.random.key(0), attn)
+  experts = upcycle.kv_group_experts(dense, 3)
+  assert experts["wq"].shape == (3, 16, 2, 8)
+  x = jax.random.normal(jax.random.key(1), (2, 7, 16))
+  per_group = layers.AttentionConfig(16, 2, 1, 8, impl="reference")
+  attention = jax.jit(layers.attention_layer, static_argnums=2)
+  y_E = jax.vmap(attention, in_axes=(0, None, None))(experts, x, per_group)
+  want = attention(dense, x, attn)
+  np.testing.assert_allclose(y_E.sum(0), want, atol=1e-5, rtol=1e-5)
+
+
+def test_split_attention_with_zero_routers_over_all_experts_is_dense():
+  dense = models.init(jax.random.key(0), CFG)
+  params, new_cfg = upcycle.upcycle(
+    "split",
+    [dense],
+    CFG,
+    num_experts=2,
+    top_k=2,
+    split_attention=True,
+  )
+  assert new_cfg.mixers == ("attention_experts",) * 2
+  zero = lambda path, w: 0 * w if "router" in str(path) else w
+  params = jax.tree_util.tree_map_with_path(zero, params)
+  np.testing.assert_allclose(
+    _logits(params, new_cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
+  )
+
+
+def test_split_with_a_shared_expert_at_weight_one_is_the_dense_model():
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(dense, CFG, 3, top_k=3, shared=True, router_std=0)
+  assert cfg.moe_d_ff == cfg.moe_shared_d_ff == 6
+  assert params["layers"][0]["ffn"]["shared"]["w_down"].shape == (6, 16)
+  np.testing.assert_allclose(
+    _logits(params, cfg), _logits(dense, CFG), atol=1e-5, rtol=1e-5
+  )
+  # the shared expert runs for every token: counted whole per token
+  without = dataclasses.replace(cfg, moe_shared_d_ff=0)
+  shared_params = CFG.num_layers * 3 * 16 * 6
+  assert models.active_params(cfg) - models.active_params(without) == (
+    shared_params
+  )
+  # and shards as a dense MLP (tensor-parallel over its width)
+  names = ("layers", "0", "ffn", "shared", "w_down")
+  assert parallel.sharding.match_rule(names)[1] == ("ffn", "embed")
+
+
+def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
+  means = 10.0 * np.eye(16)[:4]  # 4 well-separated clusters in 16-D
+  cluster = np.repeat(np.arange(4), 6)
+  noise = jax.random.normal(jax.random.key(0), (24, 16))
+  x = means[cluster] + 0.1 * np.asarray(noise)
+  router, labels = upcycle.centroid_router(x, 4)
+  routed = np.argmax(x @ np.asarray(router), axis=-1)
+  np.testing.assert_array_equal(routed, labels)
+  # one expert per cluster, a different one for each
+  assert len({tuple(np.unique(routed[cluster == c])) for c in range(4)}) == 4
+  assert all(len(np.unique(routed[cluster == c])) == 1 for c in range(4))
+
+
+def test_calibrated_split_routers_are_the_centroids_of_its_ffn_inputs():
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(
+    dense, CFG, 2, top_k=2, partition="cluster", calibration_BxT=TOKENS
+  )
+  inputs = upcycle.ffn_inputs(dense, TOKENS, CFG)
+  assert [x.shape for x in inputs] == [(16, 16)] * 2
+  router, _ = upcycle.centroid_router(inputs[1], 2, seed=1)
+  np.testing.assert_array_equal(params["layers"][1]["ffn"]["router"], router)
+  assert np.isfinite(_logits(params, cfg)).all()
+
+
 def test_bad_inputs_name_the_argument():
   dense = models.init(jax.random.key(0), CFG)
   with pytest.raises(ValueError, match="num_experts.*divide d_ff"):
@@ -80,3 +158,12 @@ def test_bad_inputs_name_the_argument():
     upcycle.upcycle("btx", [dense, other], CFG)
   with pytest.raises(ValueError, match="methods: .*split"):
     upcycle.upcycle("dare", [dense], CFG)
+  with pytest.raises(ValueError, match="calibration_BxT.*btx"):
+    upcycle.upcycle("btx", [dense] * 2, CFG, calibration_BxT=TOKENS)
+  with pytest.raises(ValueError, match=r"num_experts.*\+ 1 shared"):
+    upcycle.split(dense, CFG, 4, shared=True)
+  with pytest.raises(ValueError, match="num_kv_heads >= 2"):
+    mha = dataclasses.replace(CFG, num_heads=2, num_kv_heads=1)
+    upcycle.split(
+      models.init(jax.random.key(0), mha), mha, 2, split_attention=True
+    )

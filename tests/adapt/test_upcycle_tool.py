@@ -43,8 +43,13 @@ errors = []
 for argv in ([f"--from={src}", "--method=btx"],
              [f"--from={src},{src}_wide", "--method=bam"],
              [f"--from={src}", "--method=split", "--num_experts=3"],
-             [f"--from={src}", "--method=split", "--num_experts=2",
-              "--partition=cluster"]):
+             [f"--from={src}", "--method=btx", "--router_init=centroids"],
+             [f"--from={src}", "--method=bam", "--split_attention"],
+             [f"--from={src}", "--method=btx", "--shared_expert"],
+             [f"--from={src}", "--method=split", "--num_experts=3",
+              "--partition=cluster", "--router_init=centroids",
+              "--split_attention", "--shared_expert", "--seq_len=16",
+              "--batch_size=2"]):
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr):
     try:
@@ -85,6 +90,9 @@ def test_upcycled_run_starts_as_its_source_and_trains(tmp_path):
     "btx takes >= 2 models",
     "differ in model config",
     r"num_experts.*must divide d_ff",
+    "router_init=centroids is for split",
+    "split_attention is for split",
+    "shared_expert is for split",
     "already holds a run",
   ]
   for lines, match in zip(out["errors"], want, strict=True):
