@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lightning_jax import inference
 from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax import moe as moe_lib
@@ -28,8 +29,15 @@ CFG = models.get_preset(
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 64)
 
 
+_forward = jax.jit(models.forward, static_argnums=2)
+
+
+def _logits_of(params, tokens, cfg):
+  return _forward(params, tokens, cfg)[0]
+
+
 def _logits(params, cfg):
-  return jax.jit(models.forward, static_argnums=2)(params, TOKENS, cfg)[0]
+  return _logits_of(params, TOKENS, cfg)
 
 
 @pytest.mark.parametrize("partition", upcycle.PARTITIONS)
@@ -120,6 +128,34 @@ def test_split_with_a_shared_expert_at_weight_one_is_the_dense_model():
   # and shards as a dense MLP (tensor-parallel over its width)
   names = ("layers", "0", "ffn", "shared", "w_down")
   assert parallel.sharding.match_rule(names)[1] == ("ffn", "embed")
+
+
+def test_upcycled_split_decodes_like_its_forward():
+  """A split with KV-group attention experts and a shared expert, routed
+  top-2 by random routers: greedy decoding (prefill + cached steps) is the
+  argmax chain of the full forward pass."""
+  dense = models.init(jax.random.key(0), CFG)
+  params, cfg = upcycle.split(
+    dense, CFG, 3, top_k=2, shared=True, split_attention=True
+  )
+  prompt, lengths, new_tokens = TOKENS[:, :5], np.array([5, 3], np.int32), 3
+  new = inference.generate(
+    params,
+    prompt,
+    lengths,
+    cfg,
+    max_new_tokens=new_tokens,
+    key=jax.random.key(0),
+    sampling_cfg=inference.SamplingConfig(temperature=0.0),
+  )
+  seqs = np.zeros((2, 5 + new_tokens), np.int32)
+  for b, n in enumerate(lengths):
+    seqs[b, : n + new_tokens] = np.concatenate([prompt[b, :n], new[b]])
+  logits = _logits_of(params, seqs, cfg)
+  for b, n in enumerate(lengths):
+    np.testing.assert_array_equal(
+      np.argmax(logits[b, n - 1 : n - 1 + new_tokens], axis=-1), new[b]
+    )
 
 
 def test_centroid_router_sends_each_cluster_to_its_centroids_expert():
