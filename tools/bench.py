@@ -58,6 +58,12 @@ _MEMORY_SEQ = flags.DEFINE_integer(
   "Sequence length of the compiled peak-memory table (fwd+bwd); 0 skips it.",
 )
 _MATMUL_N = flags.DEFINE_integer("matmul_n", 1024, "Size of the ref matmul.")
+_CLOCK = flags.DEFINE_enum(
+  "clock",
+  "wall",
+  list(benchlib.CLOCKS),
+  "wall, or cpu: process CPU seconds (on a loaded machine; ratios only).",
+)
 
 
 def flops_per_token(op: str, impl: str, c: int, dk: int, dv: int) -> float:
@@ -126,7 +132,10 @@ def time_row(op, impl, mode, dtype, t, peak):
   args = make_inputs(op, b, t, h, d, jnp.dtype(dtype))
   fwd, fwd_bwd = op_functions(op, impl, c)
   seconds = benchlib.time_fn(
-    fwd if mode == "fwd" else fwd_bwd, *args, repeats=_REPEATS.value
+    fwd if mode == "fwd" else fwd_bwd,
+    *args,
+    repeats=_REPEATS.value,
+    clock=_CLOCK.value,
   )
   tokens = b * t
   flops = (
@@ -165,7 +174,7 @@ def memory_row(op, impl, t):
 
 
 def kernels_suite():
-  peak = benchlib.matmul_gflops(_MATMUL_N.value)
+  peak = benchlib.matmul_gflops(_MATMUL_N.value, clock=_CLOCK.value)
   n = _MATMUL_N.value
   print(
     f"# devices: {jax.devices()}; reference fp32 matmul {n}x{n}x{n}: "

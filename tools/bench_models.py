@@ -54,6 +54,12 @@ _TOKENS = flags.DEFINE_integer(
 _PARTS = flags.DEFINE_list("parts", ["train", "prefill"], "train, prefill.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
 _PLOT = flags.DEFINE_string("plot", None, "Write tokens/s vs T here (PNG).")
+_CLOCK = flags.DEFINE_enum(
+  "clock",
+  "wall",
+  list(benchlib.CLOCKS),
+  "wall, or cpu: process CPU seconds (on a loaded machine; ratios only).",
+)
 
 
 def _train_seconds(cfg, params, tokens_BxT) -> float:
@@ -63,6 +69,7 @@ def _train_seconds(cfg, params, tokens_BxT) -> float:
     functools.partial(step, params, optimizer.init(params)),
     tokens_BxT,
     repeats=_REPEATS.value,
+    clock=_CLOCK.value,
   )
 
 
@@ -71,7 +78,11 @@ def _prefill_seconds(cfg, params, tokens_BxT) -> float:
   lengths = jnp.full((batch,), seq, jnp.int32)
   fn = jax.jit(lambda p, t: decode.prefill(p, t, lengths, cfg, seq)[0])
   return benchlib.time_fn(
-    fn, params, tokens_BxT[:, :-1], repeats=_REPEATS.value
+    fn,
+    params,
+    tokens_BxT[:, :-1],
+    repeats=_REPEATS.value,
+    clock=_CLOCK.value,
   )
 
 
@@ -94,7 +105,9 @@ def measure() -> list[dict]:
       for part in _PARTS.value:
         row[f"{part}_tok_s"] = batch * seq / _TIMERS[part](cfg, params, tokens)
       preset_rows.append(row)
-    matmul = benchlib.matmul_gflops()  # beside each preset: the load drifts
+    matmul = benchlib.matmul_gflops(
+      clock=_CLOCK.value
+    )  # beside each preset: the load drifts
     rows += [dict(r, matmul_gflops=matmul) for r in preset_rows]
   return rows
 

@@ -557,7 +557,8 @@ DELTANET = register_recurrence(
     uses_conv=True,
   ),
   "DeltaNet (arXiv 2406.06484): delta rule on L2-normed q, k, short conv.",
-  preset={"num_layers": 4},
+  # Chunk sizes measured at the preset head_dim 32 (docs/benchmarks.md).
+  preset={"num_layers": 4, "chunk_size": 32},
 )
 GATED_DELTANET = register_recurrence(
   "gated_deltanet",
@@ -570,12 +571,12 @@ GATED_DELTANET = register_recurrence(
   ),
   "Gated DeltaNet (arXiv 2412.06464): delta rule with a data-dependent "
   "decay, SiLU output gate.",
-  preset={"num_layers": 4},
+  preset={"num_layers": 4, "chunk_size": 32},
 )
 HGRN2 = register_recurrence(
   "hgrn2",
   Recurrence(("q", "f", "v"), _hgrn2_extra, _hgrn2_mix, state_flops=5),
   "HGRN2 (arXiv 2404.07904): gated linear attention with a lower-bounded "
   "forget gate, key 1 - f.",
-  preset={"num_layers": 4},
+  preset={"num_layers": 4, "chunk_size": 16},
 )

@@ -246,9 +246,12 @@ def _vector_intra_scores(q, k, cum, sub):
   """Masked `sum_d q_id k_jd exp(b_id - b_jd)`, j <= i: `[..., C, C]`.
 
   Off-diagonal sub-blocks factor the decay through r_I, the cumulated decay
-  just before sub-block I: `exp(b_i - r_I) * exp(r_I - b_j)`, both <= 1 for
-  i in block I and j before it, so the block row is one matmul. Diagonal
-  sub-blocks use the exact `[sub, sub, Dk]` log-space decay.
+  just before sub-block I, and e_J, the one at the end of sub-block J < I:
+  `exp(b_i - r_I) * exp(r_I - e_J) * exp(e_J - b_j)`, each factor <= 1, so
+  a whole sub-block row is one matmul, no exponent is positive and only
+  `O(C Dk)` exponentials per chunk are taken (the middle factor is per pair
+  of sub-blocks). Diagonal sub-blocks use the exact `[sub, sub, Dk]`
+  log-space decay.
   """
   *lead, c, dk = q.shape
   s = c // sub
@@ -264,16 +267,21 @@ def _vector_intra_scores(q, k, cum, sub):
   diag = diag.reshape(*lead, s, sub, sub)
 
   blocks = lambda x: x.reshape(*lead, s, sub, dk)
-  qs, bs = blocks(q), blocks(cum)
-  ref = jnp.concatenate(
-    [cum[..., :1, :], cum[..., sub - 1 : c - 1 : sub, :]], -2
-  )
-  q_off = qs * jnp.exp(bs - ref[..., :, None, :])  # [..., s, sub, Dk]
-  before = jnp.arange(c)[None, :] < (jnp.arange(s) * sub)[:, None]  # [s, C]
-  k_exponent = jnp.where(
-    before[..., None], ref[..., :, None, :] - cum[..., None, :, :], -jnp.inf
-  )
-  k_off = k[..., None, :, :] * jnp.exp(k_exponent)  # [..., s, C, Dk]
+  qs, ks, bs = blocks(q), blocks(k), blocks(cum)
+  end = cum[..., sub - 1 :: sub, :]  # e_J: [..., s, Dk]
+  start = jnp.concatenate([cum[..., :1, :], end[..., :-1, :]], -2)  # r_I
+  q_off = qs * jnp.exp(bs - start[..., :, None, :])  # [..., s, sub, Dk]
+  k_end = ks * jnp.exp(end[..., :, None, :] - bs)  # [..., s, sub, Dk]
+  bridge = jnp.exp(
+    jnp.where(
+      rec.causal_mask(s, strict=True)[..., None],
+      start[..., :, None, :] - end[..., None, :, :],
+      -jnp.inf,
+    )
+  )  # [..., s_I, s_J, Dk]: exp(r_I - e_J) for J < I, else 0
+  # The bridge repeated over J's tokens (a broadcast over a new sub axis
+  # instead makes XLA:CPU 0.10 segfault in the backward pass).
+  k_off = k_end.reshape(*lead, 1, c, dk) * jnp.repeat(bridge, sub, axis=-2)
   off = (q_off @ k_off.swapaxes(-1, -2)).reshape(*lead, s, sub, s, sub)
   on_diag = jnp.eye(s, dtype=bool)[:, None, :, None]
   return jnp.where(on_diag, diag[..., :, :, None, :], off).reshape(*lead, c, c)
