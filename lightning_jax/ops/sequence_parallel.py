@@ -312,29 +312,31 @@ def map_sequence(fn: Callable, params, x_BxTxD, axis_name: str):
 
 
 def previous_tokens(x_BxLx, count: int, axis_name: str):
-  """The last `count` tokens of the previous device's chunk (a short conv's
-  halo); zeros on the axis's first device, as before a fresh sequence.
+  """The `count` tokens before this device's chunk (a short conv's or a
+  window's halo); zeros before the sequence, as before a fresh one.
 
   Args:
     x_BxLx: this device's chunk `[batch, seq_local, ...]`.
-    count: tokens to fetch, at most `seq_local`.
+    count: tokens to fetch, >= 0; more than `seq_local` reach several
+      devices back.
     axis_name: the sequence axis.
 
   Returns:
-    `[batch, count, ...]`, one `ppermute` from device i to i + 1.
-
-  Raises:
-    ValueError: naming `count` if it exceeds the local chunk.
+    `[batch, count, ...]`: one `ppermute` from device i - j to i for each
+    of the `ceil(count / seq_local)` devices j = 1, 2, ... it reaches (the
+    farthest sends only the tokens needed).
   """
-  local = x_BxLx.shape[1]
-  if count > local:
-    raise ValueError(
-      f"`count` ({count}) must be at most the local chunk length {local}: "
-      "a halo from one device only."
+  local, size = x_BxLx.shape[1], jax.lax.axis_size(axis_name)
+  parts = []
+  for j in range(-(-count // local), 0, -1):  # farthest device first
+    take = min(local, count - (j - 1) * local)
+    part = x_BxLx[:, local - take :]
+    pairs = [(i, i + j) for i in range(size - j)]
+    parts.append(
+      jax.lax.ppermute(part, axis_name, pairs)
+      if pairs
+      else jnp.zeros_like(part)
     )
-  size = jax.lax.axis_size(axis_name)
-  return jax.lax.ppermute(
-    x_BxLx[:, local - count :],
-    axis_name,
-    [(i, i + 1) for i in range(size - 1)],
-  )
+  if not parts:
+    return x_BxLx[:, :0]
+  return jnp.concatenate(parts, axis=1)
