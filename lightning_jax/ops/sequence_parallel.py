@@ -267,8 +267,9 @@ def sequence_axis(seq_len: int) -> str | None:
 
   `SEQ` when the mesh being traced (`jax.set_mesh`, or the abstract mesh
   that `parallel.shard_step` traces the step under) has a `seq` axis of
-  more than one device, outside any `shard_map` (inside one, e.g. a
-  pipeline stage, the split is left to XLA as before); None otherwise.
+  more than one device that is not already manual (a pipeline stage's
+  `shard_map` is manual over `pipe` only, so its layers split too); None
+  otherwise.
 
   Args:
     seq_len: the global sequence length of the forward.
@@ -278,7 +279,7 @@ def sequence_axis(seq_len: int) -> str | None:
   """
   mesh = jax.sharding.get_abstract_mesh()
   size = dict(mesh.shape).get(SEQ, 1)
-  if size == 1 or mesh.manual_axes:
+  if size == 1 or SEQ in mesh.manual_axes:
     return None
   if seq_len % size:
     raise ValueError(
@@ -303,6 +304,11 @@ def map_sequence(fn: Callable, params, x_BxTxD, axis_name: str):
   Returns:
     The global `[batch, seq, ...]` output.
   """
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    # Nested in another shard_map (a pipeline stage), jax 0.10's vjp of this
+    # one saves residuals whose local shapes fail MLIR verification;
+    # rematerialised, the chunk's only residuals are its inputs.
+    fn = jax.checkpoint(fn)
   return jax.shard_map(
     fn,
     in_specs=(P(), P(None, axis_name)),
