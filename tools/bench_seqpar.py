@@ -14,7 +14,7 @@ communication from the collectives in its optimised HLO. `--report`:
   the bytes each device receives per step on `seq=--seq` through the
   sequence-parallel collectives, at each of `--seq_lens`.
 - `longest`: for each of `--models` and each `seq=P`, the longest
-  power-of-two T whose step fits `--budget_mib` per device.
+  power-of-two T (from 1024) whose step fits `--budget_mib` per device.
 
   python -m tools.bench_seqpar --report=step --model=deltanet \\
     --seq_len=16384 --seq=8
@@ -248,9 +248,11 @@ def _longest_report():
   rows = []
   for name in _MODELS.value:
     cfg = models.get_preset(name)
-    row = {"model": name}
+    row, t = {"model": name}, None
     for p in _seq_sizes():
-      t, fits = None, max(p, 1024)
+      # Memory per device only falls with P at a given T: start from the
+      # longest T of P / 2.
+      fits = max(p, 1024) if t is None else t
       while fits <= _MAX_SEQ_LEN.value:
         used = _mib(_step(cfg, fits, p)[0])["total MiB/device"]
         print(f"{name} seq={p} T={fits}: {used:.0f} MiB", flush=True)
