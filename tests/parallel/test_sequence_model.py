@@ -41,18 +41,19 @@ CFG = models.ModelConfig(
 )
 
 
-# Windows that reach keys on the same, the previous (window 5: reach 4 of
-# 6 tokens per device), two earlier (13) and every earlier device (20: the
-# all-gather), with a 2-token sink; the conv's 7-token halo spans 2 devices.
+# Windows whose keys lie on the previous 2 devices (11: the 10 keys before
+# a 6-token chunk, a halo of 2 ppermutes; on device 2 halo and sink meet,
+# on device 3 they do not) and on every earlier device (20: the
+# all-gather), with a 2-token sink; the conv's 7-token halo also spans 2
+# devices.
 MOA = dataclasses.replace(
   CFG,
-  num_layers=4,
-  pattern=("deltanet", "moa", "moa", "moa"),
+  num_layers=3,
+  pattern=("deltanet", "moa", "moa"),
   conv_size=8,
   sink=2,
   moa_plan=ops.MoAPlan(
-    alphas=((2.0, 5.0), (13.0, 3.0), (1.0, 20.0)),
-    betas=((0.0, 0.0),) * 3,
+    alphas=((11.0, 3.0), (1.0, 20.0)), betas=((0.0, 0.0),) * 2
   ),
 )
 
