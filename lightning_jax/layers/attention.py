@@ -195,9 +195,10 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
 
   With neither `window` nor a MoA rule it is dense causal attention; with
   them, each head sees its window (plus the sink). Windows derive from the
-  static sequence length, so they are concrete under `jit`. Dense attention
-  traced under a mesh with a `seq` axis (`ops.sequence_axis`) runs context
-  parallel: each device its queries, keys and values all-gathered.
+  static sequence length, so they are concrete under `jit`. Traced under a
+  mesh with a `seq` axis (`ops.sequence_axis`) it runs context parallel:
+  each device its queries, against the keys its heads reach
+  (`_context_parallel`).
 
   Example:
     >>> cfg = AttentionConfig(32, 4, 2, 8, window=16)
@@ -207,32 +208,77 @@ def attention_layer(params, x_BxTxD, cfg: AttentionConfig):
   """
   seq = x_BxTxD.shape[1]
   windows = cfg.windows(seq)
-  axis = ops.sequence_axis(seq) if windows is None else None
+  axis = ops.sequence_axis(seq)
   if axis is not None:
-    local = functools.partial(_context_parallel, cfg=cfg, axis_name=axis)
+    local = functools.partial(
+      _context_parallel, cfg=cfg, windows=windows, axis_name=axis
+    )
     return ops.map_sequence(local, params, x_BxTxD, axis)
   q, k, v = _qkv(params, x_BxTxD, cfg, jnp.arange(seq))
   return _out(params, _attend(q, k, v, windows, cfg), x_BxTxD.dtype)
 
 
-def _context_parallel(params, x_BxLxD, cfg: AttentionConfig, axis_name: str):
-  """Dense causal attention of one device's chunk of a sequence split over
-  `axis_name`: RoPE at the global positions, keys and values all-gathered.
+def _context_parallel(params, x_BxLxD, cfg, windows, axis_name: str):
+  """Causal attention of one device's chunk of a sequence split over
+  `axis_name`, RoPE at the global positions; `windows` are the heads' at
+  the global length (None: dense).
 
-  Device i (queries `[i L, (i + 1) L)`) attends to the first `(i + 1) L`
-  keys, where the causal mask is the kernel's bottom-right alignment: one
-  `lax.switch` branch per device, each a static prefix.
+  Device i holds queries `[i L, (i + 1) L)`. With reach `R = W - 1` for
+  the widest window W (every earlier key when dense, or when W - 1 reaches
+  device 0 from the last device):
+
+  - `R >= (P - 1) L`: keys and values all-gathered (the gradient: one
+    reduce-scatter); device i attends the prefix `[0, (i + 1) L)`.
+  - otherwise: the R keys before the chunk (`ops.previous_tokens`, one
+    `ppermute` per device the window reaches) and the S sink keys (an
+    all-gather of each device's first `min(S, L)`); device i attends
+    `[0, S) + [i L - R, (i + 1) L)`, the two ranges merged when they meet.
+
+  The queries sit bottom-right of their keys (`ops.attention`,
+  `ops.moa_attention`); past the sink, keys are contiguous, so the kernels'
+  relative-position masks hold. One `lax.switch` branch per device, each
+  with static key ranges, so a device does only its share of the work.
   """
   local, size = x_BxLxD.shape[1], jax.lax.axis_size(axis_name)
   index = jax.lax.axis_index(axis_name)
   q, k, v = _qkv(params, x_BxLxD, cfg, index * local + jnp.arange(local))
-  k, v = (jax.lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (k, v))
+  reach = (size - 1) * local
+  if windows is not None:
+    reach = min(reach, int(np.max(windows)) - 1)
+  if reach == (size - 1) * local:
+    k, v = (
+      jax.lax.all_gather(a, axis_name, axis=1, tiled=True) for a in (k, v)
+    )
+    sinks = (k[:, :0], v[:, :0])  # unused: the prefix holds the sink
+    start = lambda i: 0  # global position of the first key
+  else:
+    first = min(cfg.sink, local)
+    sinks = tuple(
+      jax.lax.all_gather(a[:, :first], axis_name, axis=1, tiled=True)[
+        :, : cfg.sink
+      ]
+      for a in (k, v)
+    )
+    k, v = (
+      jnp.concatenate([ops.previous_tokens(a, reach, axis_name), a], 1)
+      for a in (k, v)
+    )
+    start = lambda i: i * local - reach
 
-  def prefix(i):
-    end = (i + 1) * local
-    return lambda q, k, v: _attend(q, k[:, :end], v[:, :end], None, cfg)
+  def branch(i):
+    end, lo = (i + 1) * local, start(i)
 
-  o = jax.lax.switch(index, [prefix(i) for i in range(size)], q, k, v)
+    def keys(a, sink):
+      if lo <= cfg.sink:  # [0, end): the sink and the halo meet
+        head, tail = sink[:, : max(lo, 0)], a[:, max(-lo, 0) : end - lo]
+        return jnp.concatenate([head, tail], 1)
+      return jnp.concatenate([sink, a], 1)
+
+    return lambda q, k, v, sk, sv: _attend(
+      q, keys(k, sk), keys(v, sv), windows, cfg
+    )
+
+  o = jax.lax.switch(index, [branch(i) for i in range(size)], q, k, v, *sinks)
   return _out(params, o, x_BxLxD.dtype)
 
 

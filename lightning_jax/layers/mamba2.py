@@ -186,7 +186,7 @@ def mamba2_layer(
 
 def _sequence_parallel_mix(params, x_BxLxD, cfg: Mamba2Config, axis_name):
   """One device's chunk of a training forward split over `axis_name`: the
-  conv's K - 1 inputs before the chunk from the previous device."""
+  conv's K - 1 inputs before the chunk from the previous devices."""
   halo = lambda u: ops.previous_tokens(u, cfg.conv_size - 1, axis_name)
   kw = dict(
     output_final_state=True, chunk_size=cfg.chunk_size, axis_name=axis_name

@@ -13,7 +13,7 @@ shared projections, short conv, padding and output projection live here.
 A training forward traced under a mesh with a `seq` axis
 (`ops.sequence_axis`) runs sequence parallel: each device its chunk, the
 recurrence through its `ops.SEQUENCE_PARALLEL` twin, the short conv's K - 1
-inputs before the chunk from the previous device.
+inputs before the chunk from the previous devices.
 
 - `lightning`: TransNormerLLM / Lightning Attention (Qin et al., 2023,
   arXiv 2307.14995; 2024, arXiv 2401.04658): q, k = SiLU(x W), fixed
@@ -277,7 +277,7 @@ def _sequence_parallel_mix(params, x_BxLxD, cfg, axis_name):
   """One device's chunk of a training forward split over `axis_name`.
 
   The short convs take their K - 1 inputs before the chunk from the
-  previous device (`ops.previous_tokens`), the recurrence runs as its
+  previous devices (`ops.previous_tokens`), the recurrence runs as its
   `ops.SEQUENCE_PARALLEL` twin (one all-gather of state maps).
   """
   halo = lambda name, u: ops.previous_tokens(u, cfg.conv_size - 1, axis_name)
@@ -326,8 +326,7 @@ def recurrent_layer(
 
   Raises:
     ValueError: `x_BxTxD` or `state` of the wrong shape; `seq_len` not
-      divisible by the mesh's `seq` axis, or a local chunk shorter than
-      `conv_size - 1` (`count`).
+      divisible by the mesh's `seq` axis.
 
   Example:
     >>> cfg = RecurrentConfig("gated_deltanet", 32, 4, 8, conv_size=4)

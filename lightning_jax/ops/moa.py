@@ -106,7 +106,10 @@ def moa_attention(
   """Causal softmax attention with a per-head sliding window and a sink.
 
   Query t of head h attends key s iff s <= t and (t - s < window[h] or
-  s < sink). A head with window >= seq is dense. The "blocked" impl visits
+  s < sink), with query t at position `t + seq_k - seq` when the keys are
+  longer than the queries (bottom-right alignment, as in `ops.attention`:
+  keys before the queries, e.g. a sequence-parallel device's halo). A head
+  with window >= seq_k is dense. The "blocked" impl visits
   only the (query chunk, key range) tiles around a head's band and sink, so
   time and memory fall with density; heads are grouped by window so none
   pays for a wider one. `window` must then be concrete (numpy or a list,
@@ -114,8 +117,9 @@ def moa_attention(
 
   Args:
     q: `[batch, seq, heads, dim]`.
-    k: `[batch, seq, kv_heads, dim]`, kv_heads dividing heads (GQA).
-    v: `[batch, seq, kv_heads, value_dim]`.
+    k: `[batch, seq_k, kv_heads, dim]`, kv_heads dividing heads (GQA),
+      seq_k >= seq.
+    v: `[batch, seq_k, kv_heads, value_dim]`.
     window: int `[heads]`, each >= 1 (e.g. from `moa_windows`).
     sink: leading keys that every query sees (attention sink), >= 0.
     scale: score scale, default `dim ** -0.5`.
@@ -139,13 +143,11 @@ def moa_attention(
   group = attention_lib.check_qkv(q, k, v)
   _checks.check_choice("impl", impl, IMPLS)
   block = _checks.check_positive_int("block_size", block_size)
-  batch, seq, heads, _ = q.shape
-  _checks.check_shape(
-    "k",
-    k,
-    (batch, seq, k.shape[2], k.shape[3]),
-    "[batch, seq of q, kv_heads, head_dim]",
-  )
+  seq, heads, seq_k = q.shape[1], q.shape[2], k.shape[1]
+  if seq_k < seq:
+    raise ValueError(
+      f"`k` must have at least the {seq} positions of q, got shape {k.shape}."
+    )
   if (
     isinstance(sink, bool)
     or not isinstance(sink, (int, np.integer))
@@ -154,11 +156,10 @@ def moa_attention(
     raise ValueError(f"`sink` must be an integer >= 0, got {sink!r}.")
   window = _check_window(window, heads, impl)
   if impl == "dense":
-    return attention_lib.masked_attention(
-      q, k, v, moa_mask(window, seq, sink), scale=scale
-    )
+    mask = moa_mask(window, seq_k, sink)[:, seq_k - seq :]
+    return attention_lib.masked_attention(q, k, v, mask, scale=scale)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  window = np.minimum(window, seq)
+  window = np.minimum(window, seq_k)
   order = np.argsort(-window, kind="stable")
   f32 = lambda x: x.astype(jnp.float32)
   out = _blocked.blocked_attention(
@@ -168,7 +169,7 @@ def moa_attention(
     windows=tuple(window[order]),
     sink=int(sink),
     causal=True,
-    offset=0,
+    offset=seq_k - seq,
     block=block,
   )
   return attention_lib.take_heads(out, np.argsort(order)).astype(q.dtype)

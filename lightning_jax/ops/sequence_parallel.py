@@ -267,8 +267,9 @@ def sequence_axis(seq_len: int) -> str | None:
 
   `SEQ` when the mesh being traced (`jax.set_mesh`, or the abstract mesh
   that `parallel.shard_step` traces the step under) has a `seq` axis of
-  more than one device, outside any `shard_map` (inside one, e.g. a
-  pipeline stage, the split is left to XLA as before); None otherwise.
+  more than one device that is not already manual (a pipeline stage's
+  `shard_map` is manual over `pipe` only, so its layers split too); None
+  otherwise.
 
   Args:
     seq_len: the global sequence length of the forward.
@@ -278,7 +279,7 @@ def sequence_axis(seq_len: int) -> str | None:
   """
   mesh = jax.sharding.get_abstract_mesh()
   size = dict(mesh.shape).get(SEQ, 1)
-  if size == 1 or mesh.manual_axes:
+  if size == 1 or SEQ in mesh.manual_axes:
     return None
   if seq_len % size:
     raise ValueError(
@@ -303,6 +304,11 @@ def map_sequence(fn: Callable, params, x_BxTxD, axis_name: str):
   Returns:
     The global `[batch, seq, ...]` output.
   """
+  if jax.sharding.get_abstract_mesh().manual_axes:
+    # Nested in another shard_map (a pipeline stage), jax 0.10's vjp of this
+    # one saves residuals whose local shapes fail MLIR verification;
+    # rematerialised, the chunk's only residuals are its inputs.
+    fn = jax.checkpoint(fn)
   return jax.shard_map(
     fn,
     in_specs=(P(), P(None, axis_name)),
@@ -312,29 +318,31 @@ def map_sequence(fn: Callable, params, x_BxTxD, axis_name: str):
 
 
 def previous_tokens(x_BxLx, count: int, axis_name: str):
-  """The last `count` tokens of the previous device's chunk (a short conv's
-  halo); zeros on the axis's first device, as before a fresh sequence.
+  """The `count` tokens before this device's chunk (a short conv's or a
+  window's halo); zeros before the sequence, as before a fresh one.
 
   Args:
     x_BxLx: this device's chunk `[batch, seq_local, ...]`.
-    count: tokens to fetch, at most `seq_local`.
+    count: tokens to fetch, >= 0; more than `seq_local` reach several
+      devices back.
     axis_name: the sequence axis.
 
   Returns:
-    `[batch, count, ...]`, one `ppermute` from device i to i + 1.
-
-  Raises:
-    ValueError: naming `count` if it exceeds the local chunk.
+    `[batch, count, ...]`: one `ppermute` from device i - j to i for each
+    of the `ceil(count / seq_local)` devices j = 1, 2, ... it reaches (the
+    farthest sends only the tokens needed).
   """
-  local = x_BxLx.shape[1]
-  if count > local:
-    raise ValueError(
-      f"`count` ({count}) must be at most the local chunk length {local}: "
-      "a halo from one device only."
+  local, size = x_BxLx.shape[1], jax.lax.axis_size(axis_name)
+  parts = []
+  for j in range(-(-count // local), 0, -1):  # farthest device first
+    take = min(local, count - (j - 1) * local)
+    part = x_BxLx[:, local - take :]
+    pairs = [(i, i + j) for i in range(size - j)]
+    parts.append(
+      jax.lax.ppermute(part, axis_name, pairs)
+      if pairs
+      else jnp.zeros_like(part)
     )
-  size = jax.lax.axis_size(axis_name)
-  return jax.lax.ppermute(
-    x_BxLx[:, local - count :],
-    axis_name,
-    [(i, i + 1) for i in range(size - 1)],
-  )
+  if not parts:
+    return x_BxLx[:, :0]
+  return jnp.concatenate(parts, axis=1)

@@ -38,12 +38,13 @@ def _blocked_and_dense(q, k, v, dout, *, window, sink):
   ]
 
 
-def _inputs(seed, seq, heads, kv_heads, dtype=jnp.float32):
+def _inputs(seed, seq, heads, kv_heads, dtype=jnp.float32, seq_k=None):
   rng = np.random.default_rng(seed)  # numpy: no compilation per shape
+  seq_k = seq if seq_k is None else seq_k
   shapes = [
     (2, seq, heads, 8),
-    (2, seq, kv_heads, 8),
-    (2, seq, kv_heads, 6),
+    (2, seq_k, kv_heads, 8),
+    (2, seq_k, kv_heads, 6),
     (2, seq, heads, 6),
   ]
   return [jnp.asarray(rng.standard_normal(s), dtype) for s in shapes]
@@ -68,10 +69,15 @@ def _configs(draw):
   return seq, heads, kv_heads, window, sink
 
 
-@hypothesis.given(config=_configs(), seed=st.integers(0, 2**16))
-def test_blocked_matches_dense(config, seed):
+@hypothesis.given(
+  config=_configs(),
+  keys_before=st.sampled_from([0, 0, 5, 12]),
+  seed=st.integers(0, 2**16),
+)
+def test_blocked_matches_dense(config, keys_before, seed):
+  """Also with keys before the queries (bottom-right alignment)."""
   seq, heads, kv_heads, window, sink = config
-  args = _inputs(seed, seq, heads, kv_heads)
+  args = _inputs(seed, seq, heads, kv_heads, seq_k=seq + keys_before)
   (got, got_grads), (want, want_grads) = _blocked_and_dense(
     *args, window=window, sink=sink
   )
@@ -361,6 +367,9 @@ def test_bad_inputs_name_the_argument():
     ops.moa_attention(
       q, jnp.zeros((1, 8, 3, 4)), jnp.zeros((1, 8, 3, 4)), [4, 4, 4, 4]
     )
+  short = jnp.zeros((1, 7, 2, 4))
+  with pytest.raises(ValueError, match="`k` must have at least the 8"):
+    ops.moa_attention(q, short, short, [4, 4, 4, 4])
   with pytest.raises(ValueError, match="`sink`"):
     ops.moa_attention(q, kv, kv, [4, 4, 4, 4], sink=-1)
   with pytest.raises(ValueError, match="`window` must be concrete"):

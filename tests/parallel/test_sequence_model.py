@@ -6,12 +6,15 @@ attention all-gathers keys and values: logits and every parameter gradient
 equal the unsplit model's (fp32, atol 1e-5).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lightning_jax import models
+from lightning_jax import ops
 from lightning_jax import parallel
 
 # 24 tokens over seq=4: 6 per device, not a multiple of the chunk (4); the
@@ -38,28 +41,46 @@ CFG = models.ModelConfig(
 )
 
 
-def _loss_and_grads(params, tokens):
+# Windows whose keys lie on the previous 2 devices (11: the 10 keys before
+# a 6-token chunk, a halo of 2 ppermutes; on device 2 halo and sink meet,
+# on device 3 they do not) and on every earlier device (20: the
+# all-gather), with a 2-token sink; the conv's 7-token halo also spans 2
+# devices.
+MOA = dataclasses.replace(
+  CFG,
+  num_layers=3,
+  pattern=("deltanet", "moa", "moa"),
+  conv_size=8,
+  sink=2,
+  moa_plan=ops.MoAPlan(
+    alphas=((11.0, 3.0), (1.0, 20.0)), betas=((0.0, 0.0),) * 2
+  ),
+)
+
+
+def _loss_and_grads(params, tokens, cfg):
   def loss(p):
-    logits, _ = models.forward(p, tokens, CFG)
+    logits, _ = models.forward(p, tokens, cfg)
     return jnp.mean(jax.nn.log_softmax(logits)[..., :8] ** 2), logits
 
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
 
 
-def test_sequence_parallel_model_matches_single_device():
-  params = models.init(jax.random.key(0), CFG)
-  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, CFG.vocab_size)
-  (_, want), want_grads = _loss_and_grads(params, tokens)
+@pytest.mark.parametrize("cfg", [CFG, MOA], ids=["every_kind", "moa_windows"])
+def test_sequence_parallel_model_matches_single_device(cfg):
+  params = models.init(jax.random.key(0), cfg)
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, cfg.vocab_size)
+  (_, want), want_grads = _loss_and_grads(params, tokens, cfg)
   mesh = parallel.make_mesh("data=2,seq=4")
   with jax.set_mesh(mesh):
-    (_, got), got_grads = _loss_and_grads(params, tokens)
+    (_, got), got_grads = _loss_and_grads(params, tokens, cfg)
     hlo = (
       jax.jit(models.forward, static_argnums=2)
-      .lower(params, tokens, CFG)
+      .lower(params, tokens, cfg)
       .as_text()
     )
-  # One halo permute per conv stream, one state-map gather per recurrent
-  # layer and the key / value gathers of attention.
+  # Halo permutes (convs, windows), state-map gathers of the recurrent
+  # layers, key / value (and sink) gathers of attention.
   assert "collective_permute" in hlo and "all_gather" in hlo
   np.testing.assert_allclose(got, want, atol=1e-5)
   for (path, g), w in zip(

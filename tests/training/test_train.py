@@ -6,11 +6,13 @@ exact equivalences, not model quality.
 """
 
 import dataclasses
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -253,45 +255,52 @@ def test_split_microbatches_strides_rows():
     training.split_microbatches({"inputs": x}, 3)
 
 
-def test_same_loss_curve_on_another_mesh_layout(tmp_path):
-  """Same global batch and seed, data=8 vs fsdp=2,tensor=2,expert=2 (MoE
-  experts, heads, FFN and vocab split): the loss curves agree up to fp32
-  reassociation (rtol 1e-4 over 4 steps)."""
-  curves = []
-  for i, mesh in enumerate(("data=8", "fsdp=2,tensor=2,expert=2")):
-    config = _config(tmp_path / str(i), model="moe-hybrid", mesh=mesh)
-    curves.append([r["loss"] for r in training.train(config).history])
-  assert len(curves[0]) == 4
-  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+# Per model: the run settings and the data=8 reference run's loss curve.
+_CURVE_RUNS = {
+  "moe-hybrid": dict(steps=4),
+  "tiny-hybrid": dict(steps=3, seq_len=24),
+  "transformer": dict(steps=3, pipeline_schedule="1f1b"),
+}
 
 
-def test_sequence_parallel_mesh_gives_the_same_loss_curve(tmp_path):
-  """data=2,seq=4 == data=8: rtol 1e-4 over 3 steps of tiny-hybrid's two
-  DeltaNet layers, sequence parallel (6 tokens per device, chunks of 8,
-  conv halos across devices; attention: tests/parallel/
-  test_sequence_model.py)."""
-  curves = []
-  for i, mesh in enumerate(("data=8", "data=2,seq=4")):
-    config = _config(tmp_path / str(i), steps=3, seq_len=24, mesh=mesh)
-    curves.append([r["loss"] for r in training.train(config).history])
-  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
-
-
-def test_pipeline_mesh_gives_the_same_loss_curve(tmp_path):
-  """mesh pipe=2 (1F1B, 2 microbatches, stage-stacked params through the
-  grad_fn hook) == data=8 without microbatches, rtol 1e-4 over 3 steps."""
-  curves = []
-  for i, (mesh, micro) in enumerate((("data=8", 1), ("data=4,pipe=2", 2))):
+@functools.cache
+def _loss_curve(model, mesh, microbatches=1):
+  with tempfile.TemporaryDirectory() as workdir:
     config = _config(
-      tmp_path / str(i),
-      model="transformer",
-      steps=3,
+      workdir,
+      model=model,
       mesh=mesh,
-      microbatches=micro,
-      pipeline_schedule="1f1b",
+      microbatches=microbatches,
+      **_CURVE_RUNS[model],
     )
-    curves.append([r["loss"] for r in training.train(config).history])
-  np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+    return [r["loss"] for r in training.train(config).history]
+
+
+@pytest.mark.parametrize(
+  "model, mesh, microbatches",
+  [
+    # MoE experts, heads, FFN and vocab split.
+    ("moe-hybrid", "fsdp=2,tensor=2,expert=2", 1),
+    # Sequence parallel: tiny-hybrid's 2 DeltaNet layers, 6 tokens per
+    # device, chunks of 8, conv halos across devices (attention and every
+    # mixer: tests/parallel/test_sequence_model.py).
+    ("tiny-hybrid", "data=2,seq=4", 1),
+    ("tiny-hybrid", "fsdp=2,seq=2,tensor=2", 1),
+    ("moe-hybrid", "data=2,expert=2,seq=2", 1),
+    # Pipeline (1F1B, 2 microbatches, stage-stacked params through the
+    # grad_fn hook), and context-parallel attention inside its stages.
+    ("transformer", "data=4,pipe=2", 2),
+    ("transformer", "data=2,seq=2,pipe=2", 2),
+  ],
+)
+def test_mesh_layouts_give_the_same_loss_curve(model, mesh, microbatches):
+  """Same global batch and seed as data=8 (no microbatches): the loss
+  curves agree up to fp32 reassociation (rtol 1e-4 over 3 or 4 steps)."""
+  want = _loss_curve(model, "data=8")
+  assert len(want) == _CURVE_RUNS[model]["steps"]
+  np.testing.assert_allclose(
+    _loss_curve(model, mesh, microbatches), want, rtol=1e-4
+  )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
