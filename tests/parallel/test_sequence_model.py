@@ -2,8 +2,9 @@
 
 Under a mesh with `seq` > 1 the recurrent mixers run their sequence-parallel
 ops (one all-gather of state maps, the short conv's halo by `ppermute`) and
-attention all-gathers keys and values: logits and every parameter gradient
-equal the unsplit model's (fp32, atol 1e-5).
+attention (and each attention expert) gathers the keys and values its
+windows reach: logits and every parameter gradient equal the unsplit
+model's (fp32, atol 1e-5).
 """
 
 import dataclasses
@@ -27,6 +28,7 @@ KINDS = (
   "mamba2",
   "cosformer2",
   "attention",
+  "attention_experts",
 )
 CFG = models.ModelConfig(
   vocab_size=64,
