@@ -196,7 +196,7 @@ def chunk_states(log_decay_BxHxNxDg, increments_BxHxNxDkxDv, state_BxHxDkxDv):
   return final, starts
 
 
-def scan(step, carry, xs):
+def scan(step, carry, xs, reverse=False):
   """`jax.lax.scan` whose initial carry varies like its inputs.
 
   Inside `jax.shard_map` (e.g. the pipeline's manual `pipe` axis), a carry
@@ -210,6 +210,7 @@ def scan(step, carry, xs):
     step: `step(carry, x) -> (carry, y)`, reading only `carry` and `x`.
     carry: the initial carry, a pytree.
     xs: the scanned pytree, leading axis the steps.
+    reverse: scan from the last step to the first.
 
   Returns:
     `(final carry, stacked ys)` as `jax.lax.scan`.
@@ -221,7 +222,31 @@ def scan(step, carry, xs):
     missing = tuple(sorted(axes - varying(a)))
     return jax.lax.pcast(a, missing, to="varying") if missing else a
 
-  return jax.lax.scan(step, jax.tree.map(to_varying, carry), xs)
+  return jax.lax.scan(
+    step, jax.tree.map(to_varying, carry), xs, reverse=reverse
+  )
+
+
+def to_groups(inputs, group_len: int):
+  """`[B, T, ...]` arrays -> `[n, B, group_len, ...]`, zero-padded.
+
+  One group of the whole sequence (no padding) when T <= group_len.
+  """
+  t = inputs[0].shape[1]
+  group_len = min(group_len, t)
+  n = -(-t // group_len)
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, n * group_len - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, group_len, *x.shape[2:]), 1, 0)
+
+  return tuple(map(split, inputs))
+
+
+def from_groups(x, t: int):
+  """`[n, B, group_len, ...]` -> `[B, T, ...]`, dropping padding."""
+  x = jnp.moveaxis(x, 0, 1)
+  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
 
 
 def scan_groups(fn, inputs, state, group_len: int):
@@ -235,26 +260,22 @@ def scan_groups(fn, inputs, state, group_len: int):
   Args:
     fn: `fn(*inputs_of_a_group, state) -> (o_group, state)`, inputs and
       outputs `[B, group_len, ...]`.
-    inputs: arrays `[B, T, ...]`.
+    inputs: arrays `[B, T, ...]`, or already grouped by `to_groups` (then
+      `o` stays grouped).
     state: the carried state.
-    group_len: tokens per group.
+    group_len: tokens per group; None when `inputs` are grouped.
 
   Returns:
-    (`o: [B, T, ...]`, final state).
+    (`o: [B, T, ...]`, final state, the states at the group starts stacked
+    on a new leading axis).
   """
-  b, t = inputs[0].shape[:2]
-  if t <= group_len:
-    return fn(*inputs, state)
-  n = -(-t // group_len)
-
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, n * group_len - t)] + [(0, 0)] * (x.ndim - 2))
-    return jnp.moveaxis(x.reshape(b, n, group_len, *x.shape[2:]), 1, 0)
 
   def step(s, xs):
-    o, s = fn(*xs, s)
-    return s, o
+    o, s_next = fn(*xs, s)
+    return s_next, (o, s)
 
-  final, o = scan(step, state, tuple(split(x) for x in inputs))
-  o = jnp.moveaxis(o, 0, 1)
-  return o.reshape(b, n * group_len, *o.shape[3:])[:, :t], final
+  grouped = inputs if group_len is None else to_groups(inputs, group_len)
+  final, (o, starts) = scan(step, state, grouped)
+  if group_len is not None:
+    o = from_groups(o, inputs[0].shape[1])
+  return o, final, starts

@@ -88,7 +88,7 @@ def delta_rule(
     o, state = _recurrent(qf, kf, vf, beta, g, s0)
     return rec.finish(o, state, q.dtype, output_final_state)
   kf, vf, beta, g, first_bad = rec.drop_nonfinite(kf, vf, beta, g)
-  o, state = rec.scan_groups(
+  o, state, _ = rec.scan_groups(
     lambda *xs: _chunked(*xs, chunk_size),
     (qf, kf, vf, beta, g),
     s0,

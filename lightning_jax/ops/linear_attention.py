@@ -23,6 +23,7 @@ finite for any decay strength (e.g. log_forget = -20 on a whole chunk).
 See docs/linear_attention.md for the derivation.
 """
 
+import functools
 import math
 
 import jax
@@ -205,27 +206,86 @@ def _gated(
     return rec.finish(o, state, q.dtype, output_final_state)
   kf, vf, g, first_bad = rec.drop_nonfinite(kf, vf, g)
   if impl == "chunked":
-    o, state = rec.scan_groups(
-      lambda *xs: _chunked(*xs, chunk_size),
-      (qf, kf, vf, g),
-      s0,
-      rec.GROUP_CHUNKS * chunk_size,
-    )
+    o, state = _chunked_scan(qf, kf, vf, g, s0, chunk_size)
   else:
     o, state = _quadratic(qf, kf, vf, g, s0)
   o, state = rec.poison(o, state, first_bad)
   return rec.finish(o, state, q.dtype, output_final_state)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_scan(q, k, v, g, s0, chunk):
+  """The chunked form over groups of chunks: `(o, final state)`.
+
+  Its backward pass is written by hand (`_chunked_scan_bwd`): a reverse scan
+  over the groups that recomputes each group's intra-chunk blocks from the
+  inputs and the state at the group start, which are the only residuals.
+  """
+  return _chunked_scan_fwd(q, k, v, g, s0, chunk)[0]
+
+
+def _chunked_scan_fwd(q, k, v, g, s0, chunk):
+  t = q.shape[1]
+  grouped = rec.to_groups((q, k, v, g), rec.GROUP_CHUNKS * chunk)
+  o, final, starts = rec.scan_groups(
+    lambda *xs: _chunked(*xs, chunk), grouped, s0, None
+  )
+  return (rec.from_groups(o, t), final), (grouped, starts, final)
+
+
+def _chunked_scan_bwd(chunk, residuals, cotangents):
+  """Gradients of `(o, final)` w.r.t. `(q, k, v, g, s0)`.
+
+  q, k, v and the initial state by the transposed chunk recurrence, one
+  group at a time from the last. For the log decays, with
+  B_t = sum_{s<=t} g_s, the output and the final state depend on B only
+  through `q_t e^{B_t}`, `k_t e^{-B_t}` and `e^{B_T}` (GLA, Yang et al.,
+  2024, Sec. 4.2), so
+
+      dL/dB_t = q_t * dq_t - k_t * dk_t + [t = T] rowsum(dS_T * S_T),
+      dL/dg_t = sum_{tau >= t} dL/dB_tau     (a reverse cumulative sum),
+
+  summed over the key dim for a scalar decay; the sum over later groups is
+  carried with the state's cotangent.
+  """
+  grouped, starts, final = residuals
+  do, d_final = cotangents
+  t = do.shape[1]
+  (do_grouped,) = rec.to_groups((do,), grouped[0].shape[2])
+  d_later = jnp.sum(d_final * final, -1)  # [B, H, Dk]
+  if grouped[3].shape[-1] == 1:
+    d_later = jnp.sum(d_later, -1, keepdims=True)
+
+  def step(carry, xs):
+    d_end, d_later = carry
+    q, k, v, g, do, start = xs
+    (dq, dk, dv), d_start = _chunked_grads(q, k, v, g, do, start, d_end, chunk)
+    d_cum = q * dq - k * dk  # [B, G, H, Dk]
+    if g.shape[-1] == 1:
+      d_cum = jnp.sum(d_cum, -1, keepdims=True)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(d_cum, 1), 1), 1) + d_later[:, None]
+    return (d_start, dg[:, 0]), (dq, dk, dv, dg)
+
+  (d_s0, _), grads = rec.scan(
+    step, (d_final, d_later), (*grouped, do_grouped, starts), reverse=True
+  )
+  return (*(rec.from_groups(x, t) for x in grads), d_s0)
+
+
+_chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
+
+
+def _chunk_decays(gc):
+  """Cumulated log decays `b` (relative to each chunk start) and the last."""
+  cum = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dg]
+  return cum, cum[:, :, :, -1]
+
+
 def _chunked(q, k, v, g, s0, chunk):
   t = q.shape[1]
   qc, kc, vc, gc = (rec.to_chunks(x, chunk) for x in (q, k, v, g))
-  cum = jnp.cumsum(gc, axis=3)  # [B, H, N, C, Dg], relative to chunk start
-  last = cum[:, :, :, -1]  # [B, H, N, Dg]
-  if gc.shape[-1] == 1:
-    scores = _scalar_intra_scores(qc, kc, cum[..., 0])
-  else:
-    scores = _vector_intra_scores(qc, kc, cum, math.gcd(chunk, _SUB_BLOCK))
+  cum, last = _chunk_decays(gc)
+  scores = _intra_scores(qc, kc, cum)
   o = jnp.einsum("bhncs,bhnsv->bhncv", scores, vc)
   k_tail = kc * jnp.exp(last[:, :, :, None] - cum)
   increments = jnp.einsum("bhncd,bhncv->bhndv", k_tail, vc)
@@ -234,12 +294,97 @@ def _chunked(q, k, v, g, s0, chunk):
   return rec.from_chunks(o, t), final
 
 
-def _scalar_intra_scores(q, k, cum):
-  """Masked `(q_i . k_j) exp(b_i - b_j)`, j <= i: `[..., C, C]`."""
-  c = q.shape[-2]
-  diff = cum[..., :, None] - cum[..., None, :]
-  decay = jnp.exp(jnp.where(rec.causal_mask(c), diff, -jnp.inf))
-  return jnp.einsum("...cd,...sd->...cs", q, k) * decay
+def _chunked_grads(q, k, v, g, do, s0, d_final, chunk):
+  """One group's `(dq, dk, dv)` and the cotangent of its start state.
+
+  The cotangents of the states after each chunk, `H_n = dS_{n+1}`, follow
+  the transposed recurrence `H_{n-1} = diag(a_n) H_n + (q e^b)_n^T do_n`,
+  run backwards by `rec.chunk_states` on the chunks in reverse order.
+  """
+  t = q.shape[1]
+  qc, kc, vc, gc, doc = (rec.to_chunks(x, chunk) for x in (q, k, v, g, do))
+  cum, last = _chunk_decays(gc)
+  tail = jnp.exp(last[:, :, :, None] - cum)
+  k_tail = kc * tail
+  increments = jnp.einsum("bhncd,bhncv->bhndv", k_tail, vc)
+  _, starts = rec.chunk_states(last, increments, s0)
+  head = jnp.exp(cum)
+  local = jnp.einsum("bhncd,bhncv->bhndv", qc * head, doc)
+  flip = lambda x: jnp.flip(x, 2)
+  d_s0, d_after = rec.chunk_states(flip(last), flip(local), d_final)
+  d_after = flip(d_after)  # [B, H, N, Dk, Dv]: cotangent after chunk n
+
+  scores = _intra_scores(qc, kc, cum)
+  d_scores = jnp.einsum("bhncv,bhnsv->bhncs", doc, vc)
+  dq_intra, dk_intra = _intra_grads(d_scores, qc, kc, cum)
+  dq = dq_intra + jnp.einsum("bhncv,bhndv->bhncd", doc, starts) * head
+  dk = dk_intra + jnp.einsum("bhncv,bhndv->bhncd", vc, d_after) * tail
+  dv = jnp.einsum("bhncs,bhncv->bhnsv", scores, doc) + jnp.einsum(
+    "bhncd,bhndv->bhncv", k_tail, d_after
+  )
+  grads = tuple(rec.from_chunks(x, t) for x in (dq, dk, dv))
+  return grads, d_s0
+
+
+def _intra_scores(q, k, cum):
+  """Masked intra-chunk scores `[..., C, C]`, scalar or per-key decay."""
+  if cum.shape[-1] == 1:
+    return jnp.einsum("...cd,...sd->...cs", q, k) * _scalar_decay(cum)
+  return _vector_intra_scores(q, k, cum, _sub_block(q.shape[-2]))
+
+
+def _intra_grads(d_scores, q, k, cum):
+  """`(dq, dk)` of `_intra_scores` given the cotangent of the scores."""
+  if cum.shape[-1] == 1:
+    weighted = d_scores * _scalar_decay(cum)
+    return weighted @ k, weighted.swapaxes(-1, -2) @ q
+  return _vector_intra_grads(d_scores, q, k, cum, _sub_block(q.shape[-2]))
+
+
+def _sub_block(chunk: int) -> int:
+  return math.gcd(chunk, _SUB_BLOCK)
+
+
+def _scalar_decay(cum):
+  """Masked `exp(b_i - b_j)`, j <= i: `[..., C, C]` from `cum: [..., C, 1]`."""
+  c = cum.shape[-2]
+  diff = cum[..., :, 0, None] - cum[..., None, :, 0]
+  return jnp.exp(jnp.where(rec.causal_mask(c), diff, -jnp.inf))
+
+
+def _vector_factors(cum, sub):
+  """Decay factors of `_vector_intra_scores` for `cum: [..., C, Dk]`.
+
+  Returns:
+    `diag: [..., N s, sub, sub, Dk]`, the exact masked decays inside each
+    diagonal sub-block (the sub-block axis folded into the chunk axis: a
+    size-1 axis here makes XLA:CPU 0.10 segfault in a backward pass);
+    `q_scale, k_scale: [..., s, sub, Dk]`, `exp(b_i - r_I)` and
+    `exp(e_J - b_j)`; `bridge: [..., s_I, C, Dk]`, `exp(r_I - e_J)` for
+    J < I (else 0) repeated over J's tokens (a broadcast over a new sub axis
+    instead makes XLA:CPU 0.10 segfault in the backward pass).
+  """
+  *lead, c, dk = cum.shape
+  s = c // sub
+  bd = cum.reshape(*lead[:-1], lead[-1] * s, sub, dk)
+  diff = bd[..., :, None, :] - bd[..., None, :, :]
+  diag = jnp.exp(jnp.where(rec.causal_mask(sub)[..., None], diff, -jnp.inf))
+  bs = cum.reshape(*lead, s, sub, dk)
+  end = cum[..., sub - 1 :: sub, :]  # e_J: [..., s, Dk]
+  start = jnp.concatenate([cum[..., :1, :], end[..., :-1, :]], -2)  # r_I
+  bridge = jnp.exp(
+    jnp.where(
+      rec.causal_mask(s, strict=True)[..., None],
+      start[..., :, None, :] - end[..., None, :, :],
+      -jnp.inf,
+    )
+  )
+  return (
+    diag,
+    jnp.exp(bs - start[..., :, None, :]),
+    jnp.exp(end[..., :, None, :] - bs),
+    jnp.repeat(bridge, sub, axis=-2),
+  )
 
 
 def _vector_intra_scores(q, k, cum, sub):
@@ -255,36 +400,48 @@ def _vector_intra_scores(q, k, cum, sub):
   """
   *lead, c, dk = q.shape
   s = c // sub
-  # Diagonal blocks, with the sub-block axis folded into the chunk axis (a
-  # size-1 axis here makes XLA:CPU 0.10 segfault in the backward pass).
+  diag_decay, q_scale, k_scale, bridge = _vector_factors(cum, sub)
   fold = lambda x: x.reshape(*lead[:-1], lead[-1] * s, sub, dk)
-  qd, kd, bd = fold(q), fold(k), fold(cum)
-  diff = bd[..., :, None, :] - bd[..., None, :, :]  # [..., N s, sub, sub, Dk]
-  decay = jnp.exp(jnp.where(rec.causal_mask(sub)[..., None], diff, -jnp.inf))
-  diag = jnp.sum(qd[..., :, None, :] * kd[..., None, :, :] * decay, -1)
+  qd, kd = fold(q), fold(k)
+  diag = jnp.sum(qd[..., :, None, :] * kd[..., None, :, :] * diag_decay, -1)
   if s == 1:  # no off-diagonal blocks
     return diag.reshape(*lead, c, c)
   diag = diag.reshape(*lead, s, sub, sub)
-
   blocks = lambda x: x.reshape(*lead, s, sub, dk)
-  qs, ks, bs = blocks(q), blocks(k), blocks(cum)
-  end = cum[..., sub - 1 :: sub, :]  # e_J: [..., s, Dk]
-  start = jnp.concatenate([cum[..., :1, :], end[..., :-1, :]], -2)  # r_I
-  q_off = qs * jnp.exp(bs - start[..., :, None, :])  # [..., s, sub, Dk]
-  k_end = ks * jnp.exp(end[..., :, None, :] - bs)  # [..., s, sub, Dk]
-  bridge = jnp.exp(
-    jnp.where(
-      rec.causal_mask(s, strict=True)[..., None],
-      start[..., :, None, :] - end[..., None, :, :],
-      -jnp.inf,
-    )
-  )  # [..., s_I, s_J, Dk]: exp(r_I - e_J) for J < I, else 0
-  # The bridge repeated over J's tokens (a broadcast over a new sub axis
-  # instead makes XLA:CPU 0.10 segfault in the backward pass).
-  k_off = k_end.reshape(*lead, 1, c, dk) * jnp.repeat(bridge, sub, axis=-2)
+  q_off = blocks(q) * q_scale
+  k_off = (blocks(k) * k_scale).reshape(*lead, 1, c, dk) * bridge
   off = (q_off @ k_off.swapaxes(-1, -2)).reshape(*lead, s, sub, s, sub)
   on_diag = jnp.eye(s, dtype=bool)[:, None, :, None]
   return jnp.where(on_diag, diag[..., :, :, None, :], off).reshape(*lead, c, c)
+
+
+def _vector_intra_grads(d_scores, q, k, cum, sub):
+  """`(dq, dk)` of `_vector_intra_scores` for the cotangent `d_scores`.
+
+  Off-diagonal blocks are zero in the factors themselves (bridge 0 for
+  J >= I, exact decays masked), so the full `d_scores` can be used.
+  """
+  *lead, c, dk = q.shape
+  s = c // sub
+  diag_decay, q_scale, k_scale, bridge = _vector_factors(cum, sub)
+  fold = lambda x: x.reshape(*lead[:-1], lead[-1] * s, sub, dk)
+  d_blocks = d_scores.reshape(*lead, s, sub, s, sub)
+  eye = jnp.eye(s).reshape((1,) * len(lead) + (s, 1, s, 1))
+  d_diag = jnp.sum(d_blocks * eye, -2)
+  d_diag = d_diag.reshape(*lead[:-1], lead[-1] * s, sub, sub)
+  weighted = d_diag[..., None] * diag_decay  # [..., N s, sub, sub, Dk]
+  dq = jnp.sum(weighted * fold(k)[..., None, :, :], -2)
+  dk_ = jnp.sum(weighted * fold(q)[..., :, None, :], -3)
+  dq, dk_ = dq.reshape(*lead, c, dk), dk_.reshape(*lead, c, dk)
+  if s == 1:
+    return dq, dk_
+  blocks = lambda x: x.reshape(*lead, s, sub, dk)
+  rows = d_scores.reshape(*lead, s, sub, c)  # sub-block I's rows
+  k_end = (blocks(k) * k_scale).reshape(*lead, 1, c, dk)
+  dq_off = (rows @ (k_end * bridge)) * q_scale  # [..., s, sub, Dk]
+  dk_end = jnp.sum((rows.swapaxes(-1, -2) @ (blocks(q) * q_scale)) * bridge, -3)
+  dk_off = blocks(dk_end) * k_scale
+  return dq + dq_off.reshape(*lead, c, dk), dk_ + dk_off.reshape(*lead, c, dk)
 
 
 def _recurrent(q, k, v, g, s0):
