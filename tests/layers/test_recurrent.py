@@ -73,6 +73,44 @@ def test_short_conv_is_causal_convolution():
   np.testing.assert_allclose(tail[0, :, 0, 0], [4, 5])
 
 
+def _conv_reference(w_KxHxC, x_BxTxHxC, tail_BxKm1xHxC):
+  """The same convolution as one `lax.conv_general_dilated` (depthwise)."""
+  k, h, c = w_KxHxC.shape
+  padded = jnp.concatenate([tail_BxKm1xHxC, x_BxTxHxC], 1)
+  b, n = padded.shape[:2]
+  y = jax.lax.conv_general_dilated(
+    padded.reshape(b, n, h * c),
+    w_KxHxC.reshape(k, 1, h * c),
+    window_strides=(1,),
+    padding="VALID",
+    dimension_numbers=("NWC", "WIO", "NWC"),
+    feature_group_count=h * c,
+  )
+  return y.reshape(b, n - k + 1, h, c), padded[:, n - k + 1 :]
+
+
+@pytest.mark.parametrize("seq", [1, 2, 7])
+def test_short_conv_gradients_match_a_depthwise_conv(seq):
+  """The hand-written backward == autodiff of `lax.conv_general_dilated`,
+  also when T < K - 1 (the new tail reaches into the old one)."""
+  keys = jax.random.split(jax.random.key(seq), 5)
+  w = rt.normal(keys[0], (4, 2, 3))
+  x = rt.normal(keys[1], (2, seq, 2, 3))
+  tail = rt.normal(keys[2], (2, 3, 2, 3))
+  cot = (rt.normal(keys[3], x.shape), rt.normal(keys[4], tail.shape))
+
+  def grads(fn):
+    def loss(*args):
+      y, new_tail = fn(*args)
+      return jnp.sum(y * cot[0]) + jnp.sum(new_tail * cot[1])
+
+    return fn(w, x, tail), jax.grad(loss, argnums=(0, 1, 2))(w, x, tail)
+
+  rt.assert_trees_close(
+    grads(layers.short_conv), grads(_conv_reference), rt.FP32_TOL, "conv"
+  )
+
+
 def test_per_layer_constants_take_no_gradient():
   cfg, params, x = _setup("lightning", 0)
   grads = jax.jit(
