@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lightning_jax import layers
 from lightning_jax import models
 from lightning_jax.inference import decode
 from tools import benchlib
@@ -54,6 +55,12 @@ _TOKENS = flags.DEFINE_integer(
 _PARTS = flags.DEFINE_list("parts", ["train", "prefill"], "train, prefill.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed calls (median).")
 _PLOT = flags.DEFINE_string("plot", None, "Write tokens/s vs T here (PNG).")
+_RECURRENT_IMPL = flags.DEFINE_enum(
+  "recurrent_impl",
+  None,
+  list(layers.RECURRENT_IMPLS),
+  "Kernel form of the linear-recurrence mixers (default: the preset's).",
+)
 _CLOCK = flags.DEFINE_enum(
   "clock",
   "wall",
@@ -93,7 +100,10 @@ def measure() -> list[dict]:
   """One row per (preset, T): tokens/s of each part and the matmul rate."""
   rows = []
   for name in _PRESETS.value:
-    cfg = models.get_preset(name)
+    overrides = {}
+    if _RECURRENT_IMPL.value:
+      overrides["recurrent_impl"] = _RECURRENT_IMPL.value
+    cfg = models.get_preset(name, **overrides)
     params = models.init(jax.random.key(0), cfg)
     preset_rows = []
     for seq in (int(t) for t in _SEQ_LENS.value):

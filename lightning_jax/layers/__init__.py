@@ -30,6 +30,8 @@ from lightning_jax.layers.kv_cache import RingLayout
 from lightning_jax.layers.mixers import Decoding
 from lightning_jax.layers.mixers import LayerSpec
 from lightning_jax.layers.mixers import Mixer
+from lightning_jax.layers.mixers import RECURRENT_IMPLS
+from lightning_jax.layers.mixers import recurrent_impl
 from lightning_jax.layers.mlp import init_mlp
 from lightning_jax.layers.mlp import mlp
 from lightning_jax.layers.mlp import MLPConfig
@@ -52,7 +54,6 @@ from lightning_jax.layers.recurrent import recurrent_layer
 from lightning_jax.layers.recurrent import RecurrentConfig
 from lightning_jax.layers.recurrent import RecurrentState
 from lightning_jax.layers.recurrent import short_conv
-from lightning_jax.layers.recurrent import IMPLS as RECURRENT_IMPLS
 from lightning_jax.layers.recurrent import kinds as recurrent_kinds
 from lightning_jax.layers.attention import IMPLS as ATTENTION_IMPLS
 from lightning_jax.layers.mlp import dense_init

@@ -53,8 +53,6 @@ from lightning_jax.layers.mlp import dense_init
 from lightning_jax.layers.recurrent import mask_values
 from lightning_jax.layers.recurrent import recur
 
-IMPLS = ("chunked", "recurrent")
-
 
 @dataclasses.dataclass(frozen=True)
 class CosFormer2Config:
@@ -67,7 +65,7 @@ class CosFormer2Config:
     gate_rank: bottleneck r of the output gate; None: `head_dim`.
     lrpe_base: base of the initial LRPE frequencies.
     chunk_size: chunk of the chunked kernel.
-    impl: "chunked" or "recurrent".
+    impl: "chunked", "recurrent" or "auto" (`mixers.recurrent_impl`).
     norm_eps: epsilon of the output SRMSNorm.
   """
 
@@ -87,7 +85,7 @@ class CosFormer2Config:
       _checks.check_positive_int("gate_rank", self.gate_rank)
     if not self.lrpe_base > 1:
       raise ValueError(f"`lrpe_base` must be > 1, got {self.lrpe_base}.")
-    _checks.check_choice("impl", self.impl, IMPLS)
+    _checks.check_choice("impl", self.impl, mixers.RECURRENT_IMPLS)
 
   @property
   def rank(self) -> int:
@@ -228,7 +226,7 @@ def cosformer2_layer(
     initial_state=state.ssm,
     output_final_state=True,
     chunk_size=cfg.chunk_size,
-    impl="recurrent" if seq == 1 else cfg.impl,
+    impl=mixers.recurrent_impl(cfg.impl, seq, decoding),
   )
   y, ssm = _mix(params, x_BxTxD, cfg, position_BxT, valid, kw)
   return unshift(y), CosFormer2State(ssm, end_B)

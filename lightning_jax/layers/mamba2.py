@@ -39,8 +39,6 @@ from lightning_jax.layers.recurrent import recur
 from lightning_jax.layers.recurrent import RecurrentState
 from lightning_jax.layers.recurrent import short_conv
 
-IMPLS = ("chunked", "recurrent")
-
 
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
@@ -54,7 +52,7 @@ class Mamba2Config:
     num_groups: groups G sharing B and C (dividing H).
     conv_size: depthwise conv kernel K (>= 2).
     chunk_size: chunk of the chunked kernel.
-    impl: "chunked" or "recurrent".
+    impl: "chunked", "recurrent" or "auto" (`mixers.recurrent_impl`).
     norm_eps: epsilon of the gated RMSNorm.
   """
 
@@ -85,7 +83,7 @@ class Mamba2Config:
       )
     if self.conv_size < 2:
       raise ValueError(f"`conv_size` must be >= 2, got {self.conv_size}.")
-    _checks.check_choice("impl", self.impl, IMPLS)
+    _checks.check_choice("impl", self.impl, mixers.RECURRENT_IMPLS)
 
   @property
   def d_inner(self) -> int:
@@ -177,7 +175,7 @@ def mamba2_layer(
     initial_state=state.ssm,
     output_final_state=True,
     chunk_size=cfg.chunk_size,
-    impl="recurrent" if seq == 1 else cfg.impl,
+    impl=mixers.recurrent_impl(cfg.impl, seq, decoding),
   )
   tail = lambda u: state.conv["xBC"]
   out, ssm, tail = _mix(params, x_BxTxD, cfg, tail, valid, kw)

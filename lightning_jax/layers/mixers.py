@@ -169,6 +169,34 @@ def parse_options(entries: tuple[str, ...]) -> dict[str, dict]:
   return out
 
 
+# Forms of the linear-recurrence mixers' kernels (`RecurrentConfig.impl`...).
+RECURRENT_IMPLS = ("chunked", "recurrent", "auto")
+
+
+def recurrent_impl(impl: str, seq: int, decoding: Decoding | None) -> str:
+  """The kernel form ("chunked" / "recurrent") of one mixer call.
+
+  One token runs the recurrent step. "auto" runs the chunked form for
+  training (its backward is several times faster than the scan's and keeps
+  no per-step states) and, for a prefill (forward only), the form measured
+  fastest on the backend: the recurrent scan on CPU, where XLA runs it as
+  one fused loop over a cache-resident state and the chunked forward's small
+  matmuls do not pay for their extra FLOPs (docs/benchmarks.md), the chunked
+  form elsewhere (matmul units; not measured here).
+
+  Args:
+    impl: the configured form, one of `RECURRENT_IMPLS`.
+    seq: tokens in the call.
+    decoding: the prefill / decode context, None for a training forward.
+  """
+  if seq == 1:
+    return "recurrent"
+  if impl != "auto":
+    return impl
+  prefill_on_cpu = decoding is not None and jax.default_backend() == "cpu"
+  return "recurrent" if prefill_on_cpu else "chunked"
+
+
 def left_align(x_BxTxD, lengths_B):
   """Shifts each right-padded row so its real tokens end at the last slot.
 

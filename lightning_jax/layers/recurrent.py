@@ -52,8 +52,6 @@ from lightning_jax.layers import mixers
 from lightning_jax.layers import norms
 from lightning_jax.layers.mlp import dense_init
 
-IMPLS = ("chunked", "recurrent")
-
 
 class Recurrence(NamedTuple):
   """What distinguishes one linear-recurrence kind.
@@ -107,7 +105,8 @@ class RecurrentConfig:
     conv_size: kernel (>= 2) of the causal depthwise short convolution on
       the streams; 0 disables it.
     chunk_size: chunk length of the chunked kernels.
-    impl: "chunked" or "recurrent" (the ops' reference scan).
+    impl: "chunked", "recurrent" (the ops' reference scan) or "auto"
+      (`mixers.recurrent_impl`).
     norm_eps: epsilon of the per-head output norm.
   """
 
@@ -131,7 +130,7 @@ class RecurrentConfig:
       raise ValueError(
         f"`conv_size` must be 0 (no conv) or >= 2, got {self.conv_size}."
       )
-    _checks.check_choice("impl", self.impl, IMPLS)
+    _checks.check_choice("impl", self.impl, mixers.RECURRENT_IMPLS)
 
   @property
   def dv(self) -> int:
@@ -405,7 +404,7 @@ def recurrent_layer(
     initial_state=state.ssm,
     output_final_state=True,
     chunk_size=cfg.chunk_size,
-    impl="recurrent" if seq == 1 else cfg.impl,
+    impl=mixers.recurrent_impl(cfg.impl, seq, decoding),
   )
   tail = lambda name, u: state.conv[name]
   y, ssm, tails = _mix(params, x_BxTxD, cfg, tail, valid, kw)

@@ -42,7 +42,8 @@ class ModelConfig:
     conv_size: short-conv kernel of the mixers that take one (DeltaNet,
       Gated DeltaNet, Mamba-2; 0 disables).
     chunk_size: chunk of the linear-recurrence kernels.
-    recurrent_impl: "chunked" or "recurrent".
+    recurrent_impl: "chunked", "recurrent" or "auto" (chunked for training,
+      the fastest form per backend for prefill: `layers.recurrent_impl`).
     attention_impl: "blocked" or "reference".
     rope_theta: RoPE base of attention mixers.
     window: sliding window of "attention" mixers (None: full causal).

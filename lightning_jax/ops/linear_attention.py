@@ -330,7 +330,12 @@ def _intra_scores(q, k, cum):
   """Masked intra-chunk scores `[..., C, C]`, scalar or per-key decay."""
   if cum.shape[-1] == 1:
     return jnp.einsum("...cd,...sd->...cs", q, k) * _scalar_decay(cum)
-  return _vector_intra_scores(q, k, cum, _sub_block(q.shape[-2]))
+  # One leading axis: with a size-1 batch, XLA:CPU 0.10 ran the sub-block
+  # reductions up to 5x slower (one long sequence vs a batch of short ones).
+  flat = lambda x: x.reshape(-1, *x.shape[-2:])
+  c = q.shape[-2]
+  scores = _vector_intra_scores(*map(flat, (q, k, cum)), _sub_block(c))
+  return scores.reshape(*q.shape[:-1], c)
 
 
 def _intra_grads(d_scores, q, k, cum):
@@ -338,7 +343,11 @@ def _intra_grads(d_scores, q, k, cum):
   if cum.shape[-1] == 1:
     weighted = d_scores * _scalar_decay(cum)
     return weighted @ k, weighted.swapaxes(-1, -2) @ q
-  return _vector_intra_grads(d_scores, q, k, cum, _sub_block(q.shape[-2]))
+  flat = lambda x: x.reshape(-1, *x.shape[-2:])  # as in `_intra_scores`
+  grads = _vector_intra_grads(
+    *map(flat, (d_scores, q, k, cum)), _sub_block(q.shape[-2])
+  )
+  return tuple(x.reshape(q.shape) for x in grads)
 
 
 def _sub_block(chunk: int) -> int:

@@ -114,11 +114,14 @@ def test_decoding_matches_forward(name):
 @pytest.mark.parametrize("kind", mt.kinds())
 def test_every_mixer_decodes_like_forward(kind):
   """Prefill + steps == forward for each registered kind, after a
-  recurrent layer (so its input is not just embeddings)."""
+  recurrent layer (so its input is not just embeddings). With
+  `recurrent_impl="auto"` the recurrent mixers' prefill runs the recurrent
+  form on CPU, the forward the chunked one (the other tests: both chunked)."""
   cfg = _config(
     "transformer",
     num_layers=2,
     pattern=("deltanet", kind),
+    recurrent_impl="auto",
     **mt.overrides(kind, 1, SMALL["num_heads"]),
   )
   _check_state_shapes(_check_decoding(cfg), cfg)

@@ -212,3 +212,15 @@ class EveryMixerTest(chex.TestCase):
       )
       np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=kind)
       chex.assert_trees_all_equal_shapes_and_dtypes(state, empty)
+
+
+def test_recurrent_impl_auto_is_chunked_to_train_and_recurrent_to_prefill():
+  prefill = mixers.Decoding(jnp.array([5, 3]))
+  assert mixers.recurrent_impl("auto", 8, None) == "chunked"
+  assert jax.default_backend() == "cpu"  # the suite's backend
+  assert mixers.recurrent_impl("auto", 8, prefill) == "recurrent"
+  assert mixers.recurrent_impl("chunked", 8, prefill) == "chunked"
+  for impl in mixers.RECURRENT_IMPLS:  # one token: the recurrent step
+    assert mixers.recurrent_impl(impl, 1, prefill) == "recurrent"
+  with pytest.raises(ValueError, match="recurrent_impl"):
+    models.get_preset("deltanet", recurrent_impl="fast")
