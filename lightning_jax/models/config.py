@@ -87,7 +87,7 @@ class ModelConfig:
   layerwise_ffn: tuple[float, float] | None = None
   conv_size: int = 4
   chunk_size: int = 64
-  recurrent_impl: str = "chunked"
+  recurrent_impl: str = "auto"
   attention_impl: str = "blocked"
   rope_theta: float = 10_000.0
   window: int | None = None

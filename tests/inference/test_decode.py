@@ -15,9 +15,10 @@ from lightning_jax import ops
 from lightning_jax.inference import decode
 from tests import mixer_testing as mt
 
-# fp32: prefill uses the chunked / blocked kernels and decoding the recurrent
-# step and the cached softmax; they agree with the forward pass to float
-# reassociation.
+# fp32: prefill uses the chunked / blocked kernels (`recurrent_impl` chunked
+# here; "auto", the default, prefills with the recurrent scan on CPU) and
+# decoding the recurrent step and the cached softmax; they agree with the
+# forward pass to float reassociation.
 F32_TOL = dict(atol=2e-4, rtol=2e-4)
 SMALL = dict(
   vocab_size=64,
@@ -28,6 +29,7 @@ SMALL = dict(
   chunk_size=4,
   moe_d_ff=32,
   num_experts=4,
+  recurrent_impl="chunked",
 )
 PROMPT, NEW = 6, 4
 MAX_LEN = PROMPT + NEW
