@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lightning_jax import scaling
+from tests import tool_testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TRUTH = {"alpha": 80.0, "beta": 500.0, "eta": -0.3, "E": 1.8}
@@ -63,18 +64,24 @@ def test_sweep_writes_rows_and_skips_finished_runs(tmp_path):
   assert len(_rows(out / "runs.jsonl")) == 2
 
 
-def _error(result):
-  assert result.returncode == 2
-  return result.stderr.strip().splitlines()[-1]
-
-
 def test_sweep_bad_flags_are_one_error_line(tmp_path):
-  bad_size = _run("sweep", "--sizes=33x1", "--dry_run", f"--out={tmp_path}")
-  assert _error(bad_size).startswith("error: --sizes: d_model 33")
   # A sweep directory of other settings is not mixed into.
-  (tmp_path / "sweep.json").write_text(json.dumps({"lr": 1.0}))
-  other = _run("sweep", "--archs=tnl", "--sizes=32x1", f"--out={tmp_path}")
-  assert _error(other).startswith(f"error: --out={tmp_path} holds a sweep")
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "sweep.json").write_text(json.dumps({"lr": 1.0}))
+  tool_testing.assert_one_error_line_each(
+    "tools.sweep",
+    [
+      (
+        ["--sizes=33x1", "--dry_run", f"--out={tmp_path / 'bad_size'}"],
+        "^error: --sizes: d_model 33",
+      ),
+      (
+        ["--archs=tnl", "--sizes=32x1", f"--out={other}"],
+        f"^error: --out={other} holds a sweep",
+      ),
+    ],
+  )
 
 
 def test_scaling_tool_fits_synthetic_rows(tmp_path):

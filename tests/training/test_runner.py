@@ -67,42 +67,61 @@ def test_make_runner_chooses_the_variant_and_its_layout(kind):
   )
 
 
-def test_loop_takes_a_step_with_each_runner(tmp_path):
-  """Step 1's loss (at the initial params) agrees across runners."""
-  losses = {
-    kind: training.train(_config(tmp_path / kind, kind, 1)).history[0]["loss"]
-    for kind in VARIANTS
-  }
-  np.testing.assert_allclose(
-    list(losses.values()), [losses["sequential"]] * len(losses), rtol=1e-5
-  )
-
-
-def test_pipeline_checkpoint_is_in_the_init_layout_and_resumes_elsewhere(
-  tmp_path,
-):
-  """A 1F1B run checkpoints the models.init layout (params and Adam
-  moments); a data=8 run resumes from it and continues as an uninterrupted
-  data=8 run (rtol 1e-4). Weight decay is off: its ndim >= 2 mask differs
-  between stage-stacked and per-layer params."""
+@pytest.fixture(scope="module")
+def pipelined(tmp_path_factory):
+  """A 2-step 1F1B run that checkpoints every step, then a data=8 run that
+  resumes it to step 3, and an uninterrupted 3-step data=8 run: their loss
+  curves, and the 1F1B run's step-2 checkpoint (state, metadata). Weight
+  decay is off: its ndim >= 2 mask differs between stage-stacked and
+  per-layer params."""
+  workdir = tmp_path_factory.mktemp("runner")
   optim = training.OptimConfig(
     lr=1e-2, total_steps=3, warmup_steps=0, weight_decay=0.0
   )
 
-  def run(workdir, kind, steps):
-    config = _config(workdir, kind, steps, checkpoint_every=1, optim=optim)
+  def run(name, kind, steps):
+    config = _config(
+      workdir / name, kind, steps, checkpoint_every=1, optim=optim
+    )
     return [r["loss"] for r in training.train(config).history]
 
-  piped = run(tmp_path / "resumed", "1f1b", 2)
-  state, metadata = training.CheckpointManager(
-    tmp_path / "resumed" / "checkpoints"
+  losses = {"1f1b": run("resumed", "1f1b", 2)}
+  checkpoint = training.CheckpointManager(
+    workdir / "resumed" / "checkpoints"
   ).restore(2)
+  losses["resumed"] = run("resumed", "sequential", 3)
+  losses["reference"] = run("reference", "sequential", 3)
+  return losses, checkpoint
+
+
+def test_loop_takes_a_step_with_each_runner(tmp_path, pipelined):
+  """Step 1's loss (at the initial params) agrees across runners (1F1B's
+  and data=8's from the `pipelined` runs)."""
+  runs, _ = pipelined
+  losses = {
+    kind: training.train(_config(tmp_path / kind, kind, 1)).history[0]["loss"]
+    for kind in ("accumulation", "gpipe", "circular")
+  }
+  losses["1f1b"] = runs["1f1b"][0]
+  want = runs["reference"][0]
+  np.testing.assert_allclose(
+    list(losses.values()), [want] * len(losses), rtol=1e-5
+  )
+
+
+def test_pipeline_checkpoint_is_in_the_init_layout_and_resumes_elsewhere(
+  pipelined,
+):
+  """A 1F1B run checkpoints the models.init layout (params and Adam
+  moments); a data=8 run resumes from it and continues as an uninterrupted
+  data=8 run (rtol 1e-4)."""
+  runs, (state, metadata) = pipelined
   init = models.init(jax.random.key(0), MODEL)
   assert state["params"].keys() == init.keys()
   assert [np.shape(x) for x in jax.tree.leaves(state["params"])] == [
     x.shape for x in jax.tree.leaves(init)
   ]
   assert metadata["runner"]["kind"] == "1f1b"
-  resumed = run(tmp_path / "resumed", "sequential", 3)
-  reference = run(tmp_path / "reference", "sequential", 3)
-  np.testing.assert_allclose(piped + resumed, reference, rtol=1e-4)
+  np.testing.assert_allclose(
+    runs["1f1b"] + runs["resumed"], runs["reference"], rtol=1e-4
+  )
