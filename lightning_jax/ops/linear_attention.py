@@ -314,9 +314,8 @@ def _chunked_grads(q, k, v, g, do, s0, d_final, chunk):
   d_s0, d_after = rec.chunk_states(flip(last), flip(local), d_final)
   d_after = flip(d_after)  # [B, H, N, Dk, Dv]: cotangent after chunk n
 
-  scores = _intra_scores(qc, kc, cum)
   d_scores = jnp.einsum("bhncv,bhnsv->bhncs", doc, vc)
-  dq_intra, dk_intra = _intra_grads(d_scores, qc, kc, cum)
+  scores, dq_intra, dk_intra = _intra_vjp(qc, kc, cum, d_scores)
   dq = dq_intra + jnp.einsum("bhncv,bhndv->bhncd", doc, starts) * head
   dk = dk_intra + jnp.einsum("bhncv,bhndv->bhncd", vc, d_after) * tail
   dv = jnp.einsum("bhncs,bhncv->bhnsv", scores, doc) + jnp.einsum(
@@ -330,24 +329,32 @@ def _intra_scores(q, k, cum):
   """Masked intra-chunk scores `[..., C, C]`, scalar or per-key decay."""
   if cum.shape[-1] == 1:
     return jnp.einsum("...cd,...sd->...cs", q, k) * _scalar_decay(cum)
-  # One leading axis: with a size-1 batch, XLA:CPU 0.10 ran the sub-block
-  # reductions up to 5x slower (one long sequence vs a batch of short ones).
-  flat = lambda x: x.reshape(-1, *x.shape[-2:])
-  c = q.shape[-2]
-  scores = _vector_intra_scores(*map(flat, (q, k, cum)), _sub_block(c))
-  return scores.reshape(*q.shape[:-1], c)
+  shape, c = q.shape, q.shape[-2]
+  q, k, cum = map(_flat, (q, k, cum))
+  scores = _vector_intra_scores(q, k, _vector_factors(cum, _sub_block(c)))
+  return scores.reshape(*shape[:-1], c)
 
 
-def _intra_grads(d_scores, q, k, cum):
-  """`(dq, dk)` of `_intra_scores` given the cotangent of the scores."""
+def _intra_vjp(q, k, cum, d_scores):
+  """`_intra_scores(q, k, cum)` and its `(dq, dk)` for the cotangent
+  `d_scores`, the decays computed once."""
   if cum.shape[-1] == 1:
     weighted = d_scores * _scalar_decay(cum)
-    return weighted @ k, weighted.swapaxes(-1, -2) @ q
-  flat = lambda x: x.reshape(-1, *x.shape[-2:])  # as in `_intra_scores`
-  grads = _vector_intra_grads(
-    *map(flat, (d_scores, q, k, cum)), _sub_block(q.shape[-2])
-  )
-  return tuple(x.reshape(q.shape) for x in grads)
+    dq, dk = weighted @ k, weighted.swapaxes(-1, -2) @ q
+    return _intra_scores(q, k, cum), dq, dk
+  shape, c = q.shape, q.shape[-2]
+  q, k, cum, d_scores = map(_flat, (q, k, cum, d_scores))
+  factors = _vector_factors(cum, _sub_block(c))
+  scores = _vector_intra_scores(q, k, factors)
+  dq, dk = _vector_intra_grads(d_scores, q, k, factors)
+  return scores.reshape(*shape[:-1], c), dq.reshape(shape), dk.reshape(shape)
+
+
+def _flat(x):
+  """`[..., C, D]` -> `[-1, C, D]`: with a size-1 batch, XLA:CPU 0.10 ran
+  the sub-block reductions up to 5x slower (one long sequence vs a batch of
+  short ones); one leading axis avoids it."""
+  return x.reshape(-1, *x.shape[-2:])
 
 
 def _sub_block(chunk: int) -> int:
@@ -396,7 +403,7 @@ def _vector_factors(cum, sub):
   )
 
 
-def _vector_intra_scores(q, k, cum, sub):
+def _vector_intra_scores(q, k, factors):
   """Masked `sum_d q_id k_jd exp(b_id - b_jd)`, j <= i: `[..., C, C]`.
 
   Off-diagonal sub-blocks factor the decay through r_I, the cumulated decay
@@ -408,8 +415,9 @@ def _vector_intra_scores(q, k, cum, sub):
   log-space decay.
   """
   *lead, c, dk = q.shape
+  diag_decay, q_scale, k_scale, bridge = factors
+  sub = diag_decay.shape[-2]
   s = c // sub
-  diag_decay, q_scale, k_scale, bridge = _vector_factors(cum, sub)
   fold = lambda x: x.reshape(*lead[:-1], lead[-1] * s, sub, dk)
   qd, kd = fold(q), fold(k)
   diag = jnp.sum(qd[..., :, None, :] * kd[..., None, :, :] * diag_decay, -1)
@@ -424,15 +432,16 @@ def _vector_intra_scores(q, k, cum, sub):
   return jnp.where(on_diag, diag[..., :, :, None, :], off).reshape(*lead, c, c)
 
 
-def _vector_intra_grads(d_scores, q, k, cum, sub):
+def _vector_intra_grads(d_scores, q, k, factors):
   """`(dq, dk)` of `_vector_intra_scores` for the cotangent `d_scores`.
 
   Off-diagonal blocks are zero in the factors themselves (bridge 0 for
   J >= I, exact decays masked), so the full `d_scores` can be used.
   """
   *lead, c, dk = q.shape
+  diag_decay, q_scale, k_scale, bridge = factors
+  sub = diag_decay.shape[-2]
   s = c // sub
-  diag_decay, q_scale, k_scale, bridge = _vector_factors(cum, sub)
   fold = lambda x: x.reshape(*lead[:-1], lead[-1] * s, sub, dk)
   d_blocks = d_scores.reshape(*lead, s, sub, s, sub)
   eye = jnp.eye(s).reshape((1,) * len(lead) + (s, 1, s, 1))
