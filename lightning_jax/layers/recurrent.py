@@ -270,11 +270,12 @@ def _short_conv_bwd(residuals, cotangents):
     for j in range(size)
   )
   d_padded = d_padded.at[:, seq:].add(d_new_tail.astype(jnp.float32))
-  return (
+  grads = (
     dw.astype(w.dtype),
     d_padded[:, size - 1 :].astype(x.dtype),
     d_padded[:, : size - 1].astype(tail.dtype),
   )
+  return tuple(map(ops.cotangent_like, grads, residuals))
 
 
 short_conv.defvjp(_short_conv_fwd, _short_conv_bwd)

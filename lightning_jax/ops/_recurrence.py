@@ -227,6 +227,20 @@ def scan(step, carry, xs, reverse=False):
   )
 
 
+def cotangent_like(ct, primal):
+  """`ct` summed over the manual axes it varies over and `primal` does not.
+
+  Inside `jax.shard_map`, an input invariant over a manual axis (a zero
+  state, a replicated weight) is broadcast to varying where it meets
+  varying values; autodiff transposes that broadcast into a `psum`, and a
+  hand-written backward must do the same to return a cotangent of the
+  input's type. Outside `shard_map` this is the identity.
+  """
+  varying = lambda a: jax.typeof(a).manual_axis_type.varying
+  extra = tuple(sorted(varying(ct) - varying(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
 def to_groups(inputs, group_len: int):
   """`[B, T, ...]` arrays -> `[n, B, group_len, ...]`, zero-padded.
 

@@ -230,7 +230,7 @@ def _chunked_scan_fwd(q, k, v, g, s0, chunk):
   o, final, starts = rec.scan_groups(
     lambda *xs: _chunked(*xs, chunk), grouped, s0, None
   )
-  return (rec.from_groups(o, t), final), (grouped, starts, final)
+  return (rec.from_groups(o, t), final), (grouped, starts, final, s0)
 
 
 def _chunked_scan_bwd(chunk, residuals, cotangents):
@@ -248,7 +248,7 @@ def _chunked_scan_bwd(chunk, residuals, cotangents):
   summed over the key dim for a scalar decay; the sum over later groups is
   carried with the state's cotangent.
   """
-  grouped, starts, final = residuals
+  grouped, starts, final, s0 = residuals
   do, d_final = cotangents
   t = do.shape[1]
   (do_grouped,) = rec.to_groups((do,), grouped[0].shape[2])
@@ -269,7 +269,9 @@ def _chunked_scan_bwd(chunk, residuals, cotangents):
   (d_s0, _), grads = rec.scan(
     step, (d_final, d_later), (*grouped, do_grouped, starts), reverse=True
   )
-  return (*(rec.from_groups(x, t) for x in grads), d_s0)
+  grads = (*(rec.from_groups(x, t) for x in grads), d_s0)
+  primals = (*(rec.from_groups(x, t) for x in grouped), s0)
+  return tuple(map(rec.cotangent_like, grads, primals))
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
