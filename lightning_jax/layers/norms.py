@@ -2,6 +2,8 @@
 
 import jax.numpy as jnp
 
+from lightning_jax import ops
+
 
 def init_rms_norm(dim: int) -> dict:
   """RMSNorm params `{"scale": [dim]}`, ones.
@@ -19,16 +21,9 @@ def simple_rms_norm(x, eps: float = 1e-6):
   TransNormerLLM (Qin et al., 2023, arXiv 2307.14995, Sec. 3.4). Computed in
   float32, returned in `x.dtype`.
   """
-  xf = _rows(x).astype(jnp.float32)
+  xf = ops.drop_leading_ones(x).astype(jnp.float32)
   inv = jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps))
   return (xf * inv).astype(x.dtype).reshape(x.shape)
-
-
-def _rows(x):
-  """`[..., dim]` -> `[rows, dim]`. XLA:CPU 0.10 runs reductions over a
-  leading size-1 axis (one long sequence) up to 6x slower, e.g. the scale's
-  gradient summed over `[1, T]`; one leading axis avoids it."""
-  return x.reshape(-1, x.shape[-1])
 
 
 def rms_norm(params: dict, x, eps: float = 1e-6):
@@ -46,6 +41,7 @@ def rms_norm(params: dict, x, eps: float = 1e-6):
     >>> rms_norm(init_rms_norm(4), jnp.ones((2, 4))).shape
     (2, 4)
   """
-  scale = params["scale"].astype(jnp.float32)[None]
-  y = simple_rms_norm(_rows(x).astype(jnp.float32), eps) * scale
-  return y.astype(x.dtype).reshape(x.shape)
+  rows = ops.drop_leading_ones(x).astype(jnp.float32)
+  scale = params["scale"].astype(jnp.float32)
+  scale = scale.reshape((1,) * (rows.ndim - 1) + scale.shape)
+  return (simple_rms_norm(rows, eps) * scale).astype(x.dtype).reshape(x.shape)

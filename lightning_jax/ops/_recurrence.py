@@ -241,6 +241,22 @@ def cotangent_like(ct, primal):
   return jax.lax.psum(ct, extra) if extra else ct
 
 
+def drop_leading_ones(x, keep: int = 1):
+  """`x` without its leading size-1 axes (`[1, T, D]` -> `[T, D]`), keeping
+  at least its last `keep` axes.
+
+  XLA:CPU 0.10 runs reductions over a leading size-1 axis (one long
+  sequence) several times slower than over a batch, e.g. a norm scale's
+  gradient summed over `[1, T]`. Only size-1 axes are dropped: merging axes
+  sharded over different mesh axes (batch over data, heads over tensor,
+  sequence over seq) would make XLA gather them.
+  """
+  n = 0
+  while n < x.ndim - keep and x.shape[n] == 1:
+    n += 1
+  return jnp.squeeze(x, tuple(range(n)))
+
+
 def to_groups(inputs, group_len: int):
   """`[B, T, ...]` arrays -> `[n, B, group_len, ...]`, zero-padded.
 

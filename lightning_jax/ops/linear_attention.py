@@ -332,7 +332,7 @@ def _intra_scores(q, k, cum):
   if cum.shape[-1] == 1:
     return jnp.einsum("...cd,...sd->...cs", q, k) * _scalar_decay(cum)
   shape, c = q.shape, q.shape[-2]
-  q, k, cum = map(_flat, (q, k, cum))
+  q, k, cum = (rec.drop_leading_ones(x, 3) for x in (q, k, cum))
   scores = _vector_intra_scores(q, k, _vector_factors(cum, _sub_block(c)))
   return scores.reshape(*shape[:-1], c)
 
@@ -345,18 +345,13 @@ def _intra_vjp(q, k, cum, d_scores):
     dq, dk = weighted @ k, weighted.swapaxes(-1, -2) @ q
     return _intra_scores(q, k, cum), dq, dk
   shape, c = q.shape, q.shape[-2]
-  q, k, cum, d_scores = map(_flat, (q, k, cum, d_scores))
+  q, k, cum, d_scores = (
+    rec.drop_leading_ones(x, 3) for x in (q, k, cum, d_scores)
+  )
   factors = _vector_factors(cum, _sub_block(c))
   scores = _vector_intra_scores(q, k, factors)
   dq, dk = _vector_intra_grads(d_scores, q, k, factors)
   return scores.reshape(*shape[:-1], c), dq.reshape(shape), dk.reshape(shape)
-
-
-def _flat(x):
-  """`[..., C, D]` -> `[-1, C, D]`: with a size-1 batch, XLA:CPU 0.10 ran
-  the sub-block reductions up to 5x slower (one long sequence vs a batch of
-  short ones); one leading axis avoids it."""
-  return x.reshape(-1, *x.shape[-2:])
 
 
 def _sub_block(chunk: int) -> int:
