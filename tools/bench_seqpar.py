@@ -29,17 +29,10 @@ from absl import app
 from absl import flags
 
 REPORTS = ("step", "memory", "comm", "longest")
-# One-layer models for `comm` (MoA needs a plan; its halo is a
-# `collective-permute` like the convs').
-COMM_KINDS = (
-  "lightning",
-  "deltanet",
-  "gated_deltanet",
-  "hgrn2",
-  "mamba2",
-  "cosformer2",
-  "attention",
-)
+# One-layer models for `comm`: every registered mixer but MoA (it needs a
+# plan; its halo is a `collective-permute` like the convs') and the
+# attention experts (softmax attention's gathers, per expert).
+_COMM_SKIPPED = ("moa", "attention_experts")
 # Bytes a device receives, from a collective's per-device result bytes and
 # the axis size P: an all-gather receives P - 1 of its P pieces, a
 # reduce-scatter P - 1 pieces of its result's size, a permute its result.
@@ -221,10 +214,11 @@ def _prod(dims: str) -> int:
 
 def _comm_report():
   from lightning_jax import models  # pylint: disable=import-outside-toplevel
+  from lightning_jax.layers import mixers  # pylint: disable=import-outside-toplevel
 
   p = _SEQ.value
   rows = []
-  for kind in COMM_KINDS:
+  for kind in (k for k in mixers.kinds() if k not in _COMM_SKIPPED):
     cfg = models.get_preset(_MODEL.value, pattern=(kind,), num_layers=1)
     for t in map(int, _SEQ_LENS.value):
       hlo = _step(cfg, t, p)[0].as_text()
