@@ -21,7 +21,7 @@ def simple_rms_norm(x, eps: float = 1e-6):
   TransNormerLLM (Qin et al., 2023, arXiv 2307.14995, Sec. 3.4). Computed in
   float32, returned in `x.dtype`.
   """
-  xf = ops.drop_leading_ones(x).astype(jnp.float32)
+  xf = ops.drop_unit_axes(x).astype(jnp.float32)
   inv = jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, -1, keepdims=True) + eps))
   return (xf * inv).astype(x.dtype).reshape(x.shape)
 
@@ -41,7 +41,7 @@ def rms_norm(params: dict, x, eps: float = 1e-6):
     >>> rms_norm(init_rms_norm(4), jnp.ones((2, 4))).shape
     (2, 4)
   """
-  rows = ops.drop_leading_ones(x).astype(jnp.float32)
+  rows = ops.drop_unit_axes(x).astype(jnp.float32)
   scale = params["scale"].astype(jnp.float32)
   scale = scale.reshape((1,) * (rows.ndim - 1) + scale.shape)
   return (simple_rms_norm(rows, eps) * scale).astype(x.dtype).reshape(x.shape)

@@ -53,6 +53,7 @@ def search_plan(
   block: int,
   sink: int = 0,
   max_rules_per_layer: int | None = None,
+  monotone: bool = True,
 ) -> PlanSearch:
   """Profile -> search: a MoA plan for the dense model under `budget`.
 
@@ -65,6 +66,8 @@ def search_plan(
     block: profiling block size.
     sink: sink length of the plan's masks.
     max_rules_per_layer: optional limit on distinct rules per layer.
+    monotone: search on the costs' monotone envelope (`moa.search`), not
+      the raw first-order sums.
 
   Returns:
     The plan with its predicted loss increase and density per head.
@@ -75,7 +78,7 @@ def search_plan(
   for seq, tokens in sorted(calibration.items()):
     influence = np.asarray(profile_fn(params, tokens, cfg, block))
     costs.append(
-      search.candidate_costs(influence, candidates, seq, block, sink)
+      search.candidate_costs(influence, candidates, seq, block, sink, monotone)
     )
     dens.append(ops.moa_density(ops.moa_windows(alphas, betas, seq), seq, sink))
   costs, dens = np.stack(costs), np.stack(dens)

@@ -17,7 +17,18 @@ candidate's mask removes. The search solves the exact 0/1 program
                                                         distinct rules/layer)
 
 with `scipy.optimize.milp` (HiGHS branch and bound; exact up to its gap).
-Pure numpy/scipy: no parameters, no JAX.
+Among plans of the least cost it returns the densest (a second MILP): equal
+predictions never leave budget unused.
+
+The first-order influence sums to zero over each query row (sum_j A_ij (G_i
+- g_ij) = 0), so it can predict that dropping attention *lowers* the loss,
+and a search on raw costs buys those predicted gains with the sparsest
+rules, far outside the region where a linear estimate holds (docs/moa.md,
+*Search*). By default `candidate_costs` therefore returns each head's
+monotone envelope: since the rules' dropped sets are nested (a narrower
+window drops a superset of pairs), a rule costs at least every wider rule
+and at least 0, the cost of dropping nothing. `monotone=False` gives the
+paper's raw sums. Pure numpy/scipy: no parameters, no JAX.
 """
 
 from collections.abc import Sequence
@@ -68,6 +79,7 @@ def candidate_costs(
   seq_len: int,
   block: int,
   sink: int = 0,
+  monotone: bool = True,
 ) -> np.ndarray:
   """Predicted loss increase `[layers, heads, C]` of each candidate rule.
 
@@ -77,9 +89,19 @@ def candidate_costs(
     seq_len: the profiled length N.
     block: the block size used when profiling.
     sink: sink length of the masks.
+    monotone: return the monotone envelope of the raw costs (module
+      docstring): `max(0, max over rules with a window >= the rule's)`.
 
   Returns:
-    cost[l, h, c] = sum over blocks of influence * dropped fraction.
+    cost[l, h, c] = sum over blocks of influence * dropped fraction, or its
+    envelope.
+
+  Example:
+    >>> e = np.zeros((1, 1, 2, 2)); e[..., 1, 0] = -1.0  # dropping helps
+    >>> candidate_costs(e, [(1, 0), (4, 0)], 4, 2, monotone=False)
+    array([[[-1.,  0.]]])
+    >>> candidate_costs(e, [(1, 0), (4, 0)], 4, 2)
+    array([[[0., 0.]]])
   """
   influence = np.asarray(influence_LxHxIxJ, np.float64)
   alphas, betas = np.asarray(candidates, np.float64).T
@@ -87,7 +109,20 @@ def candidate_costs(
   dropped = np.stack(
     [dropped_block_fraction(int(w), seq_len, block, sink) for w in windows]
   )
-  return np.einsum("lhij,cij->lhc", influence, dropped)
+  costs = np.einsum("lhij,cij->lhc", influence, dropped)
+  if not monotone:
+    return costs
+  widest_first = np.argsort(-windows, kind="stable")
+  envelope = np.maximum.accumulate(
+    np.maximum(costs[..., widest_first], 0.0), axis=-1
+  )
+  # Rules of equal window drop the same pairs: they share the largest cost.
+  for w in np.unique(windows):
+    same = windows[widest_first] == w
+    envelope[..., same] = envelope[..., same].max(-1, keepdims=True)
+  out = np.empty_like(envelope)
+  out[..., widest_first] = envelope
+  return out
 
 
 def search_plan(
@@ -96,7 +131,8 @@ def search_plan(
   budget: float,
   max_rules_per_layer: int | None = None,
 ) -> np.ndarray:
-  """Exact choice of one candidate per head (MILP, HiGHS).
+  """Exact choice of one candidate per head (MILP, HiGHS): the least total
+  cost, and among plans of that cost the densest.
 
   Args:
     costs_NxLxHxC: predicted loss increase per profiled length N, layer,
@@ -168,17 +204,28 @@ def search_plan(
       shape=(n_layers, n_x + n_y),
     )
     rows += [(link, -np.inf, 0.0), (per_layer, -np.inf, float(k))]
-  constraints = [optimize.LinearConstraint(a, lo, hi) for a, lo, hi in rows]
+  least = _solve(objective, rows, budget)
+  # Second pass: the densest plan whose cost is the least (up to rounding).
+  slack = 1e-9 * max(1.0, abs(least.fun))
+  rows.append((sparse.csr_matrix(objective), -np.inf, least.fun + slack))
+  density = np.concatenate([dens_x.sum(0), np.zeros(n_y)])
+  densest = _solve(-density, rows, budget)
+  x = np.round(densest.x[:n_x]).reshape(n_layers, n_heads, n_cand)
+  return x.argmax(-1)
+
+
+def _solve(objective, rows, budget: float):
+  """`scipy.optimize.milp` over 0/1 variables with `rows` of
+  `(matrix, lower, upper)`; ValueError naming `budget` if infeasible."""
   result = optimize.milp(
     objective,
-    constraints=constraints,
-    integrality=np.ones(n_x + n_y),
+    constraints=[optimize.LinearConstraint(a, lo, hi) for a, lo, hi in rows],
+    integrality=np.ones(len(objective)),
     bounds=optimize.Bounds(0, 1),
   )
   if not result.success:
     raise ValueError(f"No plan meets `budget`={budget}: {result.message}")
-  x = np.round(result.x[:n_x]).reshape(n_layers, n_heads, n_cand)
-  return x.argmax(-1)
+  return result
 
 
 def plan_from_choice(choice_LxH, candidates) -> ops.MoAPlan:

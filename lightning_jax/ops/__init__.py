@@ -12,7 +12,7 @@ from lightning_jax.ops.attention import attention_weights
 from lightning_jax.ops.attention import causal_mask
 from lightning_jax.ops.attention import masked_attention
 from lightning_jax.ops._recurrence import cotangent_like
-from lightning_jax.ops._recurrence import drop_leading_ones
+from lightning_jax.ops._recurrence import drop_unit_axes
 from lightning_jax.ops.delta_rule import delta_rule
 from lightning_jax.ops.delta_rule import unit_lower_inverse
 from lightning_jax.ops.linear_attention import gated_linear_attention

@@ -241,20 +241,22 @@ def cotangent_like(ct, primal):
   return jax.lax.psum(ct, extra) if extra else ct
 
 
-def drop_leading_ones(x, keep: int = 1):
-  """`x` without its leading size-1 axes (`[1, T, D]` -> `[T, D]`), keeping
-  at least its last `keep` axes.
+def drop_unit_axes(x, keep: int = 1):
+  """`x` without the size-1 axes before its last `keep` axes
+  (`[1, T, D]` -> `[T, D]`, `[B, 1, n, C, D]` -> `[B, n, C, D]` for keep 2).
 
-  XLA:CPU 0.10 runs reductions over a leading size-1 axis (one long
-  sequence) several times slower than over a batch, e.g. a norm scale's
-  gradient summed over `[1, T]`. Only size-1 axes are dropped: merging axes
-  sharded over different mesh axes (batch over data, heads over tensor,
-  sequence over seq) would make XLA gather them.
+  Two XLA:CPU 0.10 problems it avoids: reductions over a leading size-1
+  axis (one long sequence) run several times slower than over a batch, e.g.
+  a norm scale's gradient summed over `[1, T]`; and compiling GLA's
+  sub-block backward with a size-1 head axis between batch axes
+  (`[8, 1, n, C, D]`, one head) crashed the compiler (segmentation fault).
+  Only size-1 axes are dropped: merging axes sharded over different mesh
+  axes (batch over data, heads over tensor, sequence over seq) would make
+  XLA gather them.
   """
-  n = 0
-  while n < x.ndim - keep and x.shape[n] == 1:
-    n += 1
-  return jnp.squeeze(x, tuple(range(n)))
+  return jnp.squeeze(
+    x, tuple(i for i in range(x.ndim - keep) if x.shape[i] == 1)
+  )
 
 
 def to_groups(inputs, group_len: int):

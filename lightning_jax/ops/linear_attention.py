@@ -332,7 +332,7 @@ def _intra_scores(q, k, cum):
   if cum.shape[-1] == 1:
     return jnp.einsum("...cd,...sd->...cs", q, k) * _scalar_decay(cum)
   shape, c = q.shape, q.shape[-2]
-  q, k, cum = (rec.drop_leading_ones(x, 3) for x in (q, k, cum))
+  q, k, cum = (rec.drop_unit_axes(x, 3) for x in (q, k, cum))
   scores = _vector_intra_scores(q, k, _vector_factors(cum, _sub_block(c)))
   return scores.reshape(*shape[:-1], c)
 
@@ -346,7 +346,7 @@ def _intra_vjp(q, k, cum, d_scores):
     return _intra_scores(q, k, cum), dq, dk
   shape, c = q.shape, q.shape[-2]
   q, k, cum, d_scores = (
-    rec.drop_leading_ones(x, 3) for x in (q, k, cum, d_scores)
+    rec.drop_unit_axes(x, 3) for x in (q, k, cum, d_scores)
   )
   factors = _vector_factors(cum, _sub_block(c))
   scores = _vector_intra_scores(q, k, factors)

@@ -1,4 +1,5 @@
-"""MoA search: the MILP optimum equals brute force; block coverage is exact."""
+"""MoA search: the MILP optimum equals brute force (least cost, then
+densest); block coverage is exact; costs are monotone envelopes."""
 
 import itertools
 
@@ -13,8 +14,9 @@ from lightning_jax.moa import search
 
 
 def _brute_force(costs, dens, budget, max_rules):
+  """The least total cost over all assignments, ties to the densest."""
   n_len, n_layers, n_heads, n_cand = costs.shape
-  best, best_choice = np.inf, None
+  best, best_choice = (np.inf, 0.0), None
   for flat in itertools.product(range(n_cand), repeat=n_layers * n_heads):
     choice = np.array(flat).reshape(n_layers, n_heads)
     if max_rules and any(len(set(r)) > max_rules for r in choice):
@@ -22,9 +24,10 @@ def _brute_force(costs, dens, budget, max_rules):
     if (dens[:, choice].mean((1, 2)) > budget + 1e-12).any():
       continue
     total = np.take_along_axis(costs, choice[None, ..., None], -1).sum()
-    if total < best:
-      best, best_choice = total, choice
-  return best, best_choice
+    key = (total, -dens[:, choice].sum())
+    if key < best:
+      best, best_choice = key, choice
+  return best[0], best_choice
 
 
 @hypothesis.given(
@@ -46,6 +49,48 @@ def test_milp_equals_brute_force(seed, budget, max_rules):
   got_total = np.take_along_axis(costs, got[None, ..., None], -1).sum()
   np.testing.assert_allclose(got_total, best, rtol=1e-9, atol=1e-9)
   np.testing.assert_array_equal(got, want)  # continuous costs: unique optimum
+
+
+@hypothesis.given(seed=st.integers(0, 2**16), budget=st.floats(0.3, 0.9))
+def test_ties_go_to_the_densest_plan(seed, budget):
+  rng = np.random.default_rng(seed)
+  costs = rng.integers(0, 2, size=(1, 2, 3, 3)).astype(float)  # many ties
+  dens = np.array([[0.1, 0.5, 1.0]])
+  best, want = _brute_force(costs, dens, budget, None)
+  got = search.search_plan(costs, dens, budget)
+  got_total = np.take_along_axis(costs, got[None, ..., None], -1).sum()
+  assert got_total == best
+  np.testing.assert_allclose(dens[:, got].sum(), dens[:, want].sum())
+
+
+def test_zero_costs_spend_the_budget():
+  """All rules predicted free: the densest plan under the budget, not the
+  sparsest (the failure of the toy MoA reproduction)."""
+  dens = np.array([[0.1, 0.3, 1.0]])
+  got = search.search_plan(np.zeros((1, 2, 2, 3)), dens, budget=0.5)
+  assert dens[0, got].mean() == pytest.approx(0.475)  # 1.0 + 3 x 0.3
+
+
+@hypothesis.given(
+  seed=st.integers(0, 2**16),
+  seq=st.integers(4, 24),
+  block=st.sampled_from([1, 4]),
+)
+def test_monotone_costs_are_the_envelope(seed, seq, block):
+  rng = np.random.default_rng(seed)
+  n = -(-seq // block)
+  influence = rng.normal(size=(2, 2, n, n))
+  candidates = [(a, b) for a in (0, 1, 3, 8) for b in (0, 0.25, 1)]
+  raw = search.candidate_costs(
+    influence, candidates, seq, block, monotone=False
+  )
+  env = search.candidate_costs(influence, candidates, seq, block)
+  windows = ops.moa_windows(*np.asarray(candidates).T, seq)
+  for c, w in enumerate(windows):
+    wider = windows >= w  # dropped sets nested: these drop a subset
+    np.testing.assert_allclose(
+      env[..., c], np.maximum(raw[..., wider].max(-1), 0.0)
+    )
 
 
 @hypothesis.given(
@@ -71,7 +116,9 @@ def test_candidate_costs_sum_the_dropped_influence():
   seq, sink = 12, 2
   influence = rng.normal(size=(2, 3, seq, seq))  # per element (block 1)
   candidates = [(1.0, 0.0), (0.0, 0.5), (100.0, 0.0)]
-  costs = search.candidate_costs(influence, candidates, seq, 1, sink)
+  costs = search.candidate_costs(
+    influence, candidates, seq, 1, sink, monotone=False
+  )
   for c, (alpha, beta) in enumerate(candidates):
     window = ops.moa_windows([alpha], [beta], seq)
     kept = np.asarray(ops.moa_mask(jnp.asarray(window), seq, sink))[0]

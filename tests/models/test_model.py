@@ -200,3 +200,16 @@ def test_recurrent_layers_of_a_kind_stack():
   assert len(structs) == 1
   assert len({b for b in models.block_configs(cfg)}) == 1
   assert isinstance(models.block_configs(cfg)[0].mixer, layers.RecurrentConfig)
+
+
+def test_one_head_gla_model_compiles_its_gradient():
+  """XLA:CPU 0.10 crashed (segmentation fault) compiling this gradient when
+  GLA's sub-block math kept the size-1 head axis between the batch and
+  chunk axes (`[4, 1, n, C, D]`); found by the scaling sweep's hgrn2-32x2
+  run. `ops.drop_unit_axes` drops it."""
+  cfg = _small("hgrn2", num_heads=1, head_dim=16, chunk_size=16, num_layers=2)
+  params = models.init(jax.random.key(0), cfg)
+  tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, 32)
+  loss = lambda p: jnp.mean(models.forward(p, tokens, cfg)[0] ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert all(jnp.isfinite(g).all() for g in jax.tree.leaves(grads))
