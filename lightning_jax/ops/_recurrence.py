@@ -243,7 +243,7 @@ def cotangent_like(ct, primal):
 
 def drop_unit_axes(x, keep: int = 1):
   """`x` without the size-1 axes before its last `keep` axes
-  (`[1, T, D]` -> `[T, D]`, `[B, 1, n, C, D]` -> `[B, n, C, D]` for keep 2).
+  (`[1, T, D]` -> `[T, D]`; `[B, 1, n, C, D]` -> `[B, n, C, D]` for keep 3).
 
   Two XLA:CPU 0.10 problems it avoids: reductions over a leading size-1
   axis (one long sequence) run several times slower than over a batch, e.g.
