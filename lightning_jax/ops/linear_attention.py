@@ -270,8 +270,8 @@ def _chunked_scan_bwd(chunk, residuals, cotangents):
     step, (d_final, d_later), (*grouped, do_grouped, starts), reverse=True
   )
   grads = (*(rec.from_groups(x, t) for x in grads), d_s0)
-  primals = (*(rec.from_groups(x, t) for x in grouped), s0)
-  return tuple(map(rec.cotangent_like, grads, primals))
+  # Only the inputs' manual-axis types matter: grouped inputs carry them.
+  return tuple(map(rec.cotangent_like, grads, (*grouped, s0)))
 
 
 _chunked_scan.defvjp(_chunked_scan_fwd, _chunked_scan_bwd)
